@@ -1,0 +1,38 @@
+"""HTTP layer: thin blueprints under /api/v1 that validate with schemas and call the engine."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, request
+
+from ..errors import InvalidRequest
+
+API_PREFIX = "/api/v1"
+
+
+def json_body(required: bool = True) -> dict[str, Any]:
+    """The request's JSON object; a clear 400 for anything else (no body is {} when optional)."""
+    if not required and not request.get_data(cache=True):
+        return {}
+    if not request.is_json:
+        raise InvalidRequest("The body must be JSON, sent with 'Content-Type: application/json'",
+                             {"content_type": request.content_type})
+    data = request.get_json(silent=True)
+    if data is None:
+        raise InvalidRequest("The body is not valid JSON")
+    if not isinstance(data, dict):
+        raise InvalidRequest("The body must be a JSON object", {"type": type(data).__name__})
+    return data
+
+
+def no_query() -> None:
+    """Endpoints that take no query parameters reject them rather than ignore them."""
+    from ..schemas import EmptyQuerySchema
+    EmptyQuerySchema().load(request.args.to_dict())
+
+
+def init_app(app: Flask) -> None:
+    from . import errors, generation, models, status
+    errors.init_app(app)
+    for module in (models, generation, status):
+        app.register_blueprint(module.bp, url_prefix=API_PREFIX)

@@ -1,0 +1,57 @@
+"""Bearer API keys for every /api/v1 route (constant-time compare; keys are never logged)."""
+from __future__ import annotations
+
+import hmac
+import logging
+
+from flask import Flask, request
+
+from .errors import Unauthorized
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+
+
+def bearer_token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def key_is_valid(token: str | None, keys: list[bytes]) -> bool:
+    """Compare against every key, in time that does not depend on where they differ."""
+    if token is None:
+        return False
+    presented = token.encode("utf-8", "surrogateescape")
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented, key)
+    return found
+
+
+def init_app(app: Flask, keys: list[str]) -> None:
+    encoded = [key.encode("utf-8") for key in keys]
+    app.extensions["tursi.api_keys"] = encoded
+    if not encoded:
+        log.warning("no API keys configured (TURSI_API_KEYS / TURSI_API_KEY_FILE): "
+                    "the API is open to anyone who can reach it")
+        return
+    log.info("API key authentication on (%d keys)", len(encoded))
+
+    @app.before_request
+    def _require_key() -> None:
+        if not request.path.startswith(API_PREFIX):
+            return
+        if not key_is_valid(bearer_token(), encoded):
+            raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'",
+                               headers={"WWW-Authenticate": 'Bearer realm="tursi"'})
+
+
+def authenticated_key(app: Flask) -> str | None:
+    """The caller's API key when it is a valid one (used to key rate limits), else None."""
+    token = bearer_token()
+    keys = app.extensions.get("tursi.api_keys") or []
+    return token if keys and key_is_valid(token, keys) else None

