@@ -1,0 +1,75 @@
+"""Start and stop a real gunicorn (gevent worker) for end-to-end tests, on a free loopback port."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api/v1"
+        self.log_path = log_path
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TURSI_HOST": "127.0.0.1",
+                    "TURSI_PORT": str(self.port), **env}
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_loaded(self, model: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                models = requests.get(f"{self.url}/models", timeout=2).json()["models"]
+                status = {m["name"]: m for m in models}[model]
+                if status["status"] == "loaded":
+                    return
+                if status["status"] == "failed":
+                    raise RuntimeError(f"{model} failed to load: {status.get('error')}")
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{model} not loaded after {timeout}s: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+def parse_sse(lines) -> list[tuple[str, str]]:
+    """(event, data) pairs from an iterable of decoded SSE lines; comments are skipped."""
+    events, event, data = [], None, []
+    for line in lines:
+        if line == "":
+            if event is not None or data:
+                events.append((event or "message", "\n".join(data)))
+            event, data = None, []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            event = line[len("event:"):].strip()
+        elif line.startswith("data:"):
+            data.append(line[len("data:"):].strip())
+    return events

@@ -1,0 +1,145 @@
+"""End to end: real gunicorn + gevent worker on loopback, serving the embedded SmolLM2 model."""
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import threading
+import time
+
+import pytest
+import requests
+
+from server import Server, parse_sse
+
+pytestmark = pytest.mark.e2e
+MODEL = "smollm2-135m-instruct"
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("tursi-home")
+    srv = Server({"TURSI_HOME": str(home), "TURSI_PRELOAD": MODEL,
+                  "TURSI_RATE_LIMIT": "10000/minute"}, home / "gunicorn.log")
+    try:
+        srv.wait_loaded(MODEL)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def generate(server, **body):
+    response = requests.post(f"{server.url}/generate", json={"model": MODEL, **body}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def stream(server, **body):
+    response = requests.post(f"{server.url}/generate", stream=True, timeout=120,
+                             json={"model": MODEL, "stream": True, **body})
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    return parse_sse(response.iter_lines(decode_unicode=True))
+
+
+def running(server) -> dict:
+    return requests.get(f"{server.url}/status", timeout=5).json()["generations"]
+
+
+def test_the_spec_example_gives_a_coherent_continuation(server):
+    out = generate(server, prompt=PROMPT, max_tokens=40, temperature=0)
+    continuation = out["text"][len(PROMPT):]
+    assert out["text"].startswith(PROMPT)
+    words = continuation.split()
+    # Coherent English, not token soup: mostly alphabetic words of normal length, with repeats
+    # of common function words.
+    assert len(words) >= 15
+    assert sum(w.strip(".,;:!?\"'").isalpha() for w in words) / len(words) > 0.8
+    assert {"the", "a", "and", "of", "to", "was", "in"} & {w.lower().strip(".,") for w in words}
+
+
+def test_greedy_output_is_deterministic(server):
+    first = generate(server, prompt="The capital of France is", max_tokens=30, temperature=0)
+    second = generate(server, prompt="The capital of France is", max_tokens=30, temperature=0)
+    assert first["text"] == second["text"]
+    assert first["tokens_generated"] == second["tokens_generated"]
+
+
+def test_stream_chunks_concatenate_to_the_non_stream_text(server):
+    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    whole = generate(server, **body)
+    events = stream(server, **body)
+    texts = [json.loads(data) for event, data in events if event == "text"]
+    assert all(chunk["finished"] is False for chunk in texts)
+    assert [event for event, _ in events].count("done") == 1 and events[-1][0] == "done"
+    done = json.loads(events[-1][1])
+    assert "".join(chunk["text"] for chunk in texts) == whole["text"]
+    assert done["tokens_generated"] == whole["tokens_generated"]
+    assert len(texts) > 10  # streamed piece by piece, not in one lump
+
+
+def test_stop_strings_are_cut(server):
+    base = generate(server, prompt=PROMPT, max_tokens=40, temperature=0,
+                    return_full_text=False)["text"]
+    words = base.split()
+    stop = " " + words[len(words) // 2]  # a stop that starts mid-continuation
+    cut = base.index(stop)
+    out = generate(server, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop],
+                   return_full_text=False)
+    assert out["text"] == base[:cut]
+    assert out["finish_reason"] == "stop"
+    streamed = stream(server, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop],
+                      return_full_text=False)
+    assert "".join(json.loads(d)["text"] for e, d in streamed if e == "text") == base[:cut]
+
+
+def test_status_answers_fast_while_four_streams_generate(server):
+    finished = []
+
+    def client():
+        events = stream(server, prompt=PROMPT, max_tokens=80, temperature=0)
+        finished.append(events[-1][0])
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while running(server)["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    latencies, busy = [], []
+    for _ in range(25):
+        started = time.perf_counter()
+        status = requests.get(f"{server.url}/status", timeout=5)
+        latencies.append(time.perf_counter() - started)
+        assert status.status_code == 200
+        generations = status.json()["generations"]
+        busy.append(generations["running"] + generations["waiting"])
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert finished == ["done"] * 4
+    assert min(busy) >= 1, f"streams were not generating during every check: {busy}"
+    assert statistics.median(latencies) < 0.1, latencies
+
+
+def test_a_vanished_client_stops_its_generation(server):
+    metrics_url = f"{server.url}/models/{MODEL}/metrics"
+    before = requests.get(metrics_url, timeout=5).json()["metrics"]["tokens_generated"]
+    body = json.dumps({"model": MODEL, "prompt": "Tell me a very long story.",
+                       "max_tokens": 1000, "stream": True, "temperature": 0.7})
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall((f"POST /api/v1/generate HTTP/1.1\r\nHost: localhost\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                  f"{body}").encode())
+    received = b""
+    while received.count(b"event: text") < 5:
+        chunk = sock.recv(4096)
+        assert chunk, "server closed the stream early"
+        received += chunk
+    assert running(server)["running"] == 1
+    sock.close()
+    time.sleep(2)
+    assert running(server) == {"running": 0, "waiting": 0}
+    after = requests.get(metrics_url, timeout=5).json()["metrics"]["tokens_generated"]
+    assert after - before < 200  # stopped long before max_tokens=1000
