@@ -66,7 +66,3 @@ class UnsupportedQuantization(TursiError):
 
 class GenerationFailed(TursiError):
     status, code = 500, "generation_failed"
-
-
-class GenerationCancelled(TursiError):
-    status, code = 499, "cancelled"

@@ -29,7 +29,6 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
-    415: "unsupported_media_type",
     429: "rate_limit_exceeded",
 }
 

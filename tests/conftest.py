@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny local models (built once per session), an app factory and a client.
+
+Nothing here downloads anything: the models are random two-layer Llama / GPT-2 networks
+with a tokenizer trained on a few sentences (see tiny_models.py).
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_gpt2, build_llama, write_catalog  # noqa: E402
+
+from tursi import create_app  # noqa: E402
+
+API = "/api/v1"
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory):
+    """A folder with the tiny models ("llama", "gpt2") and a catalog ("models.json")
+    naming them "tiny" and "tiny-gpt2"."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    build_llama(root / "llama")
+    build_gpt2(root / "gpt2")
+    write_catalog(root / "models.json", {
+        "tiny": {"path": "llama", "dtype": "float32"},
+        "tiny-gpt2": {"path": "gpt2", "dtype": "float32"},
+    })
+    return root
+
+
+@pytest.fixture
+def make_app(tiny_models_dir, tmp_path):
+    """Factory: make_app(**overrides) -> a fresh app on the tiny catalog. Every app made
+    here has its loaded models unloaded when the test ends."""
+    apps = []
+
+    def _make_app(**overrides):
+        config = {
+            "preload": [],
+            "home": str(tmp_path / "home"),
+            "models_file": str(tiny_models_dir / "models.json"),
+            "rate_limit": "1000/minute",
+            **overrides,
+        }
+        app = create_app(config)
+        app.config["TESTING"] = True
+        apps.append(app)
+        return app
+
+    yield _make_app
+
+    for app in apps:
+        app.extensions["tursi"].manager.shutdown()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def load_and_wait(client, name, body=None, timeout=60, headers=None):
+    """POST .../load, then poll GET /models until `name` is loaded or failed; return its entry."""
+    response = client.post(f"{API}/models/{name}/load", json=body, headers=headers)
+    assert response.status_code in (200, 202), response.get_json()
+    deadline = time.monotonic() + timeout
+    while True:
+        models = client.get(f"{API}/models", headers=headers).get_json()["models"]
+        entry = next(m for m in models if m["name"] == name)
+        if entry["status"] in ("loaded", "failed"):
+            return entry
+        assert time.monotonic() < deadline, f"{name} still {entry['status']} after {timeout}s"
+        time.sleep(0.02)
