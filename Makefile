@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TURSI_HOST ?= 127.0.0.1
 export TURSI_PORT ?= 8000
 
-.PHONY: install serve test test-fast bench clean
+.PHONY: install serve test test-fast clean
 
 $(STAMP): requirements.txt setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,6 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -ra -m "not e2e"
-
-bench: install
-	$(PY) bench/generation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -43,7 +43,7 @@ class Server:
                     return
                 if status["status"] == "failed":
                     raise RuntimeError(f"{model} failed to load: {status.get('error')}")
-            except requests.ConnectionError:
+            except requests.RequestException:  # worker still booting (imports torch)
                 pass
             time.sleep(0.25)
         raise TimeoutError(f"{model} not loaded after {timeout}s: {self.log_path.read_text()[-3000:]}")

@@ -143,3 +143,30 @@ def test_a_vanished_client_stops_its_generation(server):
     assert running(server) == {"running": 0, "waiting": 0}
     after = requests.get(metrics_url, timeout=5).json()["metrics"]["tokens_generated"]
     assert after - before < 200  # stopped long before max_tokens=1000
+
+
+def test_unload_ends_generations_in_flight_then_reload_serves_again(server):
+    response = requests.post(f"{server.url}/generate", stream=True, timeout=120,
+                             json={"model": MODEL, "prompt": PROMPT, "max_tokens": 500,
+                                   "stream": True})
+    lines = response.iter_lines(decode_unicode=True)
+    seen = []
+    for line in lines:  # wait until generation is under way
+        seen.append(line)
+        if sum(line.startswith("event: text") for line in seen) >= 3:
+            break
+    unload = requests.post(f"{server.url}/models/{MODEL}/unload", timeout=60)
+    assert unload.status_code == 200
+    assert unload.json() == {"status": "success", "message": "Model unloaded successfully"}
+    events = parse_sse(seen + list(lines))
+    assert events[-1][0] == "error"
+    assert json.loads(events[-1][1])["error"]["code"] == "model_unloaded"
+    listed = {m["name"]: m for m in requests.get(f"{server.url}/models").json()["models"]}
+    assert listed[MODEL]["status"] == "not_loaded"
+    assert running(server) == {"running": 0, "waiting": 0}
+    gone = requests.post(f"{server.url}/generate", json={"model": MODEL, "prompt": "Hi"})
+    assert gone.status_code == 409 and gone.json()["error"]["code"] == "model_not_loaded"
+
+    assert requests.post(f"{server.url}/models/{MODEL}/load").status_code == 202
+    server.wait_loaded(MODEL, timeout=120)
+    assert generate(server, prompt=PROMPT, max_tokens=5, temperature=0)["tokens_generated"] >= 1

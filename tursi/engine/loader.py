@@ -3,6 +3,7 @@ and device map, quantize with bitsandbytes, and measure what it costs."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -84,8 +85,15 @@ def embedded_gguf(entry: CatalogEntry) -> Path:
 
 
 def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """Content hash, computed once per (path, size, mtime) in this process."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
