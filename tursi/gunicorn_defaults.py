@@ -1,4 +1,6 @@
-"""Gunicorn settings for Tursi. Every value can be overridden by the environment shown."""
+"""Gunicorn settings for Tursi; gunicorn.conf.py in a checkout imports these.
+
+Every value can be overridden by the environment variable shown."""
 import os
 
 bind = f"{os.environ.get('TURSI_HOST', '127.0.0.1')}:{os.environ.get('TURSI_PORT', '8000')}"
