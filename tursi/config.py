@@ -1,6 +1,7 @@
 """Settings from the environment, gathered in one dataclass."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -19,6 +20,33 @@ def _flag(value: str) -> bool:
     if value.strip().lower() in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 1 <= port <= 65535:
+        raise ValueError("a port is 1..65535")
+    return port
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _positive_seconds(value: str) -> float:
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+def _rate_limit(value: str) -> str:
+    from limits import parse_many
+    parse_many(value)  # raises ValueError on anything flask-limiter cannot read
+    return value
 
 
 def _default_home() -> str:
@@ -49,17 +77,17 @@ class Settings:
         values: dict[str, Any] = {}
         readers = {
             "TURSI_HOST": ("host", str),
-            "TURSI_PORT": ("port", int),
+            "TURSI_PORT": ("port", _port),
             "TURSI_HOME": ("home", str),
             "TURSI_MODELS_FILE": ("models_file", str),
             "TURSI_PRELOAD": ("preload", _split),
             "TURSI_API_KEYS": ("api_keys", _split),
             "TURSI_API_KEY_FILE": ("api_key_file", str),
-            "TURSI_RATE_LIMIT": ("rate_limit", str),
+            "TURSI_RATE_LIMIT": ("rate_limit", _rate_limit),
             "TURSI_RATELIMIT_STORAGE_URI": ("ratelimit_storage_uri", str),
-            "TURSI_MAX_TOKENS": ("max_tokens", int),
-            "TURSI_MAX_BODY_BYTES": ("max_body_bytes", int),
-            "TURSI_HEARTBEAT_SECONDS": ("heartbeat_seconds", float),
+            "TURSI_MAX_TOKENS": ("max_tokens", _positive_int),
+            "TURSI_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
+            "TURSI_HEARTBEAT_SECONDS": ("heartbeat_seconds", _positive_seconds),
             "TURSI_MAX_GPU_MEMORY": ("max_gpu_memory", str),
             "TURSI_ALLOW_DOWNLOADS": ("allow_downloads", _flag),
             "TURSI_LOG_LEVEL": ("log_level", str),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 
-from flask import Flask, current_app, request
+from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
 
 from .auth import API_PREFIX, authenticated_key
@@ -28,8 +28,21 @@ def _request_identifier() -> str:
     return "api.unrouted" if request.path.startswith(API_PREFIX) else ""
 
 
+def _retry_after_only_where_it_means_something(response: Response) -> Response:
+    """flask-limiter puts Retry-After on every response, over any value a 503 set. Keep its
+    value on 429, restore the engine's on other errors that set one, drop it elsewhere."""
+    own = g.get("retry_after")
+    if own is not None:
+        response.headers["Retry-After"] = own
+    elif response.status_code != 429:
+        response.headers.pop("Retry-After", None)
+    return response
+
+
 def init_app(app: Flask, rate_limit: str, storage_uri: str) -> Limiter:
     app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    # Registered before the limiter so that it runs after the limiter's header injection.
+    app.after_request(_retry_after_only_where_it_means_something)
     limiter = Limiter(
         key_func=rate_limit_key,
         # One budget per client across all routes (not one per route, as default_limits gives).

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask, request
+from werkzeug.exceptions import BadRequest
 
 from ..errors import InvalidRequest
 
@@ -17,9 +18,10 @@ def json_body(required: bool = True) -> dict[str, Any]:
     if not request.is_json:
         raise InvalidRequest("The body must be JSON, sent with 'Content-Type: application/json'",
                              {"content_type": request.content_type})
-    data = request.get_json(silent=True)
-    if data is None:
-        raise InvalidRequest("The body is not valid JSON")
+    try:
+        data = request.get_json()
+    except BadRequest:
+        raise InvalidRequest("The body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The body must be a JSON object", {"type": type(data).__name__})
     return data

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, g, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -34,6 +34,8 @@ _HTTP_CODES = {
 
 
 def _on_tursi_error(exc: TursiError):
+    if "Retry-After" in exc.headers:
+        g.retry_after = exc.headers["Retry-After"]  # see tursi.limits
     return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
 

@@ -16,6 +16,8 @@ from ..errors import ModelNotFound
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANT_BITS = (4, 8)
+QUANT_MODES = ("dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,20 @@ def _entry(name: str, spec: Any, path: Path) -> CatalogEntry:
         raise CatalogError(f"{where}: unknown keys {sorted(unknown)}")
     if ("path" in spec) == ("hub_id" in spec):
         raise CatalogError(f"{where}: give exactly one of 'path' or 'hub_id'")
+    for key in ("path", "hub_id", "description", "dtype"):
+        if key in spec and not (isinstance(spec[key], str) and (spec[key] or key == "description")):
+            raise CatalogError(f"{where}: '{key}' must be a non-empty string")
     dtype = spec.get("dtype", "auto")
     if dtype not in DTYPES:
         raise CatalogError(f"{where}: dtype must be one of {DTYPES}")
     quantize = spec.get("quantize", {})
-    if not isinstance(quantize, dict):
-        raise CatalogError(f"{where}: 'quantize' must be an object like {{\"bits\": 8}}")
+    if not isinstance(quantize, dict) or set(quantize) - {"bits", "mode"}:
+        raise CatalogError(f"{where}: 'quantize' must be an object like "
+                           "{\"bits\": 8, \"mode\": \"dynamic\"}")
+    if (quantize.get("bits", 8) not in QUANT_BITS
+            or quantize.get("mode", "dynamic") not in QUANT_MODES):
+        raise CatalogError(f"{where}: quantize bits must be one of {QUANT_BITS} and mode one "
+                           f"of {QUANT_MODES}")
     if "path" in spec:
         source = str((path.parent / spec["path"]).resolve())
         kind = "local"

@@ -31,5 +31,12 @@ class IncrementalDecoder:
             return text[len(prefix):]
         return ""
 
+    def flush(self) -> str:
+        """Text still held back at the end (an incomplete sequence decodes to U+FFFD)."""
+        prefix = self._decode(self.prefix_offset, self.read_offset)
+        text = self._decode(self.prefix_offset, len(self.ids))
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):]
+
     def _decode(self, start: int, end: int) -> str:
         return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True)

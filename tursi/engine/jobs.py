@@ -44,6 +44,7 @@ class GenerationJob:
     params: GenerationParams
     events: Channel = field(default_factory=Channel)
     cancelled: bool = False  # set by the request side; read by the worker at every step
+    tokens_generated: int = 0  # written by the worker as it goes (counted even on failure)
 
     def cancel(self) -> None:
         """Stop generating at the next step (client gone). Safe from any thread, idempotent."""

@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UnsupportedQuantization
-from .catalog import CatalogEntry
+from .catalog import QUANT_BITS, QUANT_MODES, CatalogEntry
 
 log = logging.getLogger(__name__)
 
-QUANT_BITS = (4, 8)
-QUANT_MODES = ("dynamic", "static")
 # Measured on the 2-core dev box: dequantizing the embedded GGUF runs at about 5 MB/s of file.
 GGUF_CONVERT_BYTES_PER_SECOND = 5e6
 

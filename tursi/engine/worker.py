@@ -60,12 +60,16 @@ class ModelWorker:
         room = self.context_length - len(prompt_ids)
         numbers = {"prompt_tokens": len(prompt_ids), "context_length": self.context_length,
                    "max_tokens_limit": max_tokens_cap}
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"The prompt ({len(prompt_ids)} tokens) fills the context length of "
+                f"'{self.name}' ({self.context_length} tokens)", numbers)
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap, room)
         elif max_tokens > max_tokens_cap:
             raise InvalidRequest(f"max_tokens={max_tokens} is above this server's limit of "
                                  f"{max_tokens_cap}", {**numbers, "max_tokens": max_tokens})
-        if max_tokens < 1 or len(prompt_ids) + max_tokens > self.context_length:
+        if max_tokens > room:
             raise ContextLengthExceeded(
                 f"The prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
                 f"the context length of '{self.name}' ({self.context_length} tokens)",
@@ -122,10 +126,10 @@ class ModelWorker:
             return
         self.running = 1
         started = time.perf_counter()
-        tokens, ok = 0, True
+        ok = True
         try:
-            tokens, reason = self._decode(job)
-            job.events.put(Finished(tokens, time.perf_counter() - started, reason))
+            reason = self._decode(job)
+            job.events.put(Finished(job.tokens_generated, time.perf_counter() - started, reason))
         except ModelUnloaded as exc:
             ok = False
             job.events.put(Failed(exc))
@@ -134,11 +138,11 @@ class ModelWorker:
             ok = False
             job.events.put(Failed(GenerationFailed(f"Generation failed: {type(exc).__name__}")))
         finally:
-            self.stats.record(tokens, time.perf_counter() - started, ok)
+            self.stats.record(job.tokens_generated, time.perf_counter() - started, ok)
             self.running = 0
 
-    def _decode(self, job: GenerationJob) -> tuple[int, str]:
-        """Prefill the prompt, then one token per step; returns (tokens, finish reason)."""
+    def _decode(self, job: GenerationJob) -> str:
+        """Prefill the prompt, then one token per step; returns the finish reason."""
         import torch
         loaded = self.loaded
         assert loaded is not None
@@ -146,35 +150,39 @@ class ModelWorker:
         choose = TokenChooser(params.temperature, params.top_p, params.seed)
         decoder = IncrementalDecoder(loaded.tokenizer, job.prompt_ids)
         matcher = StopMatcher(list(params.stop))
-        tokens = 0
         with torch.inference_mode():
             logits, cache = self._forward(loaded, job.prompt_ids, None)
             while True:
                 if self._stopping:
                     raise ModelUnloaded(f"Model '{self.name}' was unloaded during generation")
                 if job.cancelled:
-                    return tokens, "cancelled"
+                    return "cancelled"
                 token = choose(logits)
-                tokens += 1
+                job.tokens_generated += 1
                 if token in loaded.eos_ids:
-                    break
-                check = matcher.feed(decoder.push(token))
-                if check.text:
-                    job.events.put(TextChunk(check.text))
-                if check.stopped:
-                    return tokens, "stop"
-                if tokens >= params.max_tokens:
-                    self._flush(job, matcher)
-                    return tokens, "length"
+                    return self._finish(job, decoder.flush(), matcher, "stop")
+                if self._emit(job, matcher, decoder.push(token)):
+                    return "stop"
+                if job.tokens_generated >= params.max_tokens:
+                    return self._finish(job, decoder.flush(), matcher, "length")
                 logits, cache = self._forward(loaded, [token], cache)
-        self._flush(job, matcher)
-        return tokens, "stop"
 
     @staticmethod
-    def _flush(job: GenerationJob, matcher: StopMatcher) -> None:
+    def _emit(job: GenerationJob, matcher: StopMatcher, piece: str) -> bool:
+        """Send what the stop matcher releases; True when a stop string was hit."""
+        check = matcher.feed(piece)
+        if check.text:
+            job.events.put(TextChunk(check.text))
+        return check.stopped
+
+    def _finish(self, job: GenerationJob, tail: str, matcher: StopMatcher, reason: str) -> str:
+        """End of generation: release the decoder's and the matcher's held-back text."""
+        if self._emit(job, matcher, tail):
+            return "stop"
         rest = matcher.flush()
         if rest:
             job.events.put(TextChunk(rest))
+        return reason
 
     @staticmethod
     def _forward(loaded: LoadedModel, ids: list[int], cache: Any) -> tuple[Any, Any]:
