@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import ModelConflict, ModelLoading, ModelNotLoaded, ModelUnloaded
 from ..telemetry import ModelStats
@@ -165,7 +164,3 @@ class ModelManager:
                     self.unload(state.name)
                 except (ModelNotLoaded, ModelLoading, ModelUnloaded):
                     pass
-
-    def describe_options(self, name: str) -> dict[str, Any]:
-        state = self.state(name)
-        return state.options.describe() if state.options else {"quantize": False}
