@@ -1,6 +1,7 @@
 """Start and stop a real gunicorn (gevent worker) for end-to-end tests, on a free loopback port."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -58,18 +59,17 @@ class Server:
         self._log.close()
 
 
-def parse_sse(lines) -> list[tuple[str, str]]:
-    """(event, data) pairs from an iterable of decoded SSE lines; comments are skipped."""
-    events, event, data = [], None, []
+def parse_sse(lines) -> list[tuple[str, object]]:
+    """(event, decoded JSON data) per frame from SSE lines; comment frames (heartbeats) are
+    skipped. Every other frame must be exactly one `event:` and one `data:` line."""
+    events, frame = [], []
     for line in lines:
-        if line == "":
-            if event is not None or data:
-                events.append((event or "message", "\n".join(data)))
-            event, data = None, []
-        elif line.startswith(":"):
+        if line:
+            frame.append(line)
             continue
-        elif line.startswith("event:"):
-            event = line[len("event:"):].strip()
-        elif line.startswith("data:"):
-            data.append(line[len("data:"):].strip())
+        if frame and not all(part.startswith(":") for part in frame):
+            fields = dict(part.split(": ", 1) for part in frame)
+            assert set(fields) == {"event", "data"}, frame
+            events.append((fields["event"], json.loads(fields["data"])))
+        frame = []
     return events

@@ -20,6 +20,7 @@ import tursi.engine.manager as manager_module
 from tursi.engine.worker import ModelWorker
 
 from conftest import API, load_and_wait
+from server import parse_sse
 
 SIZE = re.compile(r"^\d+(\.\d)?(B|KB|MB|GB|TB)$")
 SECONDS = re.compile(r"^\d+(\.\d+)?s$")
@@ -57,18 +58,10 @@ def generate_ok(client, **body):
     return response.get_json()
 
 
-def parse_sse(text):
-    """[(event, data), ...] from an event stream; comment frames (heartbeats) are skipped."""
+def sse_events(text):
+    """[(event, data), ...] of a complete event stream (it ends with a blank line)."""
     assert text.endswith("\n\n")
-    events = []
-    for frame in text.split("\n\n")[:-1]:
-        lines = frame.split("\n")
-        if all(line.startswith(":") for line in lines):
-            continue
-        fields = dict(line.split(": ", 1) for line in lines)
-        assert set(fields) == {"event", "data"}, frame
-        events.append((fields["event"], json.loads(fields["data"])))
-    return events
+    return parse_sse(text.split("\n"))
 
 
 def stream(client, **body):
@@ -79,7 +72,7 @@ def stream(client, **body):
         text = response.get_data(as_text=True)
     finally:
         response.close()
-    return response, parse_sse(text)
+    return response, sse_events(text)
 
 
 def streamed_text(events):
@@ -371,7 +364,7 @@ def test_unload_during_generation_ends_running_and_queued_jobs(app, tiny_client,
     wait_for(lambda: worker.waiting == 1)
 
     assert client.post(f"{API}/models/tiny/unload").status_code == 200
-    rest = parse_sse(b"".join(frames).decode())
+    rest = sse_events(b"".join(frames).decode())
     streamed.close()
     thread.join(30)
     assert rest[-1][0] == "error"
@@ -715,7 +708,7 @@ def test_stream_with_heartbeats_still_parses(make_app, slow_steps):
     comments = [f for f in text.split("\n\n")[:-1] if f.startswith(":")]
     assert comments  # steps take 3 ms, heartbeats come every 1 ms
     assert all(f == ": keep-alive" for f in comments)
-    assert streamed_text(parse_sse(text)) == whole["text"]
+    assert streamed_text(sse_events(text)) == whole["text"]
 
 
 def test_closing_a_stream_stops_the_generation(tiny_client, slow_steps):

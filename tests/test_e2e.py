@@ -70,10 +70,10 @@ def test_stream_chunks_concatenate_to_the_non_stream_text(server):
     body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0}
     whole = generate(server, **body)
     events = stream(server, **body)
-    texts = [json.loads(data) for event, data in events if event == "text"]
+    texts = [data for event, data in events if event == "text"]
     assert all(chunk["finished"] is False for chunk in texts)
     assert [event for event, _ in events].count("done") == 1 and events[-1][0] == "done"
-    done = json.loads(events[-1][1])
+    done = events[-1][1]
     assert "".join(chunk["text"] for chunk in texts) == whole["text"]
     assert done["tokens_generated"] == whole["tokens_generated"]
     assert len(texts) > 10  # streamed piece by piece, not in one lump
@@ -91,7 +91,7 @@ def test_stop_strings_are_cut(server):
     assert out["finish_reason"] == "stop"
     streamed = stream(server, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop],
                       return_full_text=False)
-    assert "".join(json.loads(d)["text"] for e, d in streamed if e == "text") == base[:cut]
+    assert "".join(d["text"] for e, d in streamed if e == "text") == base[:cut]
 
 
 def test_status_answers_fast_while_four_streams_generate(server):
@@ -162,7 +162,7 @@ def test_unload_ends_generations_in_flight_then_reload_serves_again(server):
     assert unload.json() == {"status": "success", "message": "Model unloaded successfully"}
     events = parse_sse(seen + list(lines))
     assert events[-1][0] == "error"
-    assert json.loads(events[-1][1])["error"]["code"] == "model_unloaded"
+    assert events[-1][1]["error"]["code"] == "model_unloaded"
     listed = {m["name"]: m for m in requests.get(f"{server.url}/models").json()["models"]}
     assert listed[MODEL]["status"] == "not_loaded"
     assert running(server) == {"running": 0, "waiting": 0}
