@@ -5,6 +5,8 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from .engine.catalog import DTYPES, QUANT_BITS, QUANT_MODES
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_PROMPT_CHARS = 200_000
@@ -17,10 +19,9 @@ class StrictSchema(Schema):
 
 class LoadRequestSchema(StrictSchema):
     quantize = fields.Boolean(load_default=False)
-    bits = fields.Integer(strict=True, validate=validate.OneOf([4, 8]), load_default=None)
-    mode = fields.String(validate=validate.OneOf(["dynamic", "static"]), load_default=None)
-    dtype = fields.String(validate=validate.OneOf(["auto", "float32", "bfloat16", "float16"]),
-                          load_default=None)
+    bits = fields.Integer(strict=True, validate=validate.OneOf(QUANT_BITS), load_default=None)
+    mode = fields.String(validate=validate.OneOf(QUANT_MODES), load_default=None)
+    dtype = fields.String(validate=validate.OneOf(DTYPES), load_default=None)
 
     @validates_schema
     def _quantize_needed(self, data: dict[str, Any], **_: Any) -> None:
