@@ -17,7 +17,8 @@ import torch
 
 import tursi.api.status as status_module
 import tursi.engine.manager as manager_module
-from tursi.engine.worker import ModelWorker
+import tursi.engine.scheduler as scheduler_module
+from tursi.engine.scheduler import Scheduler
 
 from conftest import API, load_and_wait
 from server import parse_sse
@@ -118,13 +119,13 @@ def tiny_client(client):
 def slow_steps(monkeypatch):
     """Each decode step takes at least 3 ms, so a long generation is still running while a
     test reacts to its first tokens, whatever the hardware."""
-    real_forward = ModelWorker._forward
+    real_step = Scheduler._decode_step
 
-    def slow_forward(loaded, ids, cache):
+    def slow_step(self):
         time.sleep(0.003)
-        return real_forward(loaded, ids, cache)
+        return real_step(self)
 
-    monkeypatch.setattr(ModelWorker, "_forward", staticmethod(slow_forward))
+    monkeypatch.setattr(Scheduler, "_decode_step", slow_step)
 
 
 @pytest.fixture
@@ -359,9 +360,9 @@ def test_unload_during_generation_ends_running_and_queued_jobs(app, tiny_client,
     next(frames), next(frames)  # the prompt, then the first generated text: it is running
     queued = {}
     thread = threading.Thread(target=lambda: queued.update(response=app.test_client().post(
-        f"{API}/generate", json={"model": "tiny", "prompt": "hi", "max_tokens": 5})))
+        f"{API}/generate", json={"model": "tiny", "prompt": "hi", "max_tokens": 250})))
     thread.start()
-    wait_for(lambda: worker.waiting == 1)
+    wait_for(lambda: worker.running + worker.waiting == 2)
 
     assert client.post(f"{API}/models/tiny/unload").status_code == 200
     rest = sse_events(b"".join(frames).decode())
@@ -856,10 +857,10 @@ def test_generation_failure(tiny_client, monkeypatch):
     generate_ok(client, prompt="hi", max_tokens=2)
     first = status(client)["requests"]
 
-    def broken_forward(loaded, ids, cache):
+    def broken_prefill(self, model):
         raise RuntimeError("CUDA error: secret")
 
-    monkeypatch.setattr(ModelWorker, "_forward", staticmethod(broken_forward))
+    monkeypatch.setattr(scheduler_module._Prefill, "step", broken_prefill)
     response = generate(client, prompt="hi", max_tokens=2)
     assert_error(response, 500, "generation_failed")
     assert "secret" not in response.get_data(as_text=True)

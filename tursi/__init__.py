@@ -18,6 +18,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     from .engine.catalog import Catalog
     from .engine.loader import LoadOptions
     from .engine.manager import ModelManager
+    from .engine.worker import BatchLimits
     from .state import AppState
 
     settings = config if isinstance(config, Settings) else Settings.from_env().merged(config)
@@ -27,7 +28,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     manager = ModelManager(Catalog.load(settings.models_file), settings.home,
-                           settings.max_gpu_memory, settings.allow_downloads)
+                           settings.max_gpu_memory, settings.allow_downloads,
+                           BatchLimits(settings.max_batch, settings.max_queue,
+                                       settings.request_timeout))
     state = AppState(settings, manager)
     state.attach(app)
     limits.init_app(app, settings.rate_limit, settings.ratelimit_storage_uri)

@@ -36,6 +36,20 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def _timeout(value: str) -> float | None:
+    """Seconds; 0 turns the deadline off."""
+    if value.strip() == "0":
+        return None
+    return _positive_seconds(value)
+
+
 def _positive_seconds(value: str) -> float:
     number = float(value)
     if not (math.isfinite(number) and number > 0):
@@ -65,6 +79,9 @@ class Settings:
     rate_limit: str = "60/minute"
     ratelimit_storage_uri: str = "memory://"
     max_tokens: int = 2048
+    max_batch: int = 32
+    max_queue: int = 128
+    request_timeout: float | None = 300.0
     max_body_bytes: int = 1024 * 1024
     heartbeat_seconds: float = 2.0
     max_gpu_memory: str | None = None
@@ -86,6 +103,9 @@ class Settings:
             "TURSI_RATE_LIMIT": ("rate_limit", _rate_limit),
             "TURSI_RATELIMIT_STORAGE_URI": ("ratelimit_storage_uri", str),
             "TURSI_MAX_TOKENS": ("max_tokens", _positive_int),
+            "TURSI_MAX_BATCH": ("max_batch", _positive_int),
+            "TURSI_MAX_QUEUE": ("max_queue", _count),
+            "TURSI_REQUEST_TIMEOUT": ("request_timeout", _timeout),
             "TURSI_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
             "TURSI_HEARTBEAT_SECONDS": ("heartbeat_seconds", _positive_seconds),
             "TURSI_MAX_GPU_MEMORY": ("max_gpu_memory", str),

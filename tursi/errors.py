@@ -60,6 +60,14 @@ class ModelUnloaded(TursiError):
     status, code = 503, "model_unloaded"
 
 
+class Overloaded(TursiError):
+    status, code = 503, "overloaded"
+
+
+class RequestTimeout(TursiError):
+    status, code = 504, "request_timeout"
+
+
 class UnsupportedQuantization(TursiError):
     status, code = 400, "unsupported_quantization"
 

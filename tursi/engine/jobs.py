@@ -45,6 +45,8 @@ class GenerationJob:
     events: Channel = field(default_factory=Channel)
     cancelled: bool = False  # set by the request side; read by the worker at every step
     tokens_generated: int = 0  # written by the worker as it goes (counted even on failure)
+    timeout: float | None = None  # seconds from submission (TURSI_REQUEST_TIMEOUT)
+    deadline: float | None = None  # time.monotonic() value, set when submitted
 
     def cancel(self) -> None:
         """Stop generating at the next step (client gone). Safe from any thread, idempotent."""

@@ -15,7 +15,7 @@ from ..telemetry import ModelStats
 from .catalog import Catalog
 from .loader import LoadError, LoadOptions, estimate_load_seconds, load_model
 from .threads import Empty, native_lock, start_native_thread
-from .worker import ModelWorker
+from .worker import BatchLimits, ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,9 @@ class LoadTicket:
 
 class ModelManager:
     def __init__(self, catalog: Catalog, home: str, max_gpu_memory: str | None = None,
-                 allow_downloads: bool = False):
+                 allow_downloads: bool = False, limits: BatchLimits = BatchLimits()):
         self.catalog = catalog
+        self.limits = limits
         self.home = home
         self.max_gpu_memory = max_gpu_memory
         self.allow_downloads = allow_downloads
@@ -123,7 +124,7 @@ class ModelManager:
             with self._lock:
                 state.status, state.error = "failed", message
             return
-        worker = ModelWorker(name, loaded, state.stats)
+        worker = ModelWorker(name, loaded, state.stats, self.limits)
         worker.start()
         with self._lock:
             state.worker = worker

@@ -1,40 +1,55 @@
-"""One native OS thread per loaded model: it owns the model and runs every decode step.
+"""One native OS thread per loaded model: it owns the model and runs its batching scheduler.
 
-Jobs arrive on a native queue; tokens leave through each job's Channel. Jobs run one at a
-time here; the loop is written as prefill + single-token steps over an explicit KV cache
-so that a batching scheduler can replace `_serve` without touching the HTTP side.
+The request side (any greenlet or thread) checks a request against the context window and
+the admission limits, then hands the job over through a native queue; tokens come back on
+each job's Channel. The thread runs `Scheduler.turn` while there is work and blocks on the
+queue when there is none.
 """
 from __future__ import annotations
 
 import gc
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
 
-from ..errors import ContextLengthExceeded, GenerationFailed, InvalidRequest, ModelUnloaded
+from ..errors import (ContextLengthExceeded, GenerationFailed, InvalidRequest, ModelUnloaded,
+                      Overloaded)
 from ..telemetry import ModelStats
-from .detokenize import IncrementalDecoder
-from .jobs import Failed, Finished, GenerationJob, GenerationParams, TextChunk
+from .jobs import GenerationJob, GenerationParams
 from .loader import LoadedModel
-from .sampling import TokenChooser
-from .stopping import StopMatcher
-from .threads import Channel, SimpleQueue, native_lock, start_native_thread
+from .scheduler import Scheduler
+from .threads import Channel, Empty, SimpleQueue, native_lock, start_native_thread
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 100
+OVERLOAD_RETRY_SECONDS = 1
 _STOP = object()
 
 
+@dataclass(frozen=True)
+class BatchLimits:
+    """Admission and deadline settings of each model's scheduler (TURSI_MAX_BATCH,
+    TURSI_MAX_QUEUE, TURSI_REQUEST_TIMEOUT)."""
+
+    max_batch: int = 32
+    max_queue: int = 128
+    request_timeout: float | None = 300.0
+
+
 class ModelWorker:
-    def __init__(self, name: str, loaded: LoadedModel, stats: ModelStats):
+    def __init__(self, name: str, loaded: LoadedModel, stats: ModelStats,
+                 limits: BatchLimits = BatchLimits()):
         self.name = name
         self.loaded: LoadedModel | None = loaded
         self.stats = stats
         self.context_length = loaded.context_length
-        self.running = 0
+        self.max_batch, self.max_queue = limits.max_batch, limits.max_queue
+        self.request_timeout = limits.request_timeout
+        self._scheduler = Scheduler(name, loaded, limits.max_batch, self._job_done)
         self._inbox: SimpleQueue = SimpleQueue()
         self._lock = native_lock()
+        self._admitted = 0  # jobs submitted and not yet ended: running + waiting
         self._stopping = False
         self._exited: Channel | None = None
 
@@ -44,8 +59,14 @@ class ModelWorker:
         start_native_thread(self._run)
 
     @property
+    def running(self) -> int:
+        """Jobs in the running batch (being prefilled or decoded)."""
+        return min(self._scheduler.running, self._admitted)
+
+    @property
     def waiting(self) -> int:
-        return self._inbox.qsize()
+        """Jobs admitted but not yet running."""
+        return max(0, self._admitted - self._scheduler.running)
 
     def new_job(self, prompt: str, *, max_tokens: int | None, max_tokens_cap: int,
                 temperature: float, top_p: float, stop: list[str],
@@ -78,9 +99,20 @@ class ModelWorker:
         return GenerationJob(prompt_ids, params)
 
     def submit(self, job: GenerationJob) -> None:
+        """Queue a job, or refuse it when max_batch running + max_queue waiting are taken."""
         with self._lock:
             if self._stopping:
                 raise ModelUnloaded(f"Model '{self.name}' was unloaded")
+            if self._admitted >= self.max_batch + self.max_queue:
+                raise Overloaded(
+                    f"Model '{self.name}' is at capacity ({self.max_batch} running, "
+                    f"{self.max_queue} waiting); retry shortly",
+                    {"max_batch": self.max_batch, "max_queue": self.max_queue},
+                    {"Retry-After": str(OVERLOAD_RETRY_SECONDS)})
+            self._admitted += 1
+            if self.request_timeout is not None:
+                job.timeout = self.request_timeout
+                job.deadline = time.monotonic() + self.request_timeout
             self._inbox.put(job)
 
     def stop(self) -> Channel:
@@ -95,24 +127,47 @@ class ModelWorker:
 
     # --- worker thread ------------------------------------------------------------------
 
+    def _job_done(self, job: GenerationJob, seconds: float, ok: bool) -> None:
+        self.stats.record(job.tokens_generated, seconds, ok)
+        with self._lock:
+            self._admitted -= 1
+
     def _run(self) -> None:
+        scheduler = self._scheduler
         try:
-            while True:
-                job = self._inbox.get()
-                if job is _STOP:
+            while not self._stopping:
+                if not self._take_jobs(block=scheduler.idle):
                     break
-                self._serve(job)
+                try:
+                    scheduler.turn()
+                except Exception as exc:  # a model error ends the batch, not the worker
+                    log.exception("generation failed on %s", self.name)
+                    scheduler.fail_all(GenerationFailed(f"Generation failed: {type(exc).__name__}"))
         finally:
             self._release()
 
+    def _take_jobs(self, block: bool) -> bool:
+        """Move jobs from the inbox to the scheduler; False once asked to stop."""
+        while True:
+            try:
+                job = self._inbox.get() if block else self._inbox.get_nowait()
+            except Empty:
+                return True
+            if job is _STOP:
+                return False
+            self._scheduler.add(job)
+            block = False
+
     def _release(self) -> None:
+        unloaded = ModelUnloaded(f"Model '{self.name}' was unloaded")
         while True:
             try:
                 job = self._inbox.get_nowait()
-            except Exception:
+            except Empty:
                 break
             if isinstance(job, GenerationJob):
-                job.events.put(Failed(ModelUnloaded(f"Model '{self.name}' was unloaded")))
+                self._scheduler.add(job)
+        self._scheduler.close(unloaded)
         self.loaded = None
         gc.collect()
         import torch
@@ -120,74 +175,3 @@ class ModelWorker:
             torch.cuda.empty_cache()
         if self._exited is not None:
             self._exited.put(True)
-
-    def _serve(self, job: GenerationJob) -> None:
-        if job.cancelled:
-            return
-        self.running = 1
-        started = time.perf_counter()
-        ok = True
-        try:
-            reason = self._decode(job)
-            job.events.put(Finished(job.tokens_generated, time.perf_counter() - started, reason))
-        except ModelUnloaded as exc:
-            ok = False
-            job.events.put(Failed(exc))
-        except Exception as exc:  # a model error must end this job, not the worker
-            log.exception("generation failed on %s", self.name)
-            ok = False
-            job.events.put(Failed(GenerationFailed(f"Generation failed: {type(exc).__name__}")))
-        finally:
-            self.stats.record(job.tokens_generated, time.perf_counter() - started, ok)
-            self.running = 0
-
-    def _decode(self, job: GenerationJob) -> str:
-        """Prefill the prompt, then one token per step; returns the finish reason."""
-        import torch
-        loaded = self.loaded
-        assert loaded is not None
-        params = job.params
-        choose = TokenChooser(params.temperature, params.top_p, params.seed)
-        decoder = IncrementalDecoder(loaded.tokenizer, job.prompt_ids)
-        matcher = StopMatcher(list(params.stop))
-        with torch.inference_mode():
-            logits, cache = self._forward(loaded, job.prompt_ids, None)
-            while True:
-                if self._stopping:
-                    raise ModelUnloaded(f"Model '{self.name}' was unloaded during generation")
-                if job.cancelled:
-                    return "cancelled"
-                token = choose(logits)
-                job.tokens_generated += 1
-                if token in loaded.eos_ids:
-                    return self._finish(job, decoder.flush(), matcher, "stop")
-                if self._emit(job, matcher, decoder.push(token)):
-                    return "stop"
-                if job.tokens_generated >= params.max_tokens:
-                    return self._finish(job, decoder.flush(), matcher, "length")
-                logits, cache = self._forward(loaded, [token], cache)
-
-    @staticmethod
-    def _emit(job: GenerationJob, matcher: StopMatcher, piece: str) -> bool:
-        """Send what the stop matcher releases; True when a stop string was hit."""
-        check = matcher.feed(piece)
-        if check.text:
-            job.events.put(TextChunk(check.text))
-        return check.stopped
-
-    def _finish(self, job: GenerationJob, tail: str, matcher: StopMatcher, reason: str) -> str:
-        """End of generation: release the decoder's and the matcher's held-back text."""
-        if self._emit(job, matcher, tail):
-            return "stop"
-        rest = matcher.flush()
-        if rest:
-            job.events.put(TextChunk(rest))
-        return reason
-
-    @staticmethod
-    def _forward(loaded: LoadedModel, ids: list[int], cache: Any) -> tuple[Any, Any]:
-        import torch
-        input_ids = torch.tensor([ids], device=loaded.device)
-        out = loaded.model(input_ids=input_ids, past_key_values=cache, use_cache=True,
-                           logits_to_keep=1)
-        return out.logits[0, -1], out.past_key_values

@@ -1,0 +1,137 @@
+"""The running batch's KV cache: preallocated per-row buffers, written in place.
+
+Row r of every layer holds the keys and values of one running request in columns
+[0, lengths[r]). A decode step writes each row's new token at its own column, so rows of
+different lengths share one forward pass; a 4-D mask hides each row's unused columns.
+Rows stay packed at the front: when one leaves, the last row moves into its place.
+
+Why not transformers' DynamicCache: it grows by `torch.cat` at every step and layer, which
+copies the whole cache each token; at 16 rows on a 2-core CPU that was 42% of step time.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+_LENGTH_STEP = 256
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's buffers; the write positions come from the owning BatchCache."""
+
+    def __init__(self, owner: "BatchCache"):
+        super().__init__()
+        self.owner = owner
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # buffers are allocated by BatchCache when rows are added
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        owner = self.owner
+        rows, cols = owner.step_rows, owner.step_columns
+        self.keys[rows, :, cols] = key_states[:, :, 0]
+        self.values[rows, :, cols] = value_states[:, :, 0]
+        n, window = owner.size, owner.window
+        return self.keys[:n, :, :window], self.values[:n, :, :window]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.window, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.window - 1
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class BatchCache(Cache):
+    """KV cache for the rows of a running batch. Use: `add_row` after a prefill,
+    `prepare_step` before each one-token forward, `advance` after it, `remove_row` when a
+    request leaves. Buffers grow by doubling and are freed when the batch empties."""
+
+    def __init__(self, num_layers: int, max_length: int, boolean_mask: bool):
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+        self.max_length = max_length
+        self.boolean_mask = boolean_mask
+        self.lengths: list[int] = []
+        self.window = 1
+        self.step_rows: torch.Tensor | None = None
+        self.step_columns: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    def nbytes(self) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes
+                   for layer in self.layers if layer.keys is not None)
+
+    def add_row(self, source: Cache, source_row: int, start: int, length: int) -> int:
+        """Copy columns [start, start + length) of `source_row` of a prefill cache into a new
+        row; returns the row's index."""
+        self._reserve(self.size + 1, length + 1, source)
+        row = self.size
+        for mine, theirs in zip(self.layers, source.layers):
+            mine.keys[row, :, :length] = theirs.keys[source_row, :, start:start + length]
+            mine.values[row, :, :length] = theirs.values[source_row, :, start:start + length]
+        self.lengths.append(length)
+        return row
+
+    def remove_row(self, row: int) -> None:
+        """Drop a row; the last row moves into its place (callers mirror that move)."""
+        last = self.size - 1
+        if row != last:
+            length = self.lengths[last]
+            for layer in self.layers:
+                layer.keys[row, :, :length] = layer.keys[last, :, :length]
+                layer.values[row, :, :length] = layer.values[last, :, :length]
+            self.lengths[row] = length
+        self.lengths.pop()
+        if not self.lengths:
+            for layer in self.layers:
+                layer.keys = layer.values = None
+
+    def prepare_step(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids [n, 1] and a 4-D attention mask [n, 1, 1, window] for one step."""
+        self._reserve(self.size, max(self.lengths) + 1)
+        self.window = max(self.lengths) + 1
+        positions = torch.tensor(self.lengths, device=device)
+        self.step_rows = torch.arange(self.size, device=device)
+        self.step_columns = positions
+        visible = torch.arange(self.window, device=device)[None, :] <= positions[:, None]
+        mask = visible[:, None, None, :]
+        if not self.boolean_mask:  # eager attention adds the mask to the scores
+            dtype = self.layers[0].keys.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
+                ~mask, torch.finfo(dtype).min)
+        return positions[:, None], mask
+
+    def advance(self) -> None:
+        self.lengths = [length + 1 for length in self.lengths]
+
+    def _reserve(self, rows: int, length: int, source: Cache | None = None) -> None:
+        """Make the buffers hold at least `rows` rows of `length` columns. New buffers take
+        their heads, head size and dtype from `source` (a prefill cache)."""
+        current = self.layers[0].keys
+        have_rows, have_length = (0, 0) if current is None else (current.shape[0], current.shape[2])
+        if rows <= have_rows and length <= have_length:
+            return
+        new_rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
+        new_length = have_length
+        if length > have_length:
+            new_length = max(length, 2 * have_length, _LENGTH_STEP)
+            new_length = min(-(-new_length // _LENGTH_STEP) * _LENGTH_STEP, self.max_length + 1)
+        keep_rows, keep_length = self.size, max(self.lengths, default=0)
+        for index, layer in enumerate(self.layers):
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                template = old if old is not None else getattr(source.layers[index], name)
+                new = template.new_zeros((new_rows, template.shape[1], new_length,
+                                          template.shape[3]))
+                if old is not None and keep_rows:
+                    new[:keep_rows, :, :keep_length] = old[:keep_rows, :, :keep_length]
+                setattr(layer, name, new)
