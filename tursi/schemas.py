@@ -45,6 +45,7 @@ class GenerateRequestSchema(StrictSchema):
     return_full_text = fields.Boolean(load_default=True)
     seed = fields.Integer(strict=True, validate=validate.Range(min=0, max=2**63 - 1),
                           load_default=None)
+    ignore_eos = fields.Boolean(load_default=False)
 
 
 class EmptyQuerySchema(StrictSchema):

@@ -19,7 +19,7 @@ def generate():
     job = worker.new_job(
         params["prompt"], max_tokens=params["max_tokens"], max_tokens_cap=app.settings.max_tokens,
         temperature=params["temperature"], top_p=params["top_p"], stop=params["stop"],
-        seed=params["seed"])
+        seed=params["seed"], ignore_eos=params["ignore_eos"])
     worker.submit(job)
     prefix = params["prompt"] if params["return_full_text"] else ""
     if not params["stream"]:

@@ -14,6 +14,7 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,7 @@ class Scheduler:
         try:
             job.tokens_generated += 1
             reason = None
-            if token in self.loaded.eos_ids:
+            if token in self.loaded.eos_ids and not job.params.ignore_eos:
                 reason = self._finish(seq, seq.decoder.flush(), "stop")
             elif self._emit(seq, seq.decoder.push(token)):
                 reason = "stop"

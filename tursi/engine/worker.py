@@ -70,7 +70,7 @@ class ModelWorker:
 
     def new_job(self, prompt: str, *, max_tokens: int | None, max_tokens_cap: int,
                 temperature: float, top_p: float, stop: list[str],
-                seed: int | None) -> GenerationJob:
+                seed: int | None, ignore_eos: bool = False) -> GenerationJob:
         """Tokenize and check a request against the context window; raise 400s here."""
         loaded = self.loaded
         if loaded is None or self._stopping:
@@ -95,7 +95,7 @@ class ModelWorker:
                 f"The prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
                 f"the context length of '{self.name}' ({self.context_length} tokens)",
                 {**numbers, "max_tokens": max_tokens})
-        params = GenerationParams(max_tokens, temperature, top_p, tuple(stop), seed)
+        params = GenerationParams(max_tokens, temperature, top_p, tuple(stop), seed, ignore_eos)
         return GenerationJob(prompt_ids, params)
 
     def submit(self, job: GenerationJob) -> None:

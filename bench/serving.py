@@ -1,0 +1,262 @@
+"""Serving benchmark: concurrent streaming clients over HTTP against in-process baselines.
+
+    .venv/bin/python bench/serving.py [--max-tokens 128] [--clients 1,4,16,32] [--runs 3]
+
+1. In-process baselines, same model, same dtype, same prompts: transformers' `generate` on one
+   prompt and on a static left-padded batch of 16 (greedy, exactly --max-tokens new tokens).
+2. A real gunicorn server (gevent worker, this repo's gunicorn.conf.py) on a free loopback
+   port, serving the embedded model; for each client count, that many threads each stream one
+   request (greedy, ignore_eos, --max-tokens) while another thread polls GET /status.
+
+Every figure is the median over --runs runs. Printed: aggregate tok/s (all tokens / wall time
+of the run), time to first token p50/p95, inter-token latency p50/p95 (gaps between SSE text
+events), GET /status latency p99, and the ratios the engine is judged by. Not a test: the
+numbers depend on the machine; read them as ratios against the baselines of the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = "smollm2-135m-instruct"
+PROMPTS = [
+    "Once upon a time",
+    "The history of the printing press",
+    "Write a short story about a robot who learns to paint.",
+    "In the middle of the ocean there was a small island where",
+    "Explain how a bicycle stays upright",
+    "My grandmother's kitchen always smelled of",
+    "The three most important things to know about volcanoes are",
+    "Dear diary, today",
+    "A recipe for a simple tomato soup: first,",
+    "The spaceship landed quietly on the dark side of the moon, and the crew",
+    "Here is a list of tips for learning a new language:",
+    "The old lighthouse keeper",
+    "Why do cats purr? Scientists believe",
+    "It was raining in the city when the detective finally found the letter that",
+    "The best way to start a vegetable garden is",
+    "Chapter one. The train left the station at midnight, carrying",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# --- in-process baselines --------------------------------------------------------------------
+
+def baselines(home: str, max_tokens: int, runs: int) -> dict:
+    import torch
+
+    from tursi.engine.catalog import Catalog
+    from tursi.engine.loader import LoadOptions, load_model
+
+    entry = Catalog.load(None).get(MODEL)
+    loaded = load_model(entry, LoadOptions().resolved(entry), home, None, False)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def generate_rate(prompts: list[str]) -> float:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=pad)
+        elapsed = time.perf_counter() - started
+        assert out.shape[1] - batch["input_ids"].shape[1] == max_tokens
+        return len(prompts) * max_tokens / elapsed
+
+    generate_rate(PROMPTS[:1])  # warm-up
+    single = statistics.median(generate_rate(PROMPTS[:1]) for _ in range(runs))
+    batch16 = statistics.median(generate_rate(PROMPTS[:16]) for _ in range(runs))
+    dtype = loaded.dtype
+    del model, loaded
+    gc.collect()
+    return {"dtype": dtype, "generate_1": single, "generate_16": batch16}
+
+
+# --- the server ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api/v1"
+        env = {**os.environ, "TURSI_HOME": home, "TURSI_PORT": str(self.port),
+               "TURSI_PRELOAD": MODEL, "TURSI_RATE_LIMIT": "1000000/minute",
+               "TURSI_LOG_LEVEL": "warning", "TURSI_ACCESS_LOG": "/dev/null",
+               "HF_HUB_OFFLINE": "1"}
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_loaded(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise SystemExit("server exited:\n" + self.log.read().decode(errors="replace"))
+            try:
+                models = requests.get(f"{self.url}/models", timeout=2).json()["models"]
+                if any(m["name"] == MODEL and m["status"] == "loaded" for m in models):
+                    return
+            except (requests.RequestException, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise SystemExit("the model did not load in time")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+# --- the load --------------------------------------------------------------------------------
+
+def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "return_full_text": False}
+    started = time.perf_counter()
+    arrivals: list[float] = []
+    tokens = 0
+    with requests.post(f"{url}/generate", json=body, stream=True, timeout=600) as response:
+        response.raise_for_status()
+        event = None
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "text":
+                arrivals.append(time.perf_counter())
+            elif line.startswith("data: ") and event == "done":
+                tokens = json.loads(line[6:])["tokens_generated"]
+            elif line.startswith("data: ") and event == "error":
+                raise RuntimeError(line)
+    return {"started": started, "ended": time.perf_counter(), "arrivals": arrivals,
+            "tokens": tokens}
+
+
+def poll_status(url: str, stop: threading.Event, latencies: list[float]) -> None:
+    with requests.Session() as session:
+        while not stop.is_set():
+            started = time.perf_counter()
+            session.get(f"{url}/status", timeout=30).raise_for_status()
+            latencies.append(time.perf_counter() - started)
+            stop.wait(0.05)
+
+
+def load_run(url: str, clients: int, max_tokens: int) -> dict:
+    results: list[dict] = [None] * clients  # type: ignore[list-item]
+    errors: list[BaseException] = []
+
+    def client(index: int) -> None:
+        try:
+            results[index] = stream_one(url, PROMPTS[index % len(PROMPTS)], max_tokens)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    stop, status_latencies = threading.Event(), []
+    poller = threading.Thread(target=poll_status, args=(url, stop, status_latencies))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    poller.start()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    stop.set()
+    poller.join()
+    if errors:
+        raise SystemExit(f"{len(errors)} client(s) failed: {errors[0]!r}")
+    ttft = [r["arrivals"][0] - r["started"] for r in results]
+    gaps = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    tokens = sum(r["tokens"] for r in results)
+    assert tokens == clients * max_tokens, (tokens, clients * max_tokens)
+    return {"tok_s": tokens / wall, "ttft_p50": percentile(ttft, 50),
+            "ttft_p95": percentile(ttft, 95), "itl_p50": percentile(gaps, 50),
+            "itl_p95": percentile(gaps, 95), "status_p99": percentile(status_latencies, 99),
+            "status_samples": len(status_latencies)}
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--clients", default="1,4,16,32")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--home", default=os.environ.get(
+        "TURSI_HOME", os.path.join(os.path.expanduser("~"), ".cache", "tursi")))
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}"
+          f" python {platform.python_version()}", flush=True)
+    base = baselines(args.home, args.max_tokens, args.runs)
+    print(f"baselines ({base['dtype']}, {args.max_tokens} new tokens, median of {args.runs}): "
+          f"generate x1 {base['generate_1']:.1f} tok/s, static batch of 16 "
+          f"{base['generate_16']:.1f} tok/s", flush=True)
+
+    server = Server(args.home)
+    try:
+        server.wait_loaded()
+        load_run(server.url, 1, 8)  # warm-up
+        rows = {}
+        for clients in counts:
+            rows[clients] = median_of([load_run(server.url, clients, args.max_tokens)
+                                       for _ in range(args.runs)])
+            print(f"  {clients} clients: {rows[clients]['tok_s']:.1f} tok/s", flush=True)
+    finally:
+        server.stop()
+
+    print()
+    print(f"| clients | aggregate tok/s | vs baseline | TTFT p50 / p95 (s) | "
+          f"inter-token p50 / p95 (ms) | GET /status p99 (ms) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for clients, row in rows.items():
+        baseline_name = "generate_1" if clients == 1 else "generate_16"
+        label = "generate x1" if clients == 1 else "generate batch 16"
+        ratio = row["tok_s"] / base[baseline_name]
+        print(f"| {clients} | {row['tok_s']:.1f} | {ratio:.2f}x {label} | "
+              f"{row['ttft_p50']:.2f} / {row['ttft_p95']:.2f} | "
+              f"{row['itl_p50'] * 1000:.0f} / {row['itl_p95'] * 1000:.0f} | "
+              f"{row['status_p99'] * 1000:.1f} |")
+    print(f"\nin-process baselines ({base['dtype']}): generate x1 {base['generate_1']:.1f} tok/s, "
+          f"static batch 16 {base['generate_16']:.1f} tok/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"baselines": base, "rows": rows,
+                                               "max_tokens": args.max_tokens,
+                                               "runs": args.runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
