@@ -90,10 +90,7 @@ def baselines(home: str, max_tokens: int, runs: int) -> dict:
     generate_rate(PROMPTS[:1])  # warm-up
     single = statistics.median(generate_rate(PROMPTS[:1]) for _ in range(runs))
     batch16 = statistics.median(generate_rate(PROMPTS[:16]) for _ in range(runs))
-    dtype = loaded.dtype
-    del model, loaded
-    gc.collect()
-    return {"dtype": dtype, "generate_1": single, "generate_16": batch16}
+    return {"dtype": loaded.dtype, "generate_1": single, "generate_16": batch16}
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -222,6 +219,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}"
           f" python {platform.python_version()}", flush=True)
     base = baselines(args.home, args.max_tokens, args.runs)
+    gc.collect()  # the baseline model is gone before the server starts
     print(f"baselines ({base['dtype']}, {args.max_tokens} new tokens, median of {args.runs}): "
           f"generate x1 {base['generate_1']:.1f} tok/s, static batch of 16 "
           f"{base['generate_16']:.1f} tok/s", flush=True)
@@ -239,8 +237,8 @@ def main() -> None:
         server.stop()
 
     print()
-    print(f"| clients | aggregate tok/s | vs baseline | TTFT p50 / p95 (s) | "
-          f"inter-token p50 / p95 (ms) | GET /status p99 (ms) |")
+    print("| clients | aggregate tok/s | vs baseline | TTFT p50 / p95 (s) | "
+          "inter-token p50 / p95 (ms) | GET /status p99 (ms) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for clients, row in rows.items():
         baseline_name = "generate_1" if clients == 1 else "generate_16"

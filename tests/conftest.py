@@ -68,6 +68,21 @@ def make_app(tiny_models_dir, tmp_path):
 
 
 @pytest.fixture
+def slow_steps(monkeypatch):
+    """Each decode step takes at least 3 ms, so a long generation is still running while a
+    test reacts to its first tokens, whatever the hardware."""
+    from tursi.engine.scheduler import Scheduler
+
+    real_step = Scheduler._decode_step
+
+    def slow_step(self):
+        time.sleep(0.003)
+        return real_step(self)
+
+    monkeypatch.setattr(Scheduler, "_decode_step", slow_step)
+
+
+@pytest.fixture
 def app(make_app):
     return make_app()
 
@@ -75,6 +90,13 @@ def app(make_app):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def tiny_client(client):
+    """A client whose app has "tiny" loaded."""
+    assert load_and_wait(client, "tiny")["status"] == "loaded"
+    return client
 
 
 def load_and_wait(client, name, body=None, timeout=60, headers=None):

@@ -18,7 +18,6 @@ import torch
 import tursi.api.status as status_module
 import tursi.engine.manager as manager_module
 import tursi.engine.scheduler as scheduler_module
-from tursi.engine.scheduler import Scheduler
 
 from conftest import API, load_and_wait
 from server import parse_sse
@@ -106,26 +105,6 @@ def wait_for(condition, timeout=10.0):
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
-
-
-@pytest.fixture
-def tiny_client(client):
-    """A client whose app has "tiny" loaded."""
-    assert load_and_wait(client, "tiny")["status"] == "loaded"
-    return client
-
-
-@pytest.fixture
-def slow_steps(monkeypatch):
-    """Each decode step takes at least 3 ms, so a long generation is still running while a
-    test reacts to its first tokens, whatever the hardware."""
-    real_step = Scheduler._decode_step
-
-    def slow_step(self):
-        time.sleep(0.003)
-        return real_step(self)
-
-    monkeypatch.setattr(Scheduler, "_decode_step", slow_step)
 
 
 @pytest.fixture
@@ -443,6 +422,9 @@ def test_generate_on_an_unknown_model(tiny_client):
     ({"model": "tiny", "prompt": "hi", "stream": "sometimes"}, "stream"),
     ({"model": "tiny", "prompt": "hi", "seed": -1}, "seed"),
     ({"model": "tiny", "prompt": "hi", "seed": "7"}, "seed"),
+    ({"model": "tiny", "prompt": "hi", "ignore_eos": "sometimes"}, "ignore_eos"),
+    ({"model": "tiny", "prompt": "hi", "ignore_eos": 2}, "ignore_eos"),
+    ({"model": "tiny", "prompt": "hi", "ignore_eos": None}, "ignore_eos"),
     ({"model": "tiny", "prompt": "hi", "max_length": 5}, "max_length"),
 ])
 def test_generate_validation(tiny_client, body, field):
@@ -454,7 +436,7 @@ def test_generate_validation(tiny_client, body, field):
 
 def test_generate_accepts_the_documented_limits(tiny_client):
     body = {"prompt": "hi", "max_tokens": 2, "temperature": 2, "top_p": 1,
-            "stop": [f"s{i}" for i in range(16)], "stream": False, "seed": 0}
+            "stop": [f"s{i}" for i in range(16)], "stream": False, "seed": 0, "ignore_eos": False}
     assert generate(tiny_client, **body).status_code == 200
 
 

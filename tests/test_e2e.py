@@ -147,6 +147,78 @@ def test_a_vanished_client_stops_its_generation(server):
     assert after - before < 200  # stopped long before max_tokens=1000
 
 
+def reload(server, body=None):
+    assert requests.post(f"{server.url}/models/{MODEL}/unload", timeout=60).status_code == 200
+    load = requests.post(f"{server.url}/models/{MODEL}/load", json=body, timeout=10)
+    assert load.status_code == 202, load.text
+    server.wait_loaded(MODEL, timeout=120)
+    models = requests.get(f"{server.url}/models", timeout=5).json()["models"]
+    return {m["name"]: m for m in models}[MODEL]
+
+
+@pytest.fixture
+def fp32_model(server):
+    """The embedded model reloaded in float32 for one test, then back to its default dtype."""
+    assert reload(server, {"dtype": "float32"})["dtype"] == "float32"
+    try:
+        yield
+    finally:
+        reload(server)
+
+
+PASSAGE = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the steps "
+           "as his father had taught him, and lit the great lamp that warned the fishing boats "
+           "away from the rocks. In winter the storms came in from the north and the sea rose "
+           "over the harbour wall, but the light never failed. The children of the village "
+           "believed he could talk to the gulls, and the gulls, for their part, seemed to wait "
+           "for him on the railing each morning when he came down with bread in his pockets. "
+           "One night a ship with black sails appeared on the horizon, and nobody in the village "
+           "could say where it had come from or what it wanted").split()
+# Sixteen prompts of 1 to 110 words, each starting at a different place in the passage.
+BATCH_PROMPTS = [" ".join((PASSAGE[7 * i:] + PASSAGE)[:n])
+                 for i, n in enumerate([1, 2, 4, 6, 9, 12, 16, 21, 27, 34, 42, 51, 61, 72, 90,
+                                        110])]
+
+
+def test_greedy_fp32_text_is_the_same_alone_or_in_a_batch_of_16(server, fp32_model):
+    """The acceptance test of continuous batching: greedy decoding in fp32 gives a request the
+    same text whether it ran alone or in a batch with 15 other prompts of other lengths."""
+    body = {"max_tokens": 24, "temperature": 0, "ignore_eos": True, "return_full_text": False}
+    alone = [generate(server, prompt=prompt, **body)["text"] for prompt in BATCH_PROMPTS]
+    assert len(set(alone)) > 8  # different prompts, different continuations
+
+    together, peak, done = {}, [0], threading.Event()
+
+    def send(index):
+        together[index] = generate(server, prompt=BATCH_PROMPTS[index], **body)["text"]
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], running(server)["running"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(BATCH_PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    done.set()
+    watcher.join()
+    assert [together.get(i) for i in range(len(BATCH_PROMPTS))] == alone
+    assert peak[0] >= 8, f"the requests did not run together (at most {peak[0]} at once)"
+
+
+def test_a_seeded_sampled_request_is_reproducible(server):
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0.8, "seed": 123,
+            "return_full_text": False}
+    first = generate(server, **body)
+    second = generate(server, **body)
+    assert first["text"] == second["text"]
+    assert first["tokens_generated"] == second["tokens_generated"]
+
+
 def test_unload_ends_generations_in_flight_then_reload_serves_again(server):
     response = requests.post(f"{server.url}/generate", stream=True, timeout=120,
                              json={"model": MODEL, "prompt": PROMPT, "max_tokens": 500,

@@ -258,6 +258,9 @@ FULL_ENV = {
     "TURSI_RATE_LIMIT": "10/second",
     "TURSI_RATELIMIT_STORAGE_URI": "redis://localhost:6379",
     "TURSI_MAX_TOKENS": "512",
+    "TURSI_MAX_BATCH": "8",
+    "TURSI_MAX_QUEUE": "0",
+    "TURSI_REQUEST_TIMEOUT": "2.5",
     "TURSI_MAX_BODY_BYTES": "4096",
     "TURSI_HEARTBEAT_SECONDS": "0.5",
     "TURSI_MAX_GPU_MEMORY": "10GiB",
@@ -274,6 +277,7 @@ def test_settings_defaults():
     assert settings.rate_limit == "60/minute"
     assert settings.allow_downloads is False
     assert settings.api_keys == []
+    assert (settings.max_batch, settings.max_queue, settings.request_timeout) == (32, 128, 300)
 
 
 def test_settings_from_env_reads_every_variable():
@@ -282,8 +286,8 @@ def test_settings_from_env_reads_every_variable():
         host="0.0.0.0", port=9000, home="/srv/tursi", models_file="/etc/tursi/models.json",
         preload=["gpt2", "tiny"], api_keys=["k1", "k2"], api_key_file="/etc/tursi/keys",
         rate_limit="10/second", ratelimit_storage_uri="redis://localhost:6379", max_tokens=512,
-        max_body_bytes=4096, heartbeat_seconds=0.5, max_gpu_memory="10GiB",
-        allow_downloads=True, log_level="debug")
+        max_batch=8, max_queue=0, request_timeout=2.5, max_body_bytes=4096,
+        heartbeat_seconds=0.5, max_gpu_memory="10GiB", allow_downloads=True, log_level="debug")
 
 
 def test_settings_from_env_ignores_other_variables():
@@ -302,6 +306,13 @@ def test_settings_flag_values(value, expected):
     assert Settings.from_env({"TURSI_ALLOW_DOWNLOADS": value}).allow_downloads is expected
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("0", None), (" 0 ", None), ("30", 30.0), ("0.25", 0.25), ("1e3", 1000.0),
+])
+def test_settings_request_timeout_values(value, expected):
+    assert Settings.from_env({"TURSI_REQUEST_TIMEOUT": value}).request_timeout == expected
+
+
 @pytest.mark.parametrize("name, value", [
     ("TURSI_PORT", "eighty"),
     ("TURSI_PORT", "80.5"),
@@ -316,6 +327,17 @@ def test_settings_flag_values(value, expected):
     ("TURSI_MAX_BODY_BYTES", "-1"),
     ("TURSI_HEARTBEAT_SECONDS", "-1"),
     ("TURSI_HEARTBEAT_SECONDS", "nan"),
+    ("TURSI_MAX_BATCH", "0"),
+    ("TURSI_MAX_BATCH", "-1"),
+    ("TURSI_MAX_BATCH", "2.5"),
+    ("TURSI_MAX_BATCH", "many"),
+    ("TURSI_MAX_QUEUE", "-1"),
+    ("TURSI_MAX_QUEUE", "none"),
+    ("TURSI_REQUEST_TIMEOUT", "-1"),
+    ("TURSI_REQUEST_TIMEOUT", "nan"),
+    ("TURSI_REQUEST_TIMEOUT", "inf"),
+    ("TURSI_REQUEST_TIMEOUT", "soon"),
+    ("TURSI_REQUEST_TIMEOUT", ""),
 ])
 def test_settings_bad_or_out_of_range_values_raise(name, value):
     with pytest.raises(ValueError, match=name):

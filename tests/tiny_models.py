@@ -30,15 +30,17 @@ def build_tokenizer(target: Path):
     return fast
 
 
-def build_llama(target: Path, seed: int = 0) -> Path:
+def build_llama(target: Path, seed: int = 0, **overrides) -> Path:
+    """`overrides` change the LlamaConfig (e.g. tie_word_embeddings=False)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(target)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(**{
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.eos_token_id, "tie_word_embeddings": True, **overrides})
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(target)
     return target

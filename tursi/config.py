@@ -45,7 +45,7 @@ def _count(value: str) -> int:
 
 def _timeout(value: str) -> float | None:
     """Seconds; 0 turns the deadline off."""
-    if value.strip() == "0":
+    if float(value) == 0:
         return None
     return _positive_seconds(value)
 

@@ -91,6 +91,7 @@ class Scheduler:
         self.waiting: collections.deque[GenerationJob] = collections.deque()
         self.rows: list[Sequence] = []  # row i of self.cache belongs to rows[i]
         self.prefill: _Prefill | None = None
+        self.active = 0  # jobs taken from `waiting` and not yet ended: prefilling or decoding
         attention = getattr(loaded.model.config, "_attn_implementation", "sdpa")
         self.cache = BatchCache(_num_layers(loaded.model), loaded.context_length,
                                 boolean_mask=attention == "sdpa")
@@ -99,7 +100,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self.rows) + (len(self.prefill.seqs) if self.prefill else 0)
+        return self.active
 
     @property
     def idle(self) -> bool:
@@ -190,6 +191,7 @@ class Scheduler:
                 job, TokenChooser(params.temperature, params.top_p, params.seed),
                 IncrementalDecoder(self.loaded.tokenizer, job.prompt_ids),
                 StopMatcher(list(params.stop)), time.perf_counter()))
+        self.active += len(seqs)
         return _Prefill(seqs, self.loaded.device, self.pad_id)
 
     def _prefill_step(self) -> None:
@@ -270,8 +272,11 @@ class Scheduler:
         self._done(seq, False)
 
     def _done(self, seq: Sequence, ok: bool) -> None:
-        """A job left (a client that went away counts as ok: nothing failed here)."""
+        """A job left (a client that went away counts as ok: nothing failed here). The
+        worker's admitted count drops before `active` does, so that no reader ever sees the
+        job as waiting."""
         self.on_done(seq.job, time.perf_counter() - seq.started, ok)
+        self.active -= 1
 
 
 def _ended(job: GenerationJob) -> str | None:
