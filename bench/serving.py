@@ -6,7 +6,8 @@
    prompt and on a static left-padded batch of 16 (greedy, exactly --max-tokens new tokens).
 2. A real gunicorn server (gevent worker, this repo's gunicorn.conf.py) on a free loopback
    port, serving the embedded model; for each client count, that many threads each stream one
-   request (greedy, ignore_eos, --max-tokens) while another thread polls GET /status.
+   request (greedy, ignore_eos, --max-tokens); in the runs with 16 or more clients another
+   thread polls GET /status every 0.1 s (the poll costs server CPU, so not in smaller runs).
 
 Every figure is the median over --runs runs. Printed: aggregate tok/s (all tokens / wall time
 of the run), time to first token p50/p95, inter-token latency p50/p95 (gaps between SSE text
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import socket
@@ -145,7 +147,7 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
     with requests.post(f"{url}/generate", json=body, stream=True, timeout=600) as response:
         response.raise_for_status()
         event = None
-        for line in response.iter_lines(decode_unicode=True):
+        for line in response.iter_lines(chunk_size=None, decode_unicode=True):  # per chunk
             if line.startswith("event: "):
                 event = line[7:]
             elif line.startswith("data: ") and event == "text":
@@ -158,13 +160,17 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
             "tokens": tokens}
 
 
+STATUS_FROM_CLIENTS = 16  # /status is polled during runs with at least this many clients
+STATUS_INTERVAL = 0.1
+
+
 def poll_status(url: str, stop: threading.Event, latencies: list[float]) -> None:
     with requests.Session() as session:
         while not stop.is_set():
             started = time.perf_counter()
             session.get(f"{url}/status", timeout=30).raise_for_status()
             latencies.append(time.perf_counter() - started)
-            stop.wait(0.05)
+            stop.wait(STATUS_INTERVAL)
 
 
 def load_run(url: str, clients: int, max_tokens: int) -> dict:
@@ -180,7 +186,9 @@ def load_run(url: str, clients: int, max_tokens: int) -> dict:
     stop, status_latencies = threading.Event(), []
     poller = threading.Thread(target=poll_status, args=(url, stop, status_latencies))
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    poller.start()
+    polled = clients >= STATUS_FROM_CLIENTS  # the poll costs server CPU: not in small runs
+    if polled:
+        poller.start()
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -188,7 +196,8 @@ def load_run(url: str, clients: int, max_tokens: int) -> dict:
         thread.join()
     wall = time.perf_counter() - started
     stop.set()
-    poller.join()
+    if polled:
+        poller.join()
     if errors:
         raise SystemExit(f"{len(errors)} client(s) failed: {errors[0]!r}")
     ttft = [r["arrivals"][0] - r["started"] for r in results]
@@ -205,6 +214,20 @@ def median_of(runs: list[dict]) -> dict:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
+def print_table(base: dict, rows: dict) -> None:
+    print("| clients | aggregate tok/s | vs generate x1 | vs generate batch 16 | "
+          "TTFT p50 / p95 (s) | inter-token p50 / p95 (ms) | GET /status p99 (ms) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for clients, row in rows.items():
+        status = "-" if math.isnan(row["status_p99"]) else f"{row['status_p99'] * 1000:.1f}"
+        print(f"| {clients} | {row['tok_s']:.1f} | {row['tok_s'] / base['generate_1']:.2f}x | "
+              f"{row['tok_s'] / base['generate_16']:.2f}x | "
+              f"{row['ttft_p50']:.2f} / {row['ttft_p95']:.2f} | "
+              f"{row['itl_p50'] * 1000:.0f} / {row['itl_p95'] * 1000:.0f} | {status} |")
+    print(f"\nin-process baselines ({base['dtype']}): generate x1 {base['generate_1']:.1f} tok/s, "
+          f"static batch of 16 {base['generate_16']:.1f} tok/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -213,7 +236,12 @@ def main() -> None:
     parser.add_argument("--home", default=os.environ.get(
         "TURSI_HOME", os.path.join(os.path.expanduser("~"), ".cache", "tursi")))
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--table-from", help="only print the table of a --json file")
     args = parser.parse_args()
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        print_table(saved["baselines"], saved["rows"])
+        return
     counts = [int(c) for c in args.clients.split(",")]
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}"
@@ -237,19 +265,7 @@ def main() -> None:
         server.stop()
 
     print()
-    print("| clients | aggregate tok/s | vs baseline | TTFT p50 / p95 (s) | "
-          "inter-token p50 / p95 (ms) | GET /status p99 (ms) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for clients, row in rows.items():
-        baseline_name = "generate_1" if clients == 1 else "generate_16"
-        label = "generate x1" if clients == 1 else "generate batch 16"
-        ratio = row["tok_s"] / base[baseline_name]
-        print(f"| {clients} | {row['tok_s']:.1f} | {ratio:.2f}x {label} | "
-              f"{row['ttft_p50']:.2f} / {row['ttft_p95']:.2f} | "
-              f"{row['itl_p50'] * 1000:.0f} / {row['itl_p95'] * 1000:.0f} | "
-              f"{row['status_p99'] * 1000:.1f} |")
-    print(f"\nin-process baselines ({base['dtype']}): generate x1 {base['generate_1']:.1f} tok/s, "
-          f"static batch 16 {base['generate_16']:.1f} tok/s")
+    print_table(base, rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"baselines": base, "rows": rows,
                                                "max_tokens": args.max_tokens,
