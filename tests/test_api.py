@@ -229,19 +229,55 @@ def test_load_unknown_model_is_404_before_body_validation(client):
     assert_error(client.post(f"{API}/models/nope/load", json={"bits": 3}), 404, "model_not_found")
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_quantized_load(client, tiny_models_dir, bits, mode):
-    pytest.importorskip("bitsandbytes")
-    entry = load_and_wait(client, "tiny-gpt2", {"quantize": True, "bits": bits, "mode": mode})
+CPU_QUANTIZATION = [(8, "dynamic"), (8, "static"), (4, "dynamic")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU backends (CUDA has its own test)")
+@pytest.mark.parametrize("model", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("bits, mode", CPU_QUANTIZATION)
+def test_quantized_load(client, tiny_models_dir, app, model, bits, mode):
+    entry = load_and_wait(client, model, {"quantize": True, "bits": bits, "mode": mode})
     assert entry["status"] == "loaded", entry
     assert (entry["quantized"], entry["bits"], entry["mode"]) == (True, bits, mode)
-    fp32_bytes = (tiny_models_dir / "gpt2" / "model.safetensors").stat().st_size
+    folder = "gpt2" if model == "tiny-gpt2" else "llama"
+    fp32_bytes = (tiny_models_dir / folder / "model.safetensors").stat().st_size
     assert entry["memory_bytes"] < fp32_bytes
-    result = generate_ok(client, model="tiny-gpt2", prompt="Once upon a time", max_tokens=5,
+    result = generate_ok(client, model=model, prompt="Once upon a time", max_tokens=5,
                          temperature=0)
     assert 1 <= result["tokens_generated"] <= 5
     assert result["text"].startswith("Once upon a time")
+    if bits == 8:  # every Linear / GPT-2 Conv1D runs int8, with the mode's activation scales
+        from tursi.engine.quantize import Int8Linear
+        loaded = app.extensions["tursi"].manager.state(model).worker.loaded
+        layers = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
+        assert layers and all((m.input_scale is None) == (mode == "dynamic") for m in layers)
+        leftovers = [type(m).__name__ for m in loaded.model.modules()
+                     if type(m).__name__ in ("Linear", "Conv1D")]
+        assert leftovers == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU backends (CUDA has its own test)")
+def test_4_bit_static_is_unsupported_on_cpu(client):
+    response = client.post(f"{API}/models/tiny/load",
+                           json={"quantize": True, "bits": 4, "mode": "static"})
+    error = assert_error(response, 400, "unsupported_quantization")
+    assert error["details"] == {"device": "cpu", "supported": [
+        {"bits": bits, "mode": mode} for bits, mode in CPU_QUANTIZATION]}
+    assert "8-bit dynamic, 8-bit static, 4-bit dynamic" in error["message"]
+    assert model_entry(client, "tiny")["status"] == "not_loaded"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bitsandbytes GPU path")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_load_on_cuda(client, bits):
+    entry = load_and_wait(client, "tiny", {"quantize": True, "bits": bits, "mode": "dynamic"})
+    assert entry["status"] == "loaded", entry
+    assert entry["device"].startswith("cuda")
+    result = generate_ok(client, model="tiny", prompt="Once upon a time", max_tokens=5)
+    assert 1 <= result["tokens_generated"] <= 5
+    error = assert_error(client.post(f"{API}/models/tiny-gpt2/load", json={
+        "quantize": True, "bits": bits, "mode": "static"}), 400, "unsupported_quantization")
+    assert error["details"]["device"] == "cuda"
 
 
 def test_quantize_defaults_to_8_bit_dynamic(client):
