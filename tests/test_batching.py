@@ -22,8 +22,16 @@ LONG = {"model": "tiny", "prompt": "lazy dog", "max_tokens": 250, "ignore_eos": 
 
 
 def counts(client, name="tiny"):
+    """(running, waiting) from the model's metrics."""
     m = metrics(client, name)
     return m["generations_running"], m["generations_waiting"]
+
+
+def engine_counts(client, name="tiny"):
+    """(running, waiting) read from the worker: for polling, which would use up the rate
+    limit through the API."""
+    worker = client.application.extensions["tursi"].manager.state(name).worker
+    return worker.running, worker.waiting
 
 
 @pytest.fixture
@@ -60,9 +68,9 @@ def test_a_full_model_answers_503_overloaded_then_admits_again(make_app, held_st
     held_steps.clear()
     running = client.post(f"{API}/generate", json={**LONG, "stream": True})
     assert b"lazy dog" in next(iter(running.response))  # started: closing it cancels the job
-    wait_for(lambda: counts(client) == (1, 0))
+    wait_for(lambda: engine_counts(client) == (1, 0))
     queued, result = in_thread(lambda: generate(app.test_client(), prompt="hi", max_tokens=3))
-    wait_for(lambda: counts(client) == (1, 1))
+    wait_for(lambda: engine_counts(client) == (1, 1))
     assert client.get(f"{API}/status").get_json()["generations"] == {"running": 1, "waiting": 1}
 
     for streamed in (True, False):  # a stream first: if it got in, it would not block
@@ -75,11 +83,11 @@ def test_a_full_model_answers_503_overloaded_then_admits_again(make_app, held_st
 
     running.close()
     held_steps.set()
-    wait_for(lambda: counts(client)[1] == 0)  # the queued request took the freed slot
+    wait_for(lambda: engine_counts(client)[1] == 0)  # the queued request took the freed slot
     assert generate_ok(client, prompt="hi", max_tokens=3)["tokens_generated"] == 3
     queued.join(30)
     assert result["value"].status_code == 200
-    wait_for(lambda: counts(client) == (0, 0))
+    wait_for(lambda: engine_counts(client) == (0, 0))
 
 
 # --- deadlines: TURSI_REQUEST_TIMEOUT ---------------------------------------------------------
@@ -100,7 +108,7 @@ def test_the_deadline_ends_one_request_not_the_batch(make_app, slow_steps):
     assert set(error) == {"code", "message", "details"}
     assert error["details"]["timeout_seconds"] == 0.5
     assert 0 < error["details"]["tokens_generated"] < 250
-    wait_for(lambda: counts(client) == (0, 0))
+    wait_for(lambda: engine_counts(client) == (0, 0))
 
 
 def test_running_and_waiting_requests_past_their_deadline_get_504(make_app, held_steps):
@@ -110,9 +118,9 @@ def test_running_and_waiting_requests_past_their_deadline_get_504(make_app, held
     held_steps.clear()
     post = lambda: app.test_client().post(f"{API}/generate", json=LONG)  # noqa: E731
     running, ran = in_thread(post)
-    wait_for(lambda: counts(client) == (1, 0))
+    wait_for(lambda: engine_counts(client) == (1, 0))
     waiting, waited = in_thread(post)
-    wait_for(lambda: counts(client) == (1, 1))
+    wait_for(lambda: engine_counts(client) == (1, 1))
     time.sleep(0.6)  # both deadlines pass while the batch is held
     held_steps.set()
     running.join(30)
@@ -122,7 +130,7 @@ def test_running_and_waiting_requests_past_their_deadline_get_504(make_app, held
     assert [error["details"]["timeout_seconds"] for error in errors] == [0.5, 0.5]
     assert errors[0]["details"]["tokens_generated"] > 0
     assert errors[1]["details"]["tokens_generated"] == 0  # it never left the queue
-    wait_for(lambda: counts(client) == (0, 0))
+    wait_for(lambda: engine_counts(client) == (0, 0))
     assert generate_ok(client, prompt="hi", max_tokens=2)["tokens_generated"] == 2
 
 
@@ -143,10 +151,10 @@ def test_closing_a_stream_frees_its_slot_while_the_others_go_on(tiny_client, slo
     frames = [iter(response.response) for response in responses]
     for frame in frames:
         assert next(frame).startswith(b"event: text")  # generated text: all three run
-    wait_for(lambda: counts(client) == (3, 0))
+    wait_for(lambda: engine_counts(client) == (3, 0))
 
     responses[0].close()
-    wait_for(lambda: counts(client) == (2, 0))
+    wait_for(lambda: engine_counts(client) == (2, 0))
     rest = [sse_events(b"".join(frame).decode()) for frame in frames[1:]]
     for response in responses[1:]:
         response.close()
@@ -156,7 +164,7 @@ def test_closing_a_stream_frees_its_slot_while_the_others_go_on(tiny_client, slo
         assert events[-1][0] == "done"
         assert (events[-1][1]["tokens_generated"], events[-1][1]["finish_reason"]) == (
             250, "length")
-    wait_for(lambda: counts(client) == (0, 0))
+    wait_for(lambda: engine_counts(client) == (0, 0))
     wait_for(lambda: metrics(client)["requests_total"] == 3)
     assert metrics(client)["tokens_generated"] < 3 * 250  # the closed one stopped early
 
