@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/quantization.py [--runs 3] [--tokens 64]
 
-For fp32, bf16, 8-bit dynamic/static and 4-bit dynamic/static: load time, resident memory
+For fp32, bf16, 8-bit dynamic/static and 4-bit dynamic/static: load time (8-bit on CPU: cold,
+with its TURSI_HOME cache removed first, then cached), resident memory
 of the model (parameters + buffers), single-stream decode tok/s (the server's own scheduler,
 greedy, `--tokens` new tokens, median of --runs) and perplexity on tursi/data/heldout.txt
 (never used for calibration), each also as a ratio to fp32 measured in the same run. A
@@ -15,6 +16,7 @@ import gc
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -27,7 +29,7 @@ import torch  # noqa: E402
 
 from tursi.engine.catalog import Catalog  # noqa: E402
 from tursi.engine.jobs import Finished, GenerationJob, GenerationParams  # noqa: E402
-from tursi.engine.loader import LoadOptions, load_model  # noqa: E402
+from tursi.engine.loader import LoadOptions, load_model, locate, quantized_dir  # noqa: E402
 from tursi.engine.scheduler import Scheduler  # noqa: E402
 from tursi.errors import UnsupportedQuantization  # noqa: E402
 
@@ -81,12 +83,24 @@ def main() -> None:
         except UnsupportedQuantization as exc:
             rows.append((label, None, exc.message))
             continue
+        cache = None
+        if options.quantize and options.bits == 8 and not torch.cuda.is_available():
+            cache = quantized_dir(entry, options, args.home, locate(entry, args.home, False))
+            shutil.rmtree(cache, ignore_errors=True)  # measure the cold load first
         started = time.perf_counter()
         loaded = load_model(entry, options, args.home)
         load_seconds = time.perf_counter() - started
+        cached_seconds = None
+        if cache is not None:
+            del loaded
+            gc.collect()
+            started = time.perf_counter()
+            loaded = load_model(entry, options, args.home)
+            cached_seconds = time.perf_counter() - started
         decode_rate(loaded, 8)  # warm-up
         rate = statistics.median(decode_rate(loaded, args.tokens) for _ in range(args.runs))
-        row = {"load": load_seconds, "memory": loaded.memory_bytes, "rate": rate,
+        row = {"load": load_seconds, "cached": cached_seconds,
+               "memory": loaded.memory_bytes, "rate": rate,
                "ppl": perplexity(loaded)}
         rows.append((label, row, ""))
         print(f"  {label}: {row}", flush=True)
@@ -94,14 +108,15 @@ def main() -> None:
         gc.collect()
 
     base = rows[0][1]
-    print("\n| configuration | load (s) | model memory (MB) | vs fp32 | decode tok/s | vs fp32 | "
-          "perplexity | vs fp32 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| configuration | load (s) | cached load (s) | model memory (MB) | vs fp32 | "
+          "decode tok/s | vs fp32 | perplexity | vs fp32 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, row, note in rows:
         if row is None:
-            print(f"| {label} | {note} | | | | | | |")
+            print(f"| {label} | {note} | | | | | | | |")
             continue
-        print(f"| {label} | {row['load']:.1f} | {row['memory'] / 1e6:.0f} | "
+        cached = "-" if row["cached"] is None else f"{row['cached']:.1f}"
+        print(f"| {label} | {row['load']:.1f} | {cached} | {row['memory'] / 1e6:.0f} | "
               f"{row['memory'] / base['memory']:.2f}x | {row['rate']:.1f} | "
               f"{row['rate'] / base['rate']:.2f}x | {row['ppl']:.2f} | "
               f"{row['ppl'] / base['ppl'] - 1:+.1%} |")

@@ -5,12 +5,14 @@ status, metrics, errors, authentication, rate limits; then behaviour under load.
 """
 import gc
 import json
+import os
 import re
 import shutil
 import threading
 import time
 import weakref
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,6 +256,41 @@ def test_quantized_load(client, tiny_models_dir, app, model, bits, mode):
         leftovers = [type(m).__name__ for m in loaded.model.modules()
                      if type(m).__name__ in ("Linear", "Conv1D")]
         assert leftovers == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU int8 cache")
+@pytest.mark.parametrize("model", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_int8_weights_are_cached_and_keyed_by_source(app, client, tiny_models_dir, monkeypatch,
+                                                     model, mode):
+    from transformers import AutoModelForCausalLM
+    body = {"quantize": True, "bits": 8, "mode": mode}
+    prompt = {"model": model, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+    cache = Path(app.extensions["tursi"].settings.home) / "quantized"
+
+    def folders():
+        return sorted(p.name for p in cache.iterdir() if p.is_dir() and ".tmp" not in p.name)
+
+    assert load_and_wait(client, model, body)["status"] == "loaded"
+    first = generate_ok(client, **prompt)["text"]
+    assert len(folders()) == 1 and f"-8bit-{mode}-" in folders()[0]
+    assert client.post(f"{API}/models/{model}/unload").status_code == 200
+
+    def no_full_precision_pass(*args, **kwargs):
+        raise AssertionError("the cached int8 load read the float weights")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", no_full_precision_pass)
+        assert load_and_wait(client, model, body)["status"] == "loaded"
+    assert generate_ok(client, **prompt)["text"] == first
+    assert client.post(f"{API}/models/{model}/unload").status_code == 200
+
+    folder = tiny_models_dir / ("gpt2" if model == "tiny-gpt2" else "llama")
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # "changed"
+    assert load_and_wait(client, model, body)["status"] == "loaded"
+    assert len(folders()) == 2  # a changed source is quantized again, into a new folder
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU backends (CUDA has its own test)")

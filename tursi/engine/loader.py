@@ -61,6 +61,64 @@ class LoadOptions:
         return {"quantize": self.quantize, "bits": self.bits, "mode": self.mode}
 
 
+# --- cached int8 weights (CPU 8-bit) -----------------------------------------------------
+
+INT8_FORMAT = 1  # bump when Int8Linear's saved layout changes
+
+
+def quantized_dir(entry: CatalogEntry, options: LoadOptions, home: str, source: str) -> Path:
+    """Where the int8 weights of (model, bits, mode) are cached. The key covers the source
+    files (names, sizes, modification times), the calibration text for static mode, the
+    format and torch's version: a changed source gets a new folder."""
+    import torch
+
+    from .quantize import CALIBRATION_TEXT
+    digest = hashlib.sha256(f"{INT8_FORMAT}:{torch.__version__}:{options.bits}:{options.mode}"
+                            .encode())
+    folder = Path(source)
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(
+        folder.glob("config.json")) if folder.is_dir() else []
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    if not files:
+        digest.update(source.encode())
+    if options.mode == "static":
+        digest.update(CALIBRATION_TEXT.read_bytes())
+    name = f"{entry.name}-{options.bits}bit-{options.mode}-{digest.hexdigest()[:16]}"
+    return Path(home) / "quantized" / name
+
+
+def _load_int8(source: str, folder: Path, options: LoadOptions, allow_downloads: bool) -> Any:
+    """Build the model's int8 layout on the meta device and assign the cached tensors:
+    no full-precision pass."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .quantize import int8_skeleton
+    config = AutoConfig.from_pretrained(source, local_files_only=not allow_downloads)
+    config.tie_word_embeddings = False
+    with init_empty_weights(include_buffers=False):  # buffers such as rotary tables stay real
+        model = AutoModelForCausalLM.from_config(config)
+    int8_skeleton(model, options.mode == "static")
+    model.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
+    return model
+
+
+def _save_int8(model: Any, folder: Path) -> None:
+    from safetensors.torch import save_file
+    with _file_lock(folder.with_suffix(".lock")):
+        if (folder / "model.safetensors").is_file():
+            return
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, tmp / "model.safetensors")
+        tmp.rename(folder)
+
+
 def _num_layers(source: str, allow_downloads: bool) -> int:
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(source, local_files_only=not allow_downloads)
@@ -269,16 +327,22 @@ def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
             kwargs["quantization_config"] = _bnb_config(
                 options, dtype, _num_layers(source, allow_downloads))
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_downloads)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        cached = quantized_dir(entry, options, home, source) if cpu_int8 else None
+        if cached is not None and (cached / "model.safetensors").is_file():
+            model = _load_int8(source, cached, options, allow_downloads)
+            cached = None  # nothing to save
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise LoadError(f"Could not load '{entry.name}' from {source}: {exc}") from None
     model.eval()
-    if cpu_int8:
+    if cached is not None:  # a CPU int8 load that did the full-precision pass: quantize, cache
         from .quantize import calibrate, quantize_int8
         peaks = None
         if options.mode == "static":
             peaks = calibrate(model, tokenizer, context_length(model, tokenizer))
         quantize_int8(model, peaks)
+        _save_int8(model, cached)
     return LoadedModel(
         model=model, tokenizer=tokenizer, dtype=str(kwargs["dtype"]).removeprefix("torch."),
         device=str(model.get_input_embeddings().weight.device),

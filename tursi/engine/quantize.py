@@ -107,6 +107,13 @@ def calibrate(model: nn.Module, tokenizer: Any, max_tokens: int = CALIBRATION_TO
     return peaks
 
 
+def int8_skeleton(model: nn.Module, static: bool) -> nn.Module:
+    """Give a model built on the meta device the int8 layout, ready for `load_state_dict(...,
+    assign=True)` of a saved int8 model (the values here are placeholders)."""
+    peaks = {name: 1.0 for name in _linear_layers(model)} if static else None
+    return quantize_int8(model, peaks)
+
+
 def quantize_int8(model: nn.Module, peaks: dict[str, float] | None = None) -> nn.Module:
     """Replace the linear layers in place (static scales when `peaks` is given)."""
     with torch.no_grad():
