@@ -241,6 +241,10 @@ def test_quantized_load(client, tiny_models_dir, app, model, bits, mode):
     entry = load_and_wait(client, model, {"quantize": True, "bits": bits, "mode": mode})
     assert entry["status"] == "loaded", entry
     assert (entry["quantized"], entry["bits"], entry["mode"]) == (True, bits, mode)
+    m = metrics(client, model)
+    assert (m["quantized"], m["bits"], m["mode"], m["memory_bytes"]) == (
+        True, bits, mode, entry["memory_bytes"])
+    assert m["dtype"] == entry["dtype"]
     folder = "gpt2" if model == "tiny-gpt2" else "llama"
     fp32_bytes = (tiny_models_dir / folder / "model.safetensors").stat().st_size
     assert entry["memory_bytes"] < fp32_bytes

@@ -78,4 +78,13 @@ def model_metrics(name: str):
         "generations_running": worker.running if worker else 0,
         "generations_waiting": worker.waiting if worker else 0,
     }
+    loaded = state.status == "loaded"
+    options = (state.options or LoadOptions()) if loaded else None
+    metrics.update({
+        "quantized": options.quantize if options else None,
+        "bits": options.bits if options else None,
+        "mode": options.mode if options else None,
+        "dtype": state.dtype if loaded else None,
+        "memory_bytes": state.memory_bytes if loaded else None,
+    })
     return jsonify({"name": name, "metrics": metrics})
