@@ -31,7 +31,7 @@ def engine_counts(client, name="tiny"):
     """(running, waiting) read from the worker: for polling, which would use up the rate
     limit through the API."""
     worker = client.application.extensions["tursi"].manager.state(name).worker
-    return worker.running, worker.waiting
+    return worker.counts()
 
 
 @pytest.fixture
@@ -92,8 +92,15 @@ def test_a_full_model_answers_503_overloaded_then_admits_again(make_app, held_st
 
 # --- deadlines: TURSI_REQUEST_TIMEOUT ---------------------------------------------------------
 
-def test_the_deadline_ends_one_request_not_the_batch(make_app, slow_steps):
-    client = make_app(request_timeout=0.5).test_client()
+def test_the_deadline_ends_one_request_not_the_batch(make_app, monkeypatch):
+    real_step = Scheduler._decode_step
+
+    def slow_step(self):  # 250 steps take 2.5 s or more: far past the 1 s deadline
+        time.sleep(0.01)
+        return real_step(self)
+
+    monkeypatch.setattr(Scheduler, "_decode_step", slow_step)
+    client = make_app(request_timeout=1.0).test_client()
     load_and_wait(client, "tiny")
     long = client.post(f"{API}/generate", json={**LONG, "stream": True})
     short = generate_ok(client, prompt="jumps over", max_tokens=3, temperature=0)
@@ -106,7 +113,7 @@ def test_the_deadline_ends_one_request_not_the_batch(make_app, slow_steps):
     error = events[-1][1]["error"]
     assert error["code"] == "request_timeout"
     assert set(error) == {"code", "message", "details"}
-    assert error["details"]["timeout_seconds"] == 0.5
+    assert error["details"]["timeout_seconds"] == 1.0
     assert 0 < error["details"]["tokens_generated"] < 250
     wait_for(lambda: engine_counts(client) == (0, 0))
 
@@ -183,7 +190,7 @@ def test_a_started_request_never_reads_as_waiting_again(tiny_client, monkeypatch
     thread, result = in_thread(lambda: generate(app.test_client(), prompt="hi", max_tokens=4))
     seen = []
     while thread.is_alive():  # read the worker directly: the API would hit the rate limit
-        seen.append((worker.running, worker.waiting))
+        seen.append(worker.counts())
     thread.join()
     assert result["value"].status_code == 200
     started = seen.index((1, 0)) if (1, 0) in seen else len(seen)

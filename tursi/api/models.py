@@ -66,6 +66,7 @@ def model_metrics(name: str):
     state = current().manager.state(name)
     stats = state.stats.snapshot()
     worker = state.worker if state.status == "loaded" else None
+    running, waiting = worker.counts() if worker else (0, 0)
     metrics = {
         "requests_total": stats["requests_total"],
         "tokens_generated": stats["tokens_generated"],
@@ -75,8 +76,8 @@ def model_metrics(name: str):
         "error_rate": format_percent(stats["error_rate"]),
         "status": state.status,
         "load_duration": format_seconds(state.load_seconds) if state.load_seconds else None,
-        "generations_running": worker.running if worker else 0,
-        "generations_waiting": worker.waiting if worker else 0,
+        "generations_running": running,
+        "generations_waiting": waiting,
     }
     loaded = state.status == "loaded"
     options = (state.options or LoadOptions()) if loaded else None

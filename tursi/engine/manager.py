@@ -88,8 +88,9 @@ class ModelManager:
             worker = state.worker
             if state.status == "loaded" and worker is not None:
                 loaded += 1
-                running += worker.running
-                waiting += worker.waiting
+                worker_running, worker_waiting = worker.counts()
+                running += worker_running
+                waiting += worker_waiting
         return {"loaded": loaded, "running": running, "waiting": waiting}
 
     # --- changing -----------------------------------------------------------------------

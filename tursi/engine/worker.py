@@ -58,15 +58,22 @@ class ModelWorker:
     def start(self) -> None:
         start_native_thread(self._run)
 
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting): jobs in the batch (being prefilled or decoded), and jobs
+        admitted but not started. Read without a lock from the engine thread's two counters:
+        `active` first, then `admitted`, the reverse of the order in which a job's end
+        lowers them, so an ending job is never read as waiting."""
+        active = self._scheduler.running
+        admitted = self._admitted
+        return min(active, admitted), max(0, admitted - active)
+
     @property
     def running(self) -> int:
-        """Jobs in the running batch (being prefilled or decoded)."""
-        return min(self._scheduler.running, self._admitted)
+        return self.counts()[0]
 
     @property
     def waiting(self) -> int:
-        """Jobs admitted but not yet running."""
-        return max(0, self._admitted - self._scheduler.running)
+        return self.counts()[1]
 
     def new_job(self, prompt: str, *, max_tokens: int | None, max_tokens_cap: int,
                 temperature: float, top_p: float, stop: list[str],
