@@ -92,8 +92,13 @@ class BatchCache(Cache):
             self.lengths[row] = length
         self.lengths.pop()
         if not self.lengths:
-            for layer in self.layers:
-                layer.keys = layer.values = None
+            self.clear()
+
+    def clear(self) -> None:
+        """Drop every row and free the buffers."""
+        self.lengths = []
+        for layer in self.layers:
+            layer.keys = layer.values = None
 
     def prepare_step(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids [n, 1] and a 4-D attention mask [n, 1, 1, window] for one step."""

@@ -125,8 +125,7 @@ class Scheduler:
         """End every job this scheduler holds with `error` (unload, engine failure)."""
         seqs = self.rows + (self.prefill.seqs if self.prefill else [])
         self.rows, self.prefill = [], None
-        self.cache = BatchCache(len(self.cache.layers), self.cache.max_length,
-                                self.cache.boolean_mask)
+        self.cache.clear()
         for seq in seqs:
             self._fail(seq, error)
         while self.waiting:
@@ -142,8 +141,6 @@ class Scheduler:
     # --- admission and ending ---------------------------------------------------------------
 
     def _drop_ended_waiting(self) -> None:
-        if not any(_ended(job) for job in self.waiting):
-            return
         keep: collections.deque[GenerationJob] = collections.deque()
         for job in self.waiting:
             reason = _ended(job)
@@ -153,7 +150,8 @@ class Scheduler:
             if reason == "timeout":
                 job.events.put(Failed(_timeout(job)))
             self.on_done(job, 0.0, reason != "timeout")
-        self.waiting = keep
+        if len(keep) != len(self.waiting):
+            self.waiting = keep
 
     def _drop_ended_rows(self) -> None:
         for row in range(len(self.rows) - 1, -1, -1):
@@ -162,10 +160,7 @@ class Scheduler:
             if reason is None:
                 continue
             self._remove_row(row)
-            if reason == "timeout":
-                self._fail(seq, _timeout(seq.job))
-            else:
-                self._done(seq, True)
+            self._end(seq, reason)
 
     def _remove_row(self, row: int) -> None:
         self.cache.remove_row(row)
@@ -204,10 +199,8 @@ class Scheduler:
         tokens = choose_tokens(logits, [seq.chooser for seq in prefill.seqs])
         for row, seq in enumerate(prefill.seqs):
             reason = _ended(seq.job)
-            if reason == "timeout":
-                self._fail(seq, _timeout(seq.job))
-            elif reason is not None:
-                self._done(seq, True)
+            if reason is not None:
+                self._end(seq, reason)
             elif not self._accept(seq, tokens[row]):
                 length = len(seq.job.prompt_ids)
                 self.cache.add_row(prefill.cache, row, prefill.starts[row], length)
@@ -266,6 +259,13 @@ class Scheduler:
         if rest:
             seq.job.events.put(TextChunk(rest))
         return reason
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """A started job ended from outside: its deadline passed or it was cancelled."""
+        if reason == "timeout":
+            self._fail(seq, _timeout(seq.job))
+        else:
+            self._done(seq, True)
 
     def _fail(self, seq: Sequence, error: TursiError) -> None:
         seq.job.events.put(Failed(error))
