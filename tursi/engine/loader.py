@@ -119,10 +119,13 @@ def _save_int8(model: Any, folder: Path) -> None:
         tmp.rename(folder)
 
 
-def _num_layers(source: str, allow_downloads: bool) -> int:
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(source, local_files_only=not allow_downloads)
-    return int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
+def num_layers(config: Any) -> int:
+    """Decoder layers, from a transformers config (Llama-style or GPT-2 names)."""
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError("cannot tell the model's number of layers from its config")
 
 
 def _cuda_available() -> bool:
@@ -324,8 +327,9 @@ def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
         kwargs["dtype"] = torch.float16
     try:
         if options.quantize and not cpu_int8:
-            kwargs["quantization_config"] = _bnb_config(
-                options, dtype, _num_layers(source, allow_downloads))
+            from transformers import AutoConfig
+            config = AutoConfig.from_pretrained(source, local_files_only=not allow_downloads)
+            kwargs["quantization_config"] = _bnb_config(options, dtype, num_layers(config))
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_downloads)
         cached = quantized_dir(entry, options, home, source) if cpu_int8 else None
         if cached is not None and (cached / "model.safetensors").is_file():

@@ -28,7 +28,7 @@ from ..errors import GenerationFailed, RequestTimeout, TursiError
 from .detokenize import IncrementalDecoder
 from .jobs import Failed, Finished, GenerationJob, TextChunk
 from .kvcache import BatchCache
-from .loader import LoadedModel
+from .loader import LoadedModel, num_layers
 from .sampling import TokenChooser, choose_tokens
 from .stopping import StopMatcher
 
@@ -93,7 +93,7 @@ class Scheduler:
         self.prefill: _Prefill | None = None
         self.active = 0  # jobs taken from `waiting` and not yet ended: prefilling or decoding
         attention = getattr(loaded.model.config, "_attn_implementation", "sdpa")
-        self.cache = BatchCache(_num_layers(loaded.model), loaded.context_length,
+        self.cache = BatchCache(num_layers(loaded.model.config), loaded.context_length,
                                 boolean_mask=attention == "sdpa")
         tokenizer = loaded.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -292,11 +292,3 @@ def _timeout(job: GenerationJob) -> RequestTimeout:
         f"The request ran past its deadline of {job.timeout:g} s (TURSI_REQUEST_TIMEOUT)",
         {"timeout_seconds": job.timeout, "tokens_generated": job.tokens_generated})
 
-
-def _num_layers(model: Any) -> int:
-    config = model.config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError("cannot tell the model's number of layers from its config")
