@@ -49,9 +49,10 @@ class LoadOptions:
         """Refuse a (bits, mode) that this machine's backend cannot run (400)."""
         if not self.quantize:
             return
-        supported = supported_quantization(_cuda_available())
+        cuda = _cuda_available()
+        supported = supported_quantization(cuda)
         if {"bits": self.bits, "mode": self.mode} not in supported:
-            device = "CUDA" if _cuda_available() else "CPU"
+            device = "CUDA" if cuda else "CPU"
             raise UnsupportedQuantization(
                 f"Quantization bits={self.bits} mode={self.mode} is not supported on {device}; "
                 "supported: " + ", ".join(f"{q['bits']}-bit {q['mode']}" for q in supported),
@@ -108,15 +109,10 @@ def _load_int8(source: str, folder: Path, options: LoadOptions, allow_downloads:
 
 def _save_int8(model: Any, folder: Path) -> None:
     from safetensors.torch import save_file
-    with _file_lock(folder.with_suffix(".lock")):
-        if (folder / "model.safetensors").is_file():
-            return
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-        save_file(state, tmp / "model.safetensors")
-        tmp.rename(folder)
+    with _written_once(folder) as tmp:
+        if tmp is not None:
+            state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+            save_file(state, tmp / "model.safetensors")
 
 
 def num_layers(config: Any) -> int:
@@ -201,19 +197,32 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _written_once(target: Path) -> Iterator[Path | None]:
+    """Under a cross-process lock: None when `target` already holds a model.safetensors,
+    else a fresh temporary folder to write into, renamed to `target` when the block ends."""
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "model.safetensors").is_file():
+            yield None
+            return
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        tmp.rename(target)
+
+
 def convert_gguf(entry: CatalogEntry, home: str) -> Path:
     """Dequantize the embedded GGUF once into safetensors (fp32, lossless) under TURSI_HOME."""
     gguf = embedded_gguf(entry)
     target = converted_dir(entry, home, gguf)
     if (target / "model.safetensors").is_file():
         return target
-    with _file_lock(target.with_suffix(".lock")):
-        if (target / "model.safetensors").is_file():
+    with _written_once(target) as tmp:
+        if tmp is None:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
         started = time.monotonic()
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The GGUF "quantizer" only marks the weights as dequantized; they are plain fp32 now.
@@ -222,8 +231,7 @@ def convert_gguf(entry: CatalogEntry, home: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-        log.info("converted %s to %s in %.1fs", gguf.name, target, time.monotonic() - started)
+    log.info("converted %s to %s in %.1fs", gguf.name, target, time.monotonic() - started)
     return target
 
 
