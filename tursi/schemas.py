@@ -31,20 +31,65 @@ class LoadRequestSchema(StrictSchema):
                 raise ValidationError("needs \"quantize\": true", given[0])
 
 
+# Fields shared by /api/v1/generate and the OpenAI-compatible routes (which set their own
+# defaults). Each call makes a new field object: a field belongs to one schema.
+def model_field() -> fields.Field:
+    return fields.String(required=True, validate=validate.Length(min=1, max=128))
+
+
+def temperature_field(default: float, **kwargs: Any) -> fields.Field:
+    return fields.Float(validate=validate.Range(min=0.0, max=2.0), load_default=default,
+                        **kwargs)
+
+
+def top_p_field(default: float, **kwargs: Any) -> fields.Field:
+    return fields.Float(validate=validate.Range(min=0.0, max=1.0, min_inclusive=False),
+                        load_default=default, **kwargs)
+
+
+def top_k_field() -> fields.Field:
+    """0 means no top-k cut."""
+    return fields.Integer(strict=True, validate=validate.Range(min=0, max=1_000_000),
+                          load_default=0)
+
+
+def repetition_penalty_field() -> fields.Field:
+    """1 means none; above 1 discourages tokens already in the prompt or the output."""
+    return fields.Float(validate=validate.Range(min=0.0, max=10.0, min_inclusive=False),
+                        load_default=1.0)
+
+
+def seed_field() -> fields.Field:
+    return fields.Integer(strict=True, validate=validate.Range(min=0, max=2**63 - 1),
+                          load_default=None)
+
+
+def stop_string_field() -> fields.Field:
+    return fields.String(validate=validate.Length(min=1, max=MAX_STOP_LENGTH))
+
+
+def max_tokens_field() -> fields.Field:
+    return fields.Integer(strict=True, validate=validate.Range(min=1), load_default=None)
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed",
+                   "ignore_eos")
+
+
 class GenerateRequestSchema(StrictSchema):
-    model = fields.String(required=True, validate=validate.Length(min=1, max=128))
+    model = model_field()
     prompt = fields.String(required=True,
                            validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
-    max_tokens = fields.Integer(strict=True, validate=validate.Range(min=1), load_default=None)
-    temperature = fields.Float(validate=validate.Range(min=0.0, max=2.0), load_default=0.7)
-    top_p = fields.Float(validate=validate.Range(min=0.0, max=1.0, min_inclusive=False),
-                         load_default=0.9)
-    stop = fields.List(fields.String(validate=validate.Length(min=1, max=MAX_STOP_LENGTH)),
-                       validate=validate.Length(max=MAX_STOP_STRINGS), load_default=list)
+    max_tokens = max_tokens_field()
+    temperature = temperature_field(0.7)
+    top_p = top_p_field(0.9)
+    top_k = top_k_field()
+    repetition_penalty = repetition_penalty_field()
+    stop = fields.List(stop_string_field(), validate=validate.Length(max=MAX_STOP_STRINGS),
+                       load_default=list)
     stream = fields.Boolean(load_default=False)
     return_full_text = fields.Boolean(load_default=True)
-    seed = fields.Integer(strict=True, validate=validate.Range(min=0, max=2**63 - 1),
-                          load_default=None)
+    seed = seed_field()
     ignore_eos = fields.Boolean(load_default=False)
 
 

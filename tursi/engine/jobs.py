@@ -14,6 +14,8 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0  # 1: none
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
 
 
@@ -48,6 +50,8 @@ class GenerationJob:
     tokens_generated: int = 0  # written by the worker as it goes (counted even on failure)
     timeout: float | None = None  # seconds from submission (TURSI_REQUEST_TIMEOUT)
     deadline: float | None = None  # time.monotonic() value, set when submitted
+    submitted: float = 0.0  # time.monotonic() at admission
+    last_token: float = 0.0  # time.monotonic() when its latest token was chosen
 
     def cancel(self) -> None:
         """Stop generating at the next step (client gone). Safe from any thread, idempotent."""

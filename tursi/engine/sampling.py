@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature and nucleus (top-p) sampling.
+"""Choosing the next token from logits: greedy, temperature, top-k and nucleus (top-p)
+sampling, with an optional repetition penalty.
 
 A decode step gives one logits row per running request; `choose_tokens` picks all of them
 with one argmax for the greedy rows and one softmax for the sampled rows, then draws each
@@ -14,11 +15,18 @@ _FIRST_NUCLEUS_GUESS = 64
 
 
 class TokenChooser:
-    """Per-request sampling settings and random state. temperature 0 means greedy (argmax)."""
+    """Per-request sampling settings and random state. temperature 0 means greedy (argmax);
+    top_k 0 and top_p 1 mean no cut; repetition_penalty 1 means none."""
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None):
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 top_k: int = 0, repetition_penalty: float = 1.0,
+                 history: Sequence[int] = ()):
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k
+        self.repetition_penalty = repetition_penalty
+        # Tokens seen so far (prompt and output), kept only when a penalty applies.
+        self.seen: set[int] = set(history) if repetition_penalty != 1.0 else set()
         self.generator = None
         if temperature > 0:
             self.generator = torch.Generator()
@@ -35,25 +43,54 @@ class TokenChooser:
         """Pick one token id from a 1-D logits vector."""
         return choose_tokens(logits[None], [self])[0]
 
+    def remember(self, token: int) -> None:
+        """Note a generated token (for the repetition penalty)."""
+        if self.repetition_penalty != 1.0:
+            self.seen.add(token)
+
+    def penalize(self, logits: torch.Tensor) -> None:
+        """Apply the repetition penalty in place to a 1-D float logits vector, as
+        transformers does: a seen token's logit is divided by the penalty when positive,
+        multiplied when negative."""
+        if self.repetition_penalty == 1.0 or not self.seen:
+            return
+        ids = torch.tensor(sorted(self.seen), device=logits.device)
+        scores = logits[ids]
+        logits[ids] = torch.where(scores < 0, scores * self.repetition_penalty,
+                                  scores / self.repetition_penalty)
+
     def draw(self, probs: torch.Tensor) -> int:
-        """Draw from a 1-D probability vector (temperature already applied)."""
-        if self.top_p >= 1.0:
-            return int(torch.multinomial(probs, 1, generator=self.generator))
-        ids, kept = nucleus(probs, self.top_p)
-        return int(ids[torch.multinomial(kept, 1, generator=self.generator)])
+        """Draw from a 1-D probability vector (temperature already applied), keeping only the
+        top_k most likely tokens, then the top_p nucleus of those."""
+        ids = None
+        if 0 < self.top_k < probs.shape[-1]:
+            probs, ids = torch.topk(probs, self.top_k)
+            probs = probs / probs.sum()
+        if self.top_p < 1.0:
+            kept_ids, probs = nucleus(probs, self.top_p)
+            ids = kept_ids if ids is None else ids[kept_ids]
+        choice = int(torch.multinomial(probs, 1, generator=self.generator))
+        return choice if ids is None else int(ids[choice])
 
 
 def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> list[int]:
     """One token per row of a [rows, vocab] logits batch, row i chosen by choosers[i]."""
+    logits = logits.float()
+    penalized = [i for i, chooser in enumerate(choosers) if chooser.seen]
+    if penalized:
+        logits = logits.clone()
+        for i in penalized:
+            choosers[i].penalize(logits[i])
     tokens = [0] * len(choosers)
     greedy = [i for i, chooser in enumerate(choosers) if chooser.greedy]
     if greedy:
-        best = logits[greedy].float().argmax(-1).tolist()
+        best = logits[greedy].argmax(-1).tolist()
         for i, token in zip(greedy, best):
             tokens[i] = token
     sampled = [i for i, chooser in enumerate(choosers) if not chooser.greedy]
     if sampled:
-        rows = logits[sampled].float()
+        # The draws use CPU random generators, so they happen on the CPU.
+        rows = logits[sampled].cpu()
         temperatures = torch.tensor([choosers[i].temperature for i in sampled])[:, None]
         # Shift by the max first: a tiny temperature then sends the others to -inf, not NaN.
         probs = torch.softmax((rows - rows.max(-1, keepdim=True).values) / temperatures, -1)
