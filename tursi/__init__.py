@@ -14,7 +14,7 @@ __all__ = ["create_app", "Settings", "__version__"]
 
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     """Build the app. `config` is a Settings, or overrides (field -> value) on the environment's."""
-    from . import api, auth, limits
+    from . import api, auth, limits, metrics
     from .engine.catalog import Catalog
     from .engine.loader import LoadOptions
     from .engine.manager import ModelManager
@@ -37,18 +37,19 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     auth.init_app(app, settings.all_api_keys())
     api.init_app(app)
     _count_requests(app, state)
+    metrics.init_app(app, state)
     for name in settings.preload:
         manager.load(name, LoadOptions())
     return app
 
 
 def _count_requests(app: Flask, state: Any) -> None:
-    """Every /api/v1 response counts once: streams when they end, with their outcome."""
-    from .api import API_PREFIX
+    """Every API response counts once: streams when they end, with their outcome."""
+    from .auth import is_api_path
 
     @app.after_request
     def _count(response: Response) -> Response:
-        if not request.path.startswith(API_PREFIX):
+        if not is_api_path(request.path):
             return response
         if response.is_streamed and response.status_code < 400:
             environ = request.environ

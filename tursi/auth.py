@@ -1,4 +1,8 @@
-"""Bearer API keys for every /api/v1 route (constant-time compare; keys are never logged)."""
+"""Bearer API keys (constant-time compare; keys are never logged).
+
+With keys configured, every route needs one (/ready and /docs included) except /health
+(liveness probes) and /metrics, which checks for itself (open to loopback scrapers, see
+tursi.metrics)."""
 from __future__ import annotations
 
 import hmac
@@ -11,6 +15,26 @@ from .errors import Unauthorized
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+OPENAI_PREFIX = "/v1"
+OPEN_PATHS = ("/health", "/metrics")
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def is_openai_path(path: str) -> bool:
+    return _under(path, OPENAI_PREFIX)
+
+
+def is_api_path(path: str) -> bool:
+    """A route of the native API (/api/v1) or the OpenAI-compatible one (/v1)."""
+    return _under(path, API_PREFIX) or is_openai_path(path)
+
+
+def unauthorized() -> Unauthorized:
+    return Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'",
+                        headers={"WWW-Authenticate": 'Bearer realm="tursi"'})
 
 
 def bearer_token() -> str | None:
@@ -43,11 +67,10 @@ def init_app(app: Flask, keys: list[str]) -> None:
 
     @app.before_request
     def _require_key() -> None:
-        if not request.path.startswith(API_PREFIX):
+        if request.path in OPEN_PATHS:
             return
         if not key_is_valid(bearer_token(), encoded):
-            raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'",
-                               headers={"WWW-Authenticate": 'Bearer realm="tursi"'})
+            raise unauthorized()
 
 
 def authenticated_key(app: Flask) -> str | None:

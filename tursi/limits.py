@@ -1,7 +1,8 @@
 """Rate limits with flask-limiter, keyed by API key (else client address).
 
-Headers X-RateLimit-Limit / -Remaining / -Reset go on every /api/v1 response; over the
-limit the answer is 429 with the error body and Retry-After.
+One budget per client covers both APIs (/api/v1 and /v1); other routes (/health, /ready,
+/metrics, /docs) are not limited. Headers X-RateLimit-Limit / -Remaining / -Reset go on
+every API response; over the limit the answer is 429 with the error body and Retry-After.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import hashlib
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
 
-from .auth import API_PREFIX, authenticated_key
+from .auth import authenticated_key, is_api_path
 
 
 def rate_limit_key() -> str:
@@ -22,10 +23,12 @@ def rate_limit_key() -> str:
 
 
 def _request_identifier() -> str:
-    """Unrouted /api/v1 paths (404/405) count and carry headers too; others stay unlimited."""
-    if request.endpoint:
-        return request.endpoint
-    return "api.unrouted" if request.path.startswith(API_PREFIX) else ""
+    """Unrouted API paths (404/405) count and carry headers too."""
+    return request.endpoint or "api.unrouted"
+
+
+def _not_api() -> bool:
+    return not is_api_path(request.path)
 
 
 def _retry_after_only_where_it_means_something(response: Response) -> Response:
@@ -51,5 +54,6 @@ def init_app(app: Flask, rate_limit: str, storage_uri: str) -> Limiter:
         storage_uri=storage_uri,
         strategy="fixed-window",
     )
+    limiter.request_filter(_not_api)
     limiter.init_app(app)
     return limiter

@@ -1,19 +1,23 @@
-"""Server-sent events: framing, and the generator that relays a job's events to the client."""
+"""Server-sent events: the generator that relays a job's events to the client, and the
+frames of the native API (/api/v1/generate). The OpenAI-compatible frames live with
+their routes (tursi.api.openai_compat)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Protocol
+
+from flask import Response, request
 
 from .engine.jobs import Failed, Finished, GenerationJob, TextChunk
 from .engine.threads import Empty
+from .errors import TursiError
 from .formatting import format_seconds
+
+HEARTBEAT = ": keep-alive\n\n"
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-HEARTBEAT = ": keep-alive\n\n"
 
 
 def done_payload(done: Finished) -> dict[str, Any]:
@@ -22,15 +26,44 @@ def done_payload(done: Finished) -> dict[str, Any]:
             "finish_reason": done.finish_reason}
 
 
-def relay(job: GenerationJob, prefix: str, heartbeat: float,
-          on_end: Callable[[bool], None]) -> Iterator[str]:
+class Frames(Protocol):
+    """How one API writes a stream: what goes first, per text chunk, at the end, on error."""
+
+    def start(self) -> list[str]: ...
+    def text(self, text: str) -> str: ...
+    def done(self, done: Finished) -> list[str]: ...
+    def error(self, error: TursiError) -> list[str]: ...
+
+
+class NativeFrames:
+    """/api/v1/generate: `event: text` chunks (the prompt first when return_full_text, so
+    the chunks concatenate to the non-stream text), one `event: done` or `event: error`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def start(self) -> list[str]:
+        return [sse("text", {"text": self.prefix, "finished": False})] if self.prefix else []
+
+    def text(self, text: str) -> str:
+        return sse("text", {"text": text, "finished": False})
+
+    def done(self, done: Finished) -> list[str]:
+        return [sse("done", done_payload(done))]
+
+    def error(self, error: TursiError) -> list[str]:
+        return [sse("error", error.body())]
+
+
+def relay(job: GenerationJob, frames: Frames, heartbeat: float,
+          environ: dict[str, Any]) -> Iterator[str]:
     """Yield SSE frames for `job` until it finishes. A comment heartbeat goes out when the
     engine is quiet, so a vanished client is noticed (the write fails, the server closes
-    this generator) and the job is cancelled in `finally`."""
+    this generator) and the job is cancelled in `finally`. How the stream ended goes into
+    the WSGI environ for the request counters: "tursi.stream_ok" and "tursi.stream_error"."""
     ok = False
     try:
-        if prefix:
-            yield sse("text", {"text": prefix, "finished": False})
+        yield from frames.start()
         while True:
             try:
                 event = job.events.get(timeout=heartbeat)
@@ -38,17 +71,24 @@ def relay(job: GenerationJob, prefix: str, heartbeat: float,
                 yield HEARTBEAT
                 continue
             if isinstance(event, TextChunk):
-                yield sse("text", {"text": event.text, "finished": False})
+                yield frames.text(event.text)
             elif isinstance(event, Finished):
                 ok = True
-                yield sse("done", done_payload(event))
+                yield from frames.done(event)
                 return
             elif isinstance(event, Failed):
-                yield sse("error", event.error.body())
+                environ["tursi.stream_error"] = event.error.code
+                yield from frames.error(event.error)
                 return
     finally:
         job.cancel()
-        on_end(ok)
+        environ["tursi.stream_ok"] = ok
+
+
+def stream_response(job: GenerationJob, frames: Frames, heartbeat: float) -> Response:
+    return Response(relay(job, frames, heartbeat, request.environ),
+                    mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def collect(job: GenerationJob) -> tuple[str, Finished]:

@@ -8,7 +8,7 @@ from werkzeug.exceptions import BadRequest
 
 from ..errors import InvalidRequest
 
-API_PREFIX = "/api/v1"
+from ..auth import API_PREFIX, OPENAI_PREFIX
 
 
 def json_body(required: bool = True) -> dict[str, Any]:
@@ -34,7 +34,9 @@ def no_query() -> None:
 
 
 def init_app(app: Flask) -> None:
-    from . import errors, generation, models, status
+    from . import errors, generation, health, models, openai_compat, status
     errors.init_app(app)
+    app.register_blueprint(health.bp)
     for module in (models, generation, status):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(openai_compat.bp, url_prefix=OPENAI_PREFIX)

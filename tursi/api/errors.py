@@ -1,13 +1,18 @@
-"""The one place that turns every failure into a JSON error response, never an HTML page."""
+"""The one place that turns every failure into a JSON error response, never an HTML page.
+
+/api/v1 (and everything else) answers `{"error": {"code", "message", "details"}}`; the
+OpenAI-compatible /v1 routes answer OpenAI's error object, which carries the same three
+fields plus `type` and `param`, so OpenAI clients raise their usual exceptions."""
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from flask import Flask, g, jsonify
+from flask import Flask, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from ..auth import is_openai_path
 from ..errors import TursiError
 
 log = logging.getLogger(__name__)
@@ -15,11 +20,34 @@ log = logging.getLogger(__name__)
 
 def error_response(status: int, code: str, message: str,
                    details: dict[str, Any] | None = None, headers: dict[str, str] | None = None):
-    response = jsonify({"error": {"code": code, "message": message, "details": details or {}}})
+    g.error_code = code  # read by the request metrics (tursi.metrics)
+    details = details or {}
+    if is_openai_path(request.path):
+        body = openai_error_body(status, code, message, details)
+    else:
+        body = {"error": {"code": code, "message": message, "details": details}}
+    response = jsonify(body)
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
+
+
+def openai_error_body(status: int, code: str, message: str,
+                      details: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's error object: `type` from the status; `param`, the first invalid field."""
+    if status >= 500:
+        kind = "server_error"
+    else:
+        kind = _OPENAI_TYPES.get(status, "invalid_request_error")
+    fields = details.get("fields")
+    param = next(iter(fields)) if isinstance(fields, dict) and fields else None
+    return {"error": {"message": message, "type": kind, "param": param, "code": code,
+                      "details": details}}
+
+
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error",
+                 429: "rate_limit_error"}
 
 
 # Flask/werkzeug statuses we can meet, as stable codes.
@@ -40,8 +68,19 @@ def _on_tursi_error(exc: TursiError):
 
 
 def _on_validation_error(exc: ValidationError):
-    return error_response(400, "invalid_request", "The request is not valid",
-                          {"fields": exc.normalized_messages()})
+    fields = exc.normalized_messages()
+    message = "The request is not valid"
+    if isinstance(fields, dict) and fields:
+        name, problems = next(iter(fields.items()))
+        message += f": {name}: {_first(problems)}"
+    return error_response(400, "invalid_request", message, {"fields": fields})
+
+
+def _first(problems: Any) -> str:
+    """The first message in marshmallow's nested lists/dicts of messages."""
+    while isinstance(problems, (list, dict)) and problems:
+        problems = problems[0] if isinstance(problems, list) else next(iter(problems.values()))
+    return str(problems)
 
 
 def _on_http_exception(exc: HTTPException):

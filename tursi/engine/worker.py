@@ -11,6 +11,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import (ContextLengthExceeded, GenerationFailed, InvalidRequest, ModelUnloaded,
                       Overloaded)
@@ -46,7 +47,7 @@ class ModelWorker:
         self.context_length = loaded.context_length
         self.max_batch, self.max_queue = limits.max_batch, limits.max_queue
         self.request_timeout = limits.request_timeout
-        self._scheduler = Scheduler(name, loaded, limits.max_batch, self._job_done)
+        self._scheduler = Scheduler(name, loaded, limits.max_batch, self._job_done, stats)
         self._inbox: SimpleQueue = SimpleQueue()
         self._lock = native_lock()
         self._admitted = 0  # jobs submitted and not yet ended: running + waiting
@@ -76,13 +77,15 @@ class ModelWorker:
         return self.counts()[1]
 
     def new_job(self, prompt: str, *, max_tokens: int | None, max_tokens_cap: int,
-                temperature: float, top_p: float, stop: list[str],
-                seed: int | None, ignore_eos: bool = False) -> GenerationJob:
-        """Tokenize and check a request against the context window; raise 400s here."""
-        loaded = self.loaded
-        if loaded is None or self._stopping:
-            raise ModelUnloaded(f"Model '{self.name}' was unloaded")
-        prompt_ids = loaded.tokenizer(prompt)["input_ids"]
+                default_max_tokens: int | None = None, add_special_tokens: bool = True,
+                **sampling: Any) -> GenerationJob:
+        """Tokenize and check a request against the context window; raise 400s here.
+        Without max_tokens a job gets default_max_tokens (DEFAULT_MAX_TOKENS when None),
+        within the cap and the context. `sampling` holds the other GenerationParams fields
+        (temperature, top_p, stop, ...). A prompt rendered by a chat template already holds
+        its special tokens."""
+        loaded = self._loaded()
+        prompt_ids = loaded.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
         if not prompt_ids:
             raise InvalidRequest("The prompt is empty once tokenized", {"field": "prompt"})
         room = self.context_length - len(prompt_ids)
@@ -93,7 +96,7 @@ class ModelWorker:
                 f"The prompt ({len(prompt_ids)} tokens) fills the context length of "
                 f"'{self.name}' ({self.context_length} tokens)", numbers)
         if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap, room)
+            max_tokens = min(default_max_tokens or DEFAULT_MAX_TOKENS, max_tokens_cap, room)
         elif max_tokens > max_tokens_cap:
             raise InvalidRequest(f"max_tokens={max_tokens} is above this server's limit of "
                                  f"{max_tokens_cap}", {**numbers, "max_tokens": max_tokens})
@@ -102,8 +105,29 @@ class ModelWorker:
                 f"The prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
                 f"the context length of '{self.name}' ({self.context_length} tokens)",
                 {**numbers, "max_tokens": max_tokens})
-        params = GenerationParams(max_tokens, temperature, top_p, tuple(stop), seed, ignore_eos)
-        return GenerationJob(prompt_ids, params)
+        sampling["stop"] = tuple(sampling.get("stop", ()))
+        return GenerationJob(prompt_ids, GenerationParams(max_tokens, **sampling))
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for chat `messages` ({"role", "content"}), rendered with the
+        model's chat template; a 400 when the model has none or the template refuses them."""
+        tokenizer = self._loaded().tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequest(
+                f"Model '{self.name}' has no chat template; use /v1/completions with a prompt",
+                {"model": self.name})
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as exc:  # jinja2 errors: the template rejects these messages
+            raise InvalidRequest(f"The chat template of '{self.name}' rejected the messages: "
+                                 f"{exc}", {"model": self.name}) from None
+
+    def _loaded(self) -> LoadedModel:
+        loaded = self.loaded
+        if loaded is None or self._stopping:
+            raise ModelUnloaded(f"Model '{self.name}' was unloaded")
+        return loaded
 
     def submit(self, job: GenerationJob) -> None:
         """Queue a job, or refuse it when max_batch running + max_queue waiting are taken."""
@@ -117,9 +141,10 @@ class ModelWorker:
                     {"max_batch": self.max_batch, "max_queue": self.max_queue},
                     {"Retry-After": str(OVERLOAD_RETRY_SECONDS)})
             self._admitted += 1
+            job.submitted = time.monotonic()
             if self.request_timeout is not None:
                 job.timeout = self.request_timeout
-                job.deadline = time.monotonic() + self.request_timeout
+                job.deadline = job.submitted + self.request_timeout
             self._inbox.put(job)
 
     def stop(self) -> Channel:
@@ -143,6 +168,8 @@ class ModelWorker:
         scheduler = self._scheduler
         try:
             while not self._stopping:
+                if scheduler.idle:
+                    self.stats.batch_sizes(0, 0)
                 if not self._take_jobs(block=scheduler.idle):
                     break
                 try:
@@ -150,6 +177,7 @@ class ModelWorker:
                 except Exception as exc:  # a model error ends the batch, not the worker
                     log.exception("generation failed on %s", self.name)
                     scheduler.fail_all(GenerationFailed(f"Generation failed: {type(exc).__name__}"))
+                self.stats.batch_sizes(*self.counts())
         finally:
             self._release()
 
