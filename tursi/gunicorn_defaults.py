@@ -20,3 +20,37 @@ errorlog = "-"
 loglevel = os.environ.get("TURSI_LOG_LEVEL", "info")
 # The access log shows method, path and status, never the Authorization header.
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'
+
+# --- Prometheus multiprocess mode (see docs/prometheus.md) ----------------------------------
+# Every worker writes its metrics to files in PROMETHEUS_MULTIPROC_DIR and /metrics sums them
+# all. The folder is the operator's when set, else a fresh temporary one for this master.
+_metrics_dir_made_here: list[str] = []
+
+
+def on_starting(server):
+    """Master start, before any worker: an empty metrics folder, named in the environment
+    that the workers inherit. prometheus_client reads it when first imported, in a worker."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        import tempfile
+        path = tempfile.mkdtemp(prefix="tursi-prometheus-")
+        _metrics_dir_made_here.append(path)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):  # a previous run's values would be added to this one's
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))
+    server.log.info("Prometheus multiprocess folder: %s", path)
+
+
+def child_exit(server, worker):
+    """A worker died: its live gauges (running, waiting, memory) stop counting."""
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Master exit: remove the metrics folder if this master made it."""
+    import shutil
+    while _metrics_dir_made_here:
+        shutil.rmtree(_metrics_dir_made_here.pop(), ignore_errors=True)

@@ -49,22 +49,65 @@ class RequestStats:
 
 
 class ModelStats:
-    """Per-model generation counters; written by the model's worker thread, read by requests."""
+    """Per-model generation counters; written by the model's worker thread, read by requests.
 
-    def __init__(self) -> None:
+    The engine reports here and nowhere else: totals for the JSON metrics, and timings and
+    sizes for the Prometheus metrics (see tursi.metrics)."""
+
+    def __init__(self, model: str = "") -> None:
+        from .metrics import ModelMetrics
+        self.model = model
         self._lock = native_lock()
         self.requests_total = 0
         self.requests_failed = 0
         self.tokens_generated = 0
         self.generation_seconds = 0.0
+        self._prometheus = ModelMetrics(model)
+        # What this model adds to the shared gauges, so that they move by differences and
+        # stay right when several apps in one process serve a model of the same name.
+        self._running = self._waiting = self._memory = 0
 
     def record(self, tokens: int, seconds: float, ok: bool) -> None:
+        """A request ended, after generating `tokens`."""
         with self._lock:
             self.requests_total += 1
             self.tokens_generated += tokens
             self.generation_seconds += seconds
             if not ok:
                 self.requests_failed += 1
+        self._prometheus.tokens_generated.inc(tokens)
+
+    def first_token(self, seconds: float) -> None:
+        """Time from admission to a request's first token."""
+        self._prometheus.time_to_first_token.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        """Time between two tokens of one request."""
+        self._prometheus.inter_token_latency.observe(seconds)
+
+    def batch_sizes(self, running: int, waiting: int) -> None:
+        """The scheduler's running batch and waiting queue, after each turn."""
+        with self._lock:
+            if running != self._running:
+                self._prometheus.running.inc(running - self._running)
+                self._running = running
+            if waiting != self._waiting:
+                self._prometheus.waiting.inc(waiting - self._waiting)
+                self._waiting = waiting
+
+    def loaded(self, memory_bytes: int, seconds: float) -> None:
+        """The model finished loading."""
+        self._prometheus.load_duration.observe(seconds)
+        with self._lock:
+            self._prometheus.memory.inc(memory_bytes - self._memory)
+            self._memory = memory_bytes
+
+    def unloaded(self) -> None:
+        """The model was unloaded (its memory is released, its generations ended)."""
+        self.batch_sizes(0, 0)
+        with self._lock:
+            self._prometheus.memory.dec(self._memory)
+            self._memory = 0
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import GenerationFailed, RequestTimeout, TursiError
+from ..telemetry import ModelStats
 from .detokenize import IncrementalDecoder
 from .jobs import Failed, Finished, GenerationJob, TextChunk
 from .kvcache import BatchCache
@@ -82,8 +83,10 @@ class Scheduler:
     """Owns the running batch of one model. Only the model's thread calls it."""
 
     def __init__(self, name: str, loaded: LoadedModel, max_batch: int,
-                 on_done: Callable[[GenerationJob, float, bool], None]):
+                 on_done: Callable[[GenerationJob, float, bool], None],
+                 stats: ModelStats | None = None):
         self.name = name
+        self.stats = stats or ModelStats(name)
         self.loaded = loaded
         self.max_batch = max_batch
         # called once per job when it ends: (job, seconds since its prefill began, ok)
@@ -183,7 +186,8 @@ class Scheduler:
             width = new_width
             params = job.params
             seqs.append(Sequence(
-                job, TokenChooser(params.temperature, params.top_p, params.seed),
+                job, TokenChooser(params.temperature, params.top_p, params.seed, params.top_k,
+                                  params.repetition_penalty, job.prompt_ids),
                 IncrementalDecoder(self.loaded.tokenizer, job.prompt_ids),
                 StopMatcher(list(params.stop)), time.perf_counter()))
         self.active += len(seqs)
@@ -223,6 +227,12 @@ class Scheduler:
     def _accept(self, seq: Sequence, token: int) -> bool:
         """Take the next token of `seq` and send its text; True when the job has ended."""
         job = seq.job
+        now = time.monotonic()
+        if job.tokens_generated == 0:
+            self.stats.first_token(now - job.submitted)
+        else:
+            self.stats.inter_token(now - job.last_token)
+        job.last_token = now
         try:
             job.tokens_generated += 1
             reason = None
@@ -238,9 +248,11 @@ class Scheduler:
             return True
         if reason is None:
             seq.next_token = token
+            seq.chooser.remember(token)
             return False
-        job.events.put(Finished(job.tokens_generated, time.perf_counter() - seq.started, reason))
-        self._done(seq, True)
+        finished = Finished(job.tokens_generated, time.perf_counter() - seq.started, reason)
+        self._done(seq, True)  # counted before the client hears of it
+        job.events.put(finished)
         return True
 
     @staticmethod
