@@ -321,6 +321,26 @@ def test_quantized_load_on_cuda(client, bits):
     assert error["details"]["device"] == "cuda"
 
 
+def test_load_progress_follows_the_weights_as_transformers_loads_them(client, monkeypatch):
+    """The fraction comes from transformers' own per-tensor progress bar: it rises through
+    values strictly between 0 and 1 and ends at 1, never moving back."""
+    from tursi.engine.progress import LoadProgress
+    seen = []
+    real_advance = LoadProgress.advance
+
+    def recording_advance(self, fraction):
+        real_advance(self, fraction)
+        seen.append((self.stage, self.fraction))
+
+    monkeypatch.setattr(LoadProgress, "advance", recording_advance)
+    assert load_and_wait(client, "tiny")["status"] == "loaded"
+    fractions = [fraction for stage, fraction in seen if stage == "loading weights"]
+    assert len(fractions) >= 10, seen  # the tiny Llama has 20 tensors
+    assert any(0 < f < 1 for f in fractions)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert "progress" not in model_entry(client, "tiny")  # only while loading
+
+
 def test_quantize_defaults_to_8_bit_dynamic(client):
     pytest.importorskip("bitsandbytes")
     entry = load_and_wait(client, "tiny-gpt2", {"quantize": True})
@@ -330,7 +350,8 @@ def test_quantize_defaults_to_8_bit_dynamic(client):
 
 def test_load_while_loading(client, slow_loads):
     assert client.post(f"{API}/models/tiny/load").status_code == 202
-    assert model_entry(client, "tiny") == {"name": "tiny", "status": "loading"}
+    assert model_entry(client, "tiny") == {"name": "tiny", "status": "loading",
+                                           "progress": 0.0, "stage": "loading weights"}
 
     again = client.post(f"{API}/models/tiny/load")
     assert again.status_code == 202

@@ -60,6 +60,10 @@ class ModelUnloaded(TursiError):
     status, code = 503, "model_unloaded"
 
 
+class NotReady(TursiError):
+    status, code = 503, "not_ready"
+
+
 class Overloaded(TursiError):
     status, code = 503, "overloaded"
 

@@ -30,6 +30,10 @@ def model_view(state: ModelState) -> dict[str, Any]:
             "memory_bytes": state.memory_bytes,
             "uptime": format_uptime(time.monotonic() - (state.loaded_mono or time.monotonic())),
         })
+    elif state.status == "loading":
+        progress = state.progress
+        if progress is not None:
+            view.update({"progress": round(progress.fraction, 3), "stage": progress.stage})
     elif state.status == "failed":
         view["error"] = state.error
     return view

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from ..errors import UnsupportedQuantization
 from .catalog import QUANT_BITS, QUANT_MODES, CatalogEntry
+from .progress import LOADING_WEIGHTS, LoadProgress, reporting
 
 log = logging.getLogger(__name__)
 
@@ -311,15 +312,36 @@ def _bnb_config(options: LoadOptions, compute_dtype: Any, num_layers: int) -> An
 
 
 def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
-               max_gpu_memory: str | None = None, allow_downloads: bool = False) -> LoadedModel:
+               max_gpu_memory: str | None = None, allow_downloads: bool = False,
+               progress: LoadProgress | None = None) -> LoadedModel:
     """Load weights and tokenizer. CUDA: accelerate's device_map="auto" (with max_memory);
     CPU: everything on the CPU. Quantized loads: bitsandbytes on CUDA and for 4 bits on CPU;
-    8 bits on CPU: a float32 load, then tursi.engine.quantize (int8 matmuls)."""
+    8 bits on CPU: a float32 load, then tursi.engine.quantize (int8 matmuls).
+    `progress` follows the steps as they run."""
+    progress = progress or LoadProgress()
+    with reporting(progress):
+        return _load_model(entry, options, home, max_gpu_memory, allow_downloads, progress)
+
+
+def _load_model(entry: CatalogEntry, options: LoadOptions, home: str,
+                max_gpu_memory: str | None, allow_downloads: bool,
+                progress: LoadProgress) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = locate(entry, home, allow_downloads)
     cuda = torch.cuda.is_available()
+    cpu_int8 = options.quantize and options.bits == 8 and not cuda
+    int8_steps = ["calibrating", "quantizing"] if options.mode == "static" else ["quantizing"]
+    converting = source_files(entry, home)[1]
+    if converting:  # a fresh conversion never has cached int8 weights
+        progress.plan(["converting", LOADING_WEIGHTS] + (int8_steps if cpu_int8 else []))
+        progress.begin("converting")
+    source = locate(entry, home, allow_downloads)
+    cached = quantized_dir(entry, options, home, source) if cpu_int8 else None
+    have_int8 = cached is not None and (cached / "model.safetensors").is_file()
+    if not converting:
+        progress.plan([LOADING_WEIGHTS] + (int8_steps if cpu_int8 and not have_int8 else []))
+    progress.begin(LOADING_WEIGHTS)
     dtype = resolve_dtype(options.dtype or entry.dtype, cuda)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": not allow_downloads}
     if cuda:
@@ -328,7 +350,6 @@ def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
             kwargs["max_memory"] = {0: max_gpu_memory, "cpu": "1000GiB"}
     elif options.quantize:
         kwargs["device_map"] = "cpu"
-    cpu_int8 = options.quantize and options.bits == 8 and not cuda
     if cpu_int8:
         kwargs["dtype"] = torch.float32
     elif options.quantize and options.bits == 8:  # bitsandbytes LLM.int8 on CUDA
@@ -339,8 +360,7 @@ def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
             config = AutoConfig.from_pretrained(source, local_files_only=not allow_downloads)
             kwargs["quantization_config"] = _bnb_config(options, dtype, num_layers(config))
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_downloads)
-        cached = quantized_dir(entry, options, home, source) if cpu_int8 else None
-        if cached is not None and (cached / "model.safetensors").is_file():
+        if have_int8:
             model = _load_int8(source, cached, options, allow_downloads)
             cached = None  # nothing to save
         else:
@@ -352,7 +372,9 @@ def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
         from .quantize import calibrate, quantize_int8
         peaks = None
         if options.mode == "static":
+            progress.begin("calibrating")
             peaks = calibrate(model, tokenizer, context_length(model, tokenizer))
+        progress.begin("quantizing")
         quantize_int8(model, peaks)
         _save_int8(model, cached)
     return LoadedModel(

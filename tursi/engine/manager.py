@@ -14,6 +14,7 @@ from ..errors import ModelConflict, ModelLoading, ModelNotLoaded, ModelUnloaded
 from ..telemetry import ModelStats
 from .catalog import Catalog
 from .loader import LoadError, LoadOptions, estimate_load_seconds, load_model
+from .progress import LoadProgress
 from .threads import Empty, native_lock, start_native_thread
 from .worker import BatchLimits, ModelWorker
 
@@ -35,7 +36,11 @@ class ModelState:
     dtype: str | None = None
     device: str | None = None
     memory_bytes: int | None = None
-    stats: ModelStats = field(default_factory=ModelStats)
+    progress: LoadProgress | None = None  # while loading
+    stats: ModelStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats = ModelStats(self.name)
 
 
 @dataclass(frozen=True)
@@ -109,31 +114,34 @@ class ModelManager:
                          "requested": options.describe()})
                 return LoadTicket(state.status, f"Model already {state.status}", None)
             state.status, state.error, state.options = "loading", None, options
+            state.progress = progress = LoadProgress()
         estimate = estimate_load_seconds(entry, self.home)
-        start_native_thread(self._load_in_background, name, options)
+        start_native_thread(self._load_in_background, name, options, progress)
         return LoadTicket("loading", "Model loading initiated", estimate)
 
-    def _load_in_background(self, name: str, options: LoadOptions) -> None:
+    def _load_in_background(self, name: str, options: LoadOptions,
+                            progress: LoadProgress) -> None:
         state = self._states[name]
         started = time.monotonic()
         try:
             loaded = load_model(self.catalog.get(name), options, self.home,
-                                self.max_gpu_memory, self.allow_downloads)
+                                self.max_gpu_memory, self.allow_downloads, progress)
         except Exception as exc:
             message = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
             log.error("loading %s failed: %s", name, message)
             with self._lock:
-                state.status, state.error = "failed", message
+                state.status, state.error, state.progress = "failed", message, None
             return
         worker = ModelWorker(name, loaded, state.stats, self.limits)
         worker.start()
         with self._lock:
-            state.worker = worker
+            state.worker, state.progress = worker, None
             state.status = "loaded"
             state.loaded_at, state.loaded_mono = time.time(), time.monotonic()
             state.load_seconds = state.loaded_mono - started
             state.dtype, state.device = loaded.dtype, loaded.device
             state.memory_bytes = loaded.memory_bytes
+        state.stats.loaded(loaded.memory_bytes, state.load_seconds)
         del loaded
         log.info("loaded %s in %.1fs", name, state.load_seconds)
 
@@ -158,6 +166,7 @@ class ModelManager:
             exited.get(timeout=UNLOAD_WAIT_SECONDS)
         except Empty:
             log.warning("worker of %s still busy %.0fs after unload", name, UNLOAD_WAIT_SECONDS)
+        state.stats.unloaded()
 
     def shutdown(self) -> None:
         for state in self.states():

@@ -12,7 +12,8 @@ import collections
 from _queue import Empty, SimpleQueue
 from typing import Any, Callable
 
-__all__ = ["Channel", "Empty", "SimpleQueue", "gevent_active", "native_lock", "start_native_thread"]
+__all__ = ["Channel", "Empty", "SimpleQueue", "gevent_active", "native_ident", "native_lock",
+           "start_native_thread"]
 
 
 def _original(module: str, name: str) -> Any:
@@ -77,6 +78,11 @@ class Channel:
                 continue
             if not self._event.wait(timeout):
                 raise Empty
+
+
+def native_ident() -> int:
+    """The OS thread's id (under gevent, threading.get_ident names the greenlet)."""
+    return _original("_thread", "get_ident")()
 
 
 def native_lock() -> Any:

@@ -1,0 +1,30 @@
+"""Probes for load balancers and Kubernetes: /health (liveness) and /ready (readiness)."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from ..errors import NotReady
+from ..state import current
+from . import no_query
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/health")
+def health():
+    """The process answers HTTP. Always open, never rate limited, no model involved."""
+    no_query()
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/ready")
+def ready():
+    """200 once every model in TURSI_PRELOAD is loaded; 503 `not_ready` before (and if a
+    preload failed), so a balancer sends no traffic to a worker that cannot serve it yet."""
+    no_query()
+    app = current()
+    models = {name: app.manager.state(name).status for name in app.settings.preload}
+    if any(status != "loaded" for status in models.values()):
+        raise NotReady("The preloaded models are not all loaded yet", {"models": models},
+                       headers={"Retry-After": "5"})
+    return jsonify({"status": "ready", "models": models})
