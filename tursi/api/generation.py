@@ -13,6 +13,9 @@ bp = Blueprint("generation", __name__)
 
 @bp.post("/generate")
 def generate():
+    """Generate text with a loaded model.
+
+    The whole text as JSON, or with `stream: true` server-sent events as it is generated."""
     app = current()
     params = GenerateRequestSchema().load(json_body())
     worker = app.manager.worker(params["model"])

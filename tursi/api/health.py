@@ -12,15 +12,19 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/health")
 def health():
-    """The process answers HTTP. Always open, never rate limited, no model involved."""
+    """Liveness: the process answers HTTP.
+
+    Always open, never rate limited, no model involved."""
     no_query()
     return jsonify({"status": "ok"})
 
 
 @bp.get("/ready")
 def ready():
-    """200 once every model in TURSI_PRELOAD is loaded; 503 `not_ready` before (and if a
-    preload failed), so a balancer sends no traffic to a worker that cannot serve it yet."""
+    """Readiness: every model in TURSI_PRELOAD is loaded.
+
+    503 `not_ready` before (and if a preload failed), so a balancer sends no traffic to a
+    worker that cannot serve it yet."""
     no_query()
     app = current()
     models = {name: app.manager.state(name).status for name in app.settings.preload}

@@ -33,12 +33,16 @@ def list_models():
     no_query()
     data = [{"id": state.name, "object": "model", "created": int(state.loaded_at or 0),
              "owned_by": "tursi"}
-            for state in current().manager.states() if state.status == "loaded"]
+            for state in current().manager.snapshots() if state.status == "loaded"]
     return jsonify({"object": "list", "data": data})
 
 
 @bp.post("/completions")
 def completions():
+    """OpenAI-compatible text completion.
+
+    `prompt` is a string or a list of one string; `stream: true` answers OpenAI's SSE
+    chunks."""
     params = CompletionRequestSchema().load(json_body())
     worker = current().manager.worker(params["model"])
     max_tokens = params["max_tokens"] or OPENAI_COMPLETION_DEFAULT_MAX_TOKENS
@@ -49,6 +53,10 @@ def completions():
 
 @bp.post("/chat/completions")
 def chat_completions():
+    """OpenAI-compatible chat completion.
+
+    The messages go through the model's chat template (a model without one answers 400);
+    `stream: true` answers OpenAI's SSE chunks."""
     params = ChatCompletionRequestSchema().load(json_body())
     worker = current().manager.worker(params["model"])
     prompt = worker.chat_prompt(params["messages"])

@@ -20,6 +20,9 @@ def _memory(reading) -> dict[str, str]:
 
 @bp.get("/status")
 def server_status():
+    """Server health and resource usage.
+
+    Request counts cover this worker process's /api/v1 and /v1 responses."""
     no_query()
     app = current()
     counts = app.manager.counts()

@@ -1,0 +1,312 @@
+"""Marshmallow schemas of the response bodies, for the OpenAPI document (tursi.api.openapi).
+
+The views build their bodies as dicts; these schemas describe them (apispec turns them into
+JSON Schema, with `additionalProperties: false`) and tests/test_openapi.py checks real
+responses against them. `required` marks the fields that are always present.
+"""
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+from .engine.catalog import QUANT_BITS, QUANT_MODES
+
+# Every error `code`, and when it is sent (statuses: docs/api.md#errors).
+ERROR_CODES = {
+    "invalid_request": "the body is not a JSON object (or not sent as application/json), a "
+                       "field is invalid or unknown, max_tokens is above the server's limit, "
+                       "or a query string was sent to a route that takes none",
+    "context_length_exceeded": "prompt tokens + max_tokens exceed the model's context",
+    "unsupported_quantization": "this device's backend cannot run the asked bits/mode",
+    "unauthorized": "missing or wrong API key",
+    "model_not_found": "the model name is not in the catalog",
+    "not_found": "no such route",
+    "method_not_allowed": "the route does not take this method (see the Allow header)",
+    "model_not_loaded": "the model is not loaded",
+    "model_conflict": "the model is loaded or loading with other settings; unload it first",
+    "payload_too_large": "the body is larger than TURSI_MAX_BODY_BYTES",
+    "rate_limit_exceeded": "over the rate limit (see Retry-After)",
+    "generation_failed": "the model raised during generation",
+    "internal_error": "an unexpected failure (logged server-side)",
+    "model_loading": "the model is still loading (see Retry-After)",
+    "model_unloaded": "the model was unloaded while the request waited or ran",
+    "overloaded": "the model's batch and queue are full (see Retry-After)",
+    "not_ready": "the preloaded models are not all loaded yet (see Retry-After)",
+    "shutting_down": "the server is shutting down: retry on another instance (see Retry-After)",
+    "insufficient_memory": "the model does not fit the memory budget (TURSI_MAX_MEMORY) even "
+                           "after unloading every idle, unpinned model",
+    "request_timeout": "the request ran longer than TURSI_REQUEST_TIMEOUT",
+    "http_error": "any other HTTP error",
+}
+
+MODEL_STATUSES = ("not_loaded", "loading", "loaded", "failed")
+FINISH_REASONS = ("stop", "length")
+
+
+def _text(**kwargs) -> fields.Field:
+    return fields.String(required=True, **kwargs)
+
+
+def _count(**kwargs) -> fields.Field:
+    return fields.Integer(required=True, validate=validate.Range(min=0), **kwargs)
+
+
+def _one_of(values, **kwargs) -> fields.Field:
+    return fields.String(required=True, validate=validate.OneOf(values), **kwargs)
+
+
+def _always_null() -> fields.Field:
+    return fields.Raw(required=True, allow_none=True,
+                      metadata={"type": "object", "enum": [None], "description": "always null"})
+
+
+# --- errors ------------------------------------------------------------------------------
+
+class ErrorDetailSchema(Schema):
+    code = _one_of(tuple(ERROR_CODES), metadata={"description": "stable, machine-readable"})
+    message = _text()
+    details = fields.Dict(required=True, metadata={"description": "depends on the code"})
+
+
+class ErrorSchema(Schema):
+    """The error body of /api/v1 and every route outside /v1."""
+    error = fields.Nested(ErrorDetailSchema, required=True)
+
+
+class OpenAIErrorDetailSchema(Schema):
+    message = _text()
+    type = _one_of(("invalid_request_error", "authentication_error", "permission_error",
+                    "rate_limit_error", "server_error"))
+    param = fields.String(required=True, allow_none=True,
+                          metadata={"description": "the first invalid field, else null"})
+    code = _one_of(tuple(ERROR_CODES))
+    details = fields.Dict(required=True)
+
+
+class OpenAIErrorSchema(Schema):
+    """OpenAI's error object, on /v1; `code` and `details` as on /api/v1."""
+    error = fields.Nested(OpenAIErrorDetailSchema, required=True)
+
+
+# --- /api/v1/models ----------------------------------------------------------------------
+
+class ModelViewSchema(Schema):
+    """One catalog model. Loaded models add quantized .. uptime; loading ones progress and
+    stage (once the load reports them); failed ones the load error."""
+    name = _text()
+    status = _one_of(MODEL_STATUSES)
+    quantized = fields.Boolean()
+    bits = fields.Integer(allow_none=True, validate=validate.OneOf(QUANT_BITS))
+    mode = fields.String(allow_none=True, validate=validate.OneOf(QUANT_MODES))
+    dtype = fields.String(metadata={"description": "compute dtype, e.g. float32"})
+    device = fields.String(metadata={"description": "device of the input embeddings"})
+    memory_usage = fields.String(metadata={"example": "257MB"})
+    memory_bytes = fields.Integer(validate=validate.Range(min=0))
+    uptime = fields.String(metadata={"example": "2h 30m"})
+    progress = fields.Float(validate=validate.Range(min=0, max=1))
+    stage = fields.String(metadata={"example": "loading weights"})
+    error = fields.String(metadata={"description": "why the load failed"})
+
+
+class ModelListSchema(Schema):
+    models = fields.List(fields.Nested(ModelViewSchema), required=True)
+
+
+class LoadResponseSchema(Schema):
+    status = _one_of(("loading", "loaded"))
+    message = _text()
+    estimated_time = fields.String(metadata={"description": "only when a load starts",
+                                             "example": "30s"})
+
+
+class UnloadResponseSchema(Schema):
+    status = _one_of(("success",))
+    message = _text()
+
+
+class ModelMetricsValuesSchema(Schema):
+    requests_total = _count()
+    tokens_generated = _count()
+    average_generation_time = _text(metadata={"example": "1.5s"})
+    memory_usage = fields.String(required=True, allow_none=True)
+    load_time = fields.String(required=True, allow_none=True,
+                              metadata={"example": "2026-11-25T12:00:00Z"})
+    error_rate = _text(metadata={"example": "0.1%"})
+    status = _one_of(MODEL_STATUSES)
+    load_duration = fields.String(required=True, allow_none=True)
+    generations_running = _count()
+    generations_waiting = _count()
+    quantized = fields.Boolean(required=True, allow_none=True)
+    bits = fields.Integer(required=True, allow_none=True, validate=validate.OneOf(QUANT_BITS))
+    mode = fields.String(required=True, allow_none=True, validate=validate.OneOf(QUANT_MODES))
+    dtype = fields.String(required=True, allow_none=True)
+    memory_bytes = fields.Integer(required=True, allow_none=True)
+
+
+class ModelMetricsSchema(Schema):
+    name = _text()
+    metrics = fields.Nested(ModelMetricsValuesSchema, required=True)
+
+
+# --- /api/v1/generate --------------------------------------------------------------------
+
+class GenerateDoneSchema(Schema):
+    """The end of a generation; also the data of the stream's `event: done`."""
+    tokens_generated = _count()
+    generation_time = _text(metadata={"example": "1.2s"})
+    finish_reason = _one_of(FINISH_REASONS)
+
+
+class GenerateResponseSchema(GenerateDoneSchema):
+    text = _text()
+
+
+class GenerateTextEventSchema(Schema):
+    """The data of the stream's `event: text`."""
+    text = _text()
+    finished = fields.Boolean(required=True, validate=validate.Equal(False))
+
+
+# --- /api/v1/status, /health, /ready -----------------------------------------------------
+
+class MemorySchema(Schema):
+    total = _text(metadata={"example": "24GB"})
+    used = _text()
+    free = _text()
+
+
+class GpuMemorySchema(MemorySchema):
+    utilization = fields.String(required=True, allow_none=True, metadata={"example": "60%"})
+
+
+class RequestCountsSchema(Schema):
+    total = _count()
+    success = _count()
+    failed = _count()
+    rate = _text(metadata={"example": "10/minute"})
+
+
+class GenerationCountsSchema(Schema):
+    running = _count()
+    waiting = _count()
+
+
+class StatusSchema(Schema):
+    status = _one_of(("healthy",))
+    uptime = _text()
+    active_models = _count()
+    memory_usage = fields.Nested(MemorySchema, required=True)
+    gpu_usage = fields.Nested(GpuMemorySchema, required=True, allow_none=True,
+                              metadata={"description": "null without a GPU"})
+    requests = fields.Nested(RequestCountsSchema, required=True)
+    generations = fields.Nested(GenerationCountsSchema, required=True)
+
+
+class HealthSchema(Schema):
+    status = _one_of(("ok",))
+
+
+class ReadySchema(Schema):
+    status = _one_of(("ready",))
+    models = fields.Dict(keys=fields.String(), values=fields.String(
+        validate=validate.OneOf(MODEL_STATUSES)), required=True,
+        metadata={"description": "each TURSI_PRELOAD model's status"})
+
+
+# --- /v1 (OpenAI-compatible) -------------------------------------------------------------
+
+class OpenAIModelSchema(Schema):
+    id = _text()
+    object = _one_of(("model",))
+    created = _count()
+    owned_by = _one_of(("tursi",))
+
+
+class OpenAIModelListSchema(Schema):
+    object = _one_of(("list",))
+    data = fields.List(fields.Nested(OpenAIModelSchema), required=True)
+
+
+class UsageSchema(Schema):
+    prompt_tokens = _count()
+    completion_tokens = _count()
+    total_tokens = _count()
+
+
+class CompletionChoiceSchema(Schema):
+    index = _count()
+    text = _text()
+    finish_reason = _one_of(FINISH_REASONS)
+    logprobs = _always_null()
+
+
+class CompletionSchema(Schema):
+    id = _text()
+    object = _one_of(("text_completion",))
+    created = _count()
+    model = _text()
+    choices = fields.List(fields.Nested(CompletionChoiceSchema), required=True)
+    usage = fields.Nested(UsageSchema, required=True)
+
+
+class ChatMessageSchema(Schema):
+    role = _one_of(("assistant",))
+    content = _text()
+
+
+class ChatChoiceSchema(Schema):
+    index = _count()
+    message = fields.Nested(ChatMessageSchema, required=True)
+    finish_reason = _one_of(FINISH_REASONS)
+    logprobs = _always_null()
+
+
+class ChatCompletionSchema(Schema):
+    id = _text()
+    object = _one_of(("chat.completion",))
+    created = _count()
+    model = _text()
+    choices = fields.List(fields.Nested(ChatChoiceSchema), required=True)
+    usage = fields.Nested(UsageSchema, required=True)
+
+
+class CompletionChunkChoiceSchema(Schema):
+    index = _count()
+    text = _text()
+    finish_reason = fields.String(required=True, allow_none=True,
+                                  validate=validate.OneOf(FINISH_REASONS))
+    logprobs = _always_null()
+
+
+class CompletionChunkSchema(Schema):
+    """One `data:` frame of a streamed /v1/completions (the last has the finish_reason; with
+    stream_options.include_usage one more has no choices and the usage)."""
+    id = _text()
+    object = _one_of(("text_completion",))
+    created = _count()
+    model = _text()
+    choices = fields.List(fields.Nested(CompletionChunkChoiceSchema), required=True)
+    usage = fields.Nested(UsageSchema)
+
+
+class ChatDeltaSchema(Schema):
+    role = fields.String(validate=validate.OneOf(("assistant",)),
+                         metadata={"description": "in the first chunk only"})
+    content = fields.String()
+
+
+class ChatChunkChoiceSchema(Schema):
+    index = _count()
+    delta = fields.Nested(ChatDeltaSchema, required=True)
+    finish_reason = fields.String(required=True, allow_none=True,
+                                  validate=validate.OneOf(FINISH_REASONS))
+    logprobs = _always_null()
+
+
+class ChatCompletionChunkSchema(Schema):
+    """One `data:` frame of a streamed /v1/chat/completions."""
+    id = _text()
+    object = _one_of(("chat.completion.chunk",))
+    created = _count()
+    model = _text()
+    choices = fields.List(fields.Nested(ChatChunkChoiceSchema), required=True)
+    usage = fields.Nested(UsageSchema)
