@@ -174,7 +174,7 @@ def test_without_keys_metrics_are_open(client):
     ("10.0.0.5", False), ("::ffff:10.0.0.5", False), ("2001:db8::1", False), ("", False),
     (None, False), ("not-an-ip", False)])
 def test_loopback_addresses(address, loopback):
-    from tursi.metrics import is_loopback
+    from tursi.api.prometheus import is_loopback
     assert is_loopback(address) is loopback
 
 

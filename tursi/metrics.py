@@ -1,4 +1,6 @@
-"""Prometheus metrics (prometheus_client) at GET /metrics, correct under several gunicorn workers.
+"""Prometheus metrics (prometheus_client), correct under several gunicorn workers. The
+engine writes them through telemetry.ModelStats; tursi.api.prometheus serves GET /metrics
+and times the requests.
 
 The metric objects are process-wide (prometheus_client keys its values by metric name) and
 live in a private registry, so building several apps in one process is fine. With
@@ -8,14 +10,9 @@ See docs/prometheus.md.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import sys
-import time
-from typing import Any
-
-from flask import Blueprint, Flask, Response, current_app, g, request
 
 from .engine.threads import gevent_active
 
@@ -104,20 +101,6 @@ class ModelMetrics:
         self.load_duration = LOAD_DURATION.labels(model)
 
 
-# --- GET /metrics --------------------------------------------------------------------------
-
-bp = Blueprint("prometheus", __name__)
-
-
-@bp.get("/metrics")
-def metrics() -> Response:
-    """The metrics in Prometheus' text format; see scrape_allowed() for who may read them."""
-    if not scrape_allowed():
-        from .auth import unauthorized
-        raise unauthorized()
-    return Response(generate_latest(scrape_registry()), content_type=CONTENT_TYPE_LATEST)
-
-
 def scrape_registry() -> CollectorRegistry:
     """This process's registry, or in multiprocess mode every worker's files, summed."""
     if MULTIPROC_DIR is None:
@@ -127,63 +110,6 @@ def scrape_registry() -> CollectorRegistry:
     return registry
 
 
-def scrape_allowed() -> bool:
-    """Open without API keys and to loopback clients; otherwise a valid key is needed."""
-    from .auth import bearer_token, key_is_valid
-    keys = current_app.extensions.get("tursi.api_keys") or []
-    return not keys or is_loopback(request.remote_addr) or key_is_valid(bearer_token(), keys)
-
-
-def is_loopback(address: str | None) -> bool:
-    try:
-        ip = ipaddress.ip_address(address or "")
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
-    return (mapped or ip).is_loopback
-
-
-# --- request hooks -------------------------------------------------------------------------
-
-_STARTED = "tursi.started"
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-def init_app(app: Flask, state: Any) -> None:
-    """Register GET /metrics and the request hooks that feed it."""
-    app.register_blueprint(bp)
-    app.wsgi_app = _stamp_start(app.wsgi_app)
-    app.after_request(_observe)
-
-
-def _stamp_start(wsgi_app: Any) -> Any:
-    """Time from the WSGI call on, so requests refused by earlier hooks (401, 429) count."""
-    def timed(environ: dict[str, Any], start_response: Any) -> Any:
-        environ[_STARTED] = time.perf_counter()
-        return wsgi_app(environ, start_response)
-    return timed
-
-
-def _observe(response: Response) -> Response:
-    """Count every response: error codes now, durations now or, for a stream, when it ends."""
-    environ = request.environ
-    rule = request.url_rule
-    labels = (request.method if request.method in _METHODS else "other",
-              rule.rule if rule is not None else "unmatched", str(response.status_code))
-    code = g.get("error_code")
-    if code:
-        ERRORS.labels(code).inc()
-    if response.is_streamed and response.status_code < 400:
-        response.call_on_close(lambda: _request_ended(environ, labels))
-    else:
-        _request_ended(environ, labels)
-    return response
-
-
-def _request_ended(environ: dict[str, Any], labels: tuple[str, str, str]) -> None:
-    started = environ.get(_STARTED)
-    if started is not None:
-        REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - started)
-    stream_error = environ.get("tursi.stream_error")
-    if stream_error:
-        ERRORS.labels(stream_error).inc()
+def exposition() -> tuple[bytes, str]:
+    """The metrics in Prometheus' text format, and its content type."""
+    return generate_latest(scrape_registry()), CONTENT_TYPE_LATEST

@@ -95,3 +95,7 @@ class GenerateRequestSchema(StrictSchema):
 
 class EmptyQuerySchema(StrictSchema):
     """Endpoints that take no query parameters."""
+
+
+class UnloadRequestSchema(StrictSchema):
+    """Unload takes no fields: no body, or an empty object."""

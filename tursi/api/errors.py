@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def error_response(status: int, code: str, message: str,
                    details: dict[str, Any] | None = None, headers: dict[str, str] | None = None):
-    g.error_code = code  # read by the request metrics (tursi.metrics)
+    g.error_code = code  # read by the request metrics (tursi.api.prometheus)
     details = details or {}
     if is_openai_path(request.path):
         body = openai_error_body(status, code, message, details)

@@ -9,7 +9,7 @@ from flask import Blueprint, jsonify
 from ..engine.loader import LoadOptions
 from ..engine.manager import ModelState
 from ..formatting import format_bytes, format_percent, format_seconds, format_uptime, iso_utc
-from ..schemas import LoadRequestSchema
+from ..schemas import LoadRequestSchema, UnloadRequestSchema
 from ..state import current
 from . import json_body, no_query
 
@@ -41,12 +41,20 @@ def model_view(state: ModelState) -> dict[str, Any]:
 
 @bp.get("/models")
 def list_models():
+    """Every catalog model and its status.
+
+    Loaded models add their load settings, memory and uptime; loading ones how far the load
+    got; failed ones the load error."""
     no_query()
-    return jsonify({"models": [model_view(s) for s in current().manager.states()]})
+    return jsonify({"models": [model_view(s) for s in current().manager.snapshots()]})
 
 
 @bp.post("/models/<name>/load")
 def load_model(name: str):
+    """Load a model in the background.
+
+    The body (optional) asks for quantization and a dtype. Poll GET /api/v1/models until the
+    model is `loaded` (or `failed`)."""
     manager = current().manager
     manager.state(name)  # 404 before validating the body
     options = LoadOptions(**LoadRequestSchema().load(json_body(required=False)))
@@ -59,15 +67,19 @@ def load_model(name: str):
 
 @bp.post("/models/<name>/unload")
 def unload_model(name: str):
-    json_body(required=False)
+    """Unload a model and release its memory.
+
+    Its running and queued generations end with `model_unloaded`."""
+    UnloadRequestSchema().load(json_body(required=False))
     current().manager.unload(name)
     return jsonify({"status": "success", "message": "Model unloaded successfully"})
 
 
 @bp.get("/models/<name>/metrics")
 def model_metrics(name: str):
+    """A model's counters (since the server started) and its current load."""
     no_query()
-    state = current().manager.state(name)
+    state = current().manager.snapshot(name)
     stats = state.stats.snapshot()
     worker = state.worker if state.status == "loaded" else None
     running, waiting = worker.counts() if worker else (0, 0)
