@@ -14,9 +14,8 @@ __all__ = ["create_app", "Settings", "__version__"]
 
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     """Build the app. `config` is a Settings, or overrides (field -> value) on the environment's."""
-    from . import api, auth, limits, metrics
+    from . import api, auth, lifecycle, limits
     from .engine.catalog import Catalog
-    from .engine.loader import LoadOptions
     from .engine.manager import ModelManager
     from .engine.worker import BatchLimits
     from .state import AppState
@@ -30,16 +29,22 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     manager = ModelManager(Catalog.load(settings.models_file), settings.home,
                            settings.max_gpu_memory, settings.allow_downloads,
                            BatchLimits(settings.max_batch, settings.max_queue,
-                                       settings.request_timeout))
+                                       settings.request_timeout),
+                           settings.max_memory, settings.keep_alive)
     state = AppState(settings, manager)
     state.attach(app)
+    lifecycle.init_app(app, state)
     limits.init_app(app, settings.rate_limit, settings.ratelimit_storage_uri)
+    if settings.cors_origins:  # off unless configured: no Access-Control-* headers at all
+        from flask_cors import CORS
+        CORS(app, origins=settings.cors_origins, allow_headers=["Authorization", "Content-Type"],
+             expose_headers=["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                             "Retry-After"], max_age=600)
     auth.init_app(app, settings.all_api_keys())
     api.init_app(app)
     _count_requests(app, state)
-    metrics.init_app(app, state)
     for name in settings.preload:
-        manager.load(name, LoadOptions())
+        manager.preload(name)
     return app
 
 

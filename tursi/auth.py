@@ -2,7 +2,7 @@
 
 With keys configured, every route needs one (/ready and /docs included) except /health
 (liveness probes) and /metrics, which checks for itself (open to loopback scrapers, see
-tursi.metrics)."""
+tursi.api.prometheus)."""
 from __future__ import annotations
 
 import hmac
@@ -67,7 +67,8 @@ def init_app(app: Flask, keys: list[str]) -> None:
 
     @app.before_request
     def _require_key() -> None:
-        if request.path in OPEN_PATHS:
+        # CORS preflights carry no credentials by design; they get headers, never data.
+        if request.path in OPEN_PATHS or request.method == "OPTIONS":
             return
         if not key_is_valid(bearer_token(), encoded):
             raise unauthorized()

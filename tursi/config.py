@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -57,6 +58,40 @@ def _positive_seconds(value: str) -> float:
     return number
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+               "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from a number or "30s" / "5m" / "1h" (> 0)."""
+    if isinstance(value, bool):
+        raise ValueError("expected seconds or a duration like '5m'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", value)
+        if not match:
+            raise ValueError("expected seconds or a duration like '30s', '5m', '1h'")
+        seconds = float(match[1]) * _DURATION_UNITS.get(match[2] or "s", 1)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError("must be more than 0 seconds")
+    return seconds
+
+
+def parse_bytes(value: str) -> int:
+    """Bytes from "1073741824", "8GiB", "512MB", "1.5G" (decimal or binary units)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+    unit = match[2].lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError("expected bytes or a size like '8GiB', '512MB'")
+    number = int(float(match[1]) * _BYTE_UNITS[unit])
+    if number < 1:
+        raise ValueError("must be at least 1 byte")
+    return number
+
+
 def _rate_limit(value: str) -> str:
     from limits import parse_many
     parse_many(value)  # raises ValueError on anything flask-limiter cannot read
@@ -85,6 +120,9 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     heartbeat_seconds: float = 2.0
     max_gpu_memory: str | None = None
+    max_memory: int | None = None
+    keep_alive: float | None = None
+    cors_origins: list[str] = field(default_factory=list)
     allow_downloads: bool = False
     log_level: str = "info"
 
@@ -109,6 +147,9 @@ class Settings:
             "TURSI_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
             "TURSI_HEARTBEAT_SECONDS": ("heartbeat_seconds", _positive_seconds),
             "TURSI_MAX_GPU_MEMORY": ("max_gpu_memory", str),
+            "TURSI_MAX_MEMORY": ("max_memory", parse_bytes),
+            "TURSI_KEEP_ALIVE": ("keep_alive", parse_duration),
+            "TURSI_CORS_ORIGINS": ("cors_origins", _split),
             "TURSI_ALLOW_DOWNLOADS": ("allow_downloads", _flag),
             "TURSI_LOG_LEVEL": ("log_level", str),
         }

@@ -64,12 +64,20 @@ class NotReady(TursiError):
     status, code = 503, "not_ready"
 
 
+class ShuttingDown(TursiError):
+    status, code = 503, "shutting_down"
+
+
 class Overloaded(TursiError):
     status, code = 503, "overloaded"
 
 
 class RequestTimeout(TursiError):
     status, code = 504, "request_timeout"
+
+
+class InsufficientMemory(TursiError):
+    status, code = 507, "insufficient_memory"
 
 
 class UnsupportedQuantization(TursiError):

@@ -54,3 +54,9 @@ def on_exit(server):
     import shutil
     while _metrics_dir_made_here:
         shutil.rmtree(_metrics_dir_made_here.pop(), ignore_errors=True)
+
+
+def post_worker_init(worker):
+    """SIGTERM drains: new requests get 503, in-flight ones finish (tursi.lifecycle)."""
+    from tursi.lifecycle import drain_on_sigterm
+    drain_on_sigterm(worker)

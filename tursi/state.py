@@ -18,6 +18,7 @@ class AppState:
     requests: RequestStats = field(default_factory=RequestStats)
     gpu: GpuMonitor = field(default_factory=GpuMonitor)
     started: float = field(default_factory=time.monotonic)
+    draining: bool = False  # SIGTERM received: refuse new work (tursi.lifecycle)
 
     def attach(self, app: Flask) -> None:
         app.extensions["tursi"] = self

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import EMBEDDED_MODEL
+from ..config import EMBEDDED_MODEL, parse_duration
 from ..errors import ModelNotFound
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -29,6 +29,9 @@ class CatalogEntry:
     dtype: str = "auto"
     quantize: dict[str, Any] = field(default_factory=dict)  # default load options
     description: str = ""
+    pin: bool = False                 # never evicted for memory, never idle-unloaded
+    keep_alive: float | None = None   # seconds idle before unloading (None: the server default)
+    trust_remote_code: bool = False   # run the checkpoint's own Python code (operator's choice)
 
 
 BUILTINS = (
@@ -85,7 +88,8 @@ def _entry(name: str, spec: Any, path: Path) -> CatalogEntry:
         raise CatalogError(f"{where}: names are letters, digits, '_', '-', '.' (no '..')")
     if not isinstance(spec, dict):
         raise CatalogError(f"{where}: expected an object")
-    unknown = set(spec) - {"path", "hub_id", "dtype", "quantize", "description"}
+    unknown = set(spec) - {"path", "hub_id", "dtype", "quantize", "description", "pin",
+                           "keep_alive", "trust_remote_code"}
     if unknown:
         raise CatalogError(f"{where}: unknown keys {sorted(unknown)}")
     if ("path" in spec) == ("hub_id" in spec):
@@ -104,10 +108,21 @@ def _entry(name: str, spec: Any, path: Path) -> CatalogEntry:
             or quantize.get("mode", "dynamic") not in QUANT_MODES):
         raise CatalogError(f"{where}: quantize bits must be one of {QUANT_BITS} and mode one "
                            f"of {QUANT_MODES}")
+    for key in ("pin", "trust_remote_code"):
+        if not isinstance(spec.get(key, False), bool):
+            raise CatalogError(f"{where}: '{key}' must be true or false")
+    keep_alive = None
+    if "keep_alive" in spec:
+        try:
+            keep_alive = parse_duration(spec["keep_alive"])
+        except (TypeError, ValueError) as exc:
+            raise CatalogError(f"{where}: keep_alive: {exc}") from None
     if "path" in spec:
         source = str((path.parent / spec["path"]).resolve())
         kind = "local"
     else:
         source, kind = spec["hub_id"], "hub"
     return CatalogEntry(name, kind, source, dtype=dtype, quantize=quantize,
-                        description=spec.get("description", ""))
+                        description=spec.get("description", ""), pin=spec.get("pin", False),
+                        keep_alive=keep_alive,
+                        trust_remote_code=spec.get("trust_remote_code", False))

@@ -3,24 +3,33 @@
 States: not_loaded -> loading -> loaded | failed; unload returns loaded -> not_loaded.
 The lock guards only state changes (never I/O or compute), so a request never waits
 behind a load. Loads run on native threads.
+
+Memory: with a budget (TURSI_MAX_MEMORY), a load whose estimated size does not fit evicts
+the least recently used idle models that are not pinned, or is refused before anything is
+allocated. A model with a keep_alive is unloaded once idle that long.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
 
-from ..errors import ModelConflict, ModelLoading, ModelNotLoaded, ModelUnloaded
+from ..errors import (InsufficientMemory, ModelConflict, ModelLoading, ModelNotLoaded,
+                      ModelUnloaded)
+from ..formatting import format_bytes
 from ..telemetry import ModelStats
 from .catalog import Catalog
-from .loader import LoadError, LoadOptions, estimate_load_seconds, load_model
+from .loader import (LoadError, LoadOptions, estimate_load_seconds, estimate_memory_bytes,
+                     load_model)
 from .progress import LoadProgress
-from .threads import Empty, native_lock, start_native_thread
+from .threads import Empty, native_lock, native_sleep, off_hub, start_native_thread
 from .worker import BatchLimits, ModelWorker
 
 log = logging.getLogger(__name__)
 
 UNLOAD_WAIT_SECONDS = 30.0
+KEEP_ALIVE_CHECK_SECONDS = 0.25
 
 
 @dataclass
@@ -37,6 +46,8 @@ class ModelState:
     device: str | None = None
     memory_bytes: int | None = None
     progress: LoadProgress | None = None  # while loading
+    reserved_bytes: int | None = None  # while loading: the estimate counted against the budget
+    last_used: float = 0.0  # time.monotonic() of the last request (or of the load)
     stats: ModelStats = field(init=False)
 
     def __post_init__(self) -> None:
@@ -52,14 +63,19 @@ class LoadTicket:
 
 class ModelManager:
     def __init__(self, catalog: Catalog, home: str, max_gpu_memory: str | None = None,
-                 allow_downloads: bool = False, limits: BatchLimits = BatchLimits()):
+                 allow_downloads: bool = False, limits: BatchLimits = BatchLimits(),
+                 max_memory: int | None = None, keep_alive: float | None = None):
         self.catalog = catalog
         self.limits = limits
         self.home = home
         self.max_gpu_memory = max_gpu_memory
         self.allow_downloads = allow_downloads
+        self.max_memory = max_memory  # bytes of loaded weights; None: no budget
+        self.keep_alive = keep_alive  # seconds idle before unloading; None: forever
         self._lock = native_lock()
         self._states = {name: ModelState(name) for name in catalog.names()}
+        self._reaper_started = False
+        self._closed = False
 
     # --- reading ------------------------------------------------------------------------
 
@@ -70,12 +86,24 @@ class ModelManager:
     def states(self) -> list[ModelState]:
         return [self._states[name] for name in self.catalog.names()]
 
+    def snapshot(self, name: str) -> ModelState:
+        """A consistent copy of one model's state (its fields change together under the
+        lock), for views that read several of them."""
+        state = self.state(name)
+        with self._lock:
+            return copy.copy(state)
+
+    def snapshots(self) -> list[ModelState]:
+        with self._lock:
+            return [copy.copy(state) for state in self.states()]
+
     def worker(self, name: str) -> ModelWorker:
         """The worker of a loaded model, or the error that says why there is none."""
         state = self.state(name)
         with self._lock:
             status, worker = state.status, state.worker
         if status == "loaded" and worker is not None:
+            state.last_used = time.monotonic()
             return worker
         if status == "loading":
             raise ModelLoading(f"Model '{name}' is still loading", {"status": status},
@@ -101,23 +129,90 @@ class ModelManager:
     # --- changing -----------------------------------------------------------------------
 
     def load(self, name: str, options: LoadOptions) -> LoadTicket:
-        """Start a background load, or say the model is already loaded or loading."""
+        """Start a background load, or say the model is already loaded or loading. With a
+        memory budget, first make room (evicting idle models) or refuse (507)."""
         entry = self.catalog.get(name)
         options = options.resolved(entry)
         state = self._states[name]
         with self._lock:
-            if state.status in ("loaded", "loading"):
-                if state.options != options:
-                    raise ModelConflict(
-                        f"Model '{name}' is {state.status} with other settings; unload it first",
-                        {"status": state.status, "current": state.options.describe(),
-                         "requested": options.describe()})
-                return LoadTicket(state.status, f"Model already {state.status}", None)
+            ticket = self._existing(state, options)
+        if ticket is not None:
+            return ticket
+        needed = None
+        if self.max_memory is not None:  # reads file headers: off the gevent hub
+            needed = off_hub(estimate_memory_bytes, entry, options, self.home)
+        with self._lock:
+            ticket = self._existing(state, options)
+            if ticket is not None:
+                return ticket
+            victims = [(victim.name, self._detach(victim))
+                       for victim in self._evictable_for(name, needed)]
             state.status, state.error, state.options = "loading", None, options
             state.progress = progress = LoadProgress()
+            state.reserved_bytes = needed
+        for victim, worker in victims:
+            log.info("evicting %s (least recently used, idle) to make room for %s", victim, name)
+            self._stop(victim, worker)
         estimate = estimate_load_seconds(entry, self.home)
         start_native_thread(self._load_in_background, name, options, progress)
         return LoadTicket("loading", "Model loading initiated", estimate)
+
+    def preload(self, name: str) -> None:
+        """Start loading a TURSI_PRELOAD model; a refusal (memory budget) marks it failed
+        with the reason instead of stopping the server."""
+        try:
+            self.load(name, LoadOptions())
+        except InsufficientMemory as exc:
+            log.error("preloading %s refused: %s", name, exc.message)
+            state = self.state(name)
+            with self._lock:
+                state.status, state.error = "failed", exc.message
+
+    def _existing(self, state: ModelState, options: LoadOptions) -> LoadTicket | None:
+        """Under the lock: the answer when the model is already loaded or loading."""
+        if state.status not in ("loaded", "loading"):
+            return None
+        if state.options != options:
+            raise ModelConflict(
+                f"Model '{state.name}' is {state.status} with other settings; unload it first",
+                {"status": state.status, "current": state.options.describe(),
+                 "requested": options.describe()})
+        return LoadTicket(state.status, f"Model already {state.status}", None)
+
+    def _evictable_for(self, name: str, needed: int | None) -> list[ModelState]:
+        """Under the lock: the least recently used idle, unpinned models whose unloading
+        makes `needed` bytes fit the budget; raises InsufficientMemory when nothing can."""
+        if self.max_memory is None or needed is None:
+            return []
+        in_use = sum((s.memory_bytes or 0) if s.status == "loaded" else (s.reserved_bytes or 0)
+                     for s in self.states() if s.status in ("loaded", "loading"))
+        candidates = sorted((s for s in self.states() if self._evictable(s)),
+                            key=lambda s: s.last_used)
+        victims = []
+        for candidate in candidates:
+            if in_use + needed <= self.max_memory:
+                break
+            victims.append(candidate)
+            in_use -= candidate.memory_bytes or 0
+        if in_use + needed > self.max_memory:
+            raise self._no_room(name, needed)
+        return victims
+
+    def _evictable(self, state: ModelState) -> bool:
+        return (state.status == "loaded" and state.worker is not None
+                and not self.catalog.get(state.name).pin and state.worker.counts() == (0, 0))
+
+    def _no_room(self, name: str, needed: int) -> InsufficientMemory:
+        held = {s.name: {"status": s.status,
+                         "memory_bytes": s.memory_bytes if s.status == "loaded" else s.reserved_bytes,
+                         "pinned": self.catalog.get(s.name).pin,
+                         "busy": s.status == "loading" or not self._evictable(s)}
+                for s in self.states() if s.status in ("loaded", "loading")}
+        return InsufficientMemory(
+            f"Loading '{name}' needs about {format_bytes(needed)}, which does not fit the memory "
+            f"budget of {format_bytes(self.max_memory)} (TURSI_MAX_MEMORY) even after unloading "
+            "every idle, unpinned model; unload a model or raise the budget",
+            {"needed_bytes": needed, "budget_bytes": self.max_memory, "models": held})
 
     def _load_in_background(self, name: str, options: LoadOptions,
                             progress: LoadProgress) -> None:
@@ -131,19 +226,22 @@ class ModelManager:
             log.error("loading %s failed: %s", name, message)
             with self._lock:
                 state.status, state.error, state.progress = "failed", message, None
+                state.reserved_bytes = None
             return
         worker = ModelWorker(name, loaded, state.stats, self.limits)
         worker.start()
         with self._lock:
-            state.worker, state.progress = worker, None
-            state.status = "loaded"
+            state.worker, state.progress, state.reserved_bytes = worker, None, None
             state.loaded_at, state.loaded_mono = time.time(), time.monotonic()
             state.load_seconds = state.loaded_mono - started
             state.dtype, state.device = loaded.dtype, loaded.device
             state.memory_bytes = loaded.memory_bytes
+            state.status, state.last_used = "loaded", time.monotonic()
         state.stats.loaded(loaded.memory_bytes, state.load_seconds)
         del loaded
         log.info("loaded %s in %.1fs", name, state.load_seconds)
+        if self._keep_alive(name) is not None:
+            self._start_reaper()
 
     def unload(self, name: str) -> None:
         """Unload a loaded model. Its running and queued generations end with `model_unloaded`;
@@ -155,20 +253,73 @@ class ModelManager:
                                    {"status": "loading"}, headers={"Retry-After": "5"})
             if state.status != "loaded" or state.worker is None:
                 raise ModelNotLoaded(f"Model '{name}' is not loaded", {"status": state.status})
-            worker = state.worker
-            state.worker = None
-            state.status, state.options = "not_loaded", None
-            state.loaded_at = state.loaded_mono = state.memory_bytes = None
-            state.dtype = state.device = None
+            worker = self._detach(state)
+        self._stop(name, worker)
+
+    def _detach(self, state: ModelState) -> ModelWorker:
+        """Under the lock: mark a loaded model not loaded and take its worker."""
+        worker = state.worker
+        assert worker is not None
+        state.worker = None
+        state.status, state.options = "not_loaded", None
+        state.loaded_at = state.loaded_mono = state.memory_bytes = None
+        state.dtype = state.device = None
+        return worker
+
+    def _stop(self, name: str, worker: ModelWorker, wait: bool = True) -> None:
+        """End a detached worker's jobs (`model_unloaded`); with `wait`, return once it has
+        dropped the model (memory released)."""
         exited = worker.stop()
         del worker
-        try:
-            exited.get(timeout=UNLOAD_WAIT_SECONDS)
-        except Empty:
-            log.warning("worker of %s still busy %.0fs after unload", name, UNLOAD_WAIT_SECONDS)
-        state.stats.unloaded()
+        if wait:
+            try:
+                exited.get(timeout=UNLOAD_WAIT_SECONDS)
+            except Empty:
+                log.warning("worker of %s still busy %.0fs after unload", name,
+                            UNLOAD_WAIT_SECONDS)
+        self._states[name].stats.unloaded()
+
+    # --- keep_alive -------------------------------------------------------------------------
+
+    def _keep_alive(self, name: str) -> float | None:
+        entry = self.catalog.get(name)
+        if entry.pin:
+            return None
+        return entry.keep_alive if entry.keep_alive is not None else self.keep_alive
+
+    def _start_reaper(self) -> None:
+        with self._lock:
+            if self._reaper_started:
+                return
+            self._reaper_started = True
+        start_native_thread(self._reap_forever)
+
+    def _reap_forever(self) -> None:
+        while not self._closed:
+            native_sleep(KEEP_ALIVE_CHECK_SECONDS)
+            self.reap_idle(time.monotonic())
+
+    def reap_idle(self, now: float) -> list[str]:
+        """Unload the models idle for longer than their keep_alive; a busy model counts as
+        used now. Returns the names unloaded."""
+        expired = []
+        with self._lock:
+            for state in self.states():
+                keep_alive = self._keep_alive(state.name)
+                if keep_alive is None or state.status != "loaded" or state.worker is None:
+                    continue
+                if state.worker.counts() != (0, 0):
+                    state.last_used = now
+                elif now - state.last_used >= keep_alive:
+                    expired.append((state.name, self._detach(state)))
+        for name, worker in expired:
+            log.info("unloading %s: idle for its keep_alive", name)
+            # Not waiting for the thread to exit: this thread is not a request's greenlet.
+            self._stop(name, worker, wait=False)
+        return [name for name, _ in expired]
 
     def shutdown(self) -> None:
+        self._closed = True
         for state in self.states():
             if state.status == "loaded":
                 try:

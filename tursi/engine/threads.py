@@ -13,7 +13,7 @@ from _queue import Empty, SimpleQueue
 from typing import Any, Callable
 
 __all__ = ["Channel", "Empty", "SimpleQueue", "gevent_active", "native_ident", "native_lock",
-           "start_native_thread"]
+           "native_sleep", "off_hub", "start_native_thread"]
 
 
 def _original(module: str, name: str) -> Any:
@@ -78,6 +78,20 @@ class Channel:
                 continue
             if not self._event.wait(timeout):
                 raise Empty
+
+
+def native_sleep(seconds: float) -> None:
+    """Sleep this OS thread (under gevent, time.sleep would run a hub on it)."""
+    _original("time", "sleep")(seconds)
+
+
+def off_hub(function: Callable[..., Any], *args: Any) -> Any:
+    """Call `function(*args)` where it cannot block the gevent hub: in the hub's thread pool
+    when a greenlet calls it under gevent, else right here."""
+    if gevent_active():
+        from gevent import get_hub
+        return get_hub().threadpool.apply(function, args)
+    return function(*args)
 
 
 def native_ident() -> int:
