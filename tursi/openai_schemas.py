@@ -10,7 +10,8 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, post_load, validate, validates_schema
 
-from .schemas import (MAX_PROMPT_CHARS, MAX_STOP_STRINGS, StrictSchema, max_tokens_field,
+from .schemas import (MAX_PROMPT_CHARS, MAX_STOP_STRINGS, JsonBoolean, JsonInteger,
+                      JsonNumber, StrictSchema, max_tokens_field,
                       model_field, repetition_penalty_field, seed_field, stop_string_field,
                       temperature_field, top_k_field, top_p_field)
 
@@ -36,7 +37,7 @@ class TextOrList(fields.Field):
 
 
 class StreamOptionsSchema(StrictSchema):
-    include_usage = fields.Boolean(load_default=False)
+    include_usage = JsonBoolean(load_default=False)
 
 
 class OpenAIRequestSchema(StrictSchema):
@@ -49,15 +50,15 @@ class OpenAIRequestSchema(StrictSchema):
     repetition_penalty = repetition_penalty_field()
     seed = seed_field()
     stop = TextOrList(stop_string_field(), MAX_STOP_STRINGS, load_default=list, allow_none=True)
-    stream = fields.Boolean(load_default=False)
+    stream = JsonBoolean(load_default=False)
     stream_options = fields.Nested(StreamOptionsSchema, load_default=None, allow_none=True)
-    n = fields.Integer(strict=True, validate=_only(1, "n = 1"), load_default=1)
+    n = JsonInteger(validate=_only(1, "n = 1"), load_default=1)
     user = fields.String(load_default=None)  # accepted, not used
-    presence_penalty = fields.Float(validate=_only(0, "presence_penalty = 0"), allow_none=True)
-    frequency_penalty = fields.Float(validate=_only(0, "frequency_penalty = 0"), allow_none=True)
+    presence_penalty = JsonNumber(validate=_only(0, "presence_penalty = 0"), allow_none=True)
+    frequency_penalty = JsonNumber(validate=_only(0, "frequency_penalty = 0"), allow_none=True)
     logit_bias = fields.Dict(validate=validate.Length(max=0, error="logit_bias is not supported"),
                              allow_none=True)
-    ignore_eos = fields.Boolean(load_default=False)  # as vLLM: keep going past end of sequence
+    ignore_eos = JsonBoolean(load_default=False)  # as vLLM: keep going past end of sequence
 
     @post_load
     def _defaults(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
@@ -70,12 +71,12 @@ class OpenAIRequestSchema(StrictSchema):
 
 class CompletionRequestSchema(OpenAIRequestSchema):
     prompt = fields.Raw(required=True)
-    max_tokens = fields.Integer(strict=True, validate=validate.Range(min=1),
+    max_tokens = JsonInteger(validate=validate.Range(min=1),
                                 load_default=OPENAI_COMPLETION_DEFAULT_MAX_TOKENS,
                                 allow_none=True)
-    echo = fields.Boolean(load_default=False)
-    logprobs = fields.Integer(validate=_only(0, "logprobs = null"), allow_none=True)
-    best_of = fields.Integer(validate=_only(1, "best_of = 1"), allow_none=True)
+    echo = JsonBoolean(load_default=False)
+    logprobs = JsonInteger(validate=_only(0, "logprobs = null"), allow_none=True)
+    best_of = JsonInteger(validate=_only(1, "best_of = 1"), allow_none=True)
     suffix = fields.String(validate=validate.Length(max=0, error="suffix is not supported"),
                            allow_none=True)
 
@@ -127,9 +128,9 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
     messages = fields.List(fields.Nested(MessageSchema), required=True,
                            validate=validate.Length(min=1, max=1000))
     max_tokens = max_tokens_field()
-    max_completion_tokens = fields.Integer(strict=True, validate=validate.Range(min=1),
+    max_completion_tokens = JsonInteger(validate=validate.Range(min=1),
                                            load_default=None)
-    logprobs = fields.Boolean(validate=_only(False, "logprobs = false"), allow_none=True)
+    logprobs = JsonBoolean(validate=_only(False, "logprobs = false"), allow_none=True)
     response_format = fields.Nested(ResponseFormatSchema, allow_none=True)
 
     @post_load

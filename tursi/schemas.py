@@ -17,9 +17,41 @@ class StrictSchema(Schema):
         unknown = RAISE
 
 
+# JSON's own types, nothing coerced: marshmallow's Boolean also takes "yes" or 1, its Float
+# takes "0.7", and its strict Integer takes true; a typed client never sends those.
+class JsonBoolean(fields.Boolean):
+    """true or false."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class JsonNumber(fields.Float):
+    """A finite JSON number (an integer or a float)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class JsonInteger(fields.Integer):
+    """A JSON integer (not 5.0, not "5", not true)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(strict=True, **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class LoadRequestSchema(StrictSchema):
-    quantize = fields.Boolean(load_default=False)
-    bits = fields.Integer(strict=True, validate=validate.OneOf(QUANT_BITS), load_default=None)
+    quantize = JsonBoolean(load_default=False)
+    bits = JsonInteger(validate=validate.OneOf(QUANT_BITS), load_default=None)
     mode = fields.String(validate=validate.OneOf(QUANT_MODES), load_default=None)
     dtype = fields.String(validate=validate.OneOf(DTYPES), load_default=None)
 
@@ -38,29 +70,29 @@ def model_field() -> fields.Field:
 
 
 def temperature_field(default: float, **kwargs: Any) -> fields.Field:
-    return fields.Float(validate=validate.Range(min=0.0, max=2.0), load_default=default,
+    return JsonNumber(validate=validate.Range(min=0.0, max=2.0), load_default=default,
                         **kwargs)
 
 
 def top_p_field(default: float, **kwargs: Any) -> fields.Field:
-    return fields.Float(validate=validate.Range(min=0.0, max=1.0, min_inclusive=False),
+    return JsonNumber(validate=validate.Range(min=0.0, max=1.0, min_inclusive=False),
                         load_default=default, **kwargs)
 
 
 def top_k_field() -> fields.Field:
     """0 means no top-k cut."""
-    return fields.Integer(strict=True, validate=validate.Range(min=0, max=1_000_000),
+    return JsonInteger(validate=validate.Range(min=0, max=1_000_000),
                           load_default=0)
 
 
 def repetition_penalty_field() -> fields.Field:
     """1 means none; above 1 discourages tokens already in the prompt or the output."""
-    return fields.Float(validate=validate.Range(min=0.0, max=10.0, min_inclusive=False),
+    return JsonNumber(validate=validate.Range(min=0.0, max=10.0, min_inclusive=False),
                         load_default=1.0)
 
 
 def seed_field() -> fields.Field:
-    return fields.Integer(strict=True, validate=validate.Range(min=0, max=2**63 - 1),
+    return JsonInteger(validate=validate.Range(min=0, max=2**63 - 1),
                           load_default=None)
 
 
@@ -69,7 +101,7 @@ def stop_string_field() -> fields.Field:
 
 
 def max_tokens_field() -> fields.Field:
-    return fields.Integer(strict=True, validate=validate.Range(min=1), load_default=None)
+    return JsonInteger(validate=validate.Range(min=1), load_default=None)
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed",
@@ -87,10 +119,10 @@ class GenerateRequestSchema(StrictSchema):
     repetition_penalty = repetition_penalty_field()
     stop = fields.List(stop_string_field(), validate=validate.Length(max=MAX_STOP_STRINGS),
                        load_default=list)
-    stream = fields.Boolean(load_default=False)
-    return_full_text = fields.Boolean(load_default=True)
+    stream = JsonBoolean(load_default=False)
+    return_full_text = JsonBoolean(load_default=True)
     seed = seed_field()
-    ignore_eos = fields.Boolean(load_default=False)
+    ignore_eos = JsonBoolean(load_default=False)
 
 
 class EmptyQuerySchema(StrictSchema):
