@@ -248,7 +248,7 @@ def test_responses_match_the_document(make_app, catalog):
     check("post", f"{API}/models/chatty/load", 400, "unsupported_quantization",
           json={"quantize": True, "bits": 4, "mode": "static"})
     check("post", f"{API}/models/chatty/load", 202)
-    check("post", f"{API}/models/chatty/unload", (503, 200))  # model_loading, unless done
+    check("post", f"{API}/models/chatty/unload", (409, 200))  # load_in_progress, unless done
     check("post", f"{API}/generate", (503, 409, 200), json={"model": "chatty", "prompt": "a"})
     check("get", f"{API}/models", 200)
     wait_for(check, ("loaded", "not_loaded"), "chatty")

@@ -52,6 +52,11 @@ class ModelLoading(TursiError):
     status, code = 503, "model_loading"
 
 
+class LoadInProgress(TursiError):
+    """Unload asked while the model loads: the request conflicts with the model's state."""
+    status, code = 409, "load_in_progress"
+
+
 class ModelConflict(TursiError):
     status, code = 409, "model_conflict"
 

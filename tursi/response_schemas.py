@@ -22,6 +22,7 @@ ERROR_CODES = {
     "not_found": "no such route",
     "method_not_allowed": "the route does not take this method (see the Allow header)",
     "model_not_loaded": "the model is not loaded",
+    "load_in_progress": "the model is loading: unload it once it is loaded",
     "model_conflict": "the model is loaded or loading with other settings; unload it first",
     "payload_too_large": "the body is larger than TURSI_MAX_BODY_BYTES",
     "rate_limit_exceeded": "over the rate limit (see Retry-After)",

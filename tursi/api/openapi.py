@@ -139,8 +139,8 @@ OPERATIONS: dict[str, Doc] = {
         body=LoadRequestSchema, body_required=False, example={"quantize": True, "bits": 8}),
     "models.unload_model": Doc(
         "models", {200: ok("Unloaded; its memory is released", UnloadResponseSchema)},
-        {400: ["invalid_request"], 404: ["model_not_found"], 409: ["model_not_loaded"],
-         503: ["model_loading"]},
+        {400: ["invalid_request"], 404: ["model_not_found"],
+         409: ["model_not_loaded", "load_in_progress"]},
         body=UnloadRequestSchema, body_required=False),
     "models.model_metrics": Doc("models", {200: ok("The model's counters", ModelMetricsSchema)},
                                 {400: [QUERY], 404: ["model_not_found"]}),

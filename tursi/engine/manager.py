@@ -15,8 +15,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ..errors import (InsufficientMemory, ModelConflict, ModelLoading, ModelNotLoaded,
-                      ModelUnloaded)
+from ..errors import (InsufficientMemory, LoadInProgress, ModelConflict, ModelLoading,
+                      ModelNotLoaded, ModelUnloaded)
 from ..formatting import format_bytes
 from ..telemetry import ModelStats
 from .catalog import Catalog
@@ -249,8 +249,8 @@ class ModelManager:
         state = self.state(name)
         with self._lock:
             if state.status == "loading":
-                raise ModelLoading(f"Model '{name}' is loading; unload it once it is loaded",
-                                   {"status": "loading"}, headers={"Retry-After": "5"})
+                raise LoadInProgress(f"Model '{name}' is loading; unload it once it is loaded",
+                                     {"status": "loading"})
             if state.status != "loaded" or state.worker is None:
                 raise ModelNotLoaded(f"Model '{name}' is not loaded", {"status": state.status})
             worker = self._detach(state)
@@ -324,5 +324,5 @@ class ModelManager:
             if state.status == "loaded":
                 try:
                     self.unload(state.name)
-                except (ModelNotLoaded, ModelLoading, ModelUnloaded):
+                except (ModelNotLoaded, LoadInProgress, ModelUnloaded):
                     pass
