@@ -6,8 +6,10 @@ with a tokenizer trained on a few sentences (see tiny_models.py).
 import gc
 import os
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -97,6 +99,54 @@ def tiny_client(client):
     """A client whose app has "tiny" loaded."""
     assert load_and_wait(client, "tiny")["status"] == "loaded"
     return client
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def assert_error(response, status, code):
+    """The response is a JSON error of exactly the documented shape; returns its "error"."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    assert "<html" not in response.get_data(as_text=True).lower()
+    body = response.get_json()
+    assert list(body) == ["error"]
+    error = body["error"]
+    assert set(error) == {"code", "message", "details"}
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["details"], dict)
+    return error
+
+
+@pytest.fixture
+def gated_loads(monkeypatch):
+    """Loads of the models named in `gated_loads.names` (all when empty) wait for
+    `gated_loads.gate.set()` before reading any weights, so "loading" can be observed."""
+    import tursi.engine.manager as manager_module
+
+    gate = threading.Event()
+    names: set[str] = set()
+    real_load = manager_module.load_model
+
+    def gated_load(entry, *args, **kwargs):
+        if not names or entry.name in names:
+            assert gate.wait(30)
+        return real_load(entry, *args, **kwargs)
+
+    monkeypatch.setattr(manager_module, "load_model", gated_load)
+    yield SimpleNamespace(gate=gate, names=names)
+    gate.set()
+
+
+@pytest.fixture
+def slow_loads(gated_loads):
+    """Every load waits for slow_loads.set()."""
+    return gated_loads.gate
 
 
 def load_and_wait(client, name, body=None, timeout=60, headers=None):

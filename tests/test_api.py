@@ -18,10 +18,9 @@ import pytest
 import torch
 
 import tursi.api.status as status_module
-import tursi.engine.manager as manager_module
 import tursi.engine.scheduler as scheduler_module
 
-from conftest import API, load_and_wait
+from conftest import API, assert_error, load_and_wait, wait_for
 from server import parse_sse
 
 SIZE = re.compile(r"^\d+(\.\d)?(B|KB|MB|GB|TB)$")
@@ -33,21 +32,6 @@ TINY_CONTEXT = 256  # max_position_embeddings of the tiny Llama
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-def assert_error(response, status, code):
-    """The response is a JSON error of exactly the documented shape; returns its "error"."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    assert "<html" not in response.get_data(as_text=True).lower()
-    body = response.get_json()
-    assert list(body) == ["error"]
-    error = body["error"]
-    assert set(error) == {"code", "message", "details"}
-    assert error["code"] == code
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["details"], dict)
-    return error
-
 
 def generate(client, headers=None, **body):
     body.setdefault("model", "tiny")
@@ -100,28 +84,6 @@ def metrics(client, name="tiny"):
     body = response.get_json()
     assert body["name"] == name
     return body["metrics"]
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def slow_loads(monkeypatch):
-    """Loads wait for gate.set() before reading any weights, so "loading" can be observed."""
-    gate = threading.Event()
-    real_load = manager_module.load_model
-
-    def gated_load(*args, **kwargs):
-        assert gate.wait(30)
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(manager_module, "load_model", gated_load)
-    yield gate
-    gate.set()
 
 
 # --- GET /models -----------------------------------------------------------------------------
@@ -362,7 +324,7 @@ def test_load_while_loading(client, slow_loads):
     busy = assert_error(response, 503, "model_loading")
     assert busy["details"]["status"] == "loading"
     assert "Retry-After" in response.headers
-    assert_error(client.post(f"{API}/models/tiny/unload"), 503, "model_loading")
+    assert_error(client.post(f"{API}/models/tiny/unload"), 409, "load_in_progress")
 
     slow_loads.set()
     wait_for(lambda: model_entry(client, "tiny")["status"] == "loaded")
@@ -437,7 +399,8 @@ def test_unload_during_generation_ends_running_and_queued_jobs(app, tiny_client,
     next(frames), next(frames)  # the prompt, then the first generated text: it is running
     queued = {}
     thread = threading.Thread(target=lambda: queued.update(response=app.test_client().post(
-        f"{API}/generate", json={"model": "tiny", "prompt": "hi", "max_tokens": 250})))
+        f"{API}/generate", json={"model": "tiny", "prompt": "hi", "max_tokens": 250,
+                                   "ignore_eos": True})))
     thread.start()
     wait_for(lambda: worker.running + worker.waiting == 2)
 

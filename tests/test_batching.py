@@ -13,8 +13,8 @@ from tursi.engine.jobs import Finished, GenerationJob, GenerationParams, TextChu
 from tursi.engine.loader import LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 
-from conftest import API, load_and_wait
-from test_api import assert_error, generate, generate_ok, metrics, sse_events, stream, wait_for
+from conftest import API, assert_error, load_and_wait, wait_for
+from test_api import generate, generate_ok, metrics, sse_events, stream
 from tiny_models import CORPUS, build_llama
 
 LONG = {"model": "tiny", "prompt": "lazy dog", "max_tokens": 250, "ignore_eos": True,

@@ -8,7 +8,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API
+from conftest import API, wait_for
 from server import Server
 
 BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0,
@@ -39,13 +39,6 @@ def value(samples, name, **labels):
 def requests_seen(samples, method, route, status):
     return value(samples, "tursi_request_duration_seconds_count",
                  method=method, route=route, status=str(status))
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def stream(client, **body):
