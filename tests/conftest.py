@@ -44,6 +44,14 @@ def tiny_models_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def embedded_home(tmp_path_factory):
+    """One TURSI_HOME for every test of the session that serves the embedded model: its GGUF
+    is converted to safetensors once (~25 s), not once per module. (Concurrent first loads
+    are safe: the conversion is written under a file lock.)"""
+    return tmp_path_factory.mktemp("tursi-home")
+
+
 @pytest.fixture
 def make_app(tiny_models_dir, tmp_path):
     """Factory: make_app(**overrides) -> a fresh app on the tiny catalog. Every app made

@@ -18,10 +18,10 @@ PROMPT = "Once upon a time"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("tursi-home")
-    srv = Server({"TURSI_HOME": str(home), "TURSI_PRELOAD": MODEL,
-                  "TURSI_RATE_LIMIT": "10000/minute"}, home / "gunicorn.log")
+def server(embedded_home, tmp_path_factory):
+    srv = Server({"TURSI_HOME": str(embedded_home), "TURSI_PRELOAD": MODEL,
+                  "TURSI_RATE_LIMIT": "10000/minute"},
+                 tmp_path_factory.mktemp("e2e") / "gunicorn.log")
     try:
         srv.wait_loaded(MODEL)
         yield srv

@@ -83,11 +83,10 @@ def wait_ready(base, headers, model, timeout=300, process=None):
 # --- end to end with the openai package -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("tursi-openai-home")
-    srv = Server({"TURSI_HOME": str(home), "TURSI_PRELOAD": MODEL,
+def server(embedded_home, tmp_path_factory):
+    srv = Server({"TURSI_HOME": str(embedded_home), "TURSI_PRELOAD": MODEL,
                   "TURSI_RATE_LIMIT": "10000/minute", "TURSI_API_KEYS": KEY},
-                 home / "gunicorn.log")
+                 tmp_path_factory.mktemp("openai") / "gunicorn.log")
     try:
         try:
             wait_ready(f"http://127.0.0.1:{srv.port}", {"Authorization": f"Bearer {KEY}"},

@@ -21,8 +21,8 @@ HELDOUT = Path(__file__).resolve().parent.parent / "tursi" / "data" / "heldout.t
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tursi-home"))
+def home(embedded_home):
+    return str(embedded_home)
 
 
 def perplexity(loaded) -> float:

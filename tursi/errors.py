@@ -28,6 +28,12 @@ class InvalidRequest(TursiError):
     status, code = 400, "invalid_request"
 
 
+class ClientDisconnected(TursiError):
+    """The client went away before its answer was ready. Nobody receives this response; it
+    is the status nginx logs for the same case, so access logs and metrics show it."""
+    status, code = 499, "client_disconnected"
+
+
 class ContextLengthExceeded(TursiError):
     status, code = 400, "context_length_exceeded"
 

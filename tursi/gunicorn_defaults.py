@@ -18,6 +18,9 @@ keepalive = 5
 accesslog = os.environ.get("TURSI_ACCESS_LOG", "-")
 errorlog = "-"
 loglevel = os.environ.get("TURSI_LOG_LEVEL", "info")
+# No gunicornc control socket: Tursi does not use it, it is one more way in, and every
+# master on a host would share its default path ($HOME/.gunicorn/gunicorn.ctl).
+control_socket_disable = True
 # The access log shows method, path and status, never the Authorization header.
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'
 

@@ -36,6 +36,8 @@ ERROR_CODES = {
     "insufficient_memory": "the model does not fit the memory budget (TURSI_MAX_MEMORY) even "
                            "after unloading every idle, unpinned model",
     "request_timeout": "the request ran longer than TURSI_REQUEST_TIMEOUT",
+    "client_disconnected": "the client closed the connection before its answer was ready; "
+                           "never received, it shows in logs and metrics as 499",
     "http_error": "any other HTTP error",
 }
 

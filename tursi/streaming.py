@@ -8,6 +8,7 @@ from typing import Any, Iterator, Protocol
 
 from flask import Response, request
 
+from .disconnect import watch_client
 from .engine.jobs import Failed, Finished, GenerationJob, TextChunk
 from .engine.threads import Empty
 from .errors import TursiError
@@ -59,9 +60,11 @@ def relay(job: GenerationJob, frames: Frames, heartbeat: float,
           environ: dict[str, Any]) -> Iterator[str]:
     """Yield SSE frames for `job` until it finishes. A comment heartbeat goes out when the
     engine is quiet, so a vanished client is noticed (the write fails, the server closes
-    this generator) and the job is cancelled in `finally`. How the stream ended goes into
-    the WSGI environ for the request counters: "tursi.stream_ok" and "tursi.stream_error"."""
+    this generator) and the job is cancelled in `finally`; a client that closes its
+    connection is noticed at once (tursi.disconnect). How the stream ended goes into the
+    WSGI environ for the request counters: "tursi.stream_ok" and "tursi.stream_error"."""
     ok = False
+    unwatch = watch_client(environ, job)
     try:
         yield from frames.start()
         while True:
@@ -81,6 +84,7 @@ def relay(job: GenerationJob, frames: Frames, heartbeat: float,
                 yield from frames.error(event.error)
                 return
     finally:
+        unwatch()
         job.cancel()
         environ["tursi.stream_ok"] = ok
 
@@ -92,8 +96,10 @@ def stream_response(job: GenerationJob, frames: Frames, heartbeat: float) -> Res
 
 
 def collect(job: GenerationJob) -> tuple[str, Finished]:
-    """Wait for a whole (non-streamed) generation; raise its error if it failed."""
+    """Wait for a whole (non-streamed) generation; raise its error if it failed (also when
+    the client disconnects first: the job is then abandoned, tursi.disconnect)."""
     pieces: list[str] = []
+    unwatch = watch_client(request.environ, job)
     try:
         while True:
             event = job.events.get()
@@ -104,4 +110,5 @@ def collect(job: GenerationJob) -> tuple[str, Finished]:
             elif isinstance(event, Failed):
                 raise event.error
     finally:
+        unwatch()
         job.cancel()

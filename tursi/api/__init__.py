@@ -22,9 +22,37 @@ def json_body(required: bool = True) -> dict[str, Any]:
         data = request.get_json()
     except BadRequest:
         raise InvalidRequest("The body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequest("The body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The body must be a JSON object", {"type": type(data).__name__})
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise InvalidRequest(f"The body is not valid Unicode: {where} holds a lone surrogate "
+                             "escape (\\ud800-\\udfff)", {"field": where})
     return data
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The path of the first string (key or value) with a lone UTF-16 surrogate, which JSON
+    escapes allow but no text can hold (the tokenizers refuse it); None when there is none."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{path}.{key}" if path else str(key)
+                stack.append((name, key))
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+    return None
 
 
 def no_query() -> None:

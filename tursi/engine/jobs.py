@@ -56,3 +56,9 @@ class GenerationJob:
     def cancel(self) -> None:
         """Stop generating at the next step (client gone). Safe from any thread, idempotent."""
         self.cancelled = True
+
+    def abandon(self, error: TursiError) -> None:
+        """Cancel, and wake whoever waits on the events with `error` (the engine sends
+        nothing more for a cancelled job)."""
+        self.cancel()
+        self.events.put(Failed(error))
