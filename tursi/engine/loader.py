@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from ..errors import UnsupportedQuantization
 from .catalog import QUANT_BITS, QUANT_MODES, CatalogEntry
 from .progress import LOADING_WEIGHTS, LoadProgress, reporting
+from .threads import native_lock
 
 log = logging.getLogger(__name__)
 
@@ -320,9 +321,9 @@ def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
     """Load weights and tokenizer. CUDA: accelerate's device_map="auto" (with max_memory);
     CPU: everything on the CPU. Quantized loads: bitsandbytes on CUDA and for 4 bits on CPU;
     8 bits on CPU: a float32 load, then tursi.engine.quantize (int8 matmuls).
-    `progress` follows the steps as they run."""
+    `progress` follows the steps as they run. Loads in one process take turns (_LOADING)."""
     progress = progress or LoadProgress()
-    with reporting(progress):
+    with _LOADING, reporting(progress):
         return _load_model(entry, options, home, max_gpu_memory, allow_downloads, progress)
 
 
@@ -371,8 +372,11 @@ def _load_model(entry: CatalogEntry, options: LoadOptions, home: str,
             cached = None  # nothing to save
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise LoadError(f"Could not load '{entry.name}' from {source}: {exc}") from None
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # the manager says "out of memory" and what to do
+    except Exception as exc:  # missing or damaged files, a config transformers cannot read
+        reason = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        raise LoadError(f"Could not load '{entry.name}' from {source}: {reason}") from None
     model.eval()
     if cached is not None:  # a CPU int8 load that did the full-precision pass: quantize, cache
         from .quantize import calibrate, quantize_int8
@@ -421,6 +425,14 @@ def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 # Bytes per parameter of a quantized load, measured on the embedded model (docs/quantization.md:
 # 8-bit 0.36x and 4-bit 0.34x of float32's 4 bytes, the float-kept layers included), rounded up.
 QUANTIZED_BYTES_PER_PARAMETER = 1.5
+SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own limit
+
+# transformers' loading is not thread-safe: two from_pretrained calls at once left the tied
+# output head (lm_head) uninitialized in 26 of 30 concurrent loads of two tiny Llamas
+# (transformers 5.23), which then served NaN logits. Loading also changes process-wide torch
+# state while it runs (the default dtype; accelerate's init_empty_weights). So the loads of
+# one process run one at a time; a second one waits, still "loading".
+_LOADING = native_lock()
 
 
 def parameter_count(path: Path) -> int:
@@ -429,9 +441,14 @@ def parameter_count(path: Path) -> int:
     if path.suffix == ".safetensors":
         with path.open("rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        return sum(math.prod(info["shape"]) for key, info in header.items()
-                   if key != "__metadata__")
+            if not 2 <= size <= SAFETENSORS_MAX_HEADER:
+                raise LoadError(f"{path} is not a valid safetensors file (header of {size} bytes)")
+            try:
+                header = json.loads(handle.read(size))
+                return sum(math.prod(info["shape"]) for key, info in header.items()
+                           if key != "__metadata__")
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise LoadError(f"{path} is not a valid safetensors file ({exc})") from None
     if path.suffix == ".gguf":
         from gguf import GGUFReader
         return sum(int(tensor.n_elements) for tensor in GGUFReader(path).tensors)
@@ -444,9 +461,9 @@ def estimate_memory_bytes(entry: CatalogEntry, options: LoadOptions, home: str) 
     files are not local yet."""
     try:
         files, _ = source_files(entry, home)
-    except LoadError:
+        parameters = sum(parameter_count(f) for f in files if f.is_file())
+    except LoadError:  # not local yet, or damaged: the load itself says what is wrong
         return None
-    parameters = sum(parameter_count(f) for f in files if f.is_file())
     if not parameters:
         return None
     if options.quantize:
@@ -481,6 +498,8 @@ def estimate_load_seconds(entry: CatalogEntry, home: str) -> float:
     if not files:
         return 1.0
     size = sum(f.stat().st_size for f in files)
+    if not size:
+        return 1.0
     seconds = 1.0 + size / measure_read_speed(max(files, key=lambda f: f.stat().st_size))
     if needs_conversion:
         seconds += size / GGUF_CONVERT_BYTES_PER_SECOND

@@ -38,7 +38,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # None: dynamic (per token); a 0-d tensor: static (per layer, from calibration)
         self.register_buffer("input_scale", None if input_scale is None
-                             else torch.tensor(max(input_scale, 1e-8) / 127))
+                             else torch.tensor(max(input_scale, 1e-8) / 127,
+                                               dtype=torch.float32))
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,8 @@ def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> lis
     if sampled:
         # The draws use CPU random generators, so they happen on the CPU.
         rows = logits[sampled].cpu()
-        temperatures = torch.tensor([choosers[i].temperature for i in sampled])[:, None]
+        temperatures = torch.tensor([choosers[i].temperature for i in sampled],
+                                    dtype=torch.float32)[:, None]
         # Shift by the max first: a tiny temperature then sends the others to -inf, not NaN.
         probs = torch.softmax((rows - rows.max(-1, keepdim=True).values) / temperatures, -1)
         for row, i in enumerate(sampled):

@@ -199,8 +199,10 @@ class Scheduler:
         logits = prefill.step(self.loaded.model)
         if logits is None:
             return
-        self.prefill = None
+        # Chosen before the group leaves self.prefill: if choosing fails, fail_all still
+        # finds (and ends) these jobs.
         tokens = choose_tokens(logits, [seq.chooser for seq in prefill.seqs])
+        self.prefill = None
         for row, seq in enumerate(prefill.seqs):
             reason = _ended(seq.job)
             if reason is not None:
