@@ -32,6 +32,20 @@ class Server:
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
+    def wait_healthy(self, timeout: float = 120) -> None:
+        """Until GET /health answers (the worker has imported everything)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/health", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"no answer after {timeout}s: {self.log_path.read_text()[-3000:]}")
+
     def wait_loaded(self, model: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

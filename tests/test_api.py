@@ -925,6 +925,27 @@ def test_generation_failure(tiny_client, monkeypatch):
     assert generate(client, prompt="hi", max_tokens=2).status_code == 200  # the worker lives on
 
 
+def test_failing_to_choose_a_first_token_ends_the_requests(app, tiny_client, monkeypatch):
+    """A failure after a prefill, while the first tokens are chosen (NaN logits from a broken
+    model, say), ends those requests with an error; it must not lose them (they would wait
+    forever and hold their batch slots)."""
+    def broken(*args):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+    monkeypatch.setattr(scheduler_module, "choose_tokens", broken)
+    answer = {}
+    request = threading.Thread(target=lambda: answer.update(
+        response=generate(app.test_client(), prompt="hi", max_tokens=2)), daemon=True)
+    request.start()
+    request.join(20)
+    assert "response" in answer, "the request was lost: it never ended"
+    assert_error(answer["response"], 500, "generation_failed")
+    worker = app.extensions["tursi"].manager.state("tiny").worker
+    assert worker.counts() == (0, 0)
+    monkeypatch.undo()
+    assert generate(tiny_client, prompt="hi", max_tokens=2).status_code == 200
+
+
 # --- authentication --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("headers", [

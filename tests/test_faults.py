@@ -45,6 +45,16 @@ def tokens_generated(server) -> int:
     return response.json()["metrics"]["tokens_generated"]
 
 
+def seconds_until_idle(server, since: float, limit: float = 1.0) -> float:
+    """Seconds from `since` until /status shows nothing running or waiting (polled every
+    20 ms, given up at `limit`: the caller asserts)."""
+    while time.monotonic() - since < limit:
+        if generations(server) == {"running": 0, "waiting": 0}:
+            break
+        time.sleep(0.02)
+    return time.monotonic() - since
+
+
 def worker_process(server) -> psutil.Process:
     (worker,) = psutil.Process(server.process.pid).children()
     return worker
@@ -87,7 +97,10 @@ def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server):
     finally:
         for sock in socks:
             sock.close()
-    time.sleep(1.0)
+    closed = time.monotonic()
+    print(f"\n100 vanished streams: nothing running or waiting "
+          f"{seconds_until_idle(server, closed):.2f} s after the sockets closed")
+    time.sleep(max(0.0, closed + 1.0 - time.monotonic()))
     assert generations(server) == {"running": 0, "waiting": 0}
     count = tokens_generated(server)
     time.sleep(0.5)
@@ -110,7 +123,10 @@ def test_vanished_non_stream_clients_stop_their_generations(server):
     finally:
         for sock in socks:
             sock.close()
-    time.sleep(1.0)
+    closed = time.monotonic()
+    print(f"\n8 vanished non-stream clients: nothing running "
+          f"{seconds_until_idle(server, closed):.2f} s after the sockets closed")
+    time.sleep(max(0.0, closed + 1.0 - time.monotonic()))
     assert generations(server) == {"running": 0, "waiting": 0}
     assert tokens_generated(server) - before < 8 * 200  # far from 8 x 2000
 
@@ -215,6 +231,7 @@ def test_sigterm_drains(embedded_home, tmp_path):
 
         srv.process.wait(timeout=grace + 10)
         exited = time.monotonic() - signalled
+        print(f"\nSIGTERM: the master exited {exited:.1f} s after the signal (grace {grace} s)")
         endless.join(10)
         assert srv.process.returncode == 0
         assert grace - 1 <= exited <= grace + 5, exited

@@ -1,7 +1,7 @@
 """The OpenAPI 3 document (GET /api/v1/openapi.json) and Swagger UI over it (GET /docs).
 
 The document is built with apispec, once per app on first request, from the app's URL map:
-every route except Flask's `static` and the Swagger UI pages. Each view's docstring gives
+every route except the Swagger UI pages (the app has no `static` route). Each view's docstring gives
 the summary (first paragraph) and description; OPERATIONS below gives the request body, the
 success responses and the route's error codes; request and response bodies are the
 marshmallow schemas (tursi.schemas, tursi.openai_schemas, tursi.response_schemas).
@@ -248,9 +248,9 @@ A path that is no route answers `404 not_found`; a method a route does not take,
 # --- building ----------------------------------------------------------------------------
 
 def documented_rules(app: Flask) -> list:
-    """Every route but Flask's static files and the Swagger UI pages."""
+    """Every route but the Swagger UI pages."""
     return [rule for rule in app.url_map.iter_rules()
-            if rule.endpoint != "static" and not rule.endpoint.startswith(SWAGGER_UI + ".")]
+            if not rule.endpoint.startswith(SWAGGER_UI + ".")]
 
 
 def build_document(app: Flask) -> dict[str, Any]:

@@ -141,6 +141,7 @@ class ModelManager:
         needed = None
         if self.max_memory is not None:  # reads file headers: off the gevent hub
             needed = off_hub(estimate_memory_bytes, entry, options, self.home)
+        estimate = off_hub(estimate_load_seconds, entry, self.home)  # reads the files too
         with self._lock:
             ticket = self._existing(state, options)
             if ticket is not None:
@@ -153,7 +154,6 @@ class ModelManager:
         for victim, worker in victims:
             log.info("evicting %s (least recently used, idle) to make room for %s", victim, name)
             self._stop(victim, worker)
-        estimate = estimate_load_seconds(entry, self.home)
         start_native_thread(self._load_in_background, name, options, progress)
         return LoadTicket("loading", "Model loading initiated", estimate)
 
@@ -222,7 +222,7 @@ class ModelManager:
             loaded = load_model(self.catalog.get(name), options, self.home,
                                 self.max_gpu_memory, self.allow_downloads, progress)
         except Exception as exc:
-            message = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
+            message = _load_failure(exc)
             log.error("loading %s failed: %s", name, message)
             with self._lock:
                 state.status, state.error, state.progress = "failed", message, None
@@ -326,3 +326,15 @@ class ModelManager:
                     self.unload(state.name)
                 except (ModelNotLoaded, LoadInProgress, ModelUnloaded):
                     pass
+
+
+def _load_failure(exc: Exception) -> str:
+    """The reason a load failed, as GET /models shows it."""
+    import torch
+    if isinstance(exc, LoadError):
+        return str(exc)
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):  # host RAM / a GPU's memory
+        return (f"Out of memory while loading ({type(exc).__name__}: {exc}). Free memory "
+                "(unload a model), quantize, or set TURSI_MAX_MEMORY so that loads that do "
+                "not fit are refused before they start")
+    return f"{type(exc).__name__}: {exc}"
