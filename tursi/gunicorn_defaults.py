@@ -60,6 +60,9 @@ def on_exit(server):
 
 
 def post_worker_init(worker):
-    """SIGTERM drains: new requests get 503, in-flight ones finish (tursi.lifecycle)."""
+    """SIGTERM drains: new requests get 503, in-flight ones finish (tursi.lifecycle);
+    requests gunicorn cannot parse get a JSON error body (tursi.gunicorn_errors)."""
+    from tursi import gunicorn_errors
     from tursi.lifecycle import drain_on_sigterm
     drain_on_sigterm(worker)
+    gunicorn_errors.install()
