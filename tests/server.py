@@ -7,17 +7,33 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = "smollm2-135m-instruct"
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def embedded_server(home: Path, log_path: Path, **env: str) -> Iterator["Server"]:
+    """A server preloading the embedded model (from the session's shared TURSI_HOME), with a
+    rate limit no test reaches unless it sets its own; stopped when the block ends."""
+    srv = Server({"TURSI_HOME": str(home), "TURSI_PRELOAD": EMBEDDED,
+                  "TURSI_RATE_LIMIT": "100000/minute", **env}, log_path)
+    try:
+        srv.wait_loaded(EMBEDDED)
+        yield srv
+    finally:
+        srv.stop()
 
 
 class Server:

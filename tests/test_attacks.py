@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import API, assert_error, load_and_wait
+from conftest import API, load_and_wait
 
 KEY = "attack-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

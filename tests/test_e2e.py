@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from server import Server, parse_sse
+from server import embedded_server, parse_sse
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2-135m-instruct"
@@ -19,14 +19,8 @@ PROMPT = "Once upon a time"
 
 @pytest.fixture(scope="module")
 def server(embedded_home, tmp_path_factory):
-    srv = Server({"TURSI_HOME": str(embedded_home), "TURSI_PRELOAD": MODEL,
-                  "TURSI_RATE_LIMIT": "10000/minute"},
-                 tmp_path_factory.mktemp("e2e") / "gunicorn.log")
-    try:
-        srv.wait_loaded(MODEL)
+    with embedded_server(embedded_home, tmp_path_factory.mktemp("e2e") / "gunicorn.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def generate(server, **body):

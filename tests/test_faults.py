@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from conftest import wait_for
-from server import Server, parse_sse
+from server import embedded_server, parse_sse
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2-135m-instruct"
@@ -26,14 +26,8 @@ ENDLESS = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "temperature": 
 
 @pytest.fixture(scope="module")
 def server(embedded_home, tmp_path_factory):
-    srv = Server({"TURSI_HOME": str(embedded_home), "TURSI_PRELOAD": MODEL,
-                  "TURSI_RATE_LIMIT": "100000/minute"},
-                 tmp_path_factory.mktemp("faults") / "gunicorn.log")
-    try:
-        srv.wait_loaded(MODEL)
+    with embedded_server(embedded_home, tmp_path_factory.mktemp("faults") / "gunicorn.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def generations(server) -> dict:
@@ -45,14 +39,20 @@ def tokens_generated(server) -> int:
     return response.json()["metrics"]["tokens_generated"]
 
 
-def seconds_until_idle(server, since: float, limit: float = 1.0) -> float:
-    """Seconds from `since` until /status shows nothing running or waiting (polled every
-    20 ms, given up at `limit`: the caller asserts)."""
-    while time.monotonic() - since < limit:
+def vanish(server, socks: list[socket.socket], who: str) -> None:
+    """Close the clients' sockets; one second later nothing may run or wait. Prints how long
+    it took (/status polled every 20 ms)."""
+    for sock in socks:
+        sock.close()
+    closed = time.monotonic()
+    while time.monotonic() - closed < 1.0:
         if generations(server) == {"running": 0, "waiting": 0}:
             break
         time.sleep(0.02)
-    return time.monotonic() - since
+    print(f"\n{who} vanished: nothing running or waiting {time.monotonic() - closed:.2f} s "
+          "after the sockets closed")
+    time.sleep(max(0.0, closed + 1.0 - time.monotonic()))
+    assert generations(server) == {"running": 0, "waiting": 0}
 
 
 def worker_process(server) -> psutil.Process:
@@ -95,13 +95,7 @@ def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server):
             read_until(sock, b"event: text")
         wait_for(lambda: generations(server)["running"] > 0)
     finally:
-        for sock in socks:
-            sock.close()
-    closed = time.monotonic()
-    print(f"\n100 vanished streams: nothing running or waiting "
-          f"{seconds_until_idle(server, closed):.2f} s after the sockets closed")
-    time.sleep(max(0.0, closed + 1.0 - time.monotonic()))
-    assert generations(server) == {"running": 0, "waiting": 0}
+        vanish(server, socks, "100 streams")
     count = tokens_generated(server)
     time.sleep(0.5)
     assert tokens_generated(server) == count  # nothing is decoding any more
@@ -121,13 +115,7 @@ def test_vanished_non_stream_clients_stop_their_generations(server):
     try:
         wait_for(lambda: generations(server)["running"] == 8, timeout=60)
     finally:
-        for sock in socks:
-            sock.close()
-    closed = time.monotonic()
-    print(f"\n8 vanished non-stream clients: nothing running "
-          f"{seconds_until_idle(server, closed):.2f} s after the sockets closed")
-    time.sleep(max(0.0, closed + 1.0 - time.monotonic()))
-    assert generations(server) == {"running": 0, "waiting": 0}
+        vanish(server, socks, "8 non-stream clients")
     assert tokens_generated(server) - before < 8 * 200  # far from 8 x 2000
 
 
@@ -172,11 +160,8 @@ def test_sigterm_drains(embedded_home, tmp_path):
     arriving on a kept-alive connection gets 503 shutting_down; new connections are not
     taken; a request that would outlive the grace period is cut at it; the master exits 0."""
     grace = 8
-    srv = Server({"TURSI_HOME": str(embedded_home), "TURSI_PRELOAD": MODEL,
-                  "TURSI_RATE_LIMIT": "100000/minute", "TURSI_GRACEFUL_TIMEOUT": str(grace)},
-                 tmp_path / "gunicorn.log")
-    try:
-        srv.wait_loaded(MODEL)
+    with embedded_server(embedded_home, tmp_path / "gunicorn.log",
+                         TURSI_GRACEFUL_TIMEOUT=str(grace)) as srv:
         streams: dict[str, list] = {}
 
         def run_stream(name, max_tokens):
@@ -236,5 +221,3 @@ def test_sigterm_drains(embedded_home, tmp_path):
         assert srv.process.returncode == 0
         assert grace - 1 <= exited <= grace + 5, exited
         assert "done" not in [name for name, _ in streams["endless"]]
-    finally:
-        srv.stop()

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from server import Server, parse_sse
+from server import embedded_server, parse_sse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.soak]
 MODEL = "smollm2-135m-instruct"
@@ -57,11 +57,7 @@ def one_call(base: str, session: requests.Session, i: int, n: int) -> tuple[str,
 
 
 def test_soak(embedded_home, tmp_path):
-    srv = Server({"TURSI_HOME": str(embedded_home), "TURSI_PRELOAD": MODEL,
-                  "TURSI_RATE_LIMIT": "100000/minute"},
-                 tmp_path / "gunicorn.log")
-    try:
-        srv.wait_loaded(MODEL)
+    with embedded_server(embedded_home, tmp_path / "gunicorn.log") as srv:
         (worker,) = psutil.Process(srv.process.pid).children()
         base = f"http://127.0.0.1:{srv.port}"
         seen: collections.Counter = collections.Counter()
@@ -111,5 +107,3 @@ def test_soak(embedded_home, tmp_path):
         assert growth < 0.05
         generations = requests.get(f"{base}/api/v1/status", timeout=10).json()["generations"]
         assert generations == {"running": 0, "waiting": 0}
-    finally:
-        srv.stop()
