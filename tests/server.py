@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,15 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def generations(self) -> dict:
+        """Generations running and waiting, as GET /status tells them."""
+        return requests.get(f"{self.url}/status", timeout=10).json()["generations"]
+
+    def worker(self) -> psutil.Process:
+        """The one gunicorn worker process (TURSI_WORKERS=1)."""
+        (worker,) = psutil.Process(self.process.pid).children()
+        return worker
 
     def wait_healthy(self, timeout: float = 120) -> None:
         """Until GET /health answers (the worker has imported everything)."""

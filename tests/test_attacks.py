@@ -10,6 +10,7 @@ import json
 import pytest
 
 from conftest import API, load_and_wait
+from tiny_models import with_chat_template, write_catalog
 
 KEY = "attack-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -22,23 +23,14 @@ ROUTES = {  # route -> a valid body for it
     "/v1/chat/completions": {"model": "tiny", "max_tokens": 2,
                              "messages": [{"role": "user", "content": "hi"}]},
 }
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
 @pytest.fixture(scope="module")
 def chat_models(tiny_models_dir, tmp_path_factory):
     """The tiny Llama with a chat template, so that every route can succeed."""
-    import shutil
-
-    from tiny_models import write_catalog
     root = tmp_path_factory.mktemp("attacks")
-    shutil.copytree(tiny_models_dir / "llama", root / "chat")
-    config_path = root / "chat" / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    config_path.write_text(json.dumps(config))
-    return write_catalog(root / "models.json", {"tiny": {"path": str(root / "chat"),
-                                                         "dtype": "float32"}})
+    chat = with_chat_template(tiny_models_dir / "llama", root / "chat")
+    return write_catalog(root / "models.json", {"tiny": {"path": str(chat), "dtype": "float32"}})
 
 
 @pytest.fixture

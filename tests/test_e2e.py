@@ -37,10 +37,6 @@ def stream(server, **body):
     return parse_sse(response.iter_lines(decode_unicode=True))
 
 
-def running(server) -> dict:
-    return requests.get(f"{server.url}/status", timeout=5).json()["generations"]
-
-
 def test_the_spec_example_gives_a_coherent_continuation(server):
     out = generate(server, prompt=PROMPT, max_tokens=40, temperature=0)
     continuation = out["text"][len(PROMPT):]
@@ -99,7 +95,7 @@ def test_status_answers_fast_while_four_streams_generate(server):
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 10
-    while running(server)["running"] == 0 and time.monotonic() < deadline:
+    while server.generations()["running"] == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     latencies, busy = [], []
     for _ in range(25):
@@ -133,10 +129,10 @@ def test_a_vanished_client_stops_its_generation(server):
         chunk = sock.recv(4096)
         assert chunk, "server closed the stream early"
         received += chunk
-    assert running(server)["running"] == 1
+    assert server.generations()["running"] == 1
     sock.close()
     time.sleep(2)
-    assert running(server) == {"running": 0, "waiting": 0}
+    assert server.generations() == {"running": 0, "waiting": 0}
     after = requests.get(metrics_url, timeout=5).json()["metrics"]["tokens_generated"]
     assert after - before < 200  # stopped long before max_tokens=1000
 
@@ -188,7 +184,7 @@ def test_greedy_fp32_text_is_the_same_alone_or_in_a_batch_of_16(server, fp32_mod
 
     def watch():
         while not done.is_set():
-            peak[0] = max(peak[0], running(server)["running"])
+            peak[0] = max(peak[0], server.generations()["running"])
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
@@ -231,7 +227,7 @@ def test_unload_ends_generations_in_flight_then_reload_serves_again(server):
     assert events[-1][1]["error"]["code"] == "model_unloaded"
     listed = {m["name"]: m for m in requests.get(f"{server.url}/models").json()["models"]}
     assert listed[MODEL]["status"] == "not_loaded"
-    assert running(server) == {"running": 0, "waiting": 0}
+    assert server.generations() == {"running": 0, "waiting": 0}
     gone = requests.post(f"{server.url}/generate", json={"model": MODEL, "prompt": "Hi"})
     assert gone.status_code == 409 and gone.json()["error"]["code"] == "model_not_loaded"
 

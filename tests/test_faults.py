@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 
-import psutil
 import pytest
 import requests
 
@@ -30,10 +29,6 @@ def server(embedded_home, tmp_path_factory):
         yield srv
 
 
-def generations(server) -> dict:
-    return requests.get(f"{server.url}/status", timeout=5).json()["generations"]
-
-
 def tokens_generated(server) -> int:
     response = requests.get(f"{server.url}/models/{MODEL}/metrics", timeout=5)
     return response.json()["metrics"]["tokens_generated"]
@@ -46,18 +41,13 @@ def vanish(server, socks: list[socket.socket], who: str) -> None:
         sock.close()
     closed = time.monotonic()
     while time.monotonic() - closed < 1.0:
-        if generations(server) == {"running": 0, "waiting": 0}:
+        if server.generations() == {"running": 0, "waiting": 0}:
             break
         time.sleep(0.02)
     print(f"\n{who} vanished: nothing running or waiting {time.monotonic() - closed:.2f} s "
           "after the sockets closed")
     time.sleep(max(0.0, closed + 1.0 - time.monotonic()))
-    assert generations(server) == {"running": 0, "waiting": 0}
-
-
-def worker_process(server) -> psutil.Process:
-    (worker,) = psutil.Process(server.process.pid).children()
-    return worker
+    assert server.generations() == {"running": 0, "waiting": 0}
 
 
 def send_generate(port: int, body: dict) -> socket.socket:
@@ -83,17 +73,17 @@ def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server):
     """100 streams start (32 decoding, 68 queued), then every client closes its socket:
     half after reading their first frames, half without reading a byte. One second later
     no generation runs or waits, no tokens are being made, and the server serves."""
-    worker = worker_process(server)
+    worker = server.worker()
     for stream in (False, True):  # warm up: torch starts its compute threads on first use
         requests.post(f"{server.url}/generate", timeout=60, json={
             "model": MODEL, "prompt": PROMPT, "max_tokens": 2, "stream": stream}).close()
     threads_before = worker.num_threads()
     socks = [send_generate(server.port, {**ENDLESS, "stream": True}) for _ in range(100)]
     try:
-        wait_for(lambda: sum(generations(server).values()) == 100, timeout=60)
+        wait_for(lambda: sum(server.generations().values()) == 100, timeout=60)
         for sock in socks[::2]:  # mid-stream: these have their first frames
             read_until(sock, b"event: text")
-        wait_for(lambda: generations(server)["running"] > 0)
+        wait_for(lambda: server.generations()["running"] > 0)
     finally:
         vanish(server, socks, "100 streams")
     count = tokens_generated(server)
@@ -113,7 +103,7 @@ def test_vanished_non_stream_clients_stop_their_generations(server):
     before = tokens_generated(server)
     socks = [send_generate(server.port, ENDLESS) for _ in range(8)]
     try:
-        wait_for(lambda: generations(server)["running"] == 8, timeout=60)
+        wait_for(lambda: server.generations()["running"] == 8, timeout=60)
     finally:
         vanish(server, socks, "8 non-stream clients")
     assert tokens_generated(server) - before < 8 * 200  # far from 8 x 2000
@@ -136,7 +126,7 @@ def test_unload_under_load_ends_every_request_with_a_clear_error(server):
     threads.append(threading.Thread(target=run_plain))
     for thread in threads:
         thread.start()
-    wait_for(lambda: generations(server)["running"] == 5, timeout=60)
+    wait_for(lambda: server.generations()["running"] == 5, timeout=60)
     assert requests.post(f"{server.url}/models/{MODEL}/unload", timeout=60).status_code == 200
     for thread in threads:
         thread.join(60)
@@ -180,7 +170,7 @@ def test_sigterm_drains(embedded_home, tmp_path):
         short.start(), endless.start()
         kept_alive = requests.Session()
         assert kept_alive.get(f"{srv.url}/status", timeout=5).status_code == 200
-        wait_for(lambda: generations(srv)["running"] == 2, timeout=60)
+        wait_for(lambda: srv.generations()["running"] == 2, timeout=60)
 
         signalled = time.monotonic()
         os.kill(srv.process.pid, signal.SIGTERM)

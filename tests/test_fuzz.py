@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from collections import Counter
 
@@ -36,7 +35,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, ignored
                                                response_headers_conformance,
                                                response_schema_conformance,
                                                status_code_conformance)
-from tiny_models import write_catalog
+from tiny_models import with_chat_template, write_catalog
 
 from tursi import create_app
 
@@ -44,8 +43,6 @@ API = "/api/v1"
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MIN_CASES = 1000
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
-                 "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 # Catalog names that load/unload may not touch: the built-ins (slow or network-bound loads)
 # and "tiny" (unloading it would turn every later generation into a 409).
 GUARDED = {"smollm2-135m-instruct", "gpt2", "gpt2-medium", "tiny"}
@@ -72,11 +69,7 @@ CONFIG = schemathesis.Config.from_dict({
 @pytest.fixture(scope="module")
 def fuzz_app(tiny_models_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    chat = root / "chat"
-    shutil.copytree(tiny_models_dir / "llama", chat)
-    config = json.loads((chat / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (chat / "tokenizer_config.json").write_text(json.dumps(config))
+    chat = with_chat_template(tiny_models_dir / "llama", root / "chat")
     catalog = write_catalog(root / "models.json", {
         "tiny": {"path": str(chat), "dtype": "float32"},
         "tiny-gpt2": {"path": str(tiny_models_dir / "gpt2"), "dtype": "float32"}})

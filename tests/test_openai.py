@@ -490,16 +490,9 @@ def test_v1_requests_use_up_the_native_budget(make_app):
 def test_chat_stream_frames_in_process(make_app, tiny_models_dir, tmp_path):
     """A chat stream's frames: a role chunk first, content deltas, a finish chunk, [DONE].
     The tiny tokenizer gets a chat template in a copy of the model."""
-    import shutil
+    from tiny_models import with_chat_template, write_catalog
 
-    from tiny_models import write_catalog
-
-    folder = tmp_path / "chatty"
-    shutil.copytree(tiny_models_dir / "llama", folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
-                               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    folder = with_chat_template(tiny_models_dir / "llama", tmp_path / "chatty")
     catalog = write_catalog(tmp_path / "models.json",
                             {"chatty": {"path": str(folder), "dtype": "float32"}})
     client = make_app(models_file=str(catalog)).test_client()

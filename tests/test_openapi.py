@@ -6,7 +6,6 @@ route and status. The last test renders /docs in headless Chromium from a real s
 """
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from apispec_webframeworks.flask import FlaskPlugin
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 from server import Server, parse_sse
-from tiny_models import write_catalog
+from tiny_models import with_chat_template, write_catalog
 
 from tursi import __version__
 from tursi.api.errors import _HTTP_CODES
@@ -33,8 +32,6 @@ from tursi.schemas import GenerateRequestSchema, LoadRequestSchema
 API = "/api/v1"
 SPEC_URL = f"{API}/openapi.json"
 CHROMIUM = Path("/usr/bin/chromium")
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
-                 "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def get_spec(client, **kwargs):
@@ -201,11 +198,7 @@ def openai_payloads(text):
 @pytest.fixture
 def catalog(tiny_models_dir, tmp_path):
     """"chatty" (tiny Llama with a chat template), "other" (tiny GPT-2), "broken" (no files)."""
-    folder = tmp_path / "chatty"
-    shutil.copytree(tiny_models_dir / "llama", folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    folder = with_chat_template(tiny_models_dir / "llama", tmp_path / "chatty")
     return str(write_catalog(tmp_path / "models.json", {
         "chatty": {"path": str(folder), "dtype": "float32"},
         "other": {"path": str(tiny_models_dir / "gpt2"), "dtype": "float32"},

@@ -13,7 +13,6 @@ import statistics
 import threading
 import time
 
-import psutil
 import pytest
 import requests
 
@@ -58,7 +57,7 @@ def one_call(base: str, session: requests.Session, i: int, n: int) -> tuple[str,
 
 def test_soak(embedded_home, tmp_path):
     with embedded_server(embedded_home, tmp_path / "gunicorn.log") as srv:
-        (worker,) = psutil.Process(srv.process.pid).children()
+        worker = srv.worker()
         base = f"http://127.0.0.1:{srv.port}"
         seen: collections.Counter = collections.Counter()
         failures: list[str] = []
@@ -105,5 +104,4 @@ def test_soak(embedded_home, tmp_path):
               f"{at_end / 2**20:.0f} MiB at the end ({growth:+.1%}), "
               f"peak {max(v for _, v in rss) / 2**20:.0f} MiB")
         assert growth < 0.05
-        generations = requests.get(f"{base}/api/v1/status", timeout=10).json()["generations"]
-        assert generations == {"running": 0, "waiting": 0}
+        assert srv.generations() == {"running": 0, "waiting": 0}

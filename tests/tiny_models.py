@@ -58,6 +58,22 @@ def build_gpt2(target: Path, seed: int = 0) -> Path:
     return target
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def with_chat_template(source: Path, target: Path) -> Path:
+    """A copy of the tiny model at `source` whose tokenizer has CHAT_TEMPLATE (the tiny
+    tokenizers have none), so that chat completions can succeed."""
+    import shutil
+    shutil.copytree(source, target)
+    config_path = target / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config))
+    return target
+
+
 def write_catalog(path: Path, entries: dict[str, dict]) -> Path:
     path.write_text(json.dumps({"models": entries}, indent=2))
     return path
