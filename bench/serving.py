@@ -3,7 +3,9 @@
     .venv/bin/python bench/serving.py [--max-tokens 128] [--clients 1,4,16,32] [--runs 3]
 
 1. In-process baselines, same model, same dtype, same prompts: transformers' `generate` on one
-   prompt and on a static left-padded batch of 16 (greedy, exactly --max-tokens new tokens).
+   prompt and on a static left-padded batch of 16 (greedy, exactly --max-tokens new tokens),
+   on the model as transformers loads it (the baseline the ratios use) and, for reference, on
+   the model as Tursi loads it (packed and fused CPU matmuls).
 2. A real gunicorn server (gevent worker, this repo's gunicorn.conf.py) on a free loopback
    port, serving the embedded model; for each client count, that many threads each stream one
    request (greedy, ignore_eos, --max-tokens); in the runs with 16 or more clients another
@@ -68,18 +70,23 @@ def percentile(values: list[float], q: float) -> float:
 # --- in-process baselines --------------------------------------------------------------------
 
 def baselines(home: str, max_tokens: int, runs: int) -> dict:
+    """generate's tok/s on one prompt and on a static batch of 16: with the model as plain
+    transformers loads it (the issue's baseline), and with the model as Tursi loads it
+    (packed and fused CPU matmuls, tursi.engine.cpu_kernels), to show what the kernels give
+    and what the scheduling gives."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from tursi.engine.catalog import Catalog
-    from tursi.engine.loader import LoadOptions, load_model
+    from tursi.engine.loader import LoadOptions, load_model, locate, resolve_dtype
 
     entry = Catalog.load(None).get(MODEL)
     loaded = load_model(entry, LoadOptions().resolved(entry), home, None, False)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def generate_rate(prompts: list[str]) -> float:
+    def generate_rate(model, prompts: list[str]) -> float:
         batch = tokenizer(prompts, return_tensors="pt", padding=True)
         started = time.perf_counter()
         with torch.inference_mode():
@@ -89,10 +96,21 @@ def baselines(home: str, max_tokens: int, runs: int) -> dict:
         assert out.shape[1] - batch["input_ids"].shape[1] == max_tokens
         return len(prompts) * max_tokens / elapsed
 
-    generate_rate(PROMPTS[:1])  # warm-up
-    single = statistics.median(generate_rate(PROMPTS[:1]) for _ in range(runs))
-    batch16 = statistics.median(generate_rate(PROMPTS[:16]) for _ in range(runs))
-    return {"dtype": loaded.dtype, "generate_1": single, "generate_16": batch16}
+    def rates(model) -> tuple[float, float]:
+        generate_rate(model, PROMPTS[:1])  # warm-up
+        single = statistics.median(generate_rate(model, PROMPTS[:1]) for _ in range(runs))
+        batch16 = statistics.median(generate_rate(model, PROMPTS[:16]) for _ in range(runs))
+        return single, batch16
+
+    tursi_1, tursi_16 = rates(loaded.model)
+    del loaded
+    gc.collect()
+    stock = AutoModelForCausalLM.from_pretrained(
+        locate(entry, home, False), dtype=resolve_dtype(entry.dtype, False),
+        local_files_only=True).eval()
+    stock_1, stock_16 = rates(stock)
+    return {"dtype": str(stock.dtype).removeprefix("torch."), "generate_1": stock_1,
+            "generate_16": stock_16, "tursi_kernels_1": tursi_1, "tursi_kernels_16": tursi_16}
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -226,6 +244,10 @@ def print_table(base: dict, rows: dict) -> None:
               f"{row['itl_p50'] * 1000:.0f} / {row['itl_p95'] * 1000:.0f} | {status} |")
     print(f"\nin-process baselines ({base['dtype']}): generate x1 {base['generate_1']:.1f} tok/s, "
           f"static batch of 16 {base['generate_16']:.1f} tok/s")
+    if "tursi_kernels_16" in base:
+        print(f"generate on the model as Tursi loads it (packed, fused CPU matmuls): x1 "
+              f"{base['tursi_kernels_1']:.1f} tok/s, static batch of 16 "
+              f"{base['tursi_kernels_16']:.1f} tok/s")
 
 
 def main() -> None:
@@ -250,7 +272,8 @@ def main() -> None:
     gc.collect()  # the baseline model is gone before the server starts
     print(f"baselines ({base['dtype']}, {args.max_tokens} new tokens, median of {args.runs}): "
           f"generate x1 {base['generate_1']:.1f} tok/s, static batch of 16 "
-          f"{base['generate_16']:.1f} tok/s", flush=True)
+          f"{base['generate_16']:.1f} tok/s; with Tursi's CPU kernels "
+          f"{base['tursi_kernels_1']:.1f} and {base['tursi_kernels_16']:.1f}", flush=True)
 
     server = Server(args.home)
     try:

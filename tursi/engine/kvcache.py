@@ -31,12 +31,7 @@ class _SlotLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        owner = self.owner
-        rows, cols = owner.step_rows, owner.step_columns
-        self.keys[rows, :, cols] = key_states[:, :, 0]
-        self.values[rows, :, cols] = value_states[:, :, 0]
-        n, window = owner.size, owner.window
-        return self.keys[:n, :, :window], self.values[:n, :, :window]
+        return self.owner.write(self, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.window, 0
@@ -59,8 +54,9 @@ class BatchCache(Cache):
         self.boolean_mask = boolean_mask
         self.lengths: list[int] = []
         self.window = 1
-        self.step_rows: torch.Tensor | None = None
-        self.step_columns: torch.Tensor | None = None
+        # Where this step's keys and values go: one index per (row, kv head) into a layer's
+        # buffer seen as [rows * heads * capacity, head_dim] (set by prepare_step).
+        self.step_slots: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -105,8 +101,9 @@ class BatchCache(Cache):
         self._reserve(self.size, max(self.lengths) + 1)
         self.window = max(self.lengths) + 1
         positions = torch.tensor(self.lengths, device=device)
-        self.step_rows = torch.arange(self.size, device=device)
-        self.step_columns = positions
+        _, heads, capacity, _ = self.layers[0].keys.shape
+        first_slots = torch.arange(self.size * heads, device=device).view(-1, heads) * capacity
+        self.step_slots = (first_slots + positions[:, None]).view(-1)
         visible = torch.arange(self.window, device=device)[None, :] <= positions[:, None]
         mask = visible[:, None, None, :]
         if not self.boolean_mask:  # eager attention adds the mask to the scores
@@ -114,6 +111,17 @@ class BatchCache(Cache):
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
                 ~mask, torch.finfo(dtype).min)
         return positions[:, None], mask
+
+    def write(self, layer: _SlotLayer, keys: torch.Tensor,
+              values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys and values [rows, heads, 1, head_dim] of one layer at each
+        row's own column; returns the layer's keys and values up to the step's window."""
+        head_dim = keys.shape[-1]
+        layer.keys.view(-1, head_dim).index_copy_(0, self.step_slots, keys.reshape(-1, head_dim))
+        layer.values.view(-1, head_dim).index_copy_(0, self.step_slots,
+                                                    values.reshape(-1, head_dim))
+        n, window = self.size, self.window
+        return layer.keys[:n, :, :window], layer.values[:n, :, :window]
 
     def advance(self) -> None:
         self.lengths = [length + 1 for length in self.lengths]

@@ -320,7 +320,8 @@ def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
                progress: LoadProgress | None = None) -> LoadedModel:
     """Load weights and tokenizer. CUDA: accelerate's device_map="auto" (with max_memory);
     CPU: everything on the CPU. Quantized loads: bitsandbytes on CUDA and for 4 bits on CPU;
-    8 bits on CPU: a float32 load, then tursi.engine.quantize (int8 matmuls).
+    8 bits on CPU: a float32 load, then tursi.engine.quantize (int8 matmuls). Float loads on
+    the CPU get packed and fused matmuls (tursi.engine.cpu_kernels).
     `progress` follows the steps as they run. Loads in one process take turns (_LOADING)."""
     progress = progress or LoadProgress()
     with _LOADING, reporting(progress):
@@ -387,6 +388,9 @@ def _load_model(entry: CatalogEntry, options: LoadOptions, home: str,
         progress.begin("quantizing")
         quantize_int8(model, peaks)
         _save_int8(model, cached)
+    if not cuda and not options.quantize:
+        from .cpu_kernels import optimize_for_cpu
+        optimize_for_cpu(model)
     return LoadedModel(
         model=model, tokenizer=tokenizer, dtype=str(kwargs["dtype"]).removeprefix("torch."),
         device=str(model.get_input_embeddings().weight.device),
@@ -469,8 +473,32 @@ def estimate_memory_bytes(entry: CatalogEntry, options: LoadOptions, home: str) 
     if options.quantize:
         return int(parameters * QUANTIZED_BYTES_PER_PARAMETER)
     import torch
-    dtype = resolve_dtype(options.dtype or entry.dtype, torch.cuda.is_available())
+
+    from .cpu_kernels import packing_supported
+    cuda = torch.cuda.is_available()
+    dtype = resolve_dtype(options.dtype or entry.dtype, cuda)
+    if not cuda and packing_supported(dtype):  # optimize_for_cpu will pack a tied head apart
+        parameters += tied_head_parameters(files)
     return parameters * dtype.itemsize
+
+
+def tied_head_parameters(files: list[Path]) -> int:
+    """vocab x hidden when the output head shares the input embedding's table (stored once in
+    the files), else 0; read from a GGUF's tensor list or the config next to the weights."""
+    gguf = [path for path in files if path.suffix == ".gguf"]
+    if gguf:
+        from gguf import GGUFReader
+        tensors = {t.name: int(t.n_elements) for t in GGUFReader(gguf[0]).tensors}
+        return 0 if "output.weight" in tensors else tensors.get("token_embd.weight", 0)
+    if not files:
+        return 0
+    try:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(files[0].parent, local_files_only=True)
+        text = config.get_text_config()
+        return text.vocab_size * text.hidden_size if text.tie_word_embeddings else 0
+    except Exception:  # no or unreadable config: the load itself will say what is wrong
+        return 0
 
 
 # --- how long it will take -----------------------------------------------------------------

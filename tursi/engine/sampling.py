@@ -75,6 +75,10 @@ class TokenChooser:
 
 def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> list[int]:
     """One token per row of a [rows, vocab] logits batch, row i chosen by choosers[i]."""
+    if all(chooser.greedy and not chooser.seen for chooser in choosers):
+        # max over the logits as they are: the same index as argmax over a float32 copy
+        # (the first of equal maxima), in half the time of that copy and argmax.
+        return logits.max(-1).indices.tolist()
     logits = logits.float()
     penalized = [i for i, chooser in enumerate(choosers) if chooser.seen]
     if penalized:

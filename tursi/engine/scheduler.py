@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from ..errors import GenerationFailed, RequestTimeout, TursiError
 from ..telemetry import ModelStats
+from .decode import decode_logits
 from .detokenize import IncrementalDecoder
 from .jobs import Failed, Finished, GenerationJob, TextChunk
 from .kvcache import BatchCache
@@ -217,11 +218,8 @@ class Scheduler:
     def _decode_step(self) -> None:
         device = self.loaded.device
         ids = torch.tensor([[seq.next_token] for seq in self.rows], device=device)
-        positions, mask = self.cache.prepare_step(device)
-        out = self.loaded.model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                past_key_values=self.cache, use_cache=True)
-        self.cache.advance()
-        tokens = choose_tokens(out.logits[:, -1], [seq.chooser for seq in self.rows])
+        logits = decode_logits(self.loaded.model, ids, self.cache)
+        tokens = choose_tokens(logits, [seq.chooser for seq in self.rows])
         for row in range(len(self.rows) - 1, -1, -1):
             if self._accept(self.rows[row], tokens[row]):
                 self._remove_row(row)
