@@ -150,8 +150,17 @@ class Server:
         raise SystemExit("the model did not load in time")
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL if gunicorn's graceful shutdown (30 s) has not ended it."""
         self.process.terminate()
-        self.process.wait(30)
+        try:
+            self.process.wait(45)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            self.log.seek(0)
+            tail = self.log.read().decode(errors="replace")[-4000:]
+            print(f"the server did not stop within 45 s of SIGTERM; killed. Its log:\n{tail}",
+                  flush=True)
 
 
 # --- the load --------------------------------------------------------------------------------

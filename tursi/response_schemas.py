@@ -102,7 +102,7 @@ class ModelViewSchema(Schema):
     mode = fields.String(allow_none=True, validate=validate.OneOf(QUANT_MODES))
     dtype = fields.String(metadata={"description": "compute dtype, e.g. float32"})
     device = fields.String(metadata={"description": "device of the input embeddings"})
-    memory_usage = fields.String(metadata={"example": "257MB"})
+    memory_usage = fields.String(metadata={"example": "311MB"})
     memory_bytes = fields.Integer(validate=validate.Range(min=0))
     uptime = fields.String(metadata={"example": "2h 30m"})
     progress = fields.Float(validate=validate.Range(min=0, max=1))
