@@ -140,7 +140,7 @@ def test_gpt2_gets_packed_linears_only(tmp_path):
                               atol=1e-4)
 
 
-def test_nothing_changes_off_the_cpu_or_for_other_dtypes(llama_path):
+def test_nothing_changes_for_a_dtype_onednn_does_not_pack(llama_path):
     model = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float64)
     assert not optimize_for_cpu(model)
     assert not fused_llama(model)

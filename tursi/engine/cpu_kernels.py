@@ -73,7 +73,7 @@ class FusedMLP(nn.Module):
         super().__init__()
         self.intermediate = mlp.gate_proj.out_features
         self.gate_up = PackedLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                               _cat_biases(mlp.gate_proj, mlp.up_proj))
+                                    _cat_biases(mlp.gate_proj, mlp.up_proj))
         self.down_proj = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias)
         self.act_fn = mlp.act_fn
 
@@ -165,8 +165,8 @@ def _cat_biases(*linears: nn.Linear) -> torch.Tensor | None:
 
 
 def _probe(dtype: torch.dtype) -> bool:
-    """A packed matmul on small random input must match F.linear (it runs the same kernels
-    family; this guards against a oneDNN build that takes the call but computes otherwise)."""
+    """Whether a packed matmul of small random input matches F.linear: a guard against a
+    oneDNN build or CPU that accepts the call but computes something else."""
     try:
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(64, 32, generator=generator).to(dtype)
