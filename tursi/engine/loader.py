@@ -454,9 +454,21 @@ def parameter_count(path: Path) -> int:
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 raise LoadError(f"{path} is not a valid safetensors file ({exc})") from None
     if path.suffix == ".gguf":
-        from gguf import GGUFReader
-        return sum(int(tensor.n_elements) for tensor in GGUFReader(path).tensors)
+        return sum(_gguf_tensor_sizes(path).values())
     return path.stat().st_size // 4
+
+
+def _gguf_tensor_sizes(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return _gguf_tensor_sizes_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_tensor_sizes_of(path: str, size: int, mtime_ns: int) -> dict[str, int]:
+    """Tensor name -> element count of a GGUF file, read once per (path, size, mtime) in this
+    process (gguf's reader takes ~2 s on the embedded model's file)."""
+    from gguf import GGUFReader
+    return {tensor.name: int(tensor.n_elements) for tensor in GGUFReader(path).tensors}
 
 
 def estimate_memory_bytes(entry: CatalogEntry, options: LoadOptions, home: str) -> int | None:
@@ -487,8 +499,7 @@ def tied_head_parameters(files: list[Path]) -> int:
     the files), else 0; read from a GGUF's tensor list or the config next to the weights."""
     gguf = [path for path in files if path.suffix == ".gguf"]
     if gguf:
-        from gguf import GGUFReader
-        tensors = {t.name: int(t.n_elements) for t in GGUFReader(gguf[0]).tensors}
+        tensors = _gguf_tensor_sizes(gguf[0])
         return 0 if "output.weight" in tensors else tensors.get("token_embd.weight", 0)
     if not files:
         return 0
