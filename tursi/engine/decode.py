@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_kernels import fused_llama
-from .kvcache import BatchCache
+from .kvcache import BatchCache, additive_mask
 
 
 def decode_logits(model: Any, ids: torch.Tensor, cache: BatchCache) -> torch.Tensor:
@@ -40,8 +40,7 @@ def _fused_llama_step(model: Any, ids: torch.Tensor, positions: torch.Tensor,
     cos, sin = inner.rotary_emb(hidden, positions)  # [n, 1, head_dim]
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     # The additive form of the mask, once per step (SDPA would convert a boolean one per layer).
-    bias = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(
-        ~mask, torch.finfo(hidden.dtype).min)
+    bias = additive_mask(mask, hidden.dtype)
     for layer, slots in zip(inner.layers, cache.layers):
         attention, mlp = layer.self_attn, layer.mlp
         heads, kv_heads = attention.heads, attention.kv_heads

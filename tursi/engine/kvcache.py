@@ -43,6 +43,13 @@ class _SlotLayer(CacheLayerMixin):
         return -1
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the bias attention adds to its scores: 0 where visible,
+    the dtype's lowest value elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+        ~visible, torch.finfo(dtype).min)
+
+
 class BatchCache(Cache):
     """KV cache for the rows of a running batch. Use: `add_row` after a prefill,
     `prepare_step` before each one-token forward, `advance` after it, `remove_row` when a
@@ -107,9 +114,7 @@ class BatchCache(Cache):
         visible = torch.arange(self.window, device=device)[None, :] <= positions[:, None]
         mask = visible[:, None, None, :]
         if not self.boolean_mask:  # eager attention adds the mask to the scores
-            dtype = self.layers[0].keys.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
-                ~mask, torch.finfo(dtype).min)
+            mask = additive_mask(mask, self.layers[0].keys.dtype)
         return positions[:, None], mask
 
     def write(self, layer: _SlotLayer, keys: torch.Tensor,
