@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+NATIVE := $(VENV)/.native-kernels
 export TURSI_HOST ?= 127.0.0.1
 export TURSI_PORT ?= 8000
 
@@ -16,7 +17,13 @@ $(STAMP): requirements.txt setup.cfg setup.py
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+# The fused C++ decode kernels, compiled for this machine (about 30 s; needs a C++ compiler).
+# Without them the server runs the same steps as torch ops, somewhat slower.
+$(NATIVE): $(STAMP) tursi/engine/native/kernels.cpp tursi/engine/native/__init__.py
+	$(PY) -m tursi.engine.native || echo "warning: native kernels not built; using torch ops"
+	touch $(NATIVE)
+
+install: $(STAMP) $(NATIVE)
 
 serve: install
 	exec $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
@@ -28,4 +35,4 @@ test-fast: install
 	$(PY) -m pytest -ra -m "not e2e"
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info tursi/engine/native/build

@@ -1,7 +1,8 @@
 """The CPU matmul kernels (tursi.engine.cpu_kernels) and the fused decode step
 (tursi.engine.decode): a model after optimize_for_cpu computes what transformers computes,
 in prefill (transformers' forward over the fused modules) and in decode steps (the direct
-path), and the direct path is the one the engine takes."""
+path, with the native kernels and with torch ops), and the direct path is the one the engine
+takes."""
 import copy
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import tursi.engine.decode as decode_module
+from tursi.engine import native
 from tursi.engine.cpu_kernels import (FusedAttention, FusedMLP, PackedLinear, fused_llama,
                                       optimize_for_cpu, packing_supported)
 from tursi.engine.decode import decode_logits
@@ -42,6 +44,16 @@ def llama_path(request, tmp_path_factory):
         return build_llama(path, initializer_range=0.2)
     return build_llama(path, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
                        initializer_range=0.2)
+
+
+@pytest.fixture(params=["native", "torch-ops"])
+def step_ops(request, monkeypatch):
+    """The direct path's fused operations: the native kernels (when built), or torch ops."""
+    if request.param == "native" and native.load() is None:
+        pytest.skip("native kernels not built (tests/test_native_kernels.py says why)")
+    if request.param == "torch-ops":
+        monkeypatch.setattr(native, "load", lambda: None)
+    return request.param
 
 
 def test_optimized_llama_is_packed_and_fused(llama_path):
@@ -82,7 +94,7 @@ def prefilled(model, prompts):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_decode_steps_match_transformers_forward(llama_path, dtype, monkeypatch):
+def test_fused_decode_steps_match_transformers_forward(llama_path, dtype, step_ops):
     """Rows of different lengths, 4 steps: the direct path against transformers' forward
     of the stock model on the same cache contents."""
     stock, optimized = pair(llama_path, dtype)
@@ -97,8 +109,11 @@ def test_fused_decode_steps_match_transformers_forward(llama_path, dtype, monkey
     assert fast_cache.lengths == slow_cache.lengths == [len(p) + 4 for p in PROMPTS]
 
 
-def test_engine_takes_the_direct_path_for_fused_llama_with_sdpa(llama_path, monkeypatch):
+def test_engine_takes_the_direct_path_for_fused_llama_with_sdpa(llama_path, step_ops,
+                                                                monkeypatch):
     _, model = pair(llama_path, torch.float32)
+    expected = decode_module.NativeOps if step_ops == "native" else decode_module.TorchOps
+    assert type(decode_module.step_ops(model)) is expected
     cache, ids = prefilled(model, PROMPTS)
     eager_cache = copy.deepcopy(cache)
 
@@ -115,7 +130,7 @@ def test_engine_takes_the_direct_path_for_fused_llama_with_sdpa(llama_path, monk
     assert torch.allclose(direct, via_forward, atol=1e-5)
 
 
-def test_without_the_direct_path_the_engine_matches_too(llama_path, monkeypatch):
+def test_without_the_direct_path_the_engine_matches_too(llama_path, step_ops, monkeypatch):
     """decode_logits with the direct path switched off runs transformers' forward over the
     fused modules and the BatchCache: same logits."""
     _, model = pair(llama_path, torch.float32)

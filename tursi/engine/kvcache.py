@@ -125,6 +125,10 @@ class BatchCache(Cache):
         layer.keys.view(-1, head_dim).index_copy_(0, self.step_slots, keys.reshape(-1, head_dim))
         layer.values.view(-1, head_dim).index_copy_(0, self.step_slots,
                                                     values.reshape(-1, head_dim))
+        return self.visible(layer)
+
+    def visible(self, layer: _SlotLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values of the running rows, up to this step's window."""
         n, window = self.size, self.window
         return layer.keys[:n, :, :window], layer.values[:n, :, :window]
 

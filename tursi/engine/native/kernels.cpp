@@ -1,0 +1,148 @@
+// Fused CPU kernels for Tursi's one-token decode step (tursi/engine/decode.py).
+//
+// Each kernel does, in one call, what the step otherwise does with several small torch ops,
+// and rounds where those ops round, so a bfloat16 result matches transformers' Llama code:
+// - add_rms_norm: the residual add, then LlamaRMSNorm (normalized in float32, rounded to the
+//   input dtype, then times the weight);
+// - rope_store: the rotary embedding of q and k (x * cos + rotate_half(x) * sin), with the
+//   new keys and values written into the KV cache at each row's own position.
+// The rows are few (one token per running request), so the loops are single-threaded.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float wide(T x) {
+  return static_cast<float>(x);
+}
+
+// x rounded to T's precision, back as float: where a torch op would store a T.
+template <typename T>
+inline float rounded(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+
+template <typename T>
+void add_rms_norm_rows(T* hidden, const T* delta, const T* weight, T* out, int64_t rows,
+                       int64_t dim, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* h = hidden + r * dim;
+    if (delta != nullptr) {
+      const T* d = delta + r * dim;
+      for (int64_t j = 0; j < dim; ++j) h[j] = static_cast<T>(wide(h[j]) + wide(d[j]));
+    }
+    double squares = 0.0;
+    for (int64_t j = 0; j < dim; ++j) {
+      const float x = wide(h[j]);
+      squares += static_cast<double>(x * x);
+    }
+    const float scale = 1.0f / std::sqrt(static_cast<float>(squares / dim) + eps);
+    T* o = out + r * dim;
+    for (int64_t j = 0; j < dim; ++j) {
+      o[j] = static_cast<T>(wide(weight[j]) * rounded<T>(wide(h[j]) * scale));
+    }
+  }
+}
+
+template <typename T>
+void rope_store_rows(const T* qkv, const T* cos, const T* sin, const int64_t* positions,
+                     T* q_out, T* keys, T* values, int64_t rows, int64_t heads, int64_t kv_heads,
+                     int64_t head_dim, int64_t capacity) {
+  const int64_t half = head_dim / 2;
+  const int64_t width = (heads + 2 * kv_heads) * head_dim;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = qkv + r * width;
+    const T* c = cos + r * head_dim;
+    const T* s = sin + r * head_dim;
+    const int64_t column = positions[r];
+    for (int64_t h = 0; h < heads + kv_heads; ++h) {  // q heads, then k heads: rotated
+      const T* x = row + h * head_dim;
+      T* o = h < heads ? q_out + (r * heads + h) * head_dim
+                       : keys + ((r * kv_heads + h - heads) * capacity + column) * head_dim;
+      for (int64_t j = 0; j < head_dim; ++j) {
+        const float turned = j < half ? -wide(x[j + half]) : wide(x[j - half]);
+        o[j] = static_cast<T>(rounded<T>(wide(x[j]) * wide(c[j])) +
+                              rounded<T>(turned * wide(s[j])));
+      }
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {  // v heads: copied
+      const T* x = row + (heads + kv_heads + h) * head_dim;
+      std::copy(x, x + head_dim, values + ((r * kv_heads + h) * capacity + column) * head_dim);
+    }
+  }
+}
+
+void check_float(const torch::Tensor& t, const torch::Tensor& like, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " has another dtype");
+}
+
+}  // namespace
+
+// (hidden + delta, rms_norm(hidden + delta) * weight); without delta, hidden itself comes back.
+std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& hidden,
+                                        const c10::optional<torch::Tensor>& delta,
+                                        const torch::Tensor& weight, double eps) {
+  check_float(hidden, hidden, "hidden");
+  check_float(weight, hidden, "weight");
+  const int64_t dim = hidden.size(-1);
+  TORCH_CHECK(weight.numel() == dim, "weight must have ", dim, " elements");
+  torch::Tensor sum = hidden;
+  if (delta.has_value()) {
+    check_float(*delta, hidden, "delta");
+    TORCH_CHECK(delta->sizes() == hidden.sizes(), "delta must have hidden's shape");
+    sum = hidden.clone();
+  }
+  torch::Tensor out = torch::empty_like(hidden);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "add_rms_norm",
+                                  [&] {
+    add_rms_norm_rows<scalar_t>(sum.data_ptr<scalar_t>(),
+                                delta.has_value() ? delta->data_ptr<scalar_t>() : nullptr,
+                                weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                hidden.numel() / dim, dim, static_cast<float>(eps));
+  });
+  return {sum, out};
+}
+
+// qkv [rows, (heads + 2 kv_heads) * head_dim] -> q [rows, heads, 1, head_dim], rotated; k
+// (rotated) and v written to keys/values [>= rows, kv_heads, capacity, head_dim] at column
+// positions[r] of row r. cos, sin: [rows, head_dim].
+torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos,
+                         const torch::Tensor& sin, const torch::Tensor& positions,
+                         const torch::Tensor& keys, const torch::Tensor& values, int64_t heads,
+                         int64_t kv_heads) {
+  check_float(qkv, qkv, "qkv");
+  for (const auto* t : {&cos, &sin, &keys, &values}) check_float(*t, qkv, "cos, sin, keys, values");
+  TORCH_CHECK(positions.device().is_cpu() && positions.is_contiguous() &&
+                  positions.scalar_type() == torch::kLong && positions.dim() == 1,
+              "positions must be a contiguous CPU int64 vector");
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes(), "keys, values: 4-D, same shape");
+  const int64_t rows = positions.size(0), head_dim = keys.size(3), capacity = keys.size(2);
+  TORCH_CHECK(keys.size(1) == kv_heads && rows <= keys.size(0) && head_dim % 2 == 0,
+              "keys do not fit");
+  TORCH_CHECK(qkv.numel() == rows * (heads + 2 * kv_heads) * head_dim, "qkv does not fit");
+  TORCH_CHECK(cos.numel() == rows * head_dim && sin.numel() == rows * head_dim,
+              "cos, sin do not fit");
+  const int64_t* column = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(column[r] >= 0 && column[r] < capacity, "position outside the cache");
+  }
+  torch::Tensor q = torch::empty({rows, heads, 1, head_dim}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_store", [&] {
+    rope_store_rows<scalar_t>(qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
+                              sin.data_ptr<scalar_t>(), column, q.data_ptr<scalar_t>(),
+                              keys.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), rows, heads,
+                              kv_heads, head_dim, capacity);
+  });
+  return q;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("VERSION") = 1;
+  m.def("add_rms_norm", &add_rms_norm, "residual add + LlamaRMSNorm");
+  m.def("rope_store", &rope_store, "rotary embedding of q, k; k and v into the KV cache");
+}
