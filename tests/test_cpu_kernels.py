@@ -112,8 +112,7 @@ def test_fused_decode_steps_match_transformers_forward(llama_path, dtype, step_o
 def test_engine_takes_the_direct_path_for_fused_llama_with_sdpa(llama_path, step_ops,
                                                                 monkeypatch):
     _, model = pair(llama_path, torch.float32)
-    expected = decode_module.NativeOps if step_ops == "native" else decode_module.TorchOps
-    assert type(decode_module.step_ops(model)) is expected
+    assert (decode_module.native_plan(model) is not None) == (step_ops == "native")
     cache, ids = prefilled(model, PROMPTS)
     eager_cache = copy.deepcopy(cache)
 
@@ -160,3 +159,43 @@ def test_nothing_changes_for_a_dtype_onednn_does_not_pack(llama_path):
     assert not optimize_for_cpu(model)
     assert not fused_llama(model)
     assert type(model.lm_head) is nn.Linear
+
+
+def test_a_llama_the_native_step_cannot_run_uses_torch_ops(tmp_path):
+    """The native decode_layers runs SiLU MLPs only: a GELU Llama gets the torch-ops loop,
+    and still computes what transformers computes."""
+    path = build_llama(tmp_path, hidden_act="gelu", initializer_range=0.2)
+    stock, optimized = pair(path, torch.float32)
+    assert fused_llama(optimized) and decode_module.native_plan(optimized) is None
+    fast_cache, ids = prefilled(optimized, PROMPTS)
+    slow_cache, _ = prefilled(stock, PROMPTS)
+    with torch.inference_mode():
+        got = decode_logits(optimized, ids, fast_cache)
+        want = decode_logits(stock, ids, slow_cache)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_native_decode_layers_refuses_a_plan_that_does_not_fit(llama_path):
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip("native kernels not built")
+    _, model = pair(llama_path, torch.float32)
+    plan = decode_module.native_plan(model)
+    cache, ids = prefilled(model, PROMPTS)
+    positions, mask = cache.prepare_step(torch.device("cpu"))
+    hidden = model.model.embed_tokens(ids)
+    cos, sin = model.model.rotary_emb(hidden, positions)
+    bias = torch.zeros(mask.shape)
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    args = (cos, sin, positions.view(-1), bias)
+    sizes = (plan.heads, plan.kv_heads, plan.intermediate, plan.scaling, plan.eps)
+    with torch.inference_mode():
+        kernels.decode_layers(hidden, plan.weights, plan.biases, keys, values, *args,
+                              cache.window, *sizes)  # fits
+        with pytest.raises(RuntimeError):  # a weight short
+            kernels.decode_layers(hidden, plan.weights[:-1], plan.biases, keys, values, *args,
+                                  cache.window, *sizes)
+        with pytest.raises(RuntimeError):  # a window past the cache's columns
+            kernels.decode_layers(hidden, plan.weights, plan.biases, keys, values, *args,
+                                  keys[0].shape[2] + 1, *sizes)

@@ -4,16 +4,18 @@
 every architecture. For Llama models that `cpu_kernels.optimize_for_cpu` fused, with SDPA
 attention, it runs `_fused_llama_step` instead: the same computation as transformers' Llama
 code, written for one token per row, without the per-call plumbing (module hooks, argument
-handling, mask building, output objects). Its elementwise work goes through two fused
-operations, each one call per use: `add_rms_norm` (residual add, then RMSNorm) and
-`rope_store` (rotary embedding of q and k, then k and v into the cache). The native C++
-kernels (tursi.engine.native) do them when they were built, else `TorchOps` does, with the
-same torch ops as transformers. On a 2-core CPU the plumbing and the small ops are about a
-fifth of a ~50 ms step (docs/performance.md).
+handling, mask building, output objects). Its decoder layers run
+- in C++ (`decode_layers` of tursi.engine.native) when the native kernels were built and the
+  model fits them (`native_plan`): the same ops with no Python between them, the residual add
+  and RMSNorm fused into one call, the rotary embedding and the cache write into another;
+- else in torch ops (`_torch_layers`, with `TorchOps` for those two fused steps).
+On a 2-core CPU the Python between the ops and the small ops are about a sixth of a 16-row
+step of the embedded model (docs/performance.md).
 """
 from __future__ import annotations
 
-from types import ModuleType
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,44 +65,85 @@ class TorchOps:
         return qk[:, :heads]
 
 
-class NativeOps:
-    """The same operations by the C++ kernels of tursi.engine.native."""
+@dataclass(frozen=True)
+class NativePlan:
+    """A fused Llama's weights in the order the native `decode_layers` takes them."""
 
-    def __init__(self, kernels: ModuleType):
-        self.kernels = kernels
-
-    def add_rms_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None,
-                     norm: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kernels.add_rms_norm(hidden, delta, norm.weight, norm.variance_epsilon)
-
-    def rope_store(self, cache: BatchCache, layer: Any, qkv: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, positions: torch.Tensor, heads: int,
-                   kv_heads: int) -> torch.Tensor:
-        return self.kernels.rope_store(qkv, cos, sin, positions, layer.keys, layer.values,
-                                       heads, kv_heads)
+    weights: list[torch.Tensor]  # per layer: input norm, qkv, o, post-attention norm, gate_up,
+    # down; then the final norm
+    biases: list[torch.Tensor | None]  # per layer: qkv, o, gate_up, down
+    heads: int
+    kv_heads: int
+    intermediate: int
+    scaling: float
+    eps: float
 
 
-def step_ops(model: Any) -> TorchOps | NativeOps:
-    """The native kernels when they were built, else torch ops. The kernels take one dtype
-    for all their tensors: the norms' weights must have the activations' dtype."""
-    kernels = native.load()
+_PLANS: "weakref.WeakKeyDictionary[Any, NativePlan | None]" = weakref.WeakKeyDictionary()
+
+
+def native_plan(model: Any) -> NativePlan | None:
+    """The model's NativePlan when the native kernels are built and can run it: SiLU MLPs,
+    the same heads and norm epsilon in every layer, norm weights in the activations' dtype
+    (the kernels take one dtype). Built once per model."""
+    if native.load() is None:
+        return None
+    if model not in _PLANS:
+        _PLANS[model] = _make_plan(model)
+    return _PLANS[model]
+
+
+def _make_plan(model: Any) -> NativePlan | None:
     inner = model.model
-    if kernels is None or inner.norm.weight.dtype != inner.embed_tokens.weight.dtype:
-        return TorchOps()
-    return NativeOps(kernels)
+    layers = list(inner.layers)
+    norms = [inner.norm] + [n for layer in layers
+                            for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    dtype = inner.embed_tokens.weight.dtype
+    first = layers[0]
+    shape = {(layer.self_attn.heads, layer.self_attn.kv_heads, layer.self_attn.head_dim,
+              layer.self_attn.scaling, layer.mlp.intermediate) for layer in layers}
+    if (getattr(model.config, "hidden_act", None) != "silu" or len(shape) != 1
+            or len({norm.variance_epsilon for norm in norms}) != 1
+            or any(norm.weight.dtype != dtype for norm in norms)):
+        return None
+    weights: list[torch.Tensor] = []
+    biases: list[torch.Tensor | None] = []
+    for layer in layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        linears = (attention.qkv, attention.o_proj, mlp.gate_up, mlp.down_proj)
+        weights += [layer.input_layernorm.weight, attention.qkv.packed, attention.o_proj.packed,
+                    layer.post_attention_layernorm.weight, mlp.gate_up.packed,
+                    mlp.down_proj.packed]
+        biases += [linear.bias for linear in linears]
+    attention = first.self_attn
+    return NativePlan(weights + [inner.norm.weight], biases, attention.heads,
+                      attention.kv_heads, first.mlp.intermediate, attention.scaling,
+                      inner.norm.variance_epsilon)
 
 
 def _fused_llama_step(model: Any, ids: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor, cache: BatchCache) -> torch.Tensor:
     """LlamaForCausalLM's forward for one token per row, on fused layers (see module doc)."""
-    ops = step_ops(model)
     inner = model.model
-    layers = inner.layers
-    n = ids.shape[0]
     hidden = inner.embed_tokens(ids)  # [n, 1, hidden]
     cos, sin = inner.rotary_emb(hidden, positions[:, None])  # [n, 1, head_dim]
     # The additive form of the mask, once per step (SDPA would convert a boolean one per layer).
     bias = additive_mask(mask, hidden.dtype)
+    plan = native_plan(model)
+    if plan is None:
+        normed = _torch_layers(inner, hidden, cos, sin, positions, bias, cache)
+    else:
+        normed = native.load().decode_layers(
+            hidden, plan.weights, plan.biases, [layer.keys for layer in cache.layers],
+            [layer.values for layer in cache.layers], cos, sin, positions, bias, cache.window,
+            plan.heads, plan.kv_heads, plan.intermediate, plan.scaling, plan.eps)
+    return model.lm_head(normed)[:, -1]
+
+
+def _torch_layers(inner: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  positions: torch.Tensor, bias: torch.Tensor, cache: BatchCache) -> torch.Tensor:
+    """The decoder layers in torch ops; returns the final norm of the last hidden state."""
+    ops, layers, n = TorchOps, inner.layers, hidden.shape[0]
     hidden, normed = ops.add_rms_norm(hidden, None, layers[0].input_layernorm)
     for index, (layer, slots) in enumerate(zip(layers, cache.layers)):
         attention, mlp = layer.self_attn, layer.mlp
@@ -118,7 +161,7 @@ def _fused_llama_step(model: Any, ids: torch.Tensor, positions: torch.Tensor,
         following = layers[index + 1].input_layernorm if index + 1 < len(layers) else inner.norm
         hidden, normed = ops.add_rms_norm(hidden, mlp.down_proj(mlp.act_fn(gate) * up),
                                           following)
-    return model.lm_head(normed)[:, -1]
+    return normed
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

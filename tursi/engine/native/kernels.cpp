@@ -1,12 +1,14 @@
-// Fused CPU kernels for Tursi's one-token decode step (tursi/engine/decode.py).
+// C++ for Tursi's one-token decode step (tursi/engine/decode.py).
 //
-// Each kernel does, in one call, what the step otherwise does with several small torch ops,
-// and rounds where those ops round, so a bfloat16 result matches transformers' Llama code:
+// decode_layers runs a fused Llama's decoder layers with no Python between the ops: the
+// packed matmuls (oneDNN), SDPA and SiLU are torch's own ops; two fused kernels do, in one
+// call each, what the step otherwise does with several small torch ops, rounding where those
+// ops round, so a bfloat16 result matches transformers' Llama code:
 // - add_rms_norm: the residual add, then LlamaRMSNorm (normalized in float32, rounded to the
 //   input dtype, then times the weight);
 // - rope_store: the rotary embedding of q and k (x * cos + rotate_half(x) * sin), with the
 //   new keys and values written into the KV cache at each row's own position.
-// The rows are few (one token per running request), so the loops are single-threaded.
+// The rows are few (one token per running request), so these two loops are single-threaded.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -26,14 +28,17 @@ inline float rounded(float x) {
   return static_cast<float>(static_cast<T>(x));
 }
 
+// sum = hidden + delta (when delta is given; else sum is hidden), out = the norm of sum.
 template <typename T>
-void add_rms_norm_rows(T* hidden, const T* delta, const T* weight, T* out, int64_t rows,
-                       int64_t dim, float eps) {
+void add_rms_norm_rows(const T* hidden, const T* delta, T* sum, const T* weight, T* out,
+                       int64_t rows, int64_t dim, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
-    T* h = hidden + r * dim;
+    const T* h = hidden + r * dim;
     if (delta != nullptr) {
       const T* d = delta + r * dim;
-      for (int64_t j = 0; j < dim; ++j) h[j] = static_cast<T>(wide(h[j]) + wide(d[j]));
+      T* s = sum + r * dim;
+      for (int64_t j = 0; j < dim; ++j) s[j] = static_cast<T>(wide(h[j]) + wide(d[j]));
+      h = s;
     }
     double squares = 0.0;
     for (int64_t j = 0; j < dim; ++j) {
@@ -95,14 +100,15 @@ std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& hidden,
   if (delta.has_value()) {
     check_float(*delta, hidden, "delta");
     TORCH_CHECK(delta->sizes() == hidden.sizes(), "delta must have hidden's shape");
-    sum = hidden.clone();
+    sum = torch::empty_like(hidden);
   }
   torch::Tensor out = torch::empty_like(hidden);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "add_rms_norm",
                                   [&] {
-    add_rms_norm_rows<scalar_t>(sum.data_ptr<scalar_t>(),
+    add_rms_norm_rows<scalar_t>(hidden.data_ptr<scalar_t>(),
                                 delta.has_value() ? delta->data_ptr<scalar_t>() : nullptr,
-                                weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                sum.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                out.data_ptr<scalar_t>(),
                                 hidden.numel() / dim, dim, static_cast<float>(eps));
   });
   return {sum, out};
@@ -141,8 +147,75 @@ torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos,
   return q;
 }
 
+namespace {
+
+// torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""): tursi.engine.cpu_kernels'
+// PackedLinear.
+at::Tensor packed_linear(const c10::OperatorHandle& op, const at::Tensor& x,
+                         const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(packed);
+  stack.emplace_back(bias.has_value() ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<c10::optional<at::Scalar>>());
+  stack.emplace_back(std::string(""));
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+}  // namespace
+
+// The decoder layers of a fused Llama (tursi.engine.cpu_kernels) for one token per row: what
+// tursi.engine.decode's torch loop does, op for op, without Python between the ops. Per layer
+// i, weights[6i..6i+5] = input norm, packed qkv, packed o, post-attention norm, packed
+// gate_up, packed down, and biases[4i..4i+3] those of qkv, o, gate_up, down; weights' last
+// entry is the final norm. Returns the final norm of the last hidden state [rows, 1, hidden].
+at::Tensor decode_layers(const at::Tensor& hidden, const std::vector<at::Tensor>& weights,
+                         const std::vector<c10::optional<at::Tensor>>& biases,
+                         const std::vector<at::Tensor>& keys,
+                         const std::vector<at::Tensor>& values, const at::Tensor& cos,
+                         const at::Tensor& sin, const at::Tensor& positions,
+                         const at::Tensor& mask, int64_t window, int64_t heads, int64_t kv_heads,
+                         int64_t intermediate, double scaling, double eps) {
+  const auto layers = static_cast<int64_t>(keys.size());
+  TORCH_CHECK(static_cast<int64_t>(values.size()) == layers &&
+                  static_cast<int64_t>(weights.size()) == 6 * layers + 1 &&
+                  static_cast<int64_t>(biases.size()) == 4 * layers,
+              "decode_layers: 6 weights and 4 biases per layer, and the final norm");
+  const auto& linear = c10::Dispatcher::singleton().findSchemaOrThrow(
+      "mkldnn::_linear_pointwise", "");
+  const int64_t rows = positions.size(0);
+  TORCH_CHECK(rows > 0 && window > 0, "decode_layers: no rows");
+  auto state = add_rms_norm(hidden, c10::nullopt, weights[0], eps);
+  for (int64_t i = 0; i < layers; ++i) {
+    const at::Tensor* w = &weights[6 * i];
+    const c10::optional<at::Tensor>* b = &biases[4 * i];
+    at::Tensor q = rope_store(packed_linear(linear, state[1], w[1], b[0]), cos, sin, positions,
+                              keys[i], values[i], heads, kv_heads);
+    TORCH_CHECK(window <= keys[i].size(2), "decode_layers: window past the cache");
+    at::Tensor out = at::scaled_dot_product_attention(
+        q, keys[i].narrow(0, 0, rows).narrow(2, 0, window),
+        values[i].narrow(0, 0, rows).narrow(2, 0, window), mask, 0.0, false, scaling,
+        heads != kv_heads);
+    at::Tensor attended = packed_linear(linear, out.transpose(1, 2).reshape({rows, 1, -1}), w[2],
+                                        b[1]);
+    state = add_rms_norm(state[0], attended, w[3], eps);
+    at::Tensor gate_up = packed_linear(linear, state[1], w[4], b[2]);
+    at::Tensor act = at::silu(gate_up.narrow(-1, 0, intermediate))
+                         .mul_(gate_up.narrow(-1, intermediate, intermediate));
+    const at::Tensor& following = i + 1 < layers ? weights[6 * (i + 1)] : weights[6 * layers];
+    state = add_rms_norm(state[0], packed_linear(linear, act, w[5], b[3]), following, eps);
+  }
+  return state[1];
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("VERSION") = 1;
   m.def("add_rms_norm", &add_rms_norm, "residual add + LlamaRMSNorm");
   m.def("rope_store", &rope_store, "rotary embedding of q, k; k and v into the KV cache");
+  // The GIL is released for the whole step: the server's other threads run meanwhile.
+  m.def("decode_layers", &decode_layers, "a fused Llama's decoder layers, one token per row",
+        py::call_guard<py::gil_scoped_release>());
 }
