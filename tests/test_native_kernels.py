@@ -125,3 +125,15 @@ def test_rope_store_refuses_what_does_not_fit(kernels):
     with pytest.raises(RuntimeError):  # q heads and kv heads that do not add up to qkv
         kernels.rope_store(cache, layer, qkv, cos, sin, positions, 3, 2)
     assert torch.equal(layer.keys, before)
+
+
+def test_add_rms_norm_refuses_what_does_not_fit(kernels):
+    hidden = torch.randn(2, 1, 16)
+    for delta, weight in ((None, torch.ones(15)),  # weight of another size
+                          (None, torch.ones(16, dtype=torch.bfloat16)),  # another dtype
+                          (torch.randn(2, 1, 8), torch.ones(16)),  # delta of another shape
+                          (torch.randn(2, 1, 32)[..., ::2], torch.ones(16))):  # strided
+        with pytest.raises(RuntimeError):
+            kernels.module.add_rms_norm(hidden, delta, weight, 1e-5)
+    with pytest.raises(RuntimeError):
+        kernels.module.add_rms_norm(torch.zeros(2, 0), None, torch.ones(0), 1e-5)

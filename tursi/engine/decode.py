@@ -67,11 +67,13 @@ class TorchOps:
 
 @dataclass(frozen=True)
 class NativePlan:
-    """A fused Llama's weights in the order the native `decode_layers` takes them."""
+    """A fused Llama's weights in the order the native `decode_layers` takes them: per
+    layer, the input norm's weight, the packed qkv and o, the post-attention norm's weight,
+    the packed gate_up and down, then the final norm's weight; the biases of qkv, o, gate_up
+    and down per layer."""
 
-    weights: list[torch.Tensor]  # per layer: input norm, qkv, o, post-attention norm, gate_up,
-    # down; then the final norm
-    biases: list[torch.Tensor | None]  # per layer: qkv, o, gate_up, down
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
     heads: int
     kv_heads: int
     intermediate: int
@@ -99,7 +101,6 @@ def _make_plan(model: Any) -> NativePlan | None:
     norms = [inner.norm] + [n for layer in layers
                             for n in (layer.input_layernorm, layer.post_attention_layernorm)]
     dtype = inner.embed_tokens.weight.dtype
-    first = layers[0]
     shape = {(layer.self_attn.heads, layer.self_attn.kv_heads, layer.self_attn.head_dim,
               layer.self_attn.scaling, layer.mlp.intermediate) for layer in layers}
     if (getattr(model.config, "hidden_act", None) != "silu" or len(shape) != 1
@@ -115,10 +116,9 @@ def _make_plan(model: Any) -> NativePlan | None:
                     layer.post_attention_layernorm.weight, mlp.gate_up.packed,
                     mlp.down_proj.packed]
         biases += [linear.bias for linear in linears]
-    attention = first.self_attn
-    return NativePlan(weights + [inner.norm.weight], biases, attention.heads,
-                      attention.kv_heads, first.mlp.intermediate, attention.scaling,
-                      inner.norm.variance_epsilon)
+    heads, kv_heads, _, scaling, intermediate = shape.pop()
+    return NativePlan(weights + [inner.norm.weight], biases, heads, kv_heads, intermediate,
+                      scaling, inner.norm.variance_epsilon)
 
 
 def _fused_llama_step(model: Any, ids: torch.Tensor, positions: torch.Tensor,

@@ -94,6 +94,7 @@ std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& hidden,
                                         const torch::Tensor& weight, double eps) {
   check_float(hidden, hidden, "hidden");
   check_float(weight, hidden, "weight");
+  TORCH_CHECK(hidden.dim() > 0 && hidden.size(-1) > 0, "hidden must not be empty");
   const int64_t dim = hidden.size(-1);
   TORCH_CHECK(weight.numel() == dim, "weight must have ", dim, " elements");
   torch::Tensor sum = hidden;
@@ -128,7 +129,8 @@ torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos,
               "positions must be a contiguous CPU int64 vector");
   TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes(), "keys, values: 4-D, same shape");
   const int64_t rows = positions.size(0), head_dim = keys.size(3), capacity = keys.size(2);
-  TORCH_CHECK(keys.size(1) == kv_heads && rows <= keys.size(0) && head_dim % 2 == 0,
+  TORCH_CHECK(heads > 0 && keys.size(1) == kv_heads && rows <= keys.size(0) &&
+                  head_dim % 2 == 0,
               "keys do not fit");
   TORCH_CHECK(qkv.numel() == rows * (heads + 2 * kv_heads) * head_dim, "qkv does not fit");
   TORCH_CHECK(cos.numel() == rows * head_dim && sin.numel() == rows * head_dim,
