@@ -48,7 +48,8 @@ def llama_path(request, tmp_path_factory):
 
 @pytest.fixture(params=["native", "torch-ops"])
 def step_ops(request, monkeypatch):
-    """The direct path's fused operations: the native kernels (when built), or torch ops."""
+    """The direct path's decoder layers: native `decode_layers` (when built), or the torch
+    loop."""
     if request.param == "native" and native.load() is None:
         pytest.skip("native kernels not built (tests/test_native_kernels.py says why)")
     if request.param == "torch-ops":

@@ -1,4 +1,4 @@
-"""Fused C++ kernels for the CPU decode step (kernels.cpp), built once per machine.
+"""The CPU decode step's decoder layers in C++ (kernels.cpp), built once per machine.
 
 `make install` runs `python -m tursi.engine.native`, which compiles kernels.cpp against the
 installed torch with `torch.utils.cpp_extension` (a C++ compiler, ninja and Python's headers)
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 NAME = "tursi_native"
 SOURCE = Path(__file__).with_name("kernels.cpp")
-# No -march=native: the build may run on another machine than the one that built it. No
+# No -march=native: a build may be used on another machine than the one that made it. No
 # contraction of a * b + c into one fused multiply-add: torch's ops round the product first.
 FLAGS = ["-O3", "-ffp-contract=off"]
 
