@@ -14,6 +14,7 @@ step of the embedded model (docs/performance.md).
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from . import native
 from .cpu_kernels import fused_llama
 from .kvcache import BatchCache, additive_mask
+
+log = logging.getLogger(__name__)
 
 
 def decode_logits(model: Any, ids: torch.Tensor, cache: BatchCache) -> torch.Tensor:
@@ -106,6 +109,8 @@ def _make_plan(model: Any) -> NativePlan | None:
     if (getattr(model.config, "hidden_act", None) != "silu" or len(shape) != 1
             or len({norm.variance_epsilon for norm in norms}) != 1
             or any(norm.weight.dtype != dtype for norm in norms)):
+        log.info("decode steps in torch ops: the native layers need SiLU MLPs, the same "
+                 "heads and norm epsilon in every layer, norm weights in %s", dtype)
         return None
     weights: list[torch.Tensor] = []
     biases: list[torch.Tensor | None] = []
@@ -117,6 +122,7 @@ def _make_plan(model: Any) -> NativePlan | None:
                     mlp.down_proj.packed]
         biases += [linear.bias for linear in linears]
     heads, kv_heads, _, scaling, intermediate = shape.pop()
+    log.info("decode steps in C++ (tursi.engine.native): %d layers", len(layers))
     return NativePlan(weights + [inner.norm.weight], biases, heads, kv_heads, intermediate,
                       scaling, inner.norm.variance_epsilon)
 
