@@ -7,6 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The body of every 4xx/5xx response."""
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
 class TursiError(Exception):
     """An error with an HTTP status, a stable machine-readable code and details."""
 
@@ -21,7 +26,7 @@ class TursiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+        return error_body(self.code, self.message, self.details)
 
 
 class InvalidRequest(TursiError):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from .errors import error_body
+
 # gunicorn's statuses for unparseable requests, as stable codes.
 CODES = {400: "invalid_request", 403: "forbidden", 414: "uri_too_long",
          417: "expectation_failed", 431: "headers_too_large", 500: "internal_error",
@@ -14,9 +16,8 @@ CODES = {400: "invalid_request", 403: "forbidden", 414: "uri_too_long",
 
 def json_error(status: int, reason: str, message: str) -> bytes:
     """A whole HTTP response: the status line, headers and the JSON error body."""
-    body = json.dumps({"error": {"code": CODES.get(status, "http_error"),
-                                 "message": f"{reason}: {message}" if message else reason,
-                                 "details": {}}}).encode()
+    body = json.dumps(error_body(CODES.get(status, "http_error"),
+                                 f"{reason}: {message}" if message else reason)).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
     return head.encode("latin-1") + body

@@ -13,7 +13,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from ..auth import is_openai_path
-from ..errors import TursiError
+from ..errors import TursiError, error_body
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def error_response(status: int, code: str, message: str,
     if is_openai_path(request.path):
         body = openai_error_body(status, code, message, details)
     else:
-        body = {"error": {"code": code, "message": message, "details": details}}
+        body = error_body(code, message, details)
     response = jsonify(body)
     response.status_code = status
     for name, value in (headers or {}).items():
