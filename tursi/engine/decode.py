@@ -152,7 +152,7 @@ def _torch_layers(inner: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torc
     ops, layers, n = TorchOps, inner.layers, hidden.shape[0]
     hidden, normed = ops.add_rms_norm(hidden, None, layers[0].input_layernorm)
     for index, (layer, slots) in enumerate(zip(layers, cache.layers)):
-        attention, mlp = layer.self_attn, layer.mlp
+        attention = layer.self_attn
         heads = attention.heads
         q = ops.rope_store(cache, slots, attention.qkv(normed), cos, sin, positions, heads,
                            attention.kv_heads)
@@ -163,10 +163,8 @@ def _torch_layers(inner: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torc
         hidden, normed = ops.add_rms_norm(
             hidden, attention.o_proj(out.transpose(1, 2).reshape(n, 1, -1)),
             layer.post_attention_layernorm)
-        gate, up = mlp.gate_up(normed).split(mlp.intermediate, dim=-1)
         following = layers[index + 1].input_layernorm if index + 1 < len(layers) else inner.norm
-        hidden, normed = ops.add_rms_norm(hidden, mlp.down_proj(mlp.act_fn(gate) * up),
-                                          following)
+        hidden, normed = ops.add_rms_norm(hidden, layer.mlp(normed), following)
     return normed
 
 
