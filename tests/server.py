@@ -60,34 +60,35 @@ class Server:
 
     def wait_healthy(self, timeout: float = 120) -> None:
         """Until GET /health answers (the worker has imported everything)."""
+        def healthy() -> bool:
+            return requests.get(f"http://127.0.0.1:{self.port}/health", timeout=2).ok
+
+        self._poll(healthy, timeout, "no answer")
+
+    def wait_loaded(self, model: str, timeout: float = 300) -> None:
+        def loaded() -> bool:
+            models = requests.get(f"{self.url}/models", timeout=2).json()["models"]
+            status = {m["name"]: m for m in models}[model]
+            if status["status"] == "failed":
+                raise RuntimeError(f"{model} failed to load: {status.get('error')}")
+            return status["status"] == "loaded"
+
+        self._poll(loaded, timeout, f"{model} not loaded")
+
+    def _poll(self, done, timeout: float, failure: str) -> None:
+        """Call done() every 0.25 s until it is true; a request error counts as not yet (the
+        worker still booting: it imports torch). Raises if gunicorn exits or time runs out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
             try:
-                if requests.get(f"http://127.0.0.1:{self.port}/health", timeout=2).ok:
+                if done():
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.25)
-        raise TimeoutError(f"no answer after {timeout}s: {self.log_path.read_text()[-3000:]}")
-
-    def wait_loaded(self, model: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                models = requests.get(f"{self.url}/models", timeout=2).json()["models"]
-                status = {m["name"]: m for m in models}[model]
-                if status["status"] == "loaded":
-                    return
-                if status["status"] == "failed":
-                    raise RuntimeError(f"{model} failed to load: {status.get('error')}")
-            except requests.RequestException:  # worker still booting (imports torch)
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"{model} not loaded after {timeout}s: {self.log_path.read_text()[-3000:]}")
+        raise TimeoutError(f"{failure} after {timeout}s: {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
         self.process.terminate()
