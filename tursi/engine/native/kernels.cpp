@@ -186,7 +186,8 @@ at::Tensor decode_layers(const at::Tensor& hidden, const std::vector<at::Tensor>
                   static_cast<int64_t>(weights.size()) == 6 * layers + 1 &&
                   static_cast<int64_t>(biases.size()) == 4 * layers,
               "decode_layers: 6 weights and 4 biases per layer, and the final norm");
-  const auto& linear = c10::Dispatcher::singleton().findSchemaOrThrow(
+  // Looked up once per process, not once per step.
+  static const c10::OperatorHandle linear = c10::Dispatcher::singleton().findSchemaOrThrow(
       "mkldnn::_linear_pointwise", "");
   const int64_t rows = positions.size(0);
   TORCH_CHECK(rows > 0 && window > 0, "decode_layers: no rows");
