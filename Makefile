@@ -7,7 +7,7 @@ NATIVE := $(VENV)/.native-kernels
 export TURSI_HOST ?= 127.0.0.1
 export TURSI_PORT ?= 8000
 
-.PHONY: install serve test test-fast clean
+.PHONY: install serve lint test test-fast clean
 
 $(STAMP): requirements.txt setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +28,18 @@ install: $(STAMP) $(NATIVE)
 serve: install
 	exec $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
 
-test: install
+# Linter and formatter (ruff.toml): the whole tree stays clean under both.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Everything: tests/unit, tests/app and tests/server (real gunicorn, redis, soak).
+test: lint
 	$(PY) -m pytest -ra
 
+# tests/unit and tests/app only: no server is started (markers come from the folder).
 test-fast: install
-	$(PY) -m pytest -ra -m "not e2e"
+	$(PY) -m pytest -ra -m "not server"
 
 clean:
 	rm -rf $(VENV) build *.egg-info tursi/engine/native/build

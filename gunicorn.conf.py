@@ -1,2 +1,3 @@
 """Gunicorn settings for a checkout: the same ones the installed `tursi serve` uses."""
-from tursi.gunicorn_defaults import *  # noqa: F401,F403
+
+from tursi.api.gunicorn_defaults import *  # noqa: F401,F403

@@ -1,4 +1,5 @@
 """Metadata lives in setup.cfg."""
+
 from setuptools import setup
 
 setup()

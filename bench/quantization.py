@@ -9,6 +9,7 @@ greedy, `--tokens` new tokens, median of --runs) and perplexity on tursi/data/he
 (never used for calibration), each also as a ratio to fp32 measured in the same run. A
 configuration this machine cannot run is listed with the server's 400 message. Not a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,14 @@ from tursi.errors import UnsupportedQuantization  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 HELDOUT = ROOT / "tursi" / "data" / "heldout.txt"
-CONFIGS = [("fp32", LoadOptions(dtype="float32")), ("bf16", LoadOptions(dtype="bfloat16")),
-           ("8-bit dynamic", LoadOptions(True, 8, "dynamic")),
-           ("8-bit static", LoadOptions(True, 8, "static")),
-           ("4-bit dynamic", LoadOptions(True, 4, "dynamic")),
-           ("4-bit static", LoadOptions(True, 4, "static"))]
+CONFIGS = [
+    ("fp32", LoadOptions(dtype="float32")),
+    ("bf16", LoadOptions(dtype="bfloat16")),
+    ("8-bit dynamic", LoadOptions(True, 8, "dynamic")),
+    ("8-bit static", LoadOptions(True, 8, "static")),
+    ("4-bit dynamic", LoadOptions(True, 4, "dynamic")),
+    ("4-bit static", LoadOptions(True, 4, "static")),
+]
 
 
 def perplexity(loaded) -> float:
@@ -51,8 +55,10 @@ def perplexity(loaded) -> float:
 
 def decode_rate(loaded, tokens: int) -> float:
     scheduler = Scheduler("bench", loaded, 1, lambda job, seconds, ok: None)
-    job = GenerationJob(loaded.tokenizer("Once upon a time")["input_ids"],
-                        GenerationParams(tokens, temperature=0.0, ignore_eos=True))
+    job = GenerationJob(
+        loaded.tokenizer("Once upon a time")["input_ids"],
+        GenerationParams(tokens, temperature=0.0, ignore_eos=True),
+    )
     scheduler.add(job)
     started = time.perf_counter()
     while not scheduler.idle:
@@ -70,12 +76,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--home", default=os.environ.get(
-        "TURSI_HOME", os.path.join(os.path.expanduser("~"), ".cache", "tursi")))
+    parser.add_argument(
+        "--home",
+        default=os.environ.get(
+            "TURSI_HOME", os.path.join(os.path.expanduser("~"), ".cache", "tursi")
+        ),
+    )
     args = parser.parse_args()
     entry = Catalog.load(None).get(MODEL)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"CUDA {torch.cuda.is_available()}", flush=True)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"CUDA {torch.cuda.is_available()}",
+        flush=True,
+    )
     rows = []
     for label, options in CONFIGS:
         try:
@@ -99,27 +112,35 @@ def main() -> None:
             cached_seconds = time.perf_counter() - started
         decode_rate(loaded, 8)  # warm-up
         rate = statistics.median(decode_rate(loaded, args.tokens) for _ in range(args.runs))
-        row = {"load": load_seconds, "cached": cached_seconds,
-               "memory": loaded.memory_bytes, "rate": rate,
-               "ppl": perplexity(loaded)}
+        row = {
+            "load": load_seconds,
+            "cached": cached_seconds,
+            "memory": loaded.memory_bytes,
+            "rate": rate,
+            "ppl": perplexity(loaded),
+        }
         rows.append((label, row, ""))
         print(f"  {label}: {row}", flush=True)
         del loaded
         gc.collect()
 
     base = rows[0][1]
-    print("\n| configuration | load (s) | cached load (s) | model memory (MB) | vs fp32 | "
-          "decode tok/s | vs fp32 | perplexity | vs fp32 |")
+    print(
+        "\n| configuration | load (s) | cached load (s) | model memory (MB) | vs fp32 | "
+        "decode tok/s | vs fp32 | perplexity | vs fp32 |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, row, note in rows:
         if row is None:
             print(f"| {label} | {note} | | | | | | | |")
             continue
         cached = "-" if row["cached"] is None else f"{row['cached']:.1f}"
-        print(f"| {label} | {row['load']:.1f} | {cached} | {row['memory'] / 1e6:.0f} | "
-              f"{row['memory'] / base['memory']:.2f}x | {row['rate']:.1f} | "
-              f"{row['rate'] / base['rate']:.2f}x | {row['ppl']:.2f} | "
-              f"{row['ppl'] / base['ppl'] - 1:+.1%} |")
+        print(
+            f"| {label} | {row['load']:.1f} | {cached} | {row['memory'] / 1e6:.0f} | "
+            f"{row['memory'] / base['memory']:.2f}x | {row['rate']:.1f} | "
+            f"{row['rate'] / base['rate']:.2f}x | {row['ppl']:.2f} | "
+            f"{row['ppl'] / base['ppl'] - 1:+.1%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ of the run), time to first token p50/p95, inter-token latency p50/p95 (gaps betw
 events), GET /status latency p99, and the ratios the engine is judged by. Not a test: the
 numbers depend on the machine; read them as ratios against the baselines of the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,6 +70,7 @@ def percentile(values: list[float], q: float) -> float:
 
 # --- in-process baselines --------------------------------------------------------------------
 
+
 def baselines(home: str, max_tokens: int, runs: int) -> dict:
     """generate's tok/s on one prompt and on a static batch of 16: with the model as plain
     transformers loads it (the issue's baseline), and with the model as Tursi loads it
@@ -90,8 +92,13 @@ def baselines(home: str, max_tokens: int, runs: int) -> dict:
         batch = tokenizer(prompts, return_tensors="pt", padding=True)
         started = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                 do_sample=False, pad_token_id=pad)
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
         elapsed = time.perf_counter() - started
         assert out.shape[1] - batch["input_ids"].shape[1] == max_tokens
         return len(prompts) * max_tokens / elapsed
@@ -106,14 +113,20 @@ def baselines(home: str, max_tokens: int, runs: int) -> dict:
     del loaded
     gc.collect()
     stock = AutoModelForCausalLM.from_pretrained(
-        locate(entry, home, False), dtype=resolve_dtype(entry.dtype, False),
-        local_files_only=True).eval()
+        locate(entry, home, False), dtype=resolve_dtype(entry.dtype, False), local_files_only=True
+    ).eval()
     stock_1, stock_16 = rates(stock)
-    return {"dtype": str(stock.dtype).removeprefix("torch."), "generate_1": stock_1,
-            "generate_16": stock_16, "tursi_kernels_1": tursi_1, "tursi_kernels_16": tursi_16}
+    return {
+        "dtype": str(stock.dtype).removeprefix("torch."),
+        "generate_1": stock_1,
+        "generate_16": stock_16,
+        "tursi_kernels_1": tursi_1,
+        "tursi_kernels_16": tursi_16,
+    }
 
 
 # --- the server ------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -125,14 +138,24 @@ class Server:
     def __init__(self, home: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api/v1"
-        env = {**os.environ, "TURSI_HOME": home, "TURSI_PORT": str(self.port),
-               "TURSI_PRELOAD": MODEL, "TURSI_RATE_LIMIT": "1000000/minute",
-               "TURSI_LOG_LEVEL": "warning", "TURSI_ACCESS_LOG": "/dev/null",
-               "HF_HUB_OFFLINE": "1"}
+        env = {
+            **os.environ,
+            "TURSI_HOME": home,
+            "TURSI_PORT": str(self.port),
+            "TURSI_PRELOAD": MODEL,
+            "TURSI_RATE_LIMIT": "1000000/minute",
+            "TURSI_LOG_LEVEL": "warning",
+            "TURSI_ACCESS_LOG": "/dev/null",
+            "HF_HUB_OFFLINE": "1",
+        }
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_loaded(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -159,15 +182,25 @@ class Server:
             self.process.wait()
             self.log.seek(0)
             tail = self.log.read().decode(errors="replace")[-4000:]
-            print(f"the server did not stop within 45 s of SIGTERM; killed. Its log:\n{tail}",
-                  flush=True)
+            print(
+                f"the server did not stop within 45 s of SIGTERM; killed. Its log:\n{tail}",
+                flush=True,
+            )
 
 
 # --- the load --------------------------------------------------------------------------------
 
+
 def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "return_full_text": False}
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_full_text": False,
+    }
     started = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
@@ -183,8 +216,12 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
                 tokens = json.loads(line[6:])["tokens_generated"]
             elif line.startswith("data: ") and event == "error":
                 raise RuntimeError(line)
-    return {"started": started, "ended": time.perf_counter(), "arrivals": arrivals,
-            "tokens": tokens}
+    return {
+        "started": started,
+        "ended": time.perf_counter(),
+        "arrivals": arrivals,
+        "tokens": tokens,
+    }
 
 
 STATUS_FROM_CLIENTS = 16  # /status is polled during runs with at least this many clients
@@ -228,13 +265,18 @@ def load_run(url: str, clients: int, max_tokens: int) -> dict:
     if errors:
         raise SystemExit(f"{len(errors)} client(s) failed: {errors[0]!r}")
     ttft = [r["arrivals"][0] - r["started"] for r in results]
-    gaps = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    gaps = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
     tokens = sum(r["tokens"] for r in results)
     assert tokens == clients * max_tokens, (tokens, clients * max_tokens)
-    return {"tok_s": tokens / wall, "ttft_p50": percentile(ttft, 50),
-            "ttft_p95": percentile(ttft, 95), "itl_p50": percentile(gaps, 50),
-            "itl_p95": percentile(gaps, 95), "status_p99": percentile(status_latencies, 99),
-            "status_samples": len(status_latencies)}
+    return {
+        "tok_s": tokens / wall,
+        "ttft_p50": percentile(ttft, 50),
+        "ttft_p95": percentile(ttft, 95),
+        "itl_p50": percentile(gaps, 50),
+        "itl_p95": percentile(gaps, 95),
+        "status_p99": percentile(status_latencies, 99),
+        "status_samples": len(status_latencies),
+    }
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -242,21 +284,29 @@ def median_of(runs: list[dict]) -> dict:
 
 
 def print_table(base: dict, rows: dict) -> None:
-    print("| clients | aggregate tok/s | vs generate x1 | vs generate batch 16 | "
-          "TTFT p50 / p95 (s) | inter-token p50 / p95 (ms) | GET /status p99 (ms) |")
+    print(
+        "| clients | aggregate tok/s | vs generate x1 | vs generate batch 16 | "
+        "TTFT p50 / p95 (s) | inter-token p50 / p95 (ms) | GET /status p99 (ms) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for clients, row in rows.items():
         status = "-" if math.isnan(row["status_p99"]) else f"{row['status_p99'] * 1000:.1f}"
-        print(f"| {clients} | {row['tok_s']:.1f} | {row['tok_s'] / base['generate_1']:.2f}x | "
-              f"{row['tok_s'] / base['generate_16']:.2f}x | "
-              f"{row['ttft_p50']:.2f} / {row['ttft_p95']:.2f} | "
-              f"{row['itl_p50'] * 1000:.0f} / {row['itl_p95'] * 1000:.0f} | {status} |")
-    print(f"\nin-process baselines ({base['dtype']}): generate x1 {base['generate_1']:.1f} tok/s, "
-          f"static batch of 16 {base['generate_16']:.1f} tok/s")
+        print(
+            f"| {clients} | {row['tok_s']:.1f} | {row['tok_s'] / base['generate_1']:.2f}x | "
+            f"{row['tok_s'] / base['generate_16']:.2f}x | "
+            f"{row['ttft_p50']:.2f} / {row['ttft_p95']:.2f} | "
+            f"{row['itl_p50'] * 1000:.0f} / {row['itl_p95'] * 1000:.0f} | {status} |"
+        )
+    print(
+        f"\nin-process baselines ({base['dtype']}): generate x1 {base['generate_1']:.1f} tok/s, "
+        f"static batch of 16 {base['generate_16']:.1f} tok/s"
+    )
     if "tursi_kernels_16" in base:
-        print(f"generate on the model as Tursi loads it (packed, fused CPU matmuls): x1 "
-              f"{base['tursi_kernels_1']:.1f} tok/s, static batch of 16 "
-              f"{base['tursi_kernels_16']:.1f} tok/s")
+        print(
+            f"generate on the model as Tursi loads it (packed, fused CPU matmuls): x1 "
+            f"{base['tursi_kernels_1']:.1f} tok/s, static batch of 16 "
+            f"{base['tursi_kernels_16']:.1f} tok/s"
+        )
 
 
 def main() -> None:
@@ -264,8 +314,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--clients", default="1,4,16,32")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--home", default=os.environ.get(
-        "TURSI_HOME", os.path.join(os.path.expanduser("~"), ".cache", "tursi")))
+    parser.add_argument(
+        "--home",
+        default=os.environ.get(
+            "TURSI_HOME", os.path.join(os.path.expanduser("~"), ".cache", "tursi")
+        ),
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--table-from", help="only print the table of a --json file")
     args = parser.parse_args()
@@ -275,14 +329,20 @@ def main() -> None:
         return
     counts = [int(c) for c in args.clients.split(",")]
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}"
-          f" python {platform.python_version()}", flush=True)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}"
+        f" python {platform.python_version()}",
+        flush=True,
+    )
     base = baselines(args.home, args.max_tokens, args.runs)
     gc.collect()  # the baseline model is gone before the server starts
-    print(f"baselines ({base['dtype']}, {args.max_tokens} new tokens, median of {args.runs}): "
-          f"generate x1 {base['generate_1']:.1f} tok/s, static batch of 16 "
-          f"{base['generate_16']:.1f} tok/s; with Tursi's CPU kernels "
-          f"{base['tursi_kernels_1']:.1f} and {base['tursi_kernels_16']:.1f}", flush=True)
+    print(
+        f"baselines ({base['dtype']}, {args.max_tokens} new tokens, median of {args.runs}): "
+        f"generate x1 {base['generate_1']:.1f} tok/s, static batch of 16 "
+        f"{base['generate_16']:.1f} tok/s; with Tursi's CPU kernels "
+        f"{base['tursi_kernels_1']:.1f} and {base['tursi_kernels_16']:.1f}",
+        flush=True,
+    )
 
     server = Server(args.home)
     try:
@@ -290,8 +350,9 @@ def main() -> None:
         load_run(server.url, 1, 8)  # warm-up
         rows = {}
         for clients in counts:
-            rows[clients] = median_of([load_run(server.url, clients, args.max_tokens)
-                                       for _ in range(args.runs)])
+            rows[clients] = median_of(
+                [load_run(server.url, clients, args.max_tokens) for _ in range(args.runs)]
+            )
             print(f"  {clients} clients: {rows[clients]['tok_s']:.1f} tok/s", flush=True)
     finally:
         server.stop()
@@ -299,9 +360,12 @@ def main() -> None:
     print()
     print_table(base, rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"baselines": base, "rows": rows,
-                                               "max_tokens": args.max_tokens,
-                                               "runs": args.runs}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"baselines": base, "rows": rows, "max_tokens": args.max_tokens, "runs": args.runs},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Nothing here downloads anything: the models are random two-layer Llama / GPT-2 networks
 with a tokenizer trained on a few sentences (see tiny_models.py).
 """
+
 import gc
 import os
 import sys
@@ -32,10 +33,13 @@ def tiny_models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-models")
     build_llama(root / "llama")
     build_gpt2(root / "gpt2")
-    write_catalog(root / "models.json", {
-        "tiny": {"path": "llama", "dtype": "float32"},
-        "tiny-gpt2": {"path": "gpt2", "dtype": "float32"},
-    })
+    write_catalog(
+        root / "models.json",
+        {
+            "tiny": {"path": "llama", "dtype": "float32"},
+            "tiny-gpt2": {"path": "gpt2", "dtype": "float32"},
+        },
+    )
     # Unloading runs a full gc.collect(); with torch and transformers imported that scans
     # ~400k long-lived objects (0.2-0.4 s per unload). Freezing them keeps teardowns fast;
     # objects created later (apps, models) are still collected as usual.

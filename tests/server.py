@@ -1,4 +1,5 @@
 """Start and stop a real gunicorn (gevent worker) for end-to-end tests, on a free loopback port."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import requests
@@ -25,11 +26,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def embedded_server(home: Path, log_path: Path, **env: str) -> Iterator["Server"]:
+def embedded_server(home: Path, log_path: Path, **env: str) -> Iterator[Server]:
     """A server preloading the embedded model (from the session's shared TURSI_HOME), with a
     rate limit no test reaches unless it sets its own; stopped when the block ends."""
-    srv = Server({"TURSI_HOME": str(home), "TURSI_PRELOAD": EMBEDDED,
-                  "TURSI_RATE_LIMIT": "100000/minute", **env}, log_path)
+    srv = Server(
+        {
+            "TURSI_HOME": str(home),
+            "TURSI_PRELOAD": EMBEDDED,
+            "TURSI_RATE_LIMIT": "100000/minute",
+            **env,
+        },
+        log_path,
+    )
     try:
         srv.wait_loaded(EMBEDDED)
         yield srv
@@ -42,12 +50,21 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api/v1"
         self.log_path = log_path
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TURSI_HOST": "127.0.0.1",
-                    "TURSI_PORT": str(self.port), **env}
+        full_env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TURSI_HOST": "127.0.0.1",
+            "TURSI_PORT": str(self.port),
+            **env,
+        }
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def generations(self) -> dict:
         """Generations running and waiting, as GET /status tells them."""
@@ -60,6 +77,7 @@ class Server:
 
     def wait_healthy(self, timeout: float = 120) -> None:
         """Until GET /health answers (the worker has imported everything)."""
+
         def healthy() -> bool:
             return requests.get(f"http://127.0.0.1:{self.port}/health", timeout=2).ok
 

@@ -3,6 +3,7 @@
 Organised as the spec (docs: /work/shared/api-reference.md) is: models, generation,
 status, metrics, errors, authentication, rate limits; then behaviour under load.
 """
+
 import gc
 import json
 import os
@@ -16,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import API, assert_error, load_and_wait, wait_for
+from server import parse_sse
 
 import tursi.api.status as status_module
 import tursi.engine.scheduler as scheduler_module
-
-from conftest import API, assert_error, load_and_wait, wait_for
-from server import parse_sse
 
 SIZE = re.compile(r"^\d+(\.\d)?(B|KB|MB|GB|TB)$")
 SECONDS = re.compile(r"^\d+(\.\d+)?s$")
@@ -32,6 +32,7 @@ TINY_CONTEXT = 256  # max_position_embeddings of the tiny Llama
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
 
 def generate(client, headers=None, **body):
     body.setdefault("model", "tiny")
@@ -88,6 +89,7 @@ def metrics(client, name="tiny"):
 
 # --- GET /models -----------------------------------------------------------------------------
 
+
 def test_list_models_shape(client):
     response = client.get(f"{API}/models")
     assert response.status_code == 200
@@ -116,6 +118,7 @@ def test_list_models_rejects_query_parameters(client):
 
 # --- POST /models/{name}/load ----------------------------------------------------------------
 
+
 def test_load_is_accepted_then_loaded(client):
     response = client.post(f"{API}/models/tiny/load")
     assert response.status_code == 202
@@ -141,11 +144,14 @@ def test_load_again_with_same_settings_does_not_reload(app, client):
     assert metrics(client)["load_time"] == load_time
 
 
-@pytest.mark.parametrize("body", [
-    {"quantize": True, "bits": 8},
-    {"quantize": True},
-    {"dtype": "bfloat16"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"quantize": True, "bits": 8},
+        {"quantize": True},
+        {"dtype": "bfloat16"},
+    ],
+)
 def test_load_with_other_settings_conflicts(client, body):
     load_and_wait(client, "tiny")
     error = assert_error(client.post(f"{API}/models/tiny/load", json=body), 409, "model_conflict")
@@ -160,29 +166,35 @@ def test_load_unknown_model(client):
     assert error["details"] == {"available_models": BUILTIN_NAMES + ["tiny", "tiny-gpt2"]}
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"quantize": True, "bits": 3}, "bits"),
-    ({"quantize": True, "bits": "8"}, "bits"),
-    ({"quantize": True, "mode": "fast"}, "mode"),
-    ({"quantize": "maybe"}, "quantize"),
-    ({"bits": 8}, "bits"),
-    ({"mode": "dynamic"}, "mode"),
-    ({"quantize": False, "bits": 4}, "bits"),
-    ({"dtype": "int8"}, "dtype"),
-    ({"quantise": True}, "quantise"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"quantize": True, "bits": 3}, "bits"),
+        ({"quantize": True, "bits": "8"}, "bits"),
+        ({"quantize": True, "mode": "fast"}, "mode"),
+        ({"quantize": "maybe"}, "quantize"),
+        ({"bits": 8}, "bits"),
+        ({"mode": "dynamic"}, "mode"),
+        ({"quantize": False, "bits": 4}, "bits"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"quantise": True}, "quantise"),
+    ],
+)
 def test_load_body_validation(client, body, field):
     error = assert_error(client.post(f"{API}/models/tiny/load", json=body), 400, "invalid_request")
     assert field in error["details"]["fields"]
     assert model_entry(client, "tiny")["status"] == "not_loaded"
 
 
-@pytest.mark.parametrize("data, content_type", [
-    ("[1, 2]", "application/json"),
-    ("\"quantize\"", "application/json"),
-    ("{\"quantize\": tru", "application/json"),
-    ("quantize=true", "application/x-www-form-urlencoded"),
-])
+@pytest.mark.parametrize(
+    "data, content_type",
+    [
+        ("[1, 2]", "application/json"),
+        ('"quantize"', "application/json"),
+        ('{"quantize": tru', "application/json"),
+        ("quantize=true", "application/x-www-form-urlencoded"),
+    ],
+)
 def test_load_body_must_be_a_json_object(client, data, content_type):
     response = client.post(f"{API}/models/tiny/load", data=data, content_type=content_type)
     assert_error(response, 400, "invalid_request")
@@ -205,31 +217,42 @@ def test_quantized_load(client, tiny_models_dir, app, model, bits, mode):
     assert (entry["quantized"], entry["bits"], entry["mode"]) == (True, bits, mode)
     m = metrics(client, model)
     assert (m["quantized"], m["bits"], m["mode"], m["memory_bytes"]) == (
-        True, bits, mode, entry["memory_bytes"])
+        True,
+        bits,
+        mode,
+        entry["memory_bytes"],
+    )
     assert m["dtype"] == entry["dtype"]
     folder = "gpt2" if model == "tiny-gpt2" else "llama"
     fp32_bytes = (tiny_models_dir / folder / "model.safetensors").stat().st_size
     assert entry["memory_bytes"] < fp32_bytes
-    result = generate_ok(client, model=model, prompt="Once upon a time", max_tokens=5,
-                         temperature=0)
+    result = generate_ok(
+        client, model=model, prompt="Once upon a time", max_tokens=5, temperature=0
+    )
     assert 1 <= result["tokens_generated"] <= 5
     assert result["text"].startswith("Once upon a time")
     if bits == 8:  # every Linear / GPT-2 Conv1D runs int8, with the mode's activation scales
         from tursi.engine.quantize import Int8Linear
+
         loaded = app.extensions["tursi"].manager.state(model).worker.loaded
         layers = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
         assert layers and all((m.input_scale is None) == (mode == "dynamic") for m in layers)
-        leftovers = [type(m).__name__ for m in loaded.model.modules()
-                     if type(m).__name__ in ("Linear", "Conv1D")]
+        leftovers = [
+            type(m).__name__
+            for m in loaded.model.modules()
+            if type(m).__name__ in ("Linear", "Conv1D")
+        ]
         assert leftovers == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU int8 cache")
 @pytest.mark.parametrize("model", ["tiny", "tiny-gpt2"])
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_int8_weights_are_cached_and_keyed_by_source(app, client, tiny_models_dir, monkeypatch,
-                                                     model, mode):
+def test_int8_weights_are_cached_and_keyed_by_source(
+    app, client, tiny_models_dir, monkeypatch, model, mode
+):
     from transformers import AutoModelForCausalLM
+
     body = {"quantize": True, "bits": 8, "mode": mode}
     prompt = {"model": model, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
     cache = Path(app.extensions["tursi"].settings.home) / "quantized"
@@ -261,11 +284,14 @@ def test_int8_weights_are_cached_and_keyed_by_source(app, client, tiny_models_di
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU backends (CUDA has its own test)")
 def test_4_bit_static_is_unsupported_on_cpu(client):
-    response = client.post(f"{API}/models/tiny/load",
-                           json={"quantize": True, "bits": 4, "mode": "static"})
+    response = client.post(
+        f"{API}/models/tiny/load", json={"quantize": True, "bits": 4, "mode": "static"}
+    )
     error = assert_error(response, 400, "unsupported_quantization")
-    assert error["details"] == {"device": "cpu", "supported": [
-        {"bits": bits, "mode": mode} for bits, mode in CPU_QUANTIZATION]}
+    assert error["details"] == {
+        "device": "cpu",
+        "supported": [{"bits": bits, "mode": mode} for bits, mode in CPU_QUANTIZATION],
+    }
     assert "8-bit dynamic, 8-bit static, 4-bit dynamic" in error["message"]
     assert model_entry(client, "tiny")["status"] == "not_loaded"
 
@@ -278,8 +304,13 @@ def test_quantized_load_on_cuda(client, bits):
     assert entry["device"].startswith("cuda")
     result = generate_ok(client, model="tiny", prompt="Once upon a time", max_tokens=5)
     assert 1 <= result["tokens_generated"] <= 5
-    error = assert_error(client.post(f"{API}/models/tiny-gpt2/load", json={
-        "quantize": True, "bits": bits, "mode": "static"}), 400, "unsupported_quantization")
+    error = assert_error(
+        client.post(
+            f"{API}/models/tiny-gpt2/load", json={"quantize": True, "bits": bits, "mode": "static"}
+        ),
+        400,
+        "unsupported_quantization",
+    )
     assert error["details"]["device"] == "cuda"
 
 
@@ -287,6 +318,7 @@ def test_load_progress_follows_the_weights_as_transformers_loads_them(client, mo
     """The fraction comes from transformers' own per-tensor progress bar: it rises through
     values strictly between 0 and 1 and ends at 1, never moving back."""
     from tursi.engine.progress import LoadProgress
+
     seen = []
     real_advance = LoadProgress.advance
 
@@ -307,19 +339,28 @@ def test_quantize_defaults_to_8_bit_dynamic(client):
     pytest.importorskip("bitsandbytes")
     entry = load_and_wait(client, "tiny-gpt2", {"quantize": True})
     assert (entry["status"], entry["quantized"], entry["bits"], entry["mode"]) == (
-        "loaded", True, 8, "dynamic")
+        "loaded",
+        True,
+        8,
+        "dynamic",
+    )
 
 
 def test_load_while_loading(client, slow_loads):
     assert client.post(f"{API}/models/tiny/load").status_code == 202
-    assert model_entry(client, "tiny") == {"name": "tiny", "status": "loading",
-                                           "progress": 0.0, "stage": "loading weights"}
+    assert model_entry(client, "tiny") == {
+        "name": "tiny",
+        "status": "loading",
+        "progress": 0.0,
+        "stage": "loading weights",
+    }
 
     again = client.post(f"{API}/models/tiny/load")
     assert again.status_code == 202
     assert again.get_json()["status"] == "loading"
-    assert_error(client.post(f"{API}/models/tiny/load", json={"quantize": True}), 409,
-                 "model_conflict")
+    assert_error(
+        client.post(f"{API}/models/tiny/load", json={"quantize": True}), 409, "model_conflict"
+    )
     response = generate(client, prompt="hi")
     busy = assert_error(response, 503, "model_loading")
     assert busy["details"]["status"] == "loading"
@@ -363,6 +404,7 @@ def test_failed_load_is_reported_and_can_be_retried(make_app, tiny_models_dir, t
 
 # --- POST /models/{name}/unload --------------------------------------------------------------
 
+
 def test_unload_frees_the_model(app, tiny_client):
     client = tiny_client
     model_ref = weakref.ref(app.extensions["tursi"].manager.state("tiny").worker.loaded.model)
@@ -392,15 +434,27 @@ def test_unload_then_load_again(tiny_client):
 def test_unload_during_generation_ends_running_and_queued_jobs(app, tiny_client, slow_steps):
     client = tiny_client
     worker = app.extensions["tursi"].manager.state("tiny").worker
-    streamed = client.post(f"{API}/generate", json={
-        "model": "tiny", "prompt": "lazy dog", "max_tokens": 250, "temperature": 0,
-        "stream": True})
+    streamed = client.post(
+        f"{API}/generate",
+        json={
+            "model": "tiny",
+            "prompt": "lazy dog",
+            "max_tokens": 250,
+            "temperature": 0,
+            "stream": True,
+        },
+    )
     frames = iter(streamed.response)
     next(frames), next(frames)  # the prompt, then the first generated text: it is running
     queued = {}
-    thread = threading.Thread(target=lambda: queued.update(response=app.test_client().post(
-        f"{API}/generate", json={"model": "tiny", "prompt": "hi", "max_tokens": 250,
-                                   "ignore_eos": True})))
+    thread = threading.Thread(
+        target=lambda: queued.update(
+            response=app.test_client().post(
+                f"{API}/generate",
+                json={"model": "tiny", "prompt": "hi", "max_tokens": 250, "ignore_eos": True},
+            )
+        )
+    )
     thread.start()
     wait_for(lambda: worker.running + worker.waiting == 2)
 
@@ -417,9 +471,17 @@ def test_unload_during_generation_ends_running_and_queued_jobs(app, tiny_client,
 
 def test_tokens_streamed_before_an_unload_are_counted(app, tiny_client, slow_steps):
     client = tiny_client
-    streamed = client.post(f"{API}/generate", json={
-        "model": "tiny", "prompt": "lazy dog", "max_tokens": 250, "temperature": 0,
-        "stream": True, "return_full_text": False})
+    streamed = client.post(
+        f"{API}/generate",
+        json={
+            "model": "tiny",
+            "prompt": "lazy dog",
+            "max_tokens": 250,
+            "temperature": 0,
+            "stream": True,
+            "return_full_text": False,
+        },
+    )
     frames = iter(streamed.response)
     received = [next(frames) for _ in range(3)]  # three pieces of generated text
     assert all(b"event: text" in frame for frame in received)
@@ -436,14 +498,16 @@ def test_unload_not_loaded(client):
 
 def test_unload_with_other_settings_lets_a_conflicting_load_through(tiny_client):
     client = tiny_client
-    assert_error(client.post(f"{API}/models/tiny/load", json={"dtype": "bfloat16"}), 409,
-                 "model_conflict")
+    assert_error(
+        client.post(f"{API}/models/tiny/load", json={"dtype": "bfloat16"}), 409, "model_conflict"
+    )
     assert client.post(f"{API}/models/tiny/unload").status_code == 200
     entry = load_and_wait(client, "tiny", {"dtype": "bfloat16"})
     assert (entry["status"], entry["dtype"]) == ("loaded", "bfloat16")
 
 
 # --- POST /generate: validation --------------------------------------------------------------
+
 
 def test_generate_on_a_model_that_is_not_loaded(client):
     error = assert_error(generate(client, prompt="hi"), 409, "model_not_loaded")
@@ -456,38 +520,41 @@ def test_generate_on_an_unknown_model(tiny_client):
     assert "tiny" in error["details"]["available_models"]
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"prompt": "hi"}, "model"),
-    ({"model": "tiny"}, "prompt"),
-    ({"model": "", "prompt": "hi"}, "model"),
-    ({"model": "tiny", "prompt": ""}, "prompt"),
-    ({"model": "tiny", "prompt": 42}, "prompt"),
-    ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"model": "tiny", "prompt": "hi", "max_tokens": -1}, "max_tokens"),
-    ({"model": "tiny", "prompt": "hi", "max_tokens": "5"}, "max_tokens"),
-    ({"model": "tiny", "prompt": "hi", "max_tokens": 1.5}, "max_tokens"),
-    ({"model": "tiny", "prompt": "hi", "max_tokens": True}, "max_tokens"),
-    ({"model": "tiny", "prompt": "hi", "temperature": -1}, "temperature"),
-    ({"model": "tiny", "prompt": "hi", "temperature": 3}, "temperature"),
-    ({"model": "tiny", "prompt": "hi", "temperature": "nan"}, "temperature"),
-    ({"model": "tiny", "prompt": "hi", "temperature": "Infinity"}, "temperature"),
-    ({"model": "tiny", "prompt": "hi", "temperature": "warm"}, "temperature"),
-    ({"model": "tiny", "prompt": "hi", "top_p": 0}, "top_p"),
-    ({"model": "tiny", "prompt": "hi", "top_p": 1.5}, "top_p"),
-    ({"model": "tiny", "prompt": "hi", "top_p": -0.1}, "top_p"),
-    ({"model": "tiny", "prompt": "hi", "stop": "\n"}, "stop"),
-    ({"model": "tiny", "prompt": "hi", "stop": [f"s{i}" for i in range(17)]}, "stop"),
-    ({"model": "tiny", "prompt": "hi", "stop": [""]}, "stop"),
-    ({"model": "tiny", "prompt": "hi", "stop": [1]}, "stop"),
-    ({"model": "tiny", "prompt": "hi", "stop": ["x" * 257]}, "stop"),
-    ({"model": "tiny", "prompt": "hi", "stream": "sometimes"}, "stream"),
-    ({"model": "tiny", "prompt": "hi", "seed": -1}, "seed"),
-    ({"model": "tiny", "prompt": "hi", "seed": "7"}, "seed"),
-    ({"model": "tiny", "prompt": "hi", "ignore_eos": "sometimes"}, "ignore_eos"),
-    ({"model": "tiny", "prompt": "hi", "ignore_eos": 2}, "ignore_eos"),
-    ({"model": "tiny", "prompt": "hi", "ignore_eos": None}, "ignore_eos"),
-    ({"model": "tiny", "prompt": "hi", "max_length": 5}, "max_length"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "hi"}, "model"),
+        ({"model": "tiny"}, "prompt"),
+        ({"model": "", "prompt": "hi"}, "model"),
+        ({"model": "tiny", "prompt": ""}, "prompt"),
+        ({"model": "tiny", "prompt": 42}, "prompt"),
+        ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"model": "tiny", "prompt": "hi", "max_tokens": -1}, "max_tokens"),
+        ({"model": "tiny", "prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+        ({"model": "tiny", "prompt": "hi", "max_tokens": 1.5}, "max_tokens"),
+        ({"model": "tiny", "prompt": "hi", "max_tokens": True}, "max_tokens"),
+        ({"model": "tiny", "prompt": "hi", "temperature": -1}, "temperature"),
+        ({"model": "tiny", "prompt": "hi", "temperature": 3}, "temperature"),
+        ({"model": "tiny", "prompt": "hi", "temperature": "nan"}, "temperature"),
+        ({"model": "tiny", "prompt": "hi", "temperature": "Infinity"}, "temperature"),
+        ({"model": "tiny", "prompt": "hi", "temperature": "warm"}, "temperature"),
+        ({"model": "tiny", "prompt": "hi", "top_p": 0}, "top_p"),
+        ({"model": "tiny", "prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"model": "tiny", "prompt": "hi", "top_p": -0.1}, "top_p"),
+        ({"model": "tiny", "prompt": "hi", "stop": "\n"}, "stop"),
+        ({"model": "tiny", "prompt": "hi", "stop": [f"s{i}" for i in range(17)]}, "stop"),
+        ({"model": "tiny", "prompt": "hi", "stop": [""]}, "stop"),
+        ({"model": "tiny", "prompt": "hi", "stop": [1]}, "stop"),
+        ({"model": "tiny", "prompt": "hi", "stop": ["x" * 257]}, "stop"),
+        ({"model": "tiny", "prompt": "hi", "stream": "sometimes"}, "stream"),
+        ({"model": "tiny", "prompt": "hi", "seed": -1}, "seed"),
+        ({"model": "tiny", "prompt": "hi", "seed": "7"}, "seed"),
+        ({"model": "tiny", "prompt": "hi", "ignore_eos": "sometimes"}, "ignore_eos"),
+        ({"model": "tiny", "prompt": "hi", "ignore_eos": 2}, "ignore_eos"),
+        ({"model": "tiny", "prompt": "hi", "ignore_eos": None}, "ignore_eos"),
+        ({"model": "tiny", "prompt": "hi", "max_length": 5}, "max_length"),
+    ],
+)
 def test_generate_validation(tiny_client, body, field):
     response = tiny_client.post(f"{API}/generate", json=body)
     error = assert_error(response, 400, "invalid_request")
@@ -496,36 +563,53 @@ def test_generate_validation(tiny_client, body, field):
 
 
 def test_generate_accepts_the_documented_limits(tiny_client):
-    body = {"prompt": "hi", "max_tokens": 2, "temperature": 2, "top_p": 1,
-            "stop": [f"s{i}" for i in range(16)], "stream": False, "seed": 0, "ignore_eos": False}
+    body = {
+        "prompt": "hi",
+        "max_tokens": 2,
+        "temperature": 2,
+        "top_p": 1,
+        "stop": [f"s{i}" for i in range(16)],
+        "stream": False,
+        "seed": 0,
+        "ignore_eos": False,
+    }
     assert generate(tiny_client, **body).status_code == 200
 
 
-@pytest.mark.parametrize("data", ['{"model": "tiny", "prompt": "hi", "temperature": NaN}',
-                                  '{"model": "tiny", "prompt": "hi", "top_p": Infinity}'])
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"model": "tiny", "prompt": "hi", "temperature": NaN}',
+        '{"model": "tiny", "prompt": "hi", "top_p": Infinity}',
+    ],
+)
 def test_generate_rejects_non_standard_json_numbers(tiny_client, data):
     response = tiny_client.post(f"{API}/generate", data=data, content_type="application/json")
     assert_error(response, 400, "invalid_request")
 
 
-@pytest.mark.parametrize("data, content_type", [
-    ('{"model": "tiny", "prompt": ', "application/json"),
-    ("", "application/json"),
-    ("[]", "application/json"),
-    ("null", "application/json"),
-    ('"hi"', "application/json"),
-    ('{"model": "tiny", "prompt": "hi"}', "text/plain"),
-    ("model=tiny&prompt=hi", "application/x-www-form-urlencoded"),
-    ('{"model": "tiny", "prompt": "hi"}', None),
-])
+@pytest.mark.parametrize(
+    "data, content_type",
+    [
+        ('{"model": "tiny", "prompt": ', "application/json"),
+        ("", "application/json"),
+        ("[]", "application/json"),
+        ("null", "application/json"),
+        ('"hi"', "application/json"),
+        ('{"model": "tiny", "prompt": "hi"}', "text/plain"),
+        ("model=tiny&prompt=hi", "application/x-www-form-urlencoded"),
+        ('{"model": "tiny", "prompt": "hi"}', None),
+    ],
+)
 def test_generate_body_must_be_a_json_object(tiny_client, data, content_type):
     response = tiny_client.post(f"{API}/generate", data=data, content_type=content_type)
     assert_error(response, 400, "invalid_request")
 
 
 def test_wrong_content_type_is_named_in_details(tiny_client):
-    response = tiny_client.post(f"{API}/generate", data='{"model": "tiny", "prompt": "hi"}',
-                                content_type="text/plain")
+    response = tiny_client.post(
+        f"{API}/generate", data='{"model": "tiny", "prompt": "hi"}', content_type="text/plain"
+    )
     error = assert_error(response, 400, "invalid_request")
     assert error["details"] == {"content_type": "text/plain"}
 
@@ -533,6 +617,7 @@ def test_wrong_content_type_is_named_in_details(tiny_client):
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tiny_models_dir):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(tiny_models_dir / "llama")
 
 
@@ -542,8 +627,9 @@ def test_context_length_exceeded(tiny_client, tiny_tokenizer):
     assert 20 < prompt_tokens < TINY_CONTEXT - 2
     room = TINY_CONTEXT - prompt_tokens
 
-    error = assert_error(generate(tiny_client, prompt=prompt, max_tokens=room + 1), 400,
-                         "context_length_exceeded")
+    error = assert_error(
+        generate(tiny_client, prompt=prompt, max_tokens=room + 1), 400, "context_length_exceeded"
+    )
     assert error["details"]["prompt_tokens"] == prompt_tokens
     assert error["details"]["context_length"] == TINY_CONTEXT
     assert error["details"]["max_tokens"] == room + 1
@@ -586,12 +672,18 @@ def test_body_too_large(make_app):
     response = generate(client, prompt="x" * 2000)
     error = assert_error(response, 413, "payload_too_large")
     assert error["details"] == {}
-    assert_error(client.post(f"{API}/models/tiny/load", data="{" + " " * 2000 + "}",
-                             content_type="application/json"), 413, "payload_too_large")
+    assert_error(
+        client.post(
+            f"{API}/models/tiny/load", data="{" + " " * 2000 + "}", content_type="application/json"
+        ),
+        413,
+        "payload_too_large",
+    )
     assert generate(client, prompt="Once upon a time " * 20, max_tokens=1).status_code == 200
 
 
 # --- POST /generate: results -----------------------------------------------------------------
+
 
 def test_generate_response_shape(tiny_client):
     result = generate_ok(tiny_client, prompt="Once upon a time", max_tokens=7)
@@ -604,8 +696,7 @@ def test_generate_response_shape(tiny_client):
 
 def test_greedy_is_deterministic(tiny_client):
     first = generate_ok(tiny_client, prompt="jumps over", max_tokens=12, temperature=0)
-    second = generate_ok(tiny_client, prompt="jumps over", max_tokens=12, temperature=0,
-                         top_p=0.3)
+    second = generate_ok(tiny_client, prompt="jumps over", max_tokens=12, temperature=0, top_p=0.3)
     assert first["text"] == second["text"]
     assert first["tokens_generated"] == second["tokens_generated"] == 12
     assert first["text"].startswith("jumps over ")
@@ -613,16 +704,22 @@ def test_greedy_is_deterministic(tiny_client):
 
 def test_return_full_text_false_returns_only_the_continuation(tiny_client):
     full = generate_ok(tiny_client, prompt="lazy dog", max_tokens=6, temperature=0)
-    only = generate_ok(tiny_client, prompt="lazy dog", max_tokens=6, temperature=0,
-                       return_full_text=False)
+    only = generate_ok(
+        tiny_client, prompt="lazy dog", max_tokens=6, temperature=0, return_full_text=False
+    )
     assert only["text"]
     assert not only["text"].startswith("lazy dog")
     assert full["text"] == "lazy dog" + only["text"]
 
 
 def test_seed_makes_sampling_reproducible(tiny_client):
-    body = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 1.0, "top_p": 1.0,
-            "return_full_text": False}
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "return_full_text": False,
+    }
     a = generate_ok(tiny_client, seed=7, **body)["text"]
     b = generate_ok(tiny_client, seed=7, **body)["text"]
     c = generate_ok(tiny_client, seed=8, **body)["text"]
@@ -642,8 +739,9 @@ def test_extreme_but_valid_sampling_values(tiny_client, tweak):
 
 def test_tiny_top_p_is_greedy(tiny_client):
     greedy = generate_ok(tiny_client, prompt="jumps over", max_tokens=8, temperature=0)
-    nucleus = generate_ok(tiny_client, prompt="jumps over", max_tokens=8, temperature=1.0,
-                          top_p=1e-6, seed=3)
+    nucleus = generate_ok(
+        tiny_client, prompt="jumps over", max_tokens=8, temperature=1.0, top_p=1e-6, seed=3
+    )
     assert nucleus["text"] == greedy["text"]
 
 
@@ -652,11 +750,11 @@ def _cut_cases(continuation, count=3):
     cases = []
     for start in range(1, len(continuation) - 3):
         for length in (2, 3, 4):
-            stop = continuation[start:start + length]
+            stop = continuation[start : start + length]
             if "\ufffd" in stop or continuation.find(stop) <= 0:
                 continue
             if all(stop != s for s, _ in cases):
-                cases.append((stop, continuation[:continuation.find(stop)]))
+                cases.append((stop, continuation[: continuation.find(stop)]))
             break
         if len(cases) == count:
             break
@@ -664,10 +762,13 @@ def _cut_cases(continuation, count=3):
     return cases
 
 
-@pytest.mark.parametrize("sampling", [
-    {"prompt": "lazy dog", "temperature": 0},
-    {"prompt": "Once upon a time", "temperature": 1.0, "top_p": 1.0, "seed": 1234},
-])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"prompt": "lazy dog", "temperature": 0},
+        {"prompt": "Once upon a time", "temperature": 1.0, "top_p": 1.0, "seed": 1234},
+    ],
+)
 def test_stop_strings_cut_the_text(tiny_client, sampling):
     body = {**sampling, "max_tokens": 16, "return_full_text": False}
     full = generate_ok(tiny_client, **body)
@@ -684,8 +785,14 @@ def test_stop_strings_cut_the_text(tiny_client, sampling):
 
 
 def test_earliest_of_several_stops_wins(tiny_client):
-    body = {"prompt": "Once upon a time", "temperature": 1.0, "seed": 99, "max_tokens": 16,
-            "return_full_text": False, "top_p": 1.0}
+    body = {
+        "prompt": "Once upon a time",
+        "temperature": 1.0,
+        "seed": 99,
+        "max_tokens": 16,
+        "return_full_text": False,
+        "top_p": 1.0,
+    }
     continuation = generate_ok(tiny_client, **body)["text"]
     (early, expected), *_, (late, _) = _cut_cases(continuation)
     result = generate_ok(tiny_client, stop=[late, "never-there", early], **body)
@@ -693,17 +800,16 @@ def test_earliest_of_several_stops_wins(tiny_client):
 
 
 def test_stop_string_in_the_prompt_does_not_stop(tiny_client):
-    result = generate_ok(tiny_client, prompt="lazy dog", max_tokens=3, temperature=0,
-                         stop=["lazy"])
+    result = generate_ok(tiny_client, prompt="lazy dog", max_tokens=3, temperature=0, stop=["lazy"])
     assert result["tokens_generated"] == 3
     assert result["text"].startswith("lazy dog")
 
 
 # --- POST /generate with stream: true --------------------------------------------------------
 
+
 def test_stream_events(tiny_client):
-    response, events = stream(tiny_client, prompt="Once upon a time", max_tokens=8,
-                              temperature=0)
+    response, events = stream(tiny_client, prompt="Once upon a time", max_tokens=8, temperature=0)
     assert response.status_code == 200
     assert response.mimetype == "text/event-stream"
     assert response.headers["Cache-Control"] == "no-cache"
@@ -732,10 +838,12 @@ def test_stream_matches_non_stream(tiny_client, prompt):
 
 
 def test_stream_without_the_prompt(tiny_client):
-    whole = generate_ok(tiny_client, prompt="lazy dog", max_tokens=5, temperature=0,
-                        return_full_text=False)
-    _, events = stream(tiny_client, prompt="lazy dog", max_tokens=5, temperature=0,
-                       return_full_text=False)
+    whole = generate_ok(
+        tiny_client, prompt="lazy dog", max_tokens=5, temperature=0, return_full_text=False
+    )
+    _, events = stream(
+        tiny_client, prompt="lazy dog", max_tokens=5, temperature=0, return_full_text=False
+    )
     assert streamed_text(events) == whole["text"]
     assert not events[0][1]["text"].startswith("lazy")
 
@@ -744,9 +852,16 @@ def test_stream_with_heartbeats_still_parses(make_app, slow_steps):
     client = make_app(heartbeat_seconds=0.001).test_client()
     load_and_wait(client, "tiny")
     whole = generate_ok(client, prompt="lazy dog", max_tokens=20, temperature=0)
-    response = client.post(f"{API}/generate", json={"model": "tiny", "prompt": "lazy dog",
-                                                    "max_tokens": 20, "temperature": 0,
-                                                    "stream": True})
+    response = client.post(
+        f"{API}/generate",
+        json={
+            "model": "tiny",
+            "prompt": "lazy dog",
+            "max_tokens": 20,
+            "temperature": 0,
+            "stream": True,
+        },
+    )
     text = response.get_data(as_text=True)
     response.close()
     comments = [f for f in text.split("\n\n")[:-1] if f.startswith(":")]
@@ -756,9 +871,16 @@ def test_stream_with_heartbeats_still_parses(make_app, slow_steps):
 
 
 def test_closing_a_stream_stops_the_generation(tiny_client, slow_steps):
-    response = tiny_client.post(f"{API}/generate", json={
-        "model": "tiny", "prompt": "lazy dog", "max_tokens": 240, "temperature": 0,
-        "stream": True})
+    response = tiny_client.post(
+        f"{API}/generate",
+        json={
+            "model": "tiny",
+            "prompt": "lazy dog",
+            "max_tokens": 240,
+            "temperature": 0,
+            "stream": True,
+        },
+    )
     frames = iter(response.response)
     assert b"lazy dog" in next(frames)
     next(frames)
@@ -770,10 +892,12 @@ def test_closing_a_stream_stops_the_generation(tiny_client, slow_steps):
 
 # --- GET /status -----------------------------------------------------------------------------
 
+
 def test_status_fields(client):
     body = status(client)
-    assert {"status", "uptime", "active_models", "memory_usage", "gpu_usage",
-            "requests"} <= set(body)
+    assert {"status", "uptime", "active_models", "memory_usage", "gpu_usage", "requests"} <= set(
+        body
+    )
     assert body["status"] == "healthy"
     assert UPTIME.match(body["uptime"])
     assert body["active_models"] == 0
@@ -809,8 +933,9 @@ def test_status_counts_requests(tiny_client):
 def test_status_counts_a_stream_once_when_it_ends(tiny_client):
     client = tiny_client
     first = status(client)["requests"]
-    response = client.post(f"{API}/generate", json={"model": "tiny", "prompt": "hi",
-                                                    "max_tokens": 3, "stream": True})
+    response = client.post(
+        f"{API}/generate", json={"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
+    )
     during = status(client)["requests"]
     assert during["total"] == first["total"] + 1  # only `first` itself so far
     response.get_data()
@@ -832,16 +957,22 @@ def test_status_active_models(client):
 
 # --- GET /models/{name}/metrics --------------------------------------------------------------
 
+
 def test_metrics_fields_and_movement(tiny_client):
     client = tiny_client
     m = metrics(client)
-    assert {"requests_total", "tokens_generated", "average_generation_time", "memory_usage",
-            "load_time", "error_rate"} <= set(m)
+    assert {
+        "requests_total",
+        "tokens_generated",
+        "average_generation_time",
+        "memory_usage",
+        "load_time",
+        "error_rate",
+    } <= set(m)
     assert (m["requests_total"], m["tokens_generated"], m["error_rate"]) == (0, 0, "0%")
     assert SECONDS.match(m["average_generation_time"])
     assert m["memory_usage"] == model_entry(client, "tiny")["memory_usage"]
-    loaded_at = datetime.strptime(m["load_time"], "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=timezone.utc)
+    loaded_at = datetime.strptime(m["load_time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     assert abs((datetime.now(timezone.utc) - loaded_at).total_seconds()) < 60
 
     tokens = generate_ok(client, prompt="hi", max_tokens=5)["tokens_generated"]
@@ -869,6 +1000,7 @@ def test_metrics_unknown_model(client):
 
 
 # --- errors ----------------------------------------------------------------------------------
+
 
 def test_unknown_api_path_is_json_404(client):
     assert_error(client.get(f"{API}/nothing-here"), 404, "not_found")
@@ -929,13 +1061,18 @@ def test_failing_to_choose_a_first_token_ends_the_requests(app, tiny_client, mon
     """A failure after a prefill, while the first tokens are chosen (NaN logits from a broken
     model, say), ends those requests with an error; it must not lose them (they would wait
     forever and hold their batch slots)."""
+
     def broken(*args):
         raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
 
     monkeypatch.setattr(scheduler_module, "choose_tokens", broken)
     answer = {}
-    request = threading.Thread(target=lambda: answer.update(
-        response=generate(app.test_client(), prompt="hi", max_tokens=2)), daemon=True)
+    request = threading.Thread(
+        target=lambda: answer.update(
+            response=generate(app.test_client(), prompt="hi", max_tokens=2)
+        ),
+        daemon=True,
+    )
     request.start()
     request.join(20)
     assert "response" in answer, "the request was lost: it never ended"
@@ -948,20 +1085,29 @@ def test_failing_to_choose_a_first_token_ends_the_requests(app, tiny_client, mon
 
 # --- authentication --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"Authorization": "Bearer nope"},
-    {"Authorization": "Bearer k1x"},
-    {"Authorization": "Basic x"},
-    {"Authorization": "Basic k1"},
-    {"Authorization": "Bearer"},
-    {"Authorization": "Bearer    "},
-    {"Authorization": "k1"},
-])
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": "Bearer k1x"},
+        {"Authorization": "Basic x"},
+        {"Authorization": "Basic k1"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer    "},
+        {"Authorization": "k1"},
+    ],
+)
 def test_auth_rejects(make_app, headers):
     client = make_app(api_keys=["k1", "k2"]).test_client()
-    for method, path in [("get", "/status"), ("get", "/models"), ("post", "/generate"),
-                         ("post", "/models/tiny/load"), ("get", "/models/tiny/metrics")]:
+    for method, path in [
+        ("get", "/status"),
+        ("get", "/models"),
+        ("post", "/generate"),
+        ("post", "/models/tiny/load"),
+        ("get", "/models/tiny/metrics"),
+    ]:
         response = getattr(client, method)(f"{API}{path}", headers=headers)
         error = assert_error(response, 401, "unauthorized")
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -984,11 +1130,16 @@ def test_auth_key_file(make_app, tmp_path):
     key_file.write_text("# team keys\nfile-key-1\n\n  file-key-2  \n# retired-key\n")
     client = make_app(api_key_file=str(key_file)).test_client()
     for key in ("file-key-1", "file-key-2"):
-        assert client.get(f"{API}/status",
-                          headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert (
+            client.get(f"{API}/status", headers={"Authorization": f"Bearer {key}"}).status_code
+            == 200
+        )
     for key in ("retired-key", "# retired-key", "# team keys"):
-        assert_error(client.get(f"{API}/status", headers={"Authorization": f"Bearer {key}"}),
-                     401, "unauthorized")
+        assert_error(
+            client.get(f"{API}/status", headers={"Authorization": f"Bearer {key}"}),
+            401,
+            "unauthorized",
+        )
     assert_error(client.get(f"{API}/status"), 401, "unauthorized")
 
 
@@ -998,6 +1149,7 @@ def test_auth_off_without_keys(client):
 
 
 # --- rate limits -----------------------------------------------------------------------------
+
 
 def test_rate_limit_headers_and_429(make_app):
     app = make_app(rate_limit="3/minute")
@@ -1009,7 +1161,7 @@ def test_rate_limit_headers_and_429(make_app):
     ]
     assert [r.status_code for r in responses] == [200, 404, 400]
     now = time.time()
-    for remaining, response in zip((2, 1, 0), responses):
+    for remaining, response in zip((2, 1, 0), responses, strict=False):
         assert response.headers["X-RateLimit-Limit"] == "3"
         assert response.headers["X-RateLimit-Remaining"] == str(remaining)
         assert now - 1 <= int(response.headers["X-RateLimit-Reset"]) <= now + 61
@@ -1036,6 +1188,7 @@ def test_rate_limits_are_per_api_key(make_app):
 
 
 # --- concurrency -----------------------------------------------------------------------------
+
 
 def test_concurrent_generations_are_served_one_by_one(app, tiny_client):
     body = {"model": "tiny", "prompt": "jumps over", "max_tokens": 8, "temperature": 0}
@@ -1088,8 +1241,7 @@ def test_json_null_body_is_not_an_object(client):
 
 
 def test_prompt_filling_the_context_without_max_tokens(tiny_client):
-    error = assert_error(generate(tiny_client, prompt="dog " * 300), 400,
-                         "context_length_exceeded")
+    error = assert_error(generate(tiny_client, prompt="dog " * 300), 400, "context_length_exceeded")
     assert error["details"]["prompt_tokens"] > error["details"]["context_length"] == 256
     assert "max_tokens" not in error["details"]
     assert "-" not in error["message"]

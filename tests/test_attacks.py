@@ -3,12 +3,12 @@ to the model routes: each gets a structured 4xx (never a 500, never a trace) and
 server's state as it was. docs/reliability.md lists these attacks with what they produced.
 
 (Schemathesis adds generated cases on top of these: tests/test_fuzz.py.)"""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from conftest import API, load_and_wait
 from tiny_models import with_chat_template, write_catalog
 
@@ -20,8 +20,11 @@ CAP = 16384  # TURSI_MAX_BODY_BYTES for these tests
 ROUTES = {  # route -> a valid body for it
     f"{API}/generate": {"model": "tiny", "prompt": "hi", "max_tokens": 2},
     "/v1/completions": {"model": "tiny", "prompt": "hi", "max_tokens": 2},
-    "/v1/chat/completions": {"model": "tiny", "max_tokens": 2,
-                             "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/chat/completions": {
+        "model": "tiny",
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hi"}],
+    },
 }
 
 
@@ -69,50 +72,73 @@ BODY_ATTACKS = {
     "a JSON array": (b"[1, 2]", 400, "invalid_request"),
     "JSON null": (b"null", 400, "invalid_request"),
     "invalid UTF-8": (b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}', 400, "invalid_request"),
-    "UTF-8 overlong encoding": (b'{"model": "tiny", "prompt": "\xc0\xaf"}', 400,
-                                "invalid_request"),
-    "lone surrogate escape": (b'{"model": "tiny", "prompt": "a\\ud800b"}', 400,
-                              "invalid_request"),
+    "UTF-8 overlong encoding": (b'{"model": "tiny", "prompt": "\xc0\xaf"}', 400, "invalid_request"),
+    "lone surrogate escape": (b'{"model": "tiny", "prompt": "a\\ud800b"}', 400, "invalid_request"),
     "NaN": (b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400, "invalid_request"),
-    "Infinity": (b'{"model": "tiny", "prompt": "hi", "top_p": Infinity}', 400,
-                 "invalid_request"),
-    "-Infinity": (b'{"model": "tiny", "prompt": "hi", "temperature": -Infinity}', 400,
-                  "invalid_request"),
-    "1e999 (overflows to inf)": (b'{"model": "tiny", "prompt": "hi", "temperature": 1e999}',
-                                 400, "invalid_request"),
-    "5000-digit integer": (b'{"model": "tiny", "prompt": "hi", "max_tokens": ' + b"9" * 5000
-                           + b"}", 400, "invalid_request"),
-    "nesting 100000 deep": (b'{"model": "tiny", "prompt": "hi", "stop": ' + b"[" * 100000
-                            + b"]" * 100000 + b"}", 413, "payload_too_large"),
-    "nesting 2000 deep": (b'{"model": "tiny", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400,
-                          "invalid_request"),
-    "body over the cap": (b'{"model": "tiny", "prompt": "' + b"a" * CAP + b'"}', 413,
-                          "payload_too_large"),
-    "unknown field": (b'{"model": "tiny", "prompt": "hi", "best_of_luck": 3}', 400,
-                      "invalid_request"),
+    "Infinity": (b'{"model": "tiny", "prompt": "hi", "top_p": Infinity}', 400, "invalid_request"),
+    "-Infinity": (
+        b'{"model": "tiny", "prompt": "hi", "temperature": -Infinity}',
+        400,
+        "invalid_request",
+    ),
+    "1e999 (overflows to inf)": (
+        b'{"model": "tiny", "prompt": "hi", "temperature": 1e999}',
+        400,
+        "invalid_request",
+    ),
+    "5000-digit integer": (
+        b'{"model": "tiny", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
+        400,
+        "invalid_request",
+    ),
+    "nesting 100000 deep": (
+        b'{"model": "tiny", "prompt": "hi", "stop": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+        413,
+        "payload_too_large",
+    ),
+    "nesting 2000 deep": (
+        b'{"model": "tiny", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+        400,
+        "invalid_request",
+    ),
+    "body over the cap": (
+        b'{"model": "tiny", "prompt": "' + b"a" * CAP + b'"}',
+        413,
+        "payload_too_large",
+    ),
+    "unknown field": (
+        b'{"model": "tiny", "prompt": "hi", "best_of_luck": 3}',
+        400,
+        "invalid_request",
+    ),
     "model name with ..": (b'{"model": "../tiny", "prompt": "hi"}', 404, "model_not_found"),
-    "model name as a path": (b'{"model": "/etc/passwd", "prompt": "hi"}', 404,
-                             "model_not_found"),
-    "model name with a NUL": (b'{"model": "tiny\\u0000", "prompt": "hi"}', 404,
-                              "model_not_found"),
+    "model name as a path": (b'{"model": "/etc/passwd", "prompt": "hi"}', 404, "model_not_found"),
+    "model name with a NUL": (b'{"model": "tiny\\u0000", "prompt": "hi"}', 404, "model_not_found"),
 }
 
 
 CHAT = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}]'
 CHAT_ATTACKS = {
     "invalid UTF-8": (CHAT.replace(b'"hi"', b'"\xff\xfe"') + b"}", 400, "invalid_request"),
-    "lone surrogate escape": (CHAT.replace(b'"hi"', b'"a\\udfffb"') + b"}", 400,
-                              "invalid_request"),
+    "lone surrogate escape": (CHAT.replace(b'"hi"', b'"a\\udfffb"') + b"}", 400, "invalid_request"),
     "NaN": (CHAT + b', "temperature": NaN}', 400, "invalid_request"),
-    "nesting 2000 deep": (CHAT + b', "x": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400,
-                          "invalid_request"),
-    "body over the cap": (CHAT.replace(b'"hi"', b'"' + b"a" * CAP + b'"') + b"}", 413,
-                          "payload_too_large"),
-    "unknown field in a message": (CHAT.replace(b'"hi"', b'"hi", "mood": "angry"') + b"}",
-                                   400, "invalid_request"),
+    "nesting 2000 deep": (
+        CHAT + b', "x": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+        400,
+        "invalid_request",
+    ),
+    "body over the cap": (
+        CHAT.replace(b'"hi"', b'"' + b"a" * CAP + b'"') + b"}",
+        413,
+        "payload_too_large",
+    ),
+    "unknown field in a message": (
+        CHAT.replace(b'"hi"', b'"hi", "mood": "angry"') + b"}",
+        400,
+        "invalid_request",
+    ),
     "unknown role": (CHAT.replace(b'"user"', b'"root"') + b"}", 400, "invalid_request"),
-    "content not a string": (CHAT.replace(b'"hi"', b'{"$gt": ""}') + b"}", 400,
-                             "invalid_request"),
+    "content not a string": (CHAT.replace(b'"hi"', b'{"$gt": ""}') + b"}", 400, "invalid_request"),
 }
 
 
@@ -130,11 +156,14 @@ def test_chat_body_attacks(client, attack):
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
-                                          "multipart/form-data; boundary=x", None])
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None],
+)
 def test_wrong_content_types(client, route, content_type):
-    error = refused(post(client, route, json.dumps(ROUTES[route]), content_type), 400,
-                    "invalid_request")
+    error = refused(
+        post(client, route, json.dumps(ROUTES[route]), content_type), 400, "invalid_request"
+    )
     assert error["details"]["content_type"] == content_type
 
 
@@ -156,29 +185,37 @@ def test_a_prompt_over_the_context_names_the_token_counts(client, route):
 def test_stop_lists(client, route):
     body = ROUTES[route]
     assert client.post(route, json={**body, "stop": []}, headers=AUTH).status_code == 200
-    huge = refused(client.post(route, json={**body, "stop": ["x"] * 2000}, headers=AUTH),
-                   400, "invalid_request")
+    huge = refused(
+        client.post(route, json={**body, "stop": ["x"] * 2000}, headers=AUTH),
+        400,
+        "invalid_request",
+    )
     assert "stop" in huge["details"]["fields"]
     for bad in ([""], ["x" * 257], [None], [["nested"]], {"a": "b"}):
-        error = refused(client.post(route, json={**body, "stop": bad}, headers=AUTH), 400,
-                        "invalid_request")
+        error = refused(
+            client.post(route, json={**body, "stop": bad}, headers=AUTH), 400, "invalid_request"
+        )
         assert "stop" in error["details"]["fields"]
 
 
-@pytest.mark.parametrize("name, status, code", [
-    ("..", 404, "model_not_found"),
-    (".", 404, "model_not_found"),
-    ("%2E%2E", 404, "model_not_found"),
-    ("tiny.", 404, "model_not_found"),
-    ("tiny%00", 404, "model_not_found"),
-    ("x" * 5000, 404, "model_not_found"),
-    ("a/b", 404, "not_found"),
-    ("../..", 404, "not_found"),
-    ("..%2F..%2Fetc%2Fpasswd", 404, "not_found"),
-    ("%2Fetc%2Fpasswd", 404, "not_found"),
-])
-@pytest.mark.parametrize("method, action", [("post", "load"), ("post", "unload"),
-                                            ("get", "metrics")])
+@pytest.mark.parametrize(
+    "name, status, code",
+    [
+        ("..", 404, "model_not_found"),
+        (".", 404, "model_not_found"),
+        ("%2E%2E", 404, "model_not_found"),
+        ("tiny.", 404, "model_not_found"),
+        ("tiny%00", 404, "model_not_found"),
+        ("x" * 5000, 404, "model_not_found"),
+        ("a/b", 404, "not_found"),
+        ("../..", 404, "not_found"),
+        ("..%2F..%2Fetc%2Fpasswd", 404, "not_found"),
+        ("%2Fetc%2Fpasswd", 404, "not_found"),
+    ],
+)
+@pytest.mark.parametrize(
+    "method, action", [("post", "load"), ("post", "unload"), ("get", "metrics")]
+)
 def test_model_names_are_catalog_names_only(client, name, status, code, method, action):
     """A model name never reaches the file system: it is looked up in the catalog or the
     route does not match."""
@@ -187,12 +224,25 @@ def test_model_names_are_catalog_names_only(client, name, status, code, method, 
     still_serving(client)
 
 
-@pytest.mark.parametrize("header", [
-    "Bearer", "Bearer ", "Bearer\tattack-key", "attack-key", "Basic YXR0YWNrLWtleQ==",
-    "Bearer attack-key extra", "Bearer attack-key\x00", "Bearer attack-keyattack-key",
-    "Bearer ATTACK-KEY", "Bearer attack-ke", "Bearer " + "k" * 100_000,
-    "Bearer attack-k\u00e9y", "Bearer attack-key, Bearer attack-key", "Token attack-key",
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer",
+        "Bearer ",
+        "Bearer\tattack-key",
+        "attack-key",
+        "Basic YXR0YWNrLWtleQ==",
+        "Bearer attack-key extra",
+        "Bearer attack-key\x00",
+        "Bearer attack-keyattack-key",
+        "Bearer ATTACK-KEY",
+        "Bearer attack-ke",
+        "Bearer " + "k" * 100_000,
+        "Bearer attack-k\u00e9y",
+        "Bearer attack-key, Bearer attack-key",
+        "Token attack-key",
+    ],
+)
 def test_malformed_bearer_values_are_401(client, header):
     response = client.get(f"{API}/status", headers={"Authorization": header})
     error = refused(response, 401, "unauthorized")
@@ -216,8 +266,11 @@ def test_requests_gunicorn_cannot_parse_get_json_errors(tiny_models_dir, tmp_pat
     import socket
 
     from server import Server
-    srv = Server({"TURSI_PRELOAD": "", "TURSI_HOME": str(tmp_path / "home"),
-                  "TURSI_API_KEYS": KEY}, tmp_path / "gunicorn.log")
+
+    srv = Server(
+        {"TURSI_PRELOAD": "", "TURSI_HOME": str(tmp_path / "home"), "TURSI_API_KEYS": KEY},
+        tmp_path / "gunicorn.log",
+    )
     try:
         srv.wait_healthy()
 
@@ -235,10 +288,13 @@ def test_requests_gunicorn_cannot_parse_get_json_errors(tiny_models_dir, tmp_pat
 
         cases = {
             b"GARBAGE\r\n\r\n": (400, "invalid_request"),
-            b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\x01\r\n\r\n":
-                (400, "invalid_request"),
+            b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\x01\r\n\r\n": (
+                400,
+                "invalid_request",
+            ),
             b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-            + b"k" * 8200 + b"\r\n\r\n": (431, "headers_too_large"),  # limit 8190
+            + b"k" * 8200
+            + b"\r\n\r\n": (431, "headers_too_large"),  # limit 8190
             b"GET /" + b"a" * 4100 + b" HTTP/1.1\r\nHost: x\r\n\r\n": (414, "uri_too_long"),
         }
         for request, (status, code) in cases.items():
@@ -246,6 +302,9 @@ def test_requests_gunicorn_cannot_parse_get_json_errors(tiny_models_dir, tmp_pat
             assert got_status == status, (request[:40], got_status, body)
             assert headers["Content-Type"] == "application/json"
             assert body["error"]["code"] == code and set(body["error"]) == {
-                "code", "message", "details"}
+                "code",
+                "message",
+                "details",
+            }
     finally:
         srv.stop()

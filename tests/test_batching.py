@@ -1,11 +1,15 @@
 """Continuous batching on the tiny models: admission limits (503 overloaded), request
 deadlines (504 request_timeout), cancels freeing batch slots, batched output equal to
 unbatched output, and ignore_eos. Through Flask's test client, or the Scheduler directly."""
+
 import collections
 import threading
 import time
 
 import pytest
+from conftest import API, assert_error, load_and_wait, wait_for
+from test_api import generate, generate_ok, metrics, sse_events, stream
+from tiny_models import CORPUS, build_llama
 
 import tursi.engine.scheduler as scheduler_module
 from tursi.engine.catalog import Catalog, CatalogEntry
@@ -13,12 +17,13 @@ from tursi.engine.jobs import Finished, GenerationJob, GenerationParams, TextChu
 from tursi.engine.loader import LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 
-from conftest import API, assert_error, load_and_wait, wait_for
-from test_api import generate, generate_ok, metrics, sse_events, stream
-from tiny_models import CORPUS, build_llama
-
-LONG = {"model": "tiny", "prompt": "lazy dog", "max_tokens": 250, "ignore_eos": True,
-        "temperature": 0}  # 250 slow steps: still running whenever a test looks
+LONG = {
+    "model": "tiny",
+    "prompt": "lazy dog",
+    "max_tokens": 250,
+    "ignore_eos": True,
+    "temperature": 0,
+}  # 250 slow steps: still running whenever a test looks
 
 
 def counts(client, name="tiny"):
@@ -61,6 +66,7 @@ def in_thread(call):
 
 # --- admission: TURSI_MAX_BATCH / TURSI_MAX_QUEUE ---------------------------------------------
 
+
 def test_a_full_model_answers_503_overloaded_then_admits_again(make_app, held_steps):
     app = make_app(max_batch=1, max_queue=1)
     client = app.test_client()
@@ -91,6 +97,7 @@ def test_a_full_model_answers_503_overloaded_then_admits_again(make_app, held_st
 
 
 # --- deadlines: TURSI_REQUEST_TIMEOUT ---------------------------------------------------------
+
 
 def test_the_deadline_ends_one_request_not_the_batch(make_app, monkeypatch):
     real_step = Scheduler._decode_step
@@ -151,6 +158,7 @@ def test_no_deadline_when_the_timeout_is_off(make_app):
 
 # --- cancel --------------------------------------------------------------------------------
 
+
 def test_closing_a_stream_frees_its_slot_while_the_others_go_on(tiny_client, slow_steps):
     client = tiny_client
     body = {**LONG, "stream": True, "return_full_text": False}
@@ -170,7 +178,9 @@ def test_closing_a_stream_frees_its_slot_while_the_others_go_on(tiny_client, slo
         assert events[0][0] == "text"
         assert events[-1][0] == "done"
         assert (events[-1][1]["tokens_generated"], events[-1][1]["finish_reason"]) == (
-            250, "length")
+            250,
+            "length",
+        )
     wait_for(lambda: engine_counts(client) == (0, 0))
     wait_for(lambda: metrics(client)["requests_total"] == 3)
     assert metrics(client)["tokens_generated"] < 3 * 250  # the closed one stopped early
@@ -203,8 +213,10 @@ def test_a_started_request_never_reads_as_waiting_again(tiny_client, monkeypatch
 WORDS = " ".join(CORPUS[:4]).split()
 # Twelve prompts of 1 to 34 words and different max_tokens: the rows join and leave the batch
 # at different steps, so rows are added, moved and removed in the cache while others run.
-REQUESTS = [(" ".join(WORDS[i % 7:i % 7 + n]), 6 + 5 * i % 19)
-            for i, n in enumerate([1, 2, 3, 5, 8, 13, 21, 34, 4, 10, 17, 26])]
+REQUESTS = [
+    (" ".join(WORDS[i % 7 : i % 7 + n]), 6 + 5 * i % 19)
+    for i, n in enumerate([1, 2, 3, 5, 8, 13, 21, 34, 4, 10, 17, 26])
+]
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-gpt2", "varied", "varied-eager"])
@@ -229,9 +241,13 @@ def loaded(request, tiny_models_dir, tmp_path_factory):
 def run_engine(loaded, requests, max_batch, one_per_turn=False):
     """Greedy generations through one Scheduler; [(text, tokens, finish_reason)] per request."""
     scheduler = Scheduler("test", loaded, max_batch, lambda job, seconds, ok: None)
-    jobs = [GenerationJob(loaded.tokenizer(prompt)["input_ids"],
-                          GenerationParams(max_tokens, temperature=0.0, ignore_eos=True))
-            for prompt, max_tokens in requests]
+    jobs = [
+        GenerationJob(
+            loaded.tokenizer(prompt)["input_ids"],
+            GenerationParams(max_tokens, temperature=0.0, ignore_eos=True),
+        )
+        for prompt, max_tokens in requests
+    ]
     arriving = collections.deque(jobs)
     while arriving or not scheduler.idle:
         while arriving:
@@ -252,13 +268,17 @@ def outcome(job):
         pieces.append(event.text)
 
 
-@pytest.mark.parametrize("max_batch, one_per_turn, prefill_tokens", [
-    (16, False, 512),  # all at once: two prefill groups, then one batch
-    (4, True, 512),    # one new request per turn into a batch of at most 4
-    (16, True, 16),    # long prompts prefilled alone, 16 columns per turn, between steps
-])
-def test_greedy_fp32_text_is_the_same_alone_or_batched(loaded, monkeypatch, max_batch,
-                                                       one_per_turn, prefill_tokens):
+@pytest.mark.parametrize(
+    "max_batch, one_per_turn, prefill_tokens",
+    [
+        (16, False, 512),  # all at once: two prefill groups, then one batch
+        (4, True, 512),  # one new request per turn into a batch of at most 4
+        (16, True, 16),  # long prompts prefilled alone, 16 columns per turn, between steps
+    ],
+)
+def test_greedy_fp32_text_is_the_same_alone_or_batched(
+    loaded, monkeypatch, max_batch, one_per_turn, prefill_tokens
+):
     assert loaded.dtype == "float32"
     lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt, _ in REQUESTS]
     assert len(set(lengths)) == len(REQUESTS) and max(lengths) > 40
@@ -270,6 +290,7 @@ def test_greedy_fp32_text_is_the_same_alone_or_batched(loaded, monkeypatch, max_
 
 
 # --- ignore_eos ------------------------------------------------------------------------------
+
 
 def test_ignore_eos_generates_through_end_of_sequence_tokens(app, tiny_client):
     client = tiny_client
@@ -285,7 +306,10 @@ def test_ignore_eos_generates_through_end_of_sequence_tokens(app, tiny_client):
 
     kept = generate_ok(client, ignore_eos=True, **body)
     assert (kept["text"], kept["tokens_generated"], kept["finish_reason"]) == (
-        plain["text"], 12, "length")
+        plain["text"],
+        12,
+        "length",
+    )
     _, events = stream(client, ignore_eos=True, **body)
     assert events[-1][1]["finish_reason"] == "length"
     assert "".join(data["text"] for name, data in events if name == "text") == plain["text"]

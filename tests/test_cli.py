@@ -1,5 +1,6 @@
 """The installed `tursi` console script, run as a subprocess against a real gunicorn server
 (tiny models, API key "secret")."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from server import Server, free_port
 
 KEY = "secret"
@@ -40,10 +40,17 @@ def root_url(server: Server) -> str:
     return server.url.removesuffix("/api/v1")
 
 
-def tursi(*args: str, server: Server | None = None, key: str | None = KEY,
-          timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(tursi_command() + list(args), capture_output=True, text=True,
-                          encoding="utf-8", env=cli_env(server, key), timeout=timeout)
+def tursi(
+    *args: str, server: Server | None = None, key: str | None = KEY, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        tursi_command() + list(args),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=cli_env(server, key),
+        timeout=timeout,
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> str:
@@ -59,18 +66,25 @@ def fails(result: subprocess.CompletedProcess, code: str) -> None:
 
 
 def model_status(server: Server, name: str) -> dict:
-    response = requests.get(f"{server.url}/models", timeout=10,
-                            headers={"Authorization": f"Bearer {KEY}"})
+    response = requests.get(
+        f"{server.url}/models", timeout=10, headers={"Authorization": f"Bearer {KEY}"}
+    )
     return next(m for m in response.json()["models"] if m["name"] == name)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_models_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("tursi-cli-home")
-    srv = Server({"TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
-                  "TURSI_PRELOAD": "", "TURSI_HOME": str(home),
-                  "TURSI_RATE_LIMIT": "1000/minute", "TURSI_API_KEYS": KEY},
-                 home / "gunicorn.log")
+    srv = Server(
+        {
+            "TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
+            "TURSI_PRELOAD": "",
+            "TURSI_HOME": str(home),
+            "TURSI_RATE_LIMIT": "1000/minute",
+            "TURSI_API_KEYS": KEY,
+        },
+        home / "gunicorn.log",
+    )
     try:
         deadline = time.monotonic() + 120
         while True:  # the worker imports torch before it answers
@@ -88,6 +102,7 @@ def server(tiny_models_dir, tmp_path_factory):
 
 # --- help -----------------------------------------------------------------------------------
 
+
 def test_help_lists_every_command_with_a_line_of_help():
     out = ok(tursi("--help"))
     for command in COMMANDS:
@@ -96,15 +111,30 @@ def test_help_lists_every_command_with_a_line_of_help():
         assert documented in out
 
 
-@pytest.mark.parametrize("command, flags", [
-    ("serve", ["--host", "--port", "--workers"]),
-    ("models", ["--json", "--url", "--api-key"]),
-    ("load", ["--bits", "--mode", "--quantize", "--dtype", "--no-wait", "--url", "--api-key"]),
-    ("unload", ["--url", "--api-key"]),
-    ("generate", ["--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--stop",
-                  "--no-stream", "--url", "--api-key"]),
-    ("status", ["--json", "--url", "--api-key"]),
-])
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("serve", ["--host", "--port", "--workers"]),
+        ("models", ["--json", "--url", "--api-key"]),
+        ("load", ["--bits", "--mode", "--quantize", "--dtype", "--no-wait", "--url", "--api-key"]),
+        ("unload", ["--url", "--api-key"]),
+        (
+            "generate",
+            [
+                "--max-tokens",
+                "--temperature",
+                "--top-p",
+                "--top-k",
+                "--seed",
+                "--stop",
+                "--no-stream",
+                "--url",
+                "--api-key",
+            ],
+        ),
+        ("status", ["--json", "--url", "--api-key"]),
+    ],
+)
 def test_each_command_documents_its_flags(command, flags):
     out = ok(tursi(command, "--help"))
     for flag in flags:
@@ -117,6 +147,7 @@ def test_no_command_is_a_usage_error():
 
 
 # --- against the server ------------------------------------------------------------------------
+
 
 def test_load_shows_progress_until_loaded(server):
     result = tursi("load", "tiny-gpt2", server=server)
@@ -141,9 +172,12 @@ def test_load_with_other_settings_is_a_conflict(server):
 def test_generate_streams_tokens_as_they_come(server):
     ok(tursi("load", "tiny", server=server))
     args = ["--max-tokens", "200", "--temperature", "0", "--ignore-eos"]
-    process = subprocess.Popen(tursi_command() + ["generate", "tiny", "The quick brown"] + args,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=cli_env(server))
+    process = subprocess.Popen(
+        tursi_command() + ["generate", "tiny", "The quick brown"] + args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(server),
+    )
     try:
         first = os.read(process.stdout.fileno(), 64)  # blocks until the first chunk
         assert first and process.poll() is None  # text before the 200 tokens are done
@@ -151,32 +185,63 @@ def test_generate_streams_tokens_as_they_come(server):
     finally:
         process.kill()
     assert process.returncode == 0, err
-    whole = requests.post(f"{server.url}/generate", timeout=60,
-                          headers={"Authorization": f"Bearer {KEY}"},
-                          json={"model": "tiny", "prompt": "The quick brown", "max_tokens": 200,
-                                "temperature": 0, "ignore_eos": True,
-                                "return_full_text": False}).json()
+    whole = requests.post(
+        f"{server.url}/generate",
+        timeout=60,
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "model": "tiny",
+            "prompt": "The quick brown",
+            "max_tokens": 200,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_full_text": False,
+        },
+    ).json()
     assert (first + rest).decode() == whole["text"] + "\n"
     assert re.search(r"\[200 tokens in [\d.]+m?s, finish: length\]", err.decode())
 
 
 def test_generate_without_streaming_and_from_stdin(server):
     ok(tursi("load", "tiny", server=server))
-    streamed = ok(tursi("generate", "tiny", "lazy dog", "--max-tokens", "8", "--temperature", "0",
-                        server=server))
-    whole = tursi("generate", "tiny", "lazy dog", "--max-tokens", "8", "--temperature", "0",
-                  "--no-stream", server=server)
+    streamed = ok(
+        tursi(
+            "generate", "tiny", "lazy dog", "--max-tokens", "8", "--temperature", "0", server=server
+        )
+    )
+    whole = tursi(
+        "generate",
+        "tiny",
+        "lazy dog",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--no-stream",
+        server=server,
+    )
     assert ok(whole) == streamed and "tokens in" in whole.stderr
-    piped = subprocess.run(tursi_command() + ["generate", "tiny", "--max-tokens", "8",
-                                              "--temperature", "0"], input=b"lazy dog",
-                           capture_output=True, env=cli_env(server), timeout=60)
+    piped = subprocess.run(
+        tursi_command() + ["generate", "tiny", "--max-tokens", "8", "--temperature", "0"],
+        input=b"lazy dog",
+        capture_output=True,
+        env=cli_env(server),
+        timeout=60,
+    )
     assert piped.returncode == 0 and piped.stdout.decode() == streamed
 
 
 def test_status_prints_the_fields(server):
     out = ok(tursi("status", server=server))
-    for label in ("server:", "uptime:", "active models:", "memory:", "gpu:", "requests:",
-                  "generations:"):
+    for label in (
+        "server:",
+        "uptime:",
+        "active models:",
+        "memory:",
+        "gpu:",
+        "requests:",
+        "generations:",
+    ):
         assert re.search(rf"^{label} +\S", out, re.MULTILINE), label
     assert "(healthy)" in out and re.search(r"\d+ total, \d+ ok, \d+ failed", out)
     raw = json.loads(ok(tursi("status", "--json", server=server)))

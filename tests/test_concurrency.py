@@ -1,4 +1,5 @@
 """Loads and unloads from many threads at once: no 5xx, no lost state, no broken model."""
+
 from __future__ import annotations
 
 import threading
@@ -19,11 +20,16 @@ def test_concurrent_load_and_unload_of_one_model_is_safe(app):
             with lock:
                 statuses.append((action, response.status_code))
             body = response.get_json()
-            assert set(body) in ({"status", "message"}, {"status", "message", "estimated_time"},
-                                 {"error"}), body
+            assert set(body) in (
+                {"status", "message"},
+                {"status", "message", "estimated_time"},
+                {"error"},
+            ), body
 
-    threads = [threading.Thread(target=hammer, args=(action,))
-               for action in ("load", "unload", "load", "unload")]
+    threads = [
+        threading.Thread(target=hammer, args=(action,))
+        for action in ("load", "unload", "load", "unload")
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -45,8 +51,10 @@ def test_concurrent_load_and_unload_of_one_model_is_safe(app):
     if entry["status"] == "not_loaded":
         entry = load_and_wait(client, "tiny")
     assert entry["status"] == "loaded"
-    generated = client.post(f"{API}/generate", json={"model": "tiny", "prompt": "Once",
-                                                     "max_tokens": 3, "temperature": 0})
+    generated = client.post(
+        f"{API}/generate",
+        json={"model": "tiny", "prompt": "Once", "max_tokens": 3, "temperature": 0},
+    )
     assert generated.status_code == 200, generated.get_json()
     running = client.get(f"{API}/status").get_json()
     assert running["active_models"] == 1
@@ -57,11 +65,14 @@ def test_models_loading_at_the_same_time_load_whole(make_app, tiny_models_dir, t
     once left the tied output head uninitialized: NaN or garbage logits), so loads take
     turns; each model must come out whole and answer exactly as when loaded alone."""
     build_llama(tmp_path / "other", seed=1, hidden_size=96, intermediate_size=192)
-    catalog = write_catalog(tmp_path / "models.json", {
-        "tiny": {"path": str(tiny_models_dir / "llama"), "dtype": "float32"},
-        "other": {"path": str(tmp_path / "other"), "dtype": "float32"}})
-    body = {"prompt": "The quick brown", "max_tokens": 12, "temperature": 0,
-            "ignore_eos": True}
+    catalog = write_catalog(
+        tmp_path / "models.json",
+        {
+            "tiny": {"path": str(tiny_models_dir / "llama"), "dtype": "float32"},
+            "other": {"path": str(tmp_path / "other"), "dtype": "float32"},
+        },
+    )
+    body = {"prompt": "The quick brown", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     expected = {}
     for name in ("tiny", "other"):  # alone
         client = make_app(models_file=str(catalog)).test_client()
@@ -70,13 +81,18 @@ def test_models_loading_at_the_same_time_load_whole(make_app, tiny_models_dir, t
     for _ in range(4):  # together
         app = make_app(models_file=str(catalog), preload=["tiny", "other"])
         manager = app.extensions["tursi"].manager
-        wait_for(lambda: {s.status for s in manager.states()
-                          if s.name in ("tiny", "other")} == {"loaded"})
+
+        def both_loaded(manager=manager):
+            return {s.status for s in manager.states() if s.name in ("tiny", "other")} == {"loaded"}
+
+        wait_for(both_loaded)
         client = app.test_client()
         for name in ("tiny", "other"):
             model = manager.state(name).worker.loaded.model
             assert not [key for key, value in model.state_dict().items() if value.is_meta]
             answer = client.post(f"{API}/generate", json={"model": name, **body})
-            assert answer.get_json() == {**expected[name],
-                                         "generation_time": answer.get_json()["generation_time"]}
+            assert answer.get_json() == {
+                **expected[name],
+                "generation_time": answer.get_json()["generation_time"],
+            }
         manager.shutdown()

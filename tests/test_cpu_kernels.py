@@ -3,22 +3,28 @@
 in prefill (transformers' forward over the fused modules) and in decode steps (the direct
 path, with the native kernels and with torch ops), and the direct path is the one the engine
 takes."""
+
 import copy
 
 import pytest
 import torch
+from tiny_models import build_gpt2, build_llama
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import tursi.engine.decode as decode_module
 from tursi.engine import native
-from tursi.engine.cpu_kernels import (FusedAttention, FusedMLP, PackedLinear, fused_llama,
-                                      optimize_for_cpu, packing_supported)
+from tursi.engine.cpu_kernels import (
+    FusedAttention,
+    FusedMLP,
+    PackedLinear,
+    fused_llama,
+    optimize_for_cpu,
+    packing_supported,
+)
 from tursi.engine.decode import decode_logits
 from tursi.engine.kvcache import BatchCache
 from tursi.engine.loader import model_bytes
-
-from tiny_models import build_gpt2, build_llama
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if packing_supported(torch.bfloat16) else [])
 # bf16 keeps 8 bits of mantissa: the fused model's logits may differ in the last bit of
@@ -42,8 +48,9 @@ def llama_path(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     if request.param == "tied":
         return build_llama(path, initializer_range=0.2)
-    return build_llama(path, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
-                       initializer_range=0.2)
+    return build_llama(
+        path, tie_word_embeddings=False, attention_bias=True, mlp_bias=True, initializer_range=0.2
+    )
 
 
 @pytest.fixture(params=["native", "torch-ops"])
@@ -110,8 +117,7 @@ def test_fused_decode_steps_match_transformers_forward(llama_path, dtype, step_o
     assert fast_cache.lengths == slow_cache.lengths == [len(p) + 4 for p in PROMPTS]
 
 
-def test_engine_takes_the_direct_path_for_fused_llama_with_sdpa(llama_path, step_ops,
-                                                                monkeypatch):
+def test_engine_takes_the_direct_path_for_fused_llama_with_sdpa(llama_path, step_ops, monkeypatch):
     _, model = pair(llama_path, torch.float32)
     assert (decode_module.native_plan(model) is not None) == (step_ops == "native")
     cache, ids = prefilled(model, PROMPTS)
@@ -151,8 +157,9 @@ def test_gpt2_gets_packed_linears_only(tmp_path):
     assert isinstance(optimized.lm_head, PackedLinear)
     ids = torch.tensor([PROMPTS[0]])
     with torch.inference_mode():
-        assert torch.allclose(optimized(input_ids=ids).logits, stock(input_ids=ids).logits,
-                              atol=1e-4)
+        assert torch.allclose(
+            optimized(input_ids=ids).logits, stock(input_ids=ids).logits, atol=1e-4
+        )
 
 
 def test_nothing_changes_for_a_dtype_onednn_does_not_pack(llama_path):
@@ -192,11 +199,14 @@ def test_native_decode_layers_refuses_a_plan_that_does_not_fit(llama_path):
     args = (cos, sin, positions.view(-1), bias)
     sizes = (plan.heads, plan.kv_heads, plan.intermediate, plan.scaling, plan.eps)
     with torch.inference_mode():
-        kernels.decode_layers(hidden, plan.weights, plan.biases, keys, values, *args,
-                              cache.window, *sizes)  # fits
+        kernels.decode_layers(
+            hidden, plan.weights, plan.biases, keys, values, *args, cache.window, *sizes
+        )  # fits
         with pytest.raises(RuntimeError):  # a weight short
-            kernels.decode_layers(hidden, plan.weights[:-1], plan.biases, keys, values, *args,
-                                  cache.window, *sizes)
+            kernels.decode_layers(
+                hidden, plan.weights[:-1], plan.biases, keys, values, *args, cache.window, *sizes
+            )
         with pytest.raises(RuntimeError):  # a window past the cache's columns
-            kernels.decode_layers(hidden, plan.weights, plan.biases, keys, values, *args,
-                                  keys[0].shape[2] + 1, *sizes)
+            kernels.decode_layers(
+                hidden, plan.weights, plan.biases, keys, values, *args, keys[0].shape[2] + 1, *sizes
+            )

@@ -1,4 +1,5 @@
 """End to end: real gunicorn + gevent worker on loopback, serving the embedded SmolLM2 model."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import time
 
 import pytest
 import requests
-
 from server import embedded_server, parse_sse
 
 pytestmark = pytest.mark.e2e
@@ -30,8 +30,12 @@ def generate(server, **body):
 
 
 def stream(server, **body):
-    response = requests.post(f"{server.url}/generate", stream=True, timeout=120,
-                             json={"model": MODEL, "stream": True, **body})
+    response = requests.post(
+        f"{server.url}/generate",
+        stream=True,
+        timeout=120,
+        json={"model": MODEL, "stream": True, **body},
+    )
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("text/event-stream")
     return parse_sse(response.iter_lines(decode_unicode=True))
@@ -39,7 +43,7 @@ def stream(server, **body):
 
 def test_the_spec_example_gives_a_coherent_continuation(server):
     out = generate(server, prompt=PROMPT, max_tokens=40, temperature=0)
-    continuation = out["text"][len(PROMPT):]
+    continuation = out["text"][len(PROMPT) :]
     assert out["text"].startswith(PROMPT)
     words = continuation.split()
     # Coherent English, not token soup: mostly alphabetic words of normal length, with repeats
@@ -70,17 +74,20 @@ def test_stream_chunks_concatenate_to_the_non_stream_text(server):
 
 
 def test_stop_strings_are_cut(server):
-    base = generate(server, prompt=PROMPT, max_tokens=40, temperature=0,
-                    return_full_text=False)["text"]
+    base = generate(server, prompt=PROMPT, max_tokens=40, temperature=0, return_full_text=False)[
+        "text"
+    ]
     words = base.split()
     stop = " " + words[len(words) // 2]  # a stop that starts mid-continuation
     cut = base.index(stop)
-    out = generate(server, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop],
-                   return_full_text=False)
+    out = generate(
+        server, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop], return_full_text=False
+    )
     assert out["text"] == base[:cut]
     assert out["finish_reason"] == "stop"
-    streamed = stream(server, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop],
-                      return_full_text=False)
+    streamed = stream(
+        server, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop], return_full_text=False
+    )
     assert "".join(d["text"] for e, d in streamed if e == "text") == base[:cut]
 
 
@@ -118,12 +125,17 @@ def test_a_vanished_client_stops_its_generation(server):
     before = requests.get(metrics_url, timeout=5).json()["metrics"]["tokens_generated"]
     # Greedy on this prompt runs past 100 tokens without an end of sequence (sampling could
     # end early and make the check below meaningless).
-    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "stream": True,
-                       "temperature": 0})
+    body = json.dumps(
+        {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "stream": True, "temperature": 0}
+    )
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall((f"POST /api/v1/generate HTTP/1.1\r\nHost: localhost\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-                  f"{body}").encode())
+    sock.sendall(
+        (
+            f"POST /api/v1/generate HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"{body}"
+        ).encode()
+    )
     received = b""
     while received.count(b"event: text") < 5:
         chunk = sock.recv(4096)
@@ -156,18 +168,21 @@ def fp32_model(server):
         reload(server)
 
 
-PASSAGE = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the steps "
-           "as his father had taught him, and lit the great lamp that warned the fishing boats "
-           "away from the rocks. In winter the storms came in from the north and the sea rose "
-           "over the harbour wall, but the light never failed. The children of the village "
-           "believed he could talk to the gulls, and the gulls, for their part, seemed to wait "
-           "for him on the railing each morning when he came down with bread in his pockets. "
-           "One night a ship with black sails appeared on the horizon, and nobody in the village "
-           "could say where it had come from or what it wanted").split()
+PASSAGE = (
+    "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps "
+    "as his father had taught him, and lit the great lamp that warned the fishing boats "
+    "away from the rocks. In winter the storms came in from the north and the sea rose "
+    "over the harbour wall, but the light never failed. The children of the village "
+    "believed he could talk to the gulls, and the gulls, for their part, seemed to wait "
+    "for him on the railing each morning when he came down with bread in his pockets. "
+    "One night a ship with black sails appeared on the horizon, and nobody in the village "
+    "could say where it had come from or what it wanted"
+).split()
 # Sixteen prompts of 1 to 110 words, each starting at a different place in the passage.
-BATCH_PROMPTS = [" ".join((PASSAGE[7 * i:] + PASSAGE)[:n])
-                 for i, n in enumerate([1, 2, 4, 6, 9, 12, 16, 21, 27, 34, 42, 51, 61, 72, 90,
-                                        110])]
+BATCH_PROMPTS = [
+    " ".join((PASSAGE[7 * i :] + PASSAGE)[:n])
+    for i, n in enumerate([1, 2, 4, 6, 9, 12, 16, 21, 27, 34, 42, 51, 61, 72, 90, 110])
+]
 
 
 def test_greedy_fp32_text_is_the_same_alone_or_in_a_batch_of_16(server, fp32_model):
@@ -201,8 +216,13 @@ def test_greedy_fp32_text_is_the_same_alone_or_in_a_batch_of_16(server, fp32_mod
 
 
 def test_a_seeded_sampled_request_is_reproducible(server):
-    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0.8, "seed": 123,
-            "return_full_text": False}
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": 24,
+        "temperature": 0.8,
+        "seed": 123,
+        "return_full_text": False,
+    }
     first = generate(server, **body)
     second = generate(server, **body)
     assert first["text"] == second["text"]
@@ -210,9 +230,18 @@ def test_a_seeded_sampled_request_is_reproducible(server):
 
 
 def test_unload_ends_generations_in_flight_then_reload_serves_again(server):
-    response = requests.post(f"{server.url}/generate", stream=True, timeout=120,
-                             json={"model": MODEL, "prompt": PROMPT, "max_tokens": 500,
-                                   "stream": True, "temperature": 0})
+    response = requests.post(
+        f"{server.url}/generate",
+        stream=True,
+        timeout=120,
+        json={
+            "model": MODEL,
+            "prompt": PROMPT,
+            "max_tokens": 500,
+            "stream": True,
+            "temperature": 0,
+        },
+    )
     lines = response.iter_lines(decode_unicode=True)
     seen = []
     for line in lines:  # wait until generation is under way

@@ -1,6 +1,7 @@
 """Unit tests for the batching engine's building blocks: batched token choice
 (sampling.nucleus, sampling.choose_tokens) and the running batch's KV cache (BatchCache).
 No model, no app."""
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -48,20 +49,28 @@ def test_nucleus_grows_past_the_first_partial_sorts():
 
 # --- choose_tokens ---------------------------------------------------------------------------
 
+
 def mixed_choosers():
-    return [TokenChooser(0.0), TokenChooser(0.8, 0.9, seed=1), TokenChooser(0.0),
-            TokenChooser(1.0, 1.0, seed=2), TokenChooser(0.5, 0.5, seed=3), TokenChooser(0.0)]
+    return [
+        TokenChooser(0.0),
+        TokenChooser(0.8, 0.9, seed=1),
+        TokenChooser(0.0),
+        TokenChooser(1.0, 1.0, seed=2),
+        TokenChooser(0.5, 0.5, seed=3),
+        TokenChooser(0.0),
+    ]
 
 
 def test_choose_tokens_mixes_greedy_and_sampled_rows():
-    steps = [torch.randn(6, 300, generator=torch.Generator().manual_seed(step))
-             for step in range(30)]
+    steps = [
+        torch.randn(6, 300, generator=torch.Generator().manual_seed(step)) for step in range(30)
+    ]
     choosers, again = mixed_choosers(), mixed_choosers()
     first = [choose_tokens(logits, choosers) for logits in steps]
     second = [choose_tokens(logits, again) for logits in steps]
     assert first == second  # seeded rows reproduce
 
-    for logits, tokens in zip(steps, first):
+    for logits, tokens in zip(steps, first, strict=False):
         assert [tokens[i] for i in (0, 2, 5)] == logits[[0, 2, 5]].argmax(-1).tolist()
     sampled = [[tokens[i] for tokens in first] for i in (1, 3, 4)]
     assert all(len(set(row)) > 3 for row in sampled)  # really sampled, not argmax
@@ -69,8 +78,9 @@ def test_choose_tokens_mixes_greedy_and_sampled_rows():
 
 
 def test_a_sampled_row_draws_the_same_alone_or_in_a_batch():
-    steps = [torch.randn(6, 300, generator=torch.Generator().manual_seed(step))
-             for step in range(30)]
+    steps = [
+        torch.randn(6, 300, generator=torch.Generator().manual_seed(step)) for step in range(30)
+    ]
     choosers = mixed_choosers()
     batched = [choose_tokens(logits, choosers) for logits in steps]
     for row in (1, 3, 4):
@@ -80,8 +90,9 @@ def test_a_sampled_row_draws_the_same_alone_or_in_a_batch():
 
 def test_choose_tokens_takes_half_precision_logits():
     logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(0)).bfloat16()
-    tokens = choose_tokens(logits, [TokenChooser(0.0), TokenChooser(1.0, 0.9, seed=0),
-                                    TokenChooser(0.0)])
+    tokens = choose_tokens(
+        logits, [TokenChooser(0.0), TokenChooser(1.0, 0.9, seed=0), TokenChooser(0.0)]
+    )
     assert [tokens[0], tokens[2]] == logits[[0, 2]].float().argmax(-1).tolist()
     assert 0 <= tokens[1] < 100
 
@@ -104,8 +115,8 @@ def prefill_cache(rows, width):
 
 def row_marks(cache, row, layer=0):
     """The marks of one row's used columns (one number per column)."""
-    keys = cache.layers[layer].keys[row, :, :cache.lengths[row]]
-    values = cache.layers[layer].values[row, :, :cache.lengths[row]]
+    keys = cache.layers[layer].keys[row, :, : cache.lengths[row]]
+    values = cache.layers[layer].values[row, :, : cache.lengths[row]]
     assert torch.equal(values, -keys)
     assert (keys == keys[:1, :, :1]).all(-1).all(0).all()  # same mark over heads and dim
     return keys[0, :, 0].tolist()
@@ -134,7 +145,10 @@ def test_rows_stay_packed_when_a_middle_row_leaves():
     assert row_marks(cache, 1) == [401, 402, 403, 404, 405, 406, 407]
     assert row_marks(cache, 1, layer=1) == [1401, 1402, 1403, 1404, 1405, 1406, 1407]
     assert [row_marks(cache, row) for row in (0, 2, 3)] == [
-        [5, 6, 7], [203, 204, 205, 206, 207], [306, 307]]
+        [5, 6, 7],
+        [203, 204, 205, 206, 207],
+        [306, 307],
+    ]
 
     cache.remove_row(3)  # the last row leaves: nothing moves
     assert cache.lengths == [3, 7, 5]

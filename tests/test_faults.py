@@ -1,5 +1,6 @@
 """Faults against a real gunicorn (gevent worker) serving the embedded model: clients that
 vanish mid-request, an unload under load, and SIGTERM while requests are in flight."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import time
 
 import pytest
 import requests
-
 from conftest import wait_for
 from server import embedded_server, parse_sse
 
@@ -19,8 +19,13 @@ pytestmark = pytest.mark.e2e
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Once upon a time"
 # Long enough that no request here could end by itself during a test (minutes of decoding).
-ENDLESS = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "temperature": 0,
-           "ignore_eos": True}
+ENDLESS = {
+    "model": MODEL,
+    "prompt": PROMPT,
+    "max_tokens": 2000,
+    "temperature": 0,
+    "ignore_eos": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,10 @@ def vanish(server, socks: list[socket.socket], who: str) -> None:
         if server.generations() == {"running": 0, "waiting": 0}:
             break
         time.sleep(0.02)
-    print(f"\n{who} vanished: nothing running or waiting {time.monotonic() - closed:.2f} s "
-          "after the sockets closed")
+    print(
+        f"\n{who} vanished: nothing running or waiting {time.monotonic() - closed:.2f} s "
+        "after the sockets closed"
+    )
     time.sleep(max(0.0, closed + 1.0 - time.monotonic()))
     assert server.generations() == {"running": 0, "waiting": 0}
 
@@ -54,9 +61,12 @@ def send_generate(port: int, body: dict) -> socket.socket:
     """A POST /generate written on a raw socket; nothing is read."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: localhost\r\n"
-                 b"Content-Type: application/json\r\n"
-                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    sock.sendall(
+        b"POST /api/v1/generate HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
     return sock
 
 
@@ -75,8 +85,11 @@ def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server):
     no generation runs or waits, no tokens are being made, and the server serves."""
     worker = server.worker()
     for stream in (False, True):  # warm up: torch starts its compute threads on first use
-        requests.post(f"{server.url}/generate", timeout=60, json={
-            "model": MODEL, "prompt": PROMPT, "max_tokens": 2, "stream": stream}).close()
+        requests.post(
+            f"{server.url}/generate",
+            timeout=60,
+            json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "stream": stream},
+        ).close()
     threads_before = worker.num_threads()
     socks = [send_generate(server.port, {**ENDLESS, "stream": True}) for _ in range(100)]
     try:
@@ -91,8 +104,11 @@ def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server):
     assert tokens_generated(server) == count  # nothing is decoding any more
 
     assert requests.get(f"http://127.0.0.1:{server.port}/health", timeout=5).status_code == 200
-    answer = requests.post(f"{server.url}/generate", timeout=60, json={
-        "model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+    answer = requests.post(
+        f"{server.url}/generate",
+        timeout=60,
+        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0},
+    )
     assert answer.status_code == 200 and answer.json()["tokens_generated"] == 8
     assert worker.num_threads() <= threads_before  # no thread left behind per client
 
@@ -115,8 +131,9 @@ def test_unload_under_load_ends_every_request_with_a_clear_error(server):
     results: dict[str, object] = {}
 
     def run_stream(i):
-        response = requests.post(f"{server.url}/generate", stream=True, timeout=120,
-                                 json={**ENDLESS, "stream": True})
+        response = requests.post(
+            f"{server.url}/generate", stream=True, timeout=120, json={**ENDLESS, "stream": True}
+        )
         results[f"stream{i}"] = parse_sse(response.iter_lines(decode_unicode=True))
 
     def run_plain():
@@ -140,8 +157,11 @@ def test_unload_under_load_ends_every_request_with_a_clear_error(server):
 
     assert requests.post(f"{server.url}/models/{MODEL}/load", timeout=10).status_code == 202
     server.wait_loaded(MODEL, timeout=120)
-    answer = requests.post(f"{server.url}/generate", timeout=60, json={
-        "model": MODEL, "prompt": PROMPT, "max_tokens": 4})
+    answer = requests.post(
+        f"{server.url}/generate",
+        timeout=60,
+        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4},
+    )
     assert answer.status_code == 200
 
 
@@ -150,13 +170,18 @@ def test_sigterm_drains(embedded_home, tmp_path):
     arriving on a kept-alive connection gets 503 shutting_down; new connections are not
     taken; a request that would outlive the grace period is cut at it; the master exits 0."""
     grace = 8
-    with embedded_server(embedded_home, tmp_path / "gunicorn.log",
-                         TURSI_GRACEFUL_TIMEOUT=str(grace)) as srv:
+    with embedded_server(
+        embedded_home, tmp_path / "gunicorn.log", TURSI_GRACEFUL_TIMEOUT=str(grace)
+    ) as srv:
         streams: dict[str, list] = {}
 
         def run_stream(name, max_tokens):
-            response = requests.post(f"{srv.url}/generate", stream=True, timeout=120, json={
-                **ENDLESS, "max_tokens": max_tokens, "stream": True})
+            response = requests.post(
+                f"{srv.url}/generate",
+                stream=True,
+                timeout=120,
+                json={**ENDLESS, "max_tokens": max_tokens, "stream": True},
+            )
             events = []
             try:
                 for event in parse_sse(response.iter_lines(decode_unicode=True)):

@@ -20,6 +20,7 @@ completions succeed, preloaded) and "tiny-gpt2" (for load/unload). The built-in 
 models are kept out of load/unload (see `steer`): a first load of the embedded model
 converts a GGUF for ~25 s and "gpt2" reaches for the Hugging Face cache.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,13 @@ import pytest
 import schemathesis
 from openapi_schema_validator import OAS30Validator
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, ignored_auth,
-                                               response_headers_conformance,
-                                               response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    ignored_auth,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from tiny_models import with_chat_template, write_catalog
 
 from tursi import create_app
@@ -51,31 +55,48 @@ TRACE = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \
 CASES: Counter = Counter()  # (operation label, generation mode) -> cases sent
 STATUSES: Counter = Counter()  # (operation label, status) -> responses
 
-CONFIG = schemathesis.Config.from_dict({
-    "seed": 20261125,  # reproducible: the same cases on every run
-    "generation": {"mode": "all", "max-examples": 40, "database": "none"},
-    "dictionaries": {"models": {"values": ["tiny", "tiny-gpt2", "smollm2-135m-instruct",
-                                           "no-such-model"]},
-                     "max_tokens": {"values": [1, 2, 8]}},
-    "parameters": {"body.model": {"dictionary": "models", "probability": 0.8},
-                   "path.name": {"dictionary": "models", "probability": 0.5},
-                   "body.max_tokens": {"dictionary": "max_tokens", "probability": 0.5}},
-    "phases": {"stateful": {"enabled": False}},
-    "auth": {"openapi": {"bearerAuth": {"bearer": KEY}}},
-    "max-stream-events": 100,
-})
+CONFIG = schemathesis.Config.from_dict(
+    {
+        "seed": 20261125,  # reproducible: the same cases on every run
+        "generation": {"mode": "all", "max-examples": 40, "database": "none"},
+        "dictionaries": {
+            "models": {"values": ["tiny", "tiny-gpt2", "smollm2-135m-instruct", "no-such-model"]},
+            "max_tokens": {"values": [1, 2, 8]},
+        },
+        "parameters": {
+            "body.model": {"dictionary": "models", "probability": 0.8},
+            "path.name": {"dictionary": "models", "probability": 0.5},
+            "body.max_tokens": {"dictionary": "max_tokens", "probability": 0.5},
+        },
+        "phases": {"stateful": {"enabled": False}},
+        "auth": {"openapi": {"bearerAuth": {"bearer": KEY}}},
+        "max-stream-events": 100,
+    }
+)
 
 
 @pytest.fixture(scope="module")
 def fuzz_app(tiny_models_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     chat = with_chat_template(tiny_models_dir / "llama", root / "chat")
-    catalog = write_catalog(root / "models.json", {
-        "tiny": {"path": str(chat), "dtype": "float32"},
-        "tiny-gpt2": {"path": str(tiny_models_dir / "gpt2"), "dtype": "float32"}})
-    app = create_app({"preload": ["tiny"], "home": str(root / "home"),
-                      "models_file": str(catalog), "rate_limit": "1000000/minute",
-                      "max_tokens": 8, "api_keys": [KEY], "heartbeat_seconds": 0.5})
+    catalog = write_catalog(
+        root / "models.json",
+        {
+            "tiny": {"path": str(chat), "dtype": "float32"},
+            "tiny-gpt2": {"path": str(tiny_models_dir / "gpt2"), "dtype": "float32"},
+        },
+    )
+    app = create_app(
+        {
+            "preload": ["tiny"],
+            "home": str(root / "home"),
+            "models_file": str(catalog),
+            "rate_limit": "1000000/minute",
+            "max_tokens": 8,
+            "api_keys": [KEY],
+            "heartbeat_seconds": 0.5,
+        }
+    )
     app.config["TESTING"] = True
     manager = app.extensions["tursi"].manager
     deadline = time.monotonic() + 60
@@ -104,11 +125,19 @@ def frame_validators(fuzz_schema):
     components = fuzz_schema.raw_schema["components"]
 
     def validator(name):
-        return OAS30Validator({"$ref": f"#/components/schemas/{name}",
-                               "components": components})
-    return {name: validator(name) for name in (
-        "GenerateTextEvent", "GenerateDone", "Error", "CompletionChunk", "ChatCompletionChunk",
-        "OpenAIError")}
+        return OAS30Validator({"$ref": f"#/components/schemas/{name}", "components": components})
+
+    return {
+        name: validator(name)
+        for name in (
+            "GenerateTextEvent",
+            "GenerateDone",
+            "Error",
+            "CompletionChunk",
+            "ChatCompletionChunk",
+            "OpenAIError",
+        )
+    }
 
 
 schema = schemathesis.pytest.from_fixture("fuzz_schema")
@@ -162,22 +191,34 @@ def make_stream_check(validators):
             names = [event for event, _ in frames]
             assert set(names[:-1]) <= {"text"} and names[-1] in ("done", "error"), names
             for event, data in frames:
-                kind = {"text": "GenerateTextEvent", "done": "GenerateDone",
-                        "error": "Error"}[event]
+                kind = {"text": "GenerateTextEvent", "done": "GenerateDone", "error": "Error"}[
+                    event
+                ]
                 validators[kind].validate(json.loads(data))
         else:
-            chunk = ("ChatCompletionChunk" if case.operation.path.endswith("/chat/completions")
-                     else "CompletionChunk")
+            chunk = (
+                "ChatCompletionChunk"
+                if case.operation.path.endswith("/chat/completions")
+                else "CompletionChunk"
+            )
             assert frames[-1] == (None, "[DONE]"), frames[-1]
             for event, data in frames[:-1]:
                 assert event is None
                 payload = json.loads(data)
                 validators["OpenAIError" if "error" in payload else chunk].validate(payload)
+
     return check_stream_frames
 
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_headers_conformance, response_schema_conformance, ignored_auth]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    ignored_auth,
+]
+
 
 @schema.parametrize()
 def test_fuzz(case, frame_validators):
@@ -185,8 +226,8 @@ def test_fuzz(case, frame_validators):
     mode = case.meta.generation.mode.value if case.meta else "explicit"
     CASES[case.operation.label, mode] += 1
     response = case.call_and_validate(
-        checks=CHECKS,
-        additional_checks=[check_no_traceback, make_stream_check(frame_validators)])
+        checks=CHECKS, additional_checks=[check_no_traceback, make_stream_check(frame_validators)]
+    )
     STATUSES[case.operation.label, response.status_code] += 1
     if case.operation.path.endswith("/load"):
         settle(case)

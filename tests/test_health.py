@@ -1,13 +1,12 @@
 """Probes: GET /health (liveness) and GET /ready (readiness), in-process on the tiny models,
 then once against a real gunicorn server."""
+
 from __future__ import annotations
 
 import time
 
 import pytest
 import requests
-
-
 from conftest import API, assert_error, load_and_wait, wait_for
 from server import Server
 from tiny_models import write_catalog
@@ -20,6 +19,7 @@ def model_status(app, name):
 
 
 # --- /health ----------------------------------------------------------------------------------
+
 
 def test_health_is_ok(client):
     response = client.get("/health")
@@ -77,6 +77,7 @@ def test_probes_answer_only_get(client, path):
 
 # --- /ready -----------------------------------------------------------------------------------
 
+
 def test_ready_without_preloaded_models(client):
     response = client.get("/ready")
     assert response.status_code == 200
@@ -121,7 +122,9 @@ def test_ready_waits_for_every_preloaded_model(make_app, gated_loads):
     gated_loads.gate.set()
     wait_for(lambda: model_status(app, "tiny-gpt2") == "loaded")
     assert client.get("/ready").get_json() == {
-        "status": "ready", "models": {"tiny": "loaded", "tiny-gpt2": "loaded"}}
+        "status": "ready",
+        "models": {"tiny": "loaded", "tiny-gpt2": "loaded"},
+    }
 
 
 def test_ready_ignores_models_that_are_not_preloaded(make_app):
@@ -148,14 +151,18 @@ def test_ready_after_a_preloaded_model_is_unloaded(make_app):
 def test_ready_when_the_preload_failed(make_app, tmp_path, tiny_models_dir):
     empty = tmp_path / "empty-weights"
     empty.mkdir()
-    catalog = write_catalog(tmp_path / "models.json", {
-        "broken": {"path": str(empty)},
-        "tiny": {"path": str(tiny_models_dir / "llama"), "dtype": "float32"},
-    })
+    catalog = write_catalog(
+        tmp_path / "models.json",
+        {
+            "broken": {"path": str(empty)},
+            "tiny": {"path": str(tiny_models_dir / "llama"), "dtype": "float32"},
+        },
+    )
     app = make_app(models_file=str(catalog), preload=["tiny", "broken"])
     client = app.test_client()
-    wait_for(lambda: model_status(app, "broken") == "failed"
-             and model_status(app, "tiny") == "loaded")
+    wait_for(
+        lambda: model_status(app, "broken") == "failed" and model_status(app, "tiny") == "loaded"
+    )
     for _ in range(2):  # it stays so: a failed preload is not retried behind the scenes
         response = client.get("/ready")
         error = assert_error(response, 503, "not_ready")
@@ -184,14 +191,21 @@ def test_not_ready_needs_the_api_key_too(make_app, gated_loads):
 
 # --- a real server ----------------------------------------------------------------------------
 
+
 @pytest.mark.e2e
 def test_probes_on_a_real_server(tiny_models_dir, tmp_path):
     """gunicorn + gevent: /health answers as soon as the worker is up (keys on, none sent);
     /ready is 503 not_ready until the preloaded model is loaded, then 200."""
-    srv = Server({"TURSI_HOME": str(tmp_path / "home"),
-                  "TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
-                  "TURSI_PRELOAD": "tiny", "TURSI_API_KEYS": "k1",
-                  "TURSI_RATE_LIMIT": "2/minute"}, tmp_path / "gunicorn.log")
+    srv = Server(
+        {
+            "TURSI_HOME": str(tmp_path / "home"),
+            "TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
+            "TURSI_PRELOAD": "tiny",
+            "TURSI_API_KEYS": "k1",
+            "TURSI_RATE_LIMIT": "2/minute",
+        },
+        tmp_path / "gunicorn.log",
+    )
     base = f"http://127.0.0.1:{srv.port}"
     try:
         deadline = time.monotonic() + 120
@@ -210,7 +224,9 @@ def test_probes_on_a_real_server(tiny_models_dir, tmp_path):
             assert response.status_code == 503
             assert response.json()["error"]["code"] == "not_ready"
             assert response.json()["error"]["details"]["models"]["tiny"] in (
-                "not_loaded", "loading")
+                "not_loaded",
+                "loading",
+            )
             time.sleep(0.05)
         assert response.json() == {"status": "ready", "models": {"tiny": "loaded"}}
         for _ in range(4):  # more than the rate limit allows

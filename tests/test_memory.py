@@ -5,6 +5,7 @@ never mid-generation; TURSI_KEEP_ALIVE default; pin overrides it).
 Budgets are set from the measured size of the tiny float32 Llama (M bytes once loaded, E
 bytes estimated from its safetensors header), so "room for two" is exact, not guessed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,9 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from conftest import API, assert_error, load_and_wait, wait_for
+from test_api import generate, model_entry, sse_events
+from tiny_models import build_llama, write_catalog
 
 import tursi.engine.manager as manager_module
 from tursi import create_app
@@ -21,14 +25,11 @@ from tursi.engine.catalog import CatalogError, read_catalog_file
 from tursi.engine.loader import LoadOptions, estimate_memory_bytes
 from tursi.engine.scheduler import Scheduler
 
-from conftest import API, assert_error, load_and_wait, wait_for
-from test_api import generate, model_entry, sse_events
-from tiny_models import build_llama, write_catalog
-
 LLAMA = {"dtype": "float32"}
 
 
 # --- fixtures ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def catalog(tiny_models_dir, tmp_path_factory):
@@ -38,21 +39,23 @@ def catalog(tiny_models_dir, tmp_path_factory):
     build_llama(root / "big", hidden_size=128, intermediate_size=256)
     llama = str(tiny_models_dir / "llama")
     entries = {name: {"path": llama, **LLAMA} for name in ("m1", "m2", "m3", "m4")}
-    entries.update({
-        "pinned": {"path": llama, **LLAMA, "pin": True},
-        "big": {"path": "big", **LLAMA},
-        "ka": {"path": llama, **LLAMA, "keep_alive": 1},
-        "ka-minute": {"path": llama, **LLAMA, "keep_alive": "1m"},
-        "ka-hour": {"path": llama, **LLAMA, "keep_alive": "1h"},
-        "ka-pinned": {"path": llama, **LLAMA, "pin": True, "keep_alive": 1},
-    })
+    entries.update(
+        {
+            "pinned": {"path": llama, **LLAMA, "pin": True},
+            "big": {"path": "big", **LLAMA},
+            "ka": {"path": llama, **LLAMA, "keep_alive": 1},
+            "ka-minute": {"path": llama, **LLAMA, "keep_alive": "1m"},
+            "ka-hour": {"path": llama, **LLAMA, "keep_alive": "1h"},
+            "ka-pinned": {"path": llama, **LLAMA, "pin": True, "keep_alive": 1},
+        }
+    )
     return write_catalog(root / "models.json", entries)
 
 
 @dataclass(frozen=True)
 class Sizes:
-    M: int   # memory_bytes of a loaded tiny Llama (GET /models)
-    E: int   # estimate_memory_bytes of the tiny Llama (what a load asks the budget for)
+    M: int  # memory_bytes of a loaded tiny Llama (GET /models)
+    E: int  # estimate_memory_bytes of the tiny Llama (what a load asks the budget for)
     BIG: int  # memory_bytes of "big"
     EBIG: int  # estimate of "big"
 
@@ -61,8 +64,9 @@ class Sizes:
 def sizes(catalog, tmp_path_factory):
     """Measured once: load m1 and big without a budget and read their memory_bytes."""
     home = str(tmp_path_factory.mktemp("sizes-home"))
-    app = create_app({"preload": [], "home": home, "models_file": str(catalog),
-                      "rate_limit": "1000/minute"})
+    app = create_app(
+        {"preload": [], "home": home, "models_file": str(catalog), "rate_limit": "1000/minute"}
+    )
     client = app.test_client()
     try:
         m = load_and_wait(client, "m1")["memory_bytes"]
@@ -82,9 +86,11 @@ def sizes(catalog, tmp_path_factory):
 @pytest.fixture
 def budget_app(make_app, catalog):
     """budget_app(max_memory, **overrides) -> (app, client) on the memory catalog."""
+
     def _make(max_memory=None, **overrides):
         app = make_app(models_file=str(catalog), max_memory=max_memory, **overrides)
         return app, app.test_client()
+
     return _make
 
 
@@ -107,9 +113,17 @@ def held(make_app, monkeypatch):
 
     def start(client, name):
         gates[name] = threading.Event()
-        response = client.post(f"{API}/generate", json={
-            "model": name, "prompt": "lazy dog", "max_tokens": 20, "temperature": 0,
-            "ignore_eos": True, "stream": True})
+        response = client.post(
+            f"{API}/generate",
+            json={
+                "model": name,
+                "prompt": "lazy dog",
+                "max_tokens": 20,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        )
         assert response.status_code == 200, response.get_data(as_text=True)
         responses.append(response)
         worker = client.application.extensions["tursi"].manager.state(name).worker
@@ -121,6 +135,7 @@ def held(make_app, monkeypatch):
                 return sse_events(response.get_data(as_text=True))
             finally:
                 response.close()
+
         return finish
 
     yield start
@@ -156,19 +171,21 @@ def serves(client, name):
 
 # --- the estimate ------------------------------------------------------------------------------
 
-def test_the_estimate_is_within_10_percent_of_the_loaded_size(budget_app, catalog, sizes,
-                                                              tmp_path):
+
+def test_the_estimate_is_within_10_percent_of_the_loaded_size(budget_app, catalog, sizes, tmp_path):
     app, client = budget_app()
     entries = {e.name: e for e in read_catalog_file(catalog)}
     assert abs(sizes.E - sizes.M) <= 0.1 * sizes.M
     assert abs(sizes.EBIG - sizes.BIG) <= 0.1 * sizes.BIG
     # GPT-2 (tied head, Conv1D) and a bfloat16 load too.
-    tiny_gpt2 = read_catalog_file(app.extensions["tursi"].settings.models_file
-                                  if False else catalog)  # same parser, other catalog below
+    tiny_gpt2 = read_catalog_file(
+        app.extensions["tursi"].settings.models_file if False else catalog
+    )  # same parser, other catalog below
     del tiny_gpt2
     for name, options in (("m1", LoadOptions(dtype="bfloat16")),):
-        estimate = estimate_memory_bytes(entries[name], options.resolved(entries[name]),
-                                         str(tmp_path))
+        estimate = estimate_memory_bytes(
+            entries[name], options.resolved(entries[name]), str(tmp_path)
+        )
         entry = load_and_wait(client, name, {"dtype": "bfloat16"})
         assert entry["dtype"] == "bfloat16"
         assert abs(estimate - entry["memory_bytes"]) <= 0.1 * entry["memory_bytes"]
@@ -177,14 +194,16 @@ def test_the_estimate_is_within_10_percent_of_the_loaded_size(budget_app, catalo
 
 def test_the_gpt2_estimate_is_within_10_percent(make_app, tiny_models_dir, tmp_path):
     client = make_app().test_client()
-    entry = next(e for e in read_catalog_file(tiny_models_dir / "models.json")
-                 if e.name == "tiny-gpt2")
+    entry = next(
+        e for e in read_catalog_file(tiny_models_dir / "models.json") if e.name == "tiny-gpt2"
+    )
     estimate = estimate_memory_bytes(entry, LoadOptions().resolved(entry), str(tmp_path))
     loaded = load_and_wait(client, "tiny-gpt2")["memory_bytes"]
     assert abs(estimate - loaded) <= 0.1 * loaded
 
 
 # --- eviction ----------------------------------------------------------------------------------
+
 
 def test_the_budget_boundary_is_exact(budget_app, sizes):
     app, client = budget_app(max_memory=sizes.M + sizes.E)  # m1 loaded + m2's estimate: fits
@@ -209,20 +228,25 @@ def test_a_third_model_evicts_the_least_recently_used_idle_one(budget_app, sizes
     assert response.status_code == 202, response.get_json()
     assert statuses(client, "m2")["m2"] == "not_loaded"  # evicted before the load started
     assert load_and_wait(client, "m3")["status"] == "loaded"
-    assert statuses(client, "m1", "m2", "m3") == {"m1": "loaded", "m2": "not_loaded",
-                                                  "m3": "loaded"}
+    assert statuses(client, "m1", "m2", "m3") == {
+        "m1": "loaded",
+        "m2": "not_loaded",
+        "m3": "loaded",
+    }
     assert serves(client, "m1") and serves(client, "m3")
     error = assert_error(generate(client, model="m2", prompt="hi"), 409, "model_not_loaded")
     assert error["details"]["status"] == "not_loaded"
     assert "load_error" not in error["details"]  # evicted, not failed
-    assert any("evicting m2" in r.getMessage() and "m3" in r.getMessage()
-               for r in caplog.records)
+    assert any("evicting m2" in r.getMessage() and "m3" in r.getMessage() for r in caplog.records)
 
     # m1 used again, m3 untouched since its load: loading m4 now evicts m3.
     assert serves(client, "m1")
     assert load_and_wait(client, "m4")["status"] == "loaded"
-    assert statuses(client, "m1", "m3", "m4") == {"m1": "loaded", "m3": "not_loaded",
-                                                  "m4": "loaded"}
+    assert statuses(client, "m1", "m3", "m4") == {
+        "m1": "loaded",
+        "m3": "not_loaded",
+        "m4": "loaded",
+    }
 
 
 def test_eviction_takes_as_many_as_needed_oldest_first_and_stops(budget_app, sizes):
@@ -233,7 +257,11 @@ def test_eviction_takes_as_many_as_needed_oldest_first_and_stops(budget_app, siz
     assert serves(client, "m1")  # LRU order now: m2, m3, m1
     assert load_and_wait(client, "big")["status"] == "loaded"
     assert statuses(client, "m1", "m2", "m3", "big") == {
-        "m1": "loaded", "m2": "not_loaded", "m3": "not_loaded", "big": "loaded"}
+        "m1": "loaded",
+        "m2": "not_loaded",
+        "m3": "not_loaded",
+        "big": "loaded",
+    }
     assert serves(client, "m1") and serves(client, "big")
 
 
@@ -242,8 +270,11 @@ def test_a_pinned_model_is_never_evicted(budget_app, sizes):
     load_and_wait(client, "pinned")  # the least recently used, but pinned
     load_and_wait(client, "m1")
     assert load_and_wait(client, "m2")["status"] == "loaded"
-    assert statuses(client, "pinned", "m1", "m2") == {"pinned": "loaded", "m1": "not_loaded",
-                                                      "m2": "loaded"}
+    assert statuses(client, "pinned", "m1", "m2") == {
+        "pinned": "loaded",
+        "m1": "not_loaded",
+        "m2": "loaded",
+    }
     assert serves(client, "pinned")
 
 
@@ -251,17 +282,21 @@ def test_a_busy_model_is_not_evicted(budget_app, sizes, held):
     app, client = budget_app(max_memory=2 * sizes.M + sizes.M // 2)
     load_and_wait(client, "m1")
     load_and_wait(client, "m2")
-    finish = held(client, "m1")   # m1 generating...
-    assert serves(client, "m2")   # ...and m2 used after it: m2 is the most recently used
+    finish = held(client, "m1")  # m1 generating...
+    assert serves(client, "m2")  # ...and m2 used after it: m2 is the most recently used
     assert load_and_wait(client, "m3")["status"] == "loaded"
-    assert statuses(client, "m1", "m2", "m3") == {"m1": "loaded", "m2": "not_loaded",
-                                                  "m3": "loaded"}
+    assert statuses(client, "m1", "m2", "m3") == {
+        "m1": "loaded",
+        "m2": "not_loaded",
+        "m3": "loaded",
+    }
     events = finish()
     assert events[-1][0] == "done" and events[-1][1]["tokens_generated"] == 20
 
 
-def test_only_pinned_or_busy_models_left_is_507_and_nothing_changes(budget_app, sizes, held,
-                                                                     load_calls):
+def test_only_pinned_or_busy_models_left_is_507_and_nothing_changes(
+    budget_app, sizes, held, load_calls
+):
     budget = 2 * sizes.M + sizes.M // 2
     app, client = budget_app(max_memory=budget)
     load_and_wait(client, "pinned")
@@ -277,18 +312,27 @@ def test_only_pinned_or_busy_models_left_is_507_and_nothing_changes(budget_app, 
     assert set(models) == {"pinned", "m1"}
     assert models["pinned"]["status"] == "loaded" and models["pinned"]["pinned"] is True
     assert models["pinned"]["memory_bytes"] == sizes.M
-    assert models["m1"] == {"status": "loaded", "memory_bytes": sizes.M, "pinned": False,
-                            "busy": True}
+    assert models["m1"] == {
+        "status": "loaded",
+        "memory_bytes": sizes.M,
+        "pinned": False,
+        "busy": True,
+    }
     assert "TURSI_MAX_MEMORY" in error["message"]
 
     # No state changed: nothing unloaded, nothing allocated, m2 not even "loading".
     assert load_calls == []
     after = client.get(f"{API}/models").get_json()
-    strip = lambda body: [{k: v for k, v in m.items() if k != "uptime"}  # noqa: E731
-                          for m in body["models"]]
+
+    def strip(body):
+        return [{k: v for k, v in m.items() if k != "uptime"} for m in body["models"]]
+
     assert strip(after) == strip(before)
-    assert statuses(client, "pinned", "m1", "m2") == {"pinned": "loaded", "m1": "loaded",
-                                                      "m2": "not_loaded"}
+    assert statuses(client, "pinned", "m1", "m2") == {
+        "pinned": "loaded",
+        "m1": "loaded",
+        "m2": "not_loaded",
+    }
     assert serves(client, "pinned")
     events = finish()
     assert events[-1][0] == "done"  # the busy model kept generating
@@ -296,12 +340,14 @@ def test_only_pinned_or_busy_models_left_is_507_and_nothing_changes(budget_app, 
 
     # Once m1 is idle it can make room.
     assert load_and_wait(client, "m2")["status"] == "loaded"
-    assert statuses(client, "pinned", "m1", "m2") == {"pinned": "loaded", "m1": "not_loaded",
-                                                      "m2": "loaded"}
+    assert statuses(client, "pinned", "m1", "m2") == {
+        "pinned": "loaded",
+        "m1": "not_loaded",
+        "m2": "loaded",
+    }
 
 
-def test_a_model_bigger_than_the_whole_budget_is_refused_at_once(budget_app, sizes,
-                                                                  load_calls):
+def test_a_model_bigger_than_the_whole_budget_is_refused_at_once(budget_app, sizes, load_calls):
     budget = 2 * sizes.M + sizes.M // 2
     assert sizes.EBIG > budget
     app, client = budget_app(max_memory=budget)
@@ -315,8 +361,11 @@ def test_a_model_bigger_than_the_whole_budget_is_refused_at_once(budget_app, siz
     assert error["details"]["budget_bytes"] == budget
     assert set(error["details"]["models"]) == {"m1", "m2"}
     assert load_calls == []
-    assert statuses(client, "m1", "m2", "big") == {"m1": "loaded", "m2": "loaded",
-                                                   "big": "not_loaded"}
+    assert statuses(client, "m1", "m2", "big") == {
+        "m1": "loaded",
+        "m2": "loaded",
+        "big": "not_loaded",
+    }
     assert serves(client, "m1") and serves(client, "m2")
 
 
@@ -328,7 +377,8 @@ def test_models_still_loading_count_against_the_budget(budget_app, sizes, slow_l
         error = assert_error(client.post(f"{API}/models/m3/load"), 507, "insufficient_memory")
         assert error["details"]["models"] == {
             name: {"status": "loading", "memory_bytes": sizes.E, "pinned": False, "busy": True}
-            for name in ("m1", "m2")}
+            for name in ("m1", "m2")
+        }
     finally:
         slow_loads.set()
     wait_for(lambda: statuses(client, "m1", "m2") == {"m1": "loaded", "m2": "loaded"})
@@ -336,8 +386,7 @@ def test_models_still_loading_count_against_the_budget(budget_app, sizes, slow_l
 
 
 def test_preload_beyond_the_budget_fails_that_model_and_the_server_starts(budget_app, sizes):
-    app, client = budget_app(max_memory=sizes.M + sizes.M // 2,
-                             preload=["pinned", "m1", "big"])
+    app, client = budget_app(max_memory=sizes.M + sizes.M // 2, preload=["pinned", "m1", "big"])
     assert client.get("/health").status_code == 200
     wait_for(lambda: statuses(client, "pinned")["pinned"] == "loaded")
     for name in ("m1", "big"):
@@ -350,7 +399,10 @@ def test_preload_beyond_the_budget_fails_that_model_and_the_server_starts(budget
     ready = client.get("/ready")
     assert ready.status_code == 503
     assert ready.get_json()["error"]["details"]["models"] == {
-        "pinned": "loaded", "m1": "failed", "big": "failed"}
+        "pinned": "loaded",
+        "m1": "failed",
+        "big": "failed",
+    }
 
     # After making room, the failed one loads.
     assert_error(client.post(f"{API}/models/m1/load"), 507, "insufficient_memory")
@@ -362,10 +414,19 @@ def test_preload_beyond_the_budget_fails_that_model_and_the_server_starts(budget
 
 # --- settings ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, expected", [
-    ("1GiB", 1 << 30), ("512MB", 512_000_000), ("100", 100), ("8 GiB", 8 << 30),
-    ("1.5G", 1_500_000_000), ("64kib", 65536), ("2tb", 2 * 1000**4),
-])
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("1GiB", 1 << 30),
+        ("512MB", 512_000_000),
+        ("100", 100),
+        ("8 GiB", 8 << 30),
+        ("1.5G", 1_500_000_000),
+        ("64kib", 65536),
+        ("2tb", 2 * 1000**4),
+    ],
+)
 def test_max_memory_parsing(value, expected):
     assert Settings.from_env({"TURSI_MAX_MEMORY": value}).max_memory == expected
 
@@ -381,8 +442,9 @@ def test_no_budget_by_default():
     assert Settings.from_env({}).keep_alive is None
 
 
-@pytest.mark.parametrize("value, expected", [("300", 300), ("30s", 30), ("5m", 300),
-                                             ("1h", 3600), ("0.5", 0.5)])
+@pytest.mark.parametrize(
+    "value, expected", [("300", 300), ("30s", 30), ("5m", 300), ("1h", 3600), ("0.5", 0.5)]
+)
 def test_keep_alive_parsing(value, expected):
     assert Settings.from_env({"TURSI_KEEP_ALIVE": value}).keep_alive == expected
 
@@ -393,19 +455,34 @@ def test_bad_keep_alive_names_the_variable(value):
         Settings.from_env({"TURSI_KEEP_ALIVE": value})
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ({"keep_alive": 1}, (False, 1.0)), ({"keep_alive": "5m"}, (False, 300.0)),
-    ({"keep_alive": 2.5}, (False, 2.5)), ({"pin": True}, (True, None)), ({}, (False, None)),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ({"keep_alive": 1}, (False, 1.0)),
+        ({"keep_alive": "5m"}, (False, 300.0)),
+        ({"keep_alive": 2.5}, (False, 2.5)),
+        ({"pin": True}, (True, None)),
+        ({}, (False, None)),
+    ],
+)
 def test_catalog_pin_and_keep_alive(tmp_path, spec, expected):
     path = write_catalog(tmp_path / "models.json", {"x": {"path": ".", **spec}})
     (entry,) = read_catalog_file(path)
     assert (entry.pin, entry.keep_alive) == expected
 
 
-@pytest.mark.parametrize("spec", [{"keep_alive": 0}, {"keep_alive": -1},
-                                  {"keep_alive": "soon"}, {"keep_alive": True},
-                                  {"keep_alive": None}, {"pin": "yes"}, {"pin": 1}])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"keep_alive": 0},
+        {"keep_alive": -1},
+        {"keep_alive": "soon"},
+        {"keep_alive": True},
+        {"keep_alive": None},
+        {"pin": "yes"},
+        {"pin": 1},
+    ],
+)
 def test_bad_catalog_pin_or_keep_alive_is_refused_at_start(make_app, tmp_path, spec):
     path = write_catalog(tmp_path / "models.json", {"x": {"path": ".", **spec}})
     with pytest.raises(CatalogError, match="'x'"):
@@ -413,6 +490,7 @@ def test_bad_catalog_pin_or_keep_alive_is_refused_at_start(make_app, tmp_path, s
 
 
 # --- keep_alive --------------------------------------------------------------------------------
+
 
 def wait_until_unloaded(client, name, timeout=5.0):
     """Seconds (monotonic) at which `name` was seen not_loaded."""
@@ -468,8 +546,12 @@ def test_server_default_keep_alive_and_what_overrides_it(budget_app):
     gone = wait_until_unloaded(client, "m1")  # no keep_alive of its own: the default
     assert gone - loaded_at <= 3.5
     time.sleep(max(0.0, loaded_at + 2.5 - time.monotonic()))
-    assert statuses(client, *names) == {"m1": "not_loaded", "ka-hour": "loaded",
-                                        "pinned": "loaded", "ka-pinned": "loaded"}
+    assert statuses(client, *names) == {
+        "m1": "not_loaded",
+        "ka-hour": "loaded",
+        "pinned": "loaded",
+        "ka-pinned": "loaded",
+    }
 
 
 def test_reap_idle_with_a_fake_clock(budget_app, held, monkeypatch):
@@ -496,6 +578,11 @@ def test_reap_idle_with_a_fake_clock(budget_app, held, monkeypatch):
     assert manager.reap_idle(4630.0) == ["m2"]
     assert manager.reap_idle(1e12) == []  # pinned models stay, keep_alive or not
     assert statuses(client, *names) == {
-        "m1": "not_loaded", "m2": "not_loaded", "ka-minute": "not_loaded",
-        "ka-hour": "not_loaded", "pinned": "loaded", "ka-pinned": "loaded"}
+        "m1": "not_loaded",
+        "m2": "not_loaded",
+        "ka-minute": "not_loaded",
+        "ka-hour": "not_loaded",
+        "pinned": "loaded",
+        "ka-pinned": "loaded",
+    }
     assert serves(client, "pinned") and serves(client, "ka-pinned")

@@ -1,5 +1,6 @@
 """The native decode kernels (tursi.engine.native): built by `make install` where a C++
 compiler is, and computing what the torch ops of tursi.engine.decode.TorchOps compute."""
+
 import copy
 import shutil
 
@@ -29,8 +30,9 @@ class Kernels:
         return self.module.add_rms_norm(hidden, delta, norm.weight, norm.variance_epsilon)
 
     def rope_store(self, cache, layer, qkv, cos, sin, positions, heads, kv_heads):
-        return self.module.rope_store(qkv, cos, sin, positions, layer.keys, layer.values,
-                                      heads, kv_heads)
+        return self.module.rope_store(
+            qkv, cos, sin, positions, layer.keys, layer.values, heads, kv_heads
+        )
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +95,12 @@ def test_rope_store_matches_torch_ops(kernels, dtype):
     qkv = torch.randn(3, 1, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
     angles = positions[:, None, None] * torch.linspace(0.1, 1.0, head_dim)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # [rows, 1, head_dim]
-    want = TorchOps.rope_store(torch_cache, torch_cache.layers[0], qkv, cos, sin, positions,
-                               heads, kv_heads)
-    got = kernels.rope_store(native_cache, native_cache.layers[0], qkv, cos, sin, positions,
-                             heads, kv_heads)
+    want = TorchOps.rope_store(
+        torch_cache, torch_cache.layers[0], qkv, cos, sin, positions, heads, kv_heads
+    )
+    got = kernels.rope_store(
+        native_cache, native_cache.layers[0], qkv, cos, sin, positions, heads, kv_heads
+    )
     assert got.shape == (3, heads, 1, head_dim)
     # the same roundings in the same order: equal, not only close
     assert torch.equal(got, want)
@@ -113,13 +117,24 @@ def test_rope_store_refuses_what_does_not_fit(kernels):
     before = layer.keys.clone()
     kernels.rope_store(cache, layer, qkv, cos, sin, positions, 2, 2)  # fits
     layer.keys.copy_(before)
-    for bad in (torch.tensor([3, 32]), torch.tensor([3, -1]),
-                torch.tensor([3, 5], dtype=torch.int32)):
+    for bad in (
+        torch.tensor([3, 32]),
+        torch.tensor([3, -1]),
+        torch.tensor([3, 5], dtype=torch.int32),
+    ):
         with pytest.raises(RuntimeError):
             kernels.rope_store(cache, layer, qkv, cos, sin, bad, 2, 2)
     with pytest.raises(RuntimeError):  # three rows in a two-row cache
-        kernels.rope_store(cache, layer, torch.zeros(3, 1, width), torch.zeros(3, 1, 8),
-                           torch.zeros(3, 1, 8), torch.tensor([1, 2, 3]), 2, 2)
+        kernels.rope_store(
+            cache,
+            layer,
+            torch.zeros(3, 1, width),
+            torch.zeros(3, 1, 8),
+            torch.zeros(3, 1, 8),
+            torch.tensor([1, 2, 3]),
+            2,
+            2,
+        )
     with pytest.raises(RuntimeError):  # another dtype
         kernels.rope_store(cache, layer, qkv.bfloat16(), cos, sin, positions, 2, 2)
     with pytest.raises(RuntimeError):  # q heads and kv heads that do not add up to qkv
@@ -129,10 +144,12 @@ def test_rope_store_refuses_what_does_not_fit(kernels):
 
 def test_add_rms_norm_refuses_what_does_not_fit(kernels):
     hidden = torch.randn(2, 1, 16)
-    for delta, weight in ((None, torch.ones(15)),  # weight of another size
-                          (None, torch.ones(16, dtype=torch.bfloat16)),  # another dtype
-                          (torch.randn(2, 1, 8), torch.ones(16)),  # delta of another shape
-                          (torch.randn(2, 1, 32)[..., ::2], torch.ones(16))):  # strided
+    for delta, weight in (
+        (None, torch.ones(15)),  # weight of another size
+        (None, torch.ones(16, dtype=torch.bfloat16)),  # another dtype
+        (torch.randn(2, 1, 8), torch.ones(16)),  # delta of another shape
+        (torch.randn(2, 1, 32)[..., ::2], torch.ones(16)),
+    ):  # strided
         with pytest.raises(RuntimeError):
             kernels.module.add_rms_norm(hidden, delta, weight, 1e-5)
     with pytest.raises(RuntimeError):

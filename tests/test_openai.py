@@ -5,6 +5,7 @@ the embedded SmolLM2 model (it has a chat template) behind an API key. Then, in-
 the tiny models (fast): error shapes, validation, /v1/models, the shared rate limit and a
 stream that fails half-way.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ import httpx2
 import openai
 import pytest
 import requests
-
 from conftest import API, load_and_wait
 from server import Server
 
@@ -29,6 +29,7 @@ e2e = pytest.mark.e2e
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
 
 def assert_openai_error(response, status, type_, code):
     """A Flask test response is an OpenAI error object of exactly this shape; returns it."""
@@ -55,7 +56,7 @@ def sse_data(text):
         if frame.startswith(":"):  # heartbeat comment
             continue
         assert frame.startswith("data: ") and "\n" not in frame, frame
-        payloads.append(frame[len("data: "):])
+        payloads.append(frame[len("data: ") :])
     return payloads
 
 
@@ -82,15 +83,26 @@ def wait_ready(base, headers, model, timeout=300, process=None):
 
 # --- end to end with the openai package -------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def server(embedded_home, tmp_path_factory):
-    srv = Server({"TURSI_HOME": str(embedded_home), "TURSI_PRELOAD": MODEL,
-                  "TURSI_RATE_LIMIT": "10000/minute", "TURSI_API_KEYS": KEY},
-                 tmp_path_factory.mktemp("openai") / "gunicorn.log")
+    srv = Server(
+        {
+            "TURSI_HOME": str(embedded_home),
+            "TURSI_PRELOAD": MODEL,
+            "TURSI_RATE_LIMIT": "10000/minute",
+            "TURSI_API_KEYS": KEY,
+        },
+        tmp_path_factory.mktemp("openai") / "gunicorn.log",
+    )
     try:
         try:
-            wait_ready(f"http://127.0.0.1:{srv.port}", {"Authorization": f"Bearer {KEY}"},
-                       MODEL, process=srv.process)
+            wait_ready(
+                f"http://127.0.0.1:{srv.port}",
+                {"Authorization": f"Bearer {KEY}"},
+                MODEL,
+                process=srv.process,
+            )
         except Exception:
             print(srv.log_path.read_text()[-3000:])
             raise
@@ -151,9 +163,16 @@ def test_completion(greedy_completion):
 
 @e2e
 def test_completion_stream_matches_non_stream(oai, greedy_completion):
-    chunks = list(oai.completions.create(model=MODEL, prompt=PROMPT, temperature=0,
-                                         max_tokens=20, stream=True,
-                                         stream_options={"include_usage": True}))
+    chunks = list(
+        oai.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            temperature=0,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     *content, usage_chunk = chunks
     assert len(content) > 5  # streamed piece by piece
     assert all(c.object == "text_completion" and c.id == content[0].id for c in chunks)
@@ -172,10 +191,13 @@ def test_completion_stream_matches_non_stream(oai, greedy_completion):
 @e2e
 def test_raw_stream_format(base_url, greedy_completion):
     """Without include_usage: `data: {json}` frames, the last one `data: [DONE]`."""
-    response = requests.post(f"{base_url}/completions", stream=True, timeout=120,
-                             headers={"Authorization": f"Bearer {KEY}"},
-                             json={"model": MODEL, "prompt": PROMPT, "temperature": 0,
-                                   "max_tokens": 20, "stream": True})
+    response = requests.post(
+        f"{base_url}/completions",
+        stream=True,
+        timeout=120,
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 20, "stream": True},
+    )
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("text/event-stream")
     text = "".join(response.iter_content(chunk_size=None, decode_unicode=True))
@@ -209,9 +231,16 @@ def test_chat_completion(greedy_chat):
 
 @e2e
 def test_chat_stream_matches_non_stream(oai, greedy_chat):
-    chunks = list(oai.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                              max_tokens=30, stream=True,
-                                              stream_options={"include_usage": True}))
+    chunks = list(
+        oai.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,
+            temperature=0,
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     *content, usage_chunk = chunks
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert content[0].choices[0].delta.role == "assistant"
@@ -222,7 +251,8 @@ def test_chat_stream_matches_non_stream(oai, greedy_chat):
     assert usage_chunk.choices == []
     counts = ("prompt_tokens", "completion_tokens", "total_tokens")
     assert [getattr(usage_chunk.usage, name) for name in counts] == [
-        getattr(greedy_chat.usage, name) for name in counts]
+        getattr(greedy_chat.usage, name) for name in counts
+    ]
 
 
 @e2e
@@ -230,24 +260,31 @@ def test_stop_cuts_the_text(oai, greedy_completion):
     full = greedy_completion.choices[0].text
     words = full.split()
     stop = next(" " + w for w in words[2:] if full.find(" " + w) > 0)
-    expected = full[:full.find(stop)]
-    cut = oai.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=20,
-                                 stop=[stop])
+    expected = full[: full.find(stop)]
+    cut = oai.completions.create(
+        model=MODEL, prompt=PROMPT, temperature=0, max_tokens=20, stop=[stop]
+    )
     assert cut.choices[0].text == expected, (stop, full)
     assert stop not in cut.choices[0].text
     assert cut.choices[0].finish_reason == "stop"
     assert cut.usage.completion_tokens < 20
     # A single string is a valid `stop` too.
-    again = oai.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=20,
-                                   stop=stop)
+    again = oai.completions.create(
+        model=MODEL, prompt=PROMPT, temperature=0, max_tokens=20, stop=stop
+    )
     assert again.choices[0].text == expected
 
 
 @e2e
 def test_seed_makes_sampling_reproducible(oai):
     def sample(seed):
-        return oai.completions.create(model=MODEL, prompt=PROMPT, temperature=1.0, seed=seed,
-                                      max_tokens=10).choices[0].text
+        return (
+            oai.completions.create(
+                model=MODEL, prompt=PROMPT, temperature=1.0, seed=seed, max_tokens=10
+            )
+            .choices[0]
+            .text
+        )
 
     first = sample(1234)
     assert sample(1234) == first
@@ -257,17 +294,23 @@ def test_seed_makes_sampling_reproducible(oai):
 @e2e
 def test_top_k_and_repetition_penalty_through_extra_body(oai, greedy_completion):
     # top_k = 1 leaves only the most likely token: sampling at temperature 1 is greedy.
-    top1 = oai.completions.create(model=MODEL, prompt=PROMPT, temperature=1.0, seed=7,
-                                  max_tokens=20, extra_body={"top_k": 1})
+    top1 = oai.completions.create(
+        model=MODEL, prompt=PROMPT, temperature=1.0, seed=7, max_tokens=20, extra_body={"top_k": 1}
+    )
     assert top1.choices[0].text == greedy_completion.choices[0].text
-    penalized = oai.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                            max_tokens=8,
-                                            extra_body={"repetition_penalty": 1.3, "top_k": 40})
+    penalized = oai.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        temperature=0,
+        max_tokens=8,
+        extra_body={"repetition_penalty": 1.3, "top_k": 40},
+    )
     assert penalized.choices[0].message.content
     assert 0 < penalized.usage.completion_tokens <= 8
     with pytest.raises(openai.BadRequestError) as raised:
-        oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2,
-                               extra_body={"repetition_penalty": 0})
+        oai.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"repetition_penalty": 0}
+        )
     assert raised.value.param == "repetition_penalty"
 
 
@@ -306,12 +349,12 @@ def test_unsupported_parameters(oai):
     assert raised.value.param == "n"
     assert raised.value.type == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as raised:
-        oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2,
-                                    presence_penalty=0.5)
+        oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, presence_penalty=0.5)
     assert raised.value.param == "presence_penalty"
 
 
 # --- in-process on the tiny models --------------------------------------------------------------
+
 
 def completion_ok(client, **body):
     body.setdefault("model", "tiny")
@@ -325,71 +368,109 @@ def test_completion_shape_and_defaults(tiny_client):
     body = completion_ok(tiny_client, prompt="lazy dog", ignore_eos=True)
     assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
     assert body["object"] == "text_completion" and body["model"] == "tiny"
-    assert body["choices"] == [{"index": 0, "text": body["choices"][0]["text"],
-                                "finish_reason": "length", "logprobs": None}]
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "text": body["choices"][0]["text"],
+            "finish_reason": "length",
+            "logprobs": None,
+        }
+    ]
     assert body["usage"]["completion_tokens"] == 16  # OpenAI's default max_tokens
-    echoed = completion_ok(tiny_client, prompt="lazy dog", echo=True, max_tokens=16,
-                           temperature=0)
+    echoed = completion_ok(tiny_client, prompt="lazy dog", echo=True, max_tokens=16, temperature=0)
     plain = completion_ok(tiny_client, prompt="lazy dog", max_tokens=16, temperature=0)
     assert echoed["choices"][0]["text"] == "lazy dog" + plain["choices"][0]["text"]
 
 
 def test_completion_matches_the_native_api(tiny_client):
-    native = tiny_client.post(f"{API}/generate", json={
-        "model": "tiny", "prompt": "jumps over", "max_tokens": 9, "temperature": 0,
-        "return_full_text": False}).get_json()
+    native = tiny_client.post(
+        f"{API}/generate",
+        json={
+            "model": "tiny",
+            "prompt": "jumps over",
+            "max_tokens": 9,
+            "temperature": 0,
+            "return_full_text": False,
+        },
+    ).get_json()
     body = completion_ok(tiny_client, prompt=["jumps over"], max_tokens=9, temperature=0)
     assert body["choices"][0]["text"] == native["text"]
     assert body["usage"]["completion_tokens"] == native["tokens_generated"] == 9
 
 
 def test_chat_on_a_model_without_chat_template(tiny_client):
-    response = tiny_client.post("/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    response = tiny_client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+    )
     error = assert_openai_error(response, 400, "invalid_request_error", "invalid_request")
     assert "chat template" in error["message"]
     assert "/v1/completions" in error["message"]
-    stream = tiny_client.post("/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    stream = tiny_client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
     assert_openai_error(stream, 400, "invalid_request_error", "invalid_request")
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", {"model": "tiny"}, "prompt"),
-    ("/v1/completions", {"prompt": "hi"}, "model"),
-    ("/v1/completions", {"model": "tiny", "prompt": ""}, "prompt"),
-    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": 5}, "temperature"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_p": 0}, "top_p"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 2}, "n"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "presence_penalty": 0.5},
-     "presence_penalty"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "frequency_penalty": -1},
-     "frequency_penalty"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 5}, "logprobs"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "best_of": 3}, "best_of"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "suffix": "x"}, "suffix"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"1": 5}},
-     "logit_bias"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": [""]}, "stop"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stream": "sometimes"}, "stream"),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "made_up": 1}, "made_up"),
-    ("/v1/chat/completions", {"model": "tiny"}, "messages"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
-     "messages"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user"}]}, "messages"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "n": 3}, "n"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": CHAT,
-                              "response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_completion_tokens": 0},
-     "max_completion_tokens"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"model": "tiny"}, "prompt"),
+        ("/v1/completions", {"prompt": "hi"}, "model"),
+        ("/v1/completions", {"model": "tiny", "prompt": ""}, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": 5}, "temperature"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_p": 0}, "top_p"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 2}, "n"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "presence_penalty": 0.5},
+            "presence_penalty",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "frequency_penalty": -1},
+            "frequency_penalty",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 5}, "logprobs"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "best_of": 3}, "best_of"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "suffix": "x"}, "suffix"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "logit_bias": {"1": 5}},
+            "logit_bias",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": [""]}, "stop"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "stream": "sometimes"}, "stream"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "made_up": 1}, "made_up"),
+        ("/v1/chat/completions", {"model": "tiny"}, "messages"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
+            "messages",
+        ),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user"}]}, "messages"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "n": 3}, "n"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "logprobs": True}, "logprobs"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "max_completion_tokens": 0},
+            "max_completion_tokens",
+        ),
+    ],
+)
 def test_validation_errors_name_the_param(tiny_client, path, body, param):
-    error = assert_openai_error(tiny_client.post(path, json=body), 400, "invalid_request_error",
-                                "invalid_request")
+    error = assert_openai_error(
+        tiny_client.post(path, json=body), 400, "invalid_request_error", "invalid_request"
+    )
     assert error["param"] == param
     assert param in error["details"]["fields"]
     assert param in error["message"]
@@ -398,19 +479,28 @@ def test_validation_errors_name_the_param(tiny_client, path, body, param):
 def test_unknown_model_and_not_loaded_model(tiny_client):
     error = assert_openai_error(
         tiny_client.post("/v1/completions", json={"model": "gpt-5", "prompt": "hi"}),
-        404, "invalid_request_error", "model_not_found")
+        404,
+        "invalid_request_error",
+        "model_not_found",
+    )
     assert "tiny" in error["details"]["available_models"]
     assert_openai_error(
         tiny_client.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "hi"}),
-        409, "invalid_request_error", "model_not_loaded")
+        409,
+        "invalid_request_error",
+        "model_not_loaded",
+    )
 
 
-@pytest.mark.parametrize("method, path", [
-    ("get", "/v1/models/x"),
-    ("get", "/v1/engines"),
-    ("post", "/v1/embeddings"),
-    ("get", "/v1"),
-])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("get", "/v1/models/x"),
+        ("get", "/v1/engines"),
+        ("post", "/v1/embeddings"),
+        ("get", "/v1"),
+    ],
+)
 def test_unknown_v1_paths_are_openai_404s(client, method, path):
     response = getattr(client, method)(path)
     assert_openai_error(response, 404, "invalid_request_error", "not_found")
@@ -418,13 +508,22 @@ def test_unknown_v1_paths_are_openai_404s(client, method, path):
 
 
 def test_wrong_method_and_bad_body_are_openai_errors(client):
-    error = assert_openai_error(client.get("/v1/completions"), 405, "invalid_request_error",
-                               "method_not_allowed")
+    error = assert_openai_error(
+        client.get("/v1/completions"), 405, "invalid_request_error", "method_not_allowed"
+    )
     assert "POST" in error["details"]["allowed_methods"]
-    assert_openai_error(client.post("/v1/completions", data="{", content_type="application/json"),
-                        400, "invalid_request_error", "invalid_request")
-    assert_openai_error(client.post("/v1/completions", data="[]", content_type="application/json"),
-                        400, "invalid_request_error", "invalid_request")
+    assert_openai_error(
+        client.post("/v1/completions", data="{", content_type="application/json"),
+        400,
+        "invalid_request_error",
+        "invalid_request",
+    )
+    assert_openai_error(
+        client.post("/v1/completions", data="[]", content_type="application/json"),
+        400,
+        "invalid_request_error",
+        "invalid_request",
+    )
 
 
 def test_models_lists_only_loaded_models(client):
@@ -443,14 +542,19 @@ def test_models_lists_only_loaded_models(client):
     assert abs(entry["created"] - time.time()) < 120
     assert client.post(f"{API}/models/tiny/unload").status_code == 200
     assert ids() == []
-    assert_openai_error(client.get("/v1/models?all=1"), 400, "invalid_request_error",
-                        "invalid_request")
+    assert_openai_error(
+        client.get("/v1/models?all=1"), 400, "invalid_request_error", "invalid_request"
+    )
 
 
 def test_v1_needs_the_api_key(make_app):
     client = make_app(api_keys=["k1"]).test_client()
-    for method, path in [("get", "/v1/models"), ("post", "/v1/completions"),
-                         ("post", "/v1/chat/completions"), ("get", "/v1/nothing")]:
+    for method, path in [
+        ("get", "/v1/models"),
+        ("post", "/v1/completions"),
+        ("post", "/v1/chat/completions"),
+        ("get", "/v1/nothing"),
+    ]:
         response = getattr(client, method)(path, headers={"Authorization": "Bearer nope"})
         error = assert_openai_error(response, 401, "authentication_error", "unauthorized")
         assert "nope" not in error["message"]
@@ -460,8 +564,7 @@ def test_v1_needs_the_api_key(make_app):
 
 def test_rate_limit_is_shared_with_the_native_api(make_app):
     client = make_app(rate_limit="3/minute").test_client()
-    responses = [client.get(f"{API}/status"), client.get(f"{API}/models"),
-                 client.get("/v1/models")]
+    responses = [client.get(f"{API}/status"), client.get(f"{API}/models"), client.get("/v1/models")]
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["2", "1", "0"]
     assert all(r.headers["X-RateLimit-Limit"] == "3" for r in responses)
@@ -493,22 +596,34 @@ def test_chat_stream_frames_in_process(make_app, tiny_models_dir, tmp_path):
     from tiny_models import with_chat_template, write_catalog
 
     folder = with_chat_template(tiny_models_dir / "llama", tmp_path / "chatty")
-    catalog = write_catalog(tmp_path / "models.json",
-                            {"chatty": {"path": str(folder), "dtype": "float32"}})
+    catalog = write_catalog(
+        tmp_path / "models.json", {"chatty": {"path": str(folder), "dtype": "float32"}}
+    )
     client = make_app(models_file=str(catalog)).test_client()
     assert load_and_wait(client, "chatty")["status"] == "loaded"
 
-    body = {"model": "chatty", "messages": [{"role": "user", "content": "lazy dog"}],
-            "max_tokens": 6, "temperature": 0}
+    body = {
+        "model": "chatty",
+        "messages": [{"role": "user", "content": "lazy dog"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
     whole = client.post("/v1/chat/completions", json=body)
     assert whole.status_code == 200, whole.get_json()
     whole = whole.get_json()
     assert whole["choices"][0]["message"]["role"] == "assistant"
     assert whole["usage"]["completion_tokens"] == 6
     # The rendered template is the prompt: "user: lazy dog\nassistant:".
-    native = client.post(f"{API}/generate", json={
-        "model": "chatty", "prompt": "user: lazy dog\nassistant:", "max_tokens": 6,
-        "temperature": 0, "return_full_text": False}).get_json()
+    native = client.post(
+        f"{API}/generate",
+        json={
+            "model": "chatty",
+            "prompt": "user: lazy dog\nassistant:",
+            "max_tokens": 6,
+            "temperature": 0,
+            "return_full_text": False,
+        },
+    ).get_json()
     assert whole["choices"][0]["message"]["content"] == native["text"]
     assert whole["usage"]["prompt_tokens"] > 5
 
@@ -520,25 +635,47 @@ def test_chat_stream_frames_in_process(make_app, tiny_models_dir, tmp_path):
     chunks = [json.loads(p) for p in payloads[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length",
-                                        "logprobs": None}
+    assert chunks[-1]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "finish_reason": "length",
+        "logprobs": None,
+    }
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == whole["choices"][0]["message"]["content"]
     # Content parts are joined; `max_completion_tokens` wins over `max_tokens`.
-    parts = client.post("/v1/chat/completions", json={
-        **body, "max_completion_tokens": 3,
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "lazy "},
-                                                  {"type": "text", "text": "dog"}]}]})
+    parts = client.post(
+        "/v1/chat/completions",
+        json={
+            **body,
+            "max_completion_tokens": 3,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "lazy "}, {"type": "text", "text": "dog"}],
+                }
+            ],
+        },
+    )
     assert parts.status_code == 200, parts.get_json()
     assert parts.get_json()["usage"]["completion_tokens"] == 3
     assert whole["choices"][0]["message"]["content"].startswith(
-        parts.get_json()["choices"][0]["message"]["content"])
+        parts.get_json()["choices"][0]["message"]["content"]
+    )
 
 
 def test_stream_failing_midway_ends_with_an_error_frame_then_done(app, tiny_client, slow_steps):
-    response = tiny_client.post("/v1/completions", json={
-        "model": "tiny", "prompt": "lazy dog", "max_tokens": 250, "temperature": 0,
-        "stream": True, "stream_options": {"include_usage": True}})
+    response = tiny_client.post(
+        "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": "lazy dog",
+            "max_tokens": 250,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert response.status_code == 200
     frames = iter(response.response)
     first = next(frames)
@@ -562,14 +699,17 @@ def test_stream_failing_midway_ends_with_an_error_frame_then_done(app, tiny_clie
 def test_openai_client_raises_on_a_failed_stream(app, tiny_client, slow_steps):
     """The same failure through the openai package (over WSGI, in-process): it raises."""
     http = httpx2.Client(transport=httpx2.WSGITransport(app=app), base_url="http://tursi")
-    with openai.OpenAI(base_url="http://tursi/v1", api_key="none", max_retries=0,
-                       http_client=http) as client:
-        stream = client.completions.create(model="tiny", prompt="lazy dog", max_tokens=250,
-                                           temperature=0, stream=True)
+    with openai.OpenAI(
+        base_url="http://tursi/v1", api_key="none", max_retries=0, http_client=http
+    ) as client:
+        stream = client.completions.create(
+            model="tiny", prompt="lazy dog", max_tokens=250, temperature=0, stream=True
+        )
         first = next(iter(stream))
         assert first.choices[0].finish_reason is None
-        unloaded = threading.Thread(target=lambda: app.test_client().post(
-            f"{API}/models/tiny/unload"))
+        unloaded = threading.Thread(
+            target=lambda: app.test_client().post(f"{API}/models/tiny/unload")
+        )
         unloaded.start()
         with pytest.raises(openai.APIError) as raised:
             for _ in stream:

@@ -4,6 +4,7 @@ The document must be valid, list every route, describe every request field, and 
 the real responses: each call below is validated against the schema documented for its
 route and status. The last test renders /docs in headless Chromium from a real server.
 """
+
 import json
 import re
 import subprocess
@@ -19,15 +20,20 @@ from server import Server, parse_sse
 from tiny_models import with_chat_template, write_catalog
 
 from tursi import __version__
+from tursi.api.auth import is_api_path
 from tursi.api.errors import _HTTP_CODES
+from tursi.api.openai_schemas import (
+    ChatCompletionRequestSchema,
+    CompletionRequestSchema,
+    ContentPartSchema,
+    MessageSchema,
+    ResponseFormatSchema,
+    StreamOptionsSchema,
+)
 from tursi.api.openapi import OPERATIONS, documented_rules
-from tursi.auth import is_api_path
+from tursi.api.response_schemas import ERROR_CODES
+from tursi.api.schemas import GenerateRequestSchema, LoadRequestSchema
 from tursi.errors import TursiError
-from tursi.openai_schemas import (ChatCompletionRequestSchema, CompletionRequestSchema,
-                                  ContentPartSchema, MessageSchema, ResponseFormatSchema,
-                                  StreamOptionsSchema)
-from tursi.response_schemas import ERROR_CODES
-from tursi.schemas import GenerateRequestSchema, LoadRequestSchema
 
 API = "/api/v1"
 SPEC_URL = f"{API}/openapi.json"
@@ -79,8 +85,12 @@ def test_every_route_is_documented_and_every_path_is_a_route(app, client):
 
 
 def operations(spec):
-    return [(path, method, operation) for path, item in spec["paths"].items()
-            for method, operation in item.items() if method != "parameters"]
+    return [
+        (path, method, operation)
+        for path, item in spec["paths"].items()
+        for method, operation in item.items()
+        if method != "parameters"
+    ]
 
 
 def test_every_error_code_is_documented():
@@ -96,18 +106,24 @@ def test_every_error_code_is_documented():
             assert set(listed) <= set(ERROR_CODES)
 
 
-@pytest.mark.parametrize("name, schema", [
-    ("LoadRequest", LoadRequestSchema), ("GenerateRequest", GenerateRequestSchema),
-    ("CompletionRequest", CompletionRequestSchema),
-    ("ChatCompletionRequest", ChatCompletionRequestSchema), ("Message", MessageSchema),
-    ("ContentPart", ContentPartSchema), ("StreamOptions", StreamOptionsSchema),
-    ("ResponseFormat", ResponseFormatSchema)])
+@pytest.mark.parametrize(
+    "name, schema",
+    [
+        ("LoadRequest", LoadRequestSchema),
+        ("GenerateRequest", GenerateRequestSchema),
+        ("CompletionRequest", CompletionRequestSchema),
+        ("ChatCompletionRequest", ChatCompletionRequestSchema),
+        ("Message", MessageSchema),
+        ("ContentPart", ContentPartSchema),
+        ("StreamOptions", StreamOptionsSchema),
+        ("ResponseFormat", ResponseFormatSchema),
+    ],
+)
 def test_request_schemas_are_complete_and_strict(client, name, schema):
     documented = get_spec(client)["components"]["schemas"][name]
     fields = schema().fields
     assert set(documented["properties"]) == {f.data_key or key for key, f in fields.items()}
-    assert set(documented.get("required", [])) == {key for key, f in fields.items()
-                                                   if f.required}
+    assert set(documented.get("required", [])) == {key for key, f in fields.items() if f.required}
     assert documented["additionalProperties"] is False
 
 
@@ -120,16 +136,23 @@ def test_request_schema_details(client):
     assert chat["logit_bias"]["maxProperties"] == 0
     assert [option.get("type") for option in chat["stop"]["anyOf"]] == ["string", "array"]
     validator = body_validator(get_spec(client), {"$ref": "#/components/schemas/CompletionRequest"})
-    for ok in ({"model": "m", "prompt": "x"}, {"model": "m", "prompt": ["x"], "stop": None},
-               {"model": "m", "prompt": "x", "stream_options": None, "stop": "a"}):
+    for ok in (
+        {"model": "m", "prompt": "x"},
+        {"model": "m", "prompt": ["x"], "stop": None},
+        {"model": "m", "prompt": "x", "stream_options": None, "stop": "a"},
+    ):
         validator.validate(ok)
-    for bad in ({"model": "m", "prompt": ["x", "y"]}, {"model": "m", "prompt": ""},
-                {"model": "m", "prompt": "x", "stream_options": {"other": 1}},
-                {"model": "m", "prompt": "x", "tools": []}):
+    for bad in (
+        {"model": "m", "prompt": ["x", "y"]},
+        {"model": "m", "prompt": ""},
+        {"model": "m", "prompt": "x", "stream_options": {"other": 1}},
+        {"model": "m", "prompt": "x", "tools": []},
+    ):
         assert not validator.is_valid(bad), bad
 
 
 # --- real responses against the document -------------------------------------------------
+
 
 def body_validator(spec, schema):
     """A validator of `schema` (a piece of `spec`) whose #/components/... refs resolve."""
@@ -152,15 +175,20 @@ class Checker:
         rule, _ = self.adapter.match(url.split("?")[0], method=method.upper(), return_rule=True)
         path = FlaskPlugin.flaskpath2openapi(rule.rule)
         documented = self.spec["paths"][path][method]["responses"]
-        assert response.status_code in _as_tuple(status), (method, url, response.status_code,
-                                                          body[:500])
+        assert response.status_code in _as_tuple(status), (
+            method,
+            url,
+            response.status_code,
+            body[:500],
+        )
         key = str(response.status_code)
         assert key in documented, f"{method} {url}: {key} is not documented"
         content = documented[key]["content"]
         assert response.mimetype in content, (method, url, response.mimetype)
         if response.mimetype == "application/json":
             body_validator(self.spec, content["application/json"]["schema"]).validate(
-                json.loads(body))
+                json.loads(body)
+            )
         headers = documented[key].get("headers", {})
         for name, header in headers.items():
             if "$ref" in header:
@@ -192,17 +220,23 @@ def _as_tuple(status):
 
 
 def openai_payloads(text):
-    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
 
 
 @pytest.fixture
 def catalog(tiny_models_dir, tmp_path):
-    """"chatty" (tiny Llama with a chat template), "other" (tiny GPT-2), "broken" (no files)."""
+    """ "chatty" (tiny Llama with a chat template), "other" (tiny GPT-2), "broken" (no files)."""
     folder = with_chat_template(tiny_models_dir / "llama", tmp_path / "chatty")
-    return str(write_catalog(tmp_path / "models.json", {
-        "chatty": {"path": str(folder), "dtype": "float32"},
-        "other": {"path": str(tiny_models_dir / "gpt2"), "dtype": "float32"},
-        "broken": {"path": str(tmp_path / "missing")}}))
+    return str(
+        write_catalog(
+            tmp_path / "models.json",
+            {
+                "chatty": {"path": str(folder), "dtype": "float32"},
+                "other": {"path": str(tiny_models_dir / "gpt2"), "dtype": "float32"},
+                "broken": {"path": str(tmp_path / "missing")},
+            },
+        )
+    )
 
 
 def wait_for(check, status, name, timeout=60):
@@ -237,8 +271,13 @@ def test_responses_match_the_document(make_app, catalog):
     check("post", f"{API}/models/chatty/load", 400, json={"quantize": False, "bits": 8})
     check("post", f"{API}/models/chatty/load", 400, json={"unknown": 1})
     check("post", f"{API}/models/chatty/load", 400, data="x", content_type="text/plain")
-    check("post", f"{API}/models/chatty/load", 400, "unsupported_quantization",
-          json={"quantize": True, "bits": 4, "mode": "static"})
+    check(
+        "post",
+        f"{API}/models/chatty/load",
+        400,
+        "unsupported_quantization",
+        json={"quantize": True, "bits": 4, "mode": "static"},
+    )
     check("post", f"{API}/models/chatty/load", 202)
     check("post", f"{API}/models/chatty/unload", (409, 200))  # load_in_progress, unless done
     check("post", f"{API}/generate", (503, 409, 200), json={"model": "chatty", "prompt": "a"})
@@ -259,32 +298,53 @@ def test_responses_match_the_document(make_app, catalog):
     # Native generation: whole, streamed, refused.
     gen = {"model": "chatty", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}
     check("post", f"{API}/generate", 200, json=gen)
-    check("post", f"{API}/generate", 200, json={**gen, "return_full_text": False, "seed": 1,
-                                                 "stop": ["x"], "top_k": 5})
-    events = parse_sse(check("post", f"{API}/generate", 200,
-                             json={**gen, "stream": True}).body_text.splitlines())
+    check(
+        "post",
+        f"{API}/generate",
+        200,
+        json={**gen, "return_full_text": False, "seed": 1, "stop": ["x"], "top_k": 5},
+    )
+    events = parse_sse(
+        check("post", f"{API}/generate", 200, json={**gen, "stream": True}).body_text.splitlines()
+    )
     assert [kind for kind, _ in events][-1] == "done"
     for kind, payload in events:
         check.frames({"text": "GenerateTextEvent", "done": "GenerateDone"}[kind], payload)
     check("post", f"{API}/generate", 400, json={**gen, "temperature": 3})
-    check("post", f"{API}/generate", 400, "context_length_exceeded",
-          json={**gen, "prompt": "x " * 400})
+    check(
+        "post",
+        f"{API}/generate",
+        400,
+        "context_length_exceeded",
+        json={**gen, "prompt": "x " * 400},
+    )
     check("post", f"{API}/generate", 400, data="[1]", content_type="application/json")
     check("post", f"{API}/generate", 404, json={**gen, "model": "nope"})
     check("post", f"{API}/generate", 409, json={**gen, "model": "other"})
-    check("post", f"{API}/generate", 413, "payload_too_large",
-          json={**gen, "prompt": "x" * 1_100_000})
+    check(
+        "post", f"{API}/generate", 413, "payload_too_large", json={**gen, "prompt": "x" * 1_100_000}
+    )
 
     # OpenAI-compatible generation.
     completion = {"model": "chatty", "prompt": "Once", "max_tokens": 4, "temperature": 0}
     check("post", "/v1/completions", 200, json=completion)
-    check("post", "/v1/completions", 200, json={**completion, "prompt": ["Once"], "echo": True,
-                                                  "stop": "x", "temperature": None})
-    chat = {"model": "chatty", "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    check(
+        "post",
+        "/v1/completions",
+        200,
+        json={**completion, "prompt": ["Once"], "echo": True, "stop": "x", "temperature": None},
+    )
+    chat = {
+        "model": "chatty",
+        "max_tokens": 4,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+    }
     check("post", "/v1/chat/completions", 200, json=chat)
-    for url, body, chunk in (("/v1/completions", completion, "CompletionChunk"),
-                             ("/v1/chat/completions", chat, "ChatCompletionChunk")):
+    for url, body, chunk in (
+        ("/v1/completions", completion, "CompletionChunk"),
+        ("/v1/chat/completions", chat, "ChatCompletionChunk"),
+    ):
         stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
         payloads = openai_payloads(check("post", url, 200, json=stream).body_text)
         assert payloads[-1] == "[DONE]"
@@ -346,6 +406,7 @@ def test_auth_and_rate_limit_responses_match_the_document(make_app):
 
 # --- /docs -------------------------------------------------------------------------------
 
+
 def test_docs_page_uses_only_local_assets(client):
     assert client.get("/docs").status_code in (301, 308)
     page = client.get("/docs/")
@@ -365,12 +426,19 @@ def test_docs_page_uses_only_local_assets(client):
     bundle.close()
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed "
-                    "(apt-get install chromium; .ci/run installs it)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="Debian chromium is not installed (apt-get install chromium; .ci/run installs it)",
+)
 def test_docs_render_in_headless_chromium(tiny_models_dir, tmp_path):
-    server = Server({"TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
-                     "TURSI_PRELOAD": "", "TURSI_HOME": str(tmp_path / "home")},
-                    tmp_path / "server.log")
+    server = Server(
+        {
+            "TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
+            "TURSI_PRELOAD": "",
+            "TURSI_HOME": str(tmp_path / "home"),
+        },
+        tmp_path / "server.log",
+    )
     try:
         root = server.url.removesuffix(API)
         deadline = time.monotonic() + 60
@@ -384,17 +452,36 @@ def test_docs_render_in_headless_chromium(tiny_models_dir, tmp_path):
             assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
             time.sleep(0.2)
         dom = subprocess.run(
-            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
-             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # offline
-             "--virtual-time-budget=15000", "--dump-dom", f"{root}/docs/"],
-            capture_output=True, text=True, timeout=60).stdout
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # offline
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                f"{root}/docs/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
     finally:
         server.stop()
     rendered = set(re.findall(r'data-path="([^"]+)"', dom))
-    for path in ("/api/v1/generate", "/api/v1/models/{name}/load", "/v1/chat/completions",
-                 "/health", "/metrics"):
+    for path in (
+        "/api/v1/generate",
+        "/api/v1/models/{name}/load",
+        "/v1/chat/completions",
+        "/health",
+        "/metrics",
+    ):
         assert path in rendered, (path, sorted(rendered), dom[-2000:])
     log = (tmp_path / "server.log").read_text()
     assert '"GET /docs/swagger-ui-bundle.js' in log and '"GET /api/v1/openapi.json' in log

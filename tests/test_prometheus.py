@@ -1,18 +1,17 @@
 """GET /metrics: Prometheus counters moved by exactly the traffic sent, in-process (Flask test
 client) and summed across two real gunicorn workers (multiprocess mode); who may scrape."""
+
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import API, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from server import Server
 
-BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0,
-        "ignore_eos": True}
+BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
 GENERATE = ("POST", "/api/v1/generate")
 
 # The in-process tests read this process's registry, not a multiprocess folder.
@@ -21,8 +20,11 @@ assert not os.environ.get("PROMETHEUS_MULTIPROC_DIR"), "unset PROMETHEUS_MULTIPR
 
 def parse(text):
     """{(sample name, ((label, value), ...)): value} of a /metrics body."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def scrape(client, **kwargs):
@@ -37,8 +39,13 @@ def value(samples, name, **labels):
 
 
 def requests_seen(samples, method, route, status):
-    return value(samples, "tursi_request_duration_seconds_count",
-                 method=method, route=route, status=str(status))
+    return value(
+        samples,
+        "tursi_request_duration_seconds_count",
+        method=method,
+        route=route,
+        status=str(status),
+    )
 
 
 def stream(client, **body):
@@ -50,6 +57,7 @@ def stream(client, **body):
 
 
 # --- in-process ------------------------------------------------------------------------------
+
 
 def test_counters_move_by_exactly_the_traffic(tiny_client):
     client, n = tiny_client, 3
@@ -70,8 +78,10 @@ def test_counters_move_by_exactly_the_traffic(tiny_client):
     def settled():  # the engine reports a request's end just after its answer goes out
         nonlocal after
         after = scrape(client)
-        return (delta("tursi_tokens_generated_total", model="tiny") >= (n + 1) * 5
-                and value(after, "tursi_generations_running", model="tiny") == 0)
+        return (
+            delta("tursi_tokens_generated_total", model="tiny") >= (n + 1) * 5
+            and value(after, "tursi_generations_running", model="tiny") == 0
+        )
 
     after = {}
     wait_for(settled)
@@ -84,14 +94,29 @@ def test_counters_move_by_exactly_the_traffic(tiny_client):
     assert requests_seen(after, *GENERATE, 200) - requests_seen(before, *GENERATE, 200) == n + 1
     assert requests_seen(after, *GENERATE, 404) - requests_seen(before, *GENERATE, 404) == 1
     assert requests_seen(after, *GENERATE, 400) - requests_seen(before, *GENERATE, 400) == 1
-    assert (requests_seen(after, "GET", "unmatched", 404)
-            - requests_seen(before, "GET", "unmatched", 404)) == 1
+    assert (
+        requests_seen(after, "GET", "unmatched", 404)
+        - requests_seen(before, "GET", "unmatched", 404)
+    ) == 1
     # A histogram's +Inf bucket is its count; durations are positive.
-    assert value(after, "tursi_request_duration_seconds_bucket", method="POST",
-                 route="/api/v1/generate", status="200", le="+Inf") == requests_seen(
-                     after, *GENERATE, 200)
-    assert value(after, "tursi_request_duration_seconds_sum", method="POST",
-                 route="/api/v1/generate", status="200") > 0
+    assert value(
+        after,
+        "tursi_request_duration_seconds_bucket",
+        method="POST",
+        route="/api/v1/generate",
+        status="200",
+        le="+Inf",
+    ) == requests_seen(after, *GENERATE, 200)
+    assert (
+        value(
+            after,
+            "tursi_request_duration_seconds_sum",
+            method="POST",
+            route="/api/v1/generate",
+            status="200",
+        )
+        > 0
+    )
     assert value(after, "tursi_model_memory_bytes", model="tiny") > 0
     assert value(after, "tursi_model_load_duration_seconds_count", model="tiny") >= 1
     assert value(after, "tursi_generations_running", model="tiny") == 0
@@ -100,6 +125,7 @@ def test_counters_move_by_exactly_the_traffic(tiny_client):
 
 def test_a_stream_is_timed_when_it_ends_not_when_it_starts(tiny_client, monkeypatch):
     from tursi.engine.scheduler import Scheduler
+
     real_step = Scheduler._decode_step
 
     def slow_step(self):
@@ -112,10 +138,14 @@ def test_a_stream_is_timed_when_it_ends_not_when_it_starts(tiny_client, monkeypa
     status, _ = stream(tiny_client, max_tokens=5)  # 4 decode steps: at least 0.2 s
     after = scrape(tiny_client)
     assert status == 200
-    assert (value(after, "tursi_request_duration_seconds_count", **labels)
-            - value(before, "tursi_request_duration_seconds_count", **labels)) == 1
-    assert (value(after, "tursi_request_duration_seconds_sum", **labels)
-            - value(before, "tursi_request_duration_seconds_sum", **labels)) >= 0.2
+    assert (
+        value(after, "tursi_request_duration_seconds_count", **labels)
+        - value(before, "tursi_request_duration_seconds_count", **labels)
+    ) == 1
+    assert (
+        value(after, "tursi_request_duration_seconds_sum", **labels)
+        - value(before, "tursi_request_duration_seconds_sum", **labels)
+    ) >= 0.2
 
 
 def test_a_stream_ending_in_an_error_counts_its_code(tiny_client, monkeypatch):
@@ -162,16 +192,29 @@ def test_without_keys_metrics_are_open(client):
     scrape(client, environ_base=REMOTE)
 
 
-@pytest.mark.parametrize("address, loopback", [
-    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("::ffff:127.0.0.1", True),
-    ("10.0.0.5", False), ("::ffff:10.0.0.5", False), ("2001:db8::1", False), ("", False),
-    (None, False), ("not-an-ip", False)])
+@pytest.mark.parametrize(
+    "address, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.5", False),
+        ("::ffff:10.0.0.5", False),
+        ("2001:db8::1", False),
+        ("", False),
+        (None, False),
+        ("not-an-ip", False),
+    ],
+)
 def test_loopback_addresses(address, loopback):
     from tursi.api.prometheus import is_loopback
+
     assert is_loopback(address) is loopback
 
 
 # --- two gunicorn workers (multiprocess mode) -------------------------------------------------
+
 
 class FakeServer:
     class log:
@@ -181,7 +224,8 @@ class FakeServer:
 
 
 def test_the_master_makes_a_metrics_folder_and_removes_it(monkeypatch):
-    from tursi import gunicorn_defaults
+    from tursi.api import gunicorn_defaults
+
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # so that undoing removes it again
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     gunicorn_defaults.on_starting(FakeServer)
@@ -194,6 +238,7 @@ def test_the_master_makes_a_metrics_folder_and_removes_it(monkeypatch):
 def test_the_hooks_reach_gunicorn_conf():
     import runpy
     from pathlib import Path
+
     conf = runpy.run_path(str(Path(__file__).parent.parent / "gunicorn.conf.py"))
     assert {"on_starting", "child_exit", "on_exit"} <= set(conf)
     assert not conf.get("preload_app")
@@ -202,6 +247,7 @@ def test_the_hooks_reach_gunicorn_conf():
 def counter_by_pid(folder, name, **labels):
     """{pid: value of one counter sample} read from each worker's own file."""
     from prometheus_client.multiprocess import MultiProcessCollector
+
     out = {}
     for path in folder.glob("counter_*.db"):
         pid = int(path.stem.split("_")[1])
@@ -216,10 +262,17 @@ def test_two_gunicorn_workers_add_up(tiny_models_dir, tmp_path):
     folder = tmp_path / "prometheus"
     folder.mkdir()
     (folder / "counter_1.db").write_bytes(b"stale")  # the master wipes a previous run's files
-    server = Server({"TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
-                     "TURSI_PRELOAD": "tiny", "TURSI_HOME": str(tmp_path / "home"),
-                     "TURSI_WORKERS": "2", "TURSI_RATE_LIMIT": "10000/minute",
-                     "PROMETHEUS_MULTIPROC_DIR": str(folder)}, tmp_path / "gunicorn.log")
+    server = Server(
+        {
+            "TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
+            "TURSI_PRELOAD": "tiny",
+            "TURSI_HOME": str(tmp_path / "home"),
+            "TURSI_WORKERS": "2",
+            "TURSI_RATE_LIMIT": "10000/minute",
+            "PROMETHEUS_MULTIPROC_DIR": str(folder),
+        },
+        tmp_path / "gunicorn.log",
+    )
     base = f"http://127.0.0.1:{server.port}"
     fresh = {"Connection": "close"}  # a new connection per request: either worker may take it
 
@@ -239,8 +292,9 @@ def test_two_gunicorn_workers_add_up(tiny_models_dir, tmp_path):
             if server.process.poll() is not None:
                 raise RuntimeError(server.log_path.read_text()[-3000:])
             try:
-                loads = value(metrics_text(), "tursi_model_load_duration_seconds_count",
-                              model="tiny")
+                loads = value(
+                    metrics_text(), "tursi_model_load_duration_seconds_count", model="tiny"
+                )
                 if loads == 2:
                     break
             except requests.RequestException:
@@ -250,16 +304,20 @@ def test_two_gunicorn_workers_add_up(tiny_models_dir, tmp_path):
 
         sent = 0
         with ThreadPoolExecutor(4) as pool:  # until both workers have served some
-            while len(counter_by_pid(folder, "tursi_tokens_generated_total",
-                                     model="tiny")) < 2 or sent < 8:
+            while (
+                len(counter_by_pid(folder, "tursi_tokens_generated_total", model="tiny")) < 2
+                or sent < 8
+            ):
                 assert sent < 80, "one worker took every request"
                 assert list(pool.map(lambda _: generate(), range(4))) == [5] * 4
                 sent += 4
 
         def settled():  # the engine reports a request's end just after its answer goes out
             samples = metrics_text()
-            return (value(samples, "tursi_tokens_generated_total", model="tiny") == sent * 5
-                    and value(samples, "tursi_generations_running", model="tiny") == 0)
+            return (
+                value(samples, "tursi_tokens_generated_total", model="tiny") == sent * 5
+                and value(samples, "tursi_generations_running", model="tiny") == 0
+            )
 
         wait_for(settled)
         per_pid = counter_by_pid(folder, "tursi_tokens_generated_total", model="tiny")
@@ -269,8 +327,9 @@ def test_two_gunicorn_workers_add_up(tiny_models_dir, tmp_path):
             samples = metrics_text()
             assert value(samples, "tursi_tokens_generated_total", model="tiny") == sent * 5
             assert value(samples, "tursi_time_to_first_token_seconds_count", model="tiny") == sent
-            assert value(samples, "tursi_inter_token_latency_seconds_count",
-                         model="tiny") == sent * 4
+            assert (
+                value(samples, "tursi_inter_token_latency_seconds_count", model="tiny") == sent * 4
+            )
             assert requests_seen(samples, *GENERATE, 200) == sent
             assert value(samples, "tursi_model_memory_bytes", model="tiny") > 0
             assert value(samples, "tursi_model_load_duration_seconds_count", model="tiny") == 2

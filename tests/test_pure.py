@@ -1,6 +1,7 @@
 """Unit tests for the pure parts: stop strings, detokenization, sampling, formatting,
 settings, the catalog file and request counters. No app, no model weights (except the
 tiny tokenizer for the decoder tests)."""
+
 import json
 import math
 
@@ -16,8 +17,8 @@ from tursi.errors import ModelNotFound
 from tursi.formatting import format_bytes, format_percent, format_seconds, format_uptime, iso_utc
 from tursi.telemetry import ModelStats, RequestStats
 
-
 # --- StopMatcher -----------------------------------------------------------------------------
+
 
 def feed_all(matcher, pieces):
     """Feed pieces until a stop matches; return (released text, stopped)."""
@@ -46,7 +47,9 @@ def test_stop_spanning_pieces():
 
 
 def test_stop_spanning_many_pieces():
-    text, stopped = feed_all(StopMatcher(["THE END"]), ["and ", "T", "H", "E", " ", "E", "N", "D", "!"])
+    text, stopped = feed_all(
+        StopMatcher(["THE END"]), ["and ", "T", "H", "E", " ", "E", "N", "D", "!"]
+    )
     assert (text, stopped) == ("and ", True)
 
 
@@ -103,20 +106,27 @@ def test_concatenation_is_the_text_before_the_first_stop():
     text = "one two three four five"
     for stop in ["two", "o t", "four five", "e f", "five"]:
         for size in (1, 2, 3, 5):
-            pieces = [text[i:i + size] for i in range(0, len(text), size)]
-            assert feed_all(StopMatcher([stop]), pieces) == (text[:text.find(stop)], True)
-    assert feed_all(StopMatcher(["six"]), [text[i:i + 2] for i in range(0, len(text), 2)]) == (text, False)
+            pieces = [text[i : i + size] for i in range(0, len(text), size)]
+            assert feed_all(StopMatcher([stop]), pieces) == (text[: text.find(stop)], True)
+    assert feed_all(StopMatcher(["six"]), [text[i : i + 2] for i in range(0, len(text), 2)]) == (
+        text,
+        False,
+    )
 
 
 # --- IncrementalDecoder ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_models_dir):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(tiny_models_dir / "llama")
 
 
-@pytest.mark.parametrize("text", ["é 🙂 €", "Ünïcödé text, emoji 🙂 and symbols €", "日本語 and 🙂🙂"])
+@pytest.mark.parametrize(
+    "text", ["é 🙂 €", "Ünïcödé text, emoji 🙂 and symbols €", "日本語 and 🙂🙂"]
+)
 def test_decoder_emits_whole_characters(tokenizer, text):
     ids = tokenizer(text)["input_ids"]
     assert len(ids) > len(text.split())  # the multi-byte characters take several tokens
@@ -146,6 +156,7 @@ def test_decoder_after_prompt_keeps_spaces(tokenizer):
 
 
 # --- sampling --------------------------------------------------------------------------------
+
 
 def test_temperature_zero_is_argmax():
     logits = torch.tensor([0.1, 2.5, -1.0, 2.4, 0.0])
@@ -208,33 +219,71 @@ def test_temperature_sharpens_and_flattens():
 
 # --- formatting ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, text", [
-    (0, "0B"), (512, "512B"), (1024, "1KB"), (1536, "1.5KB"), (400 * 1024, "400KB"),
-    (512 * 1024 ** 2, "512MB"), (1536 * 1024 ** 2, "1.5GB"), (8 * 1024 ** 3, "8GB"),
-    (int(12.4 * 1024 ** 3), "12GB"), (2 * 1024 ** 4, "2TB"),
-])
+
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (0, "0B"),
+        (512, "512B"),
+        (1024, "1KB"),
+        (1536, "1.5KB"),
+        (400 * 1024, "400KB"),
+        (512 * 1024**2, "512MB"),
+        (1536 * 1024**2, "1.5GB"),
+        (8 * 1024**3, "8GB"),
+        (int(12.4 * 1024**3), "12GB"),
+        (2 * 1024**4, "2TB"),
+    ],
+)
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
 
 
-@pytest.mark.parametrize("seconds, text", [
-    (9000, "2h 30m"), (87120, "24h 12m"), (90061, "25h 1m"), (3600, "1h 0m"),
-    (45, "45s"), (0, "0s"), (59.9, "59s"), (60, "1m"), (61, "1m 1s"), (150, "2m 30s"),
-])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (9000, "2h 30m"),
+        (87120, "24h 12m"),
+        (90061, "25h 1m"),
+        (3600, "1h 0m"),
+        (45, "45s"),
+        (0, "0s"),
+        (59.9, "59s"),
+        (60, "1m"),
+        (61, "1m 1s"),
+        (150, "2m 30s"),
+    ],
+)
 def test_format_uptime(seconds, text):
     assert format_uptime(seconds) == text
 
 
-@pytest.mark.parametrize("seconds, text", [
-    (1.234, "1.2s"), (0.0456, "0.05s"), (42.4, "42s"), (0, "0.00s"), (1.0, "1.0s"), (30, "30s"),
-])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (1.234, "1.2s"),
+        (0.0456, "0.05s"),
+        (42.4, "42s"),
+        (0, "0.00s"),
+        (1.0, "1.0s"),
+        (30, "30s"),
+    ],
+)
 def test_format_seconds(seconds, text):
     assert format_seconds(seconds) == text
 
 
-@pytest.mark.parametrize("fraction, text", [
-    (0.001, "0.1%"), (0.6, "60%"), (0, "0%"), (1, "100%"), (1 / 3, "33.3%"), (0.125, "12.5%"),
-])
+@pytest.mark.parametrize(
+    "fraction, text",
+    [
+        (0.001, "0.1%"),
+        (0.6, "60%"),
+        (0, "0%"),
+        (1, "100%"),
+        (1 / 3, "33.3%"),
+        (0.125, "12.5%"),
+    ],
+)
 def test_format_percent(fraction, text):
     assert format_percent(fraction) == text
 
@@ -283,11 +332,25 @@ def test_settings_defaults():
 def test_settings_from_env_reads_every_variable():
     settings = Settings.from_env(FULL_ENV)
     assert settings == Settings(
-        host="0.0.0.0", port=9000, home="/srv/tursi", models_file="/etc/tursi/models.json",
-        preload=["gpt2", "tiny"], api_keys=["k1", "k2"], api_key_file="/etc/tursi/keys",
-        rate_limit="10/second", ratelimit_storage_uri="redis://localhost:6379", max_tokens=512,
-        max_batch=8, max_queue=0, request_timeout=2.5, max_body_bytes=4096,
-        heartbeat_seconds=0.5, max_gpu_memory="10GiB", allow_downloads=True, log_level="debug")
+        host="0.0.0.0",
+        port=9000,
+        home="/srv/tursi",
+        models_file="/etc/tursi/models.json",
+        preload=["gpt2", "tiny"],
+        api_keys=["k1", "k2"],
+        api_key_file="/etc/tursi/keys",
+        rate_limit="10/second",
+        ratelimit_storage_uri="redis://localhost:6379",
+        max_tokens=512,
+        max_batch=8,
+        max_queue=0,
+        request_timeout=2.5,
+        max_body_bytes=4096,
+        heartbeat_seconds=0.5,
+        max_gpu_memory="10GiB",
+        allow_downloads=True,
+        log_level="debug",
+    )
 
 
 def test_settings_from_env_ignores_other_variables():
@@ -298,47 +361,67 @@ def test_settings_empty_preload_means_none():
     assert Settings.from_env({"TURSI_PRELOAD": ""}).preload == []
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("1", True), ("true", True), ("YES", True), ("on", True),
-    ("0", False), ("false", False), ("No", False), ("off", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        ("", False),
+    ],
+)
 def test_settings_flag_values(value, expected):
     assert Settings.from_env({"TURSI_ALLOW_DOWNLOADS": value}).allow_downloads is expected
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("0", None), (" 0 ", None), ("30", 30.0), ("0.25", 0.25), ("1e3", 1000.0),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("0", None),
+        (" 0 ", None),
+        ("30", 30.0),
+        ("0.25", 0.25),
+        ("1e3", 1000.0),
+    ],
+)
 def test_settings_request_timeout_values(value, expected):
     assert Settings.from_env({"TURSI_REQUEST_TIMEOUT": value}).request_timeout == expected
 
 
-@pytest.mark.parametrize("name, value", [
-    ("TURSI_PORT", "eighty"),
-    ("TURSI_PORT", "80.5"),
-    ("TURSI_MAX_TOKENS", "1.5"),
-    ("TURSI_MAX_TOKENS", "many"),
-    ("TURSI_MAX_BODY_BYTES", "1MB"),
-    ("TURSI_HEARTBEAT_SECONDS", "soon"),
-    ("TURSI_ALLOW_DOWNLOADS", "maybe"),
-    ("TURSI_PORT", "70000"),
-    ("TURSI_PORT", "-1"),
-    ("TURSI_MAX_TOKENS", "0"),
-    ("TURSI_MAX_BODY_BYTES", "-1"),
-    ("TURSI_HEARTBEAT_SECONDS", "-1"),
-    ("TURSI_HEARTBEAT_SECONDS", "nan"),
-    ("TURSI_MAX_BATCH", "0"),
-    ("TURSI_MAX_BATCH", "-1"),
-    ("TURSI_MAX_BATCH", "2.5"),
-    ("TURSI_MAX_BATCH", "many"),
-    ("TURSI_MAX_QUEUE", "-1"),
-    ("TURSI_MAX_QUEUE", "none"),
-    ("TURSI_REQUEST_TIMEOUT", "-1"),
-    ("TURSI_REQUEST_TIMEOUT", "nan"),
-    ("TURSI_REQUEST_TIMEOUT", "inf"),
-    ("TURSI_REQUEST_TIMEOUT", "soon"),
-    ("TURSI_REQUEST_TIMEOUT", ""),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("TURSI_PORT", "eighty"),
+        ("TURSI_PORT", "80.5"),
+        ("TURSI_MAX_TOKENS", "1.5"),
+        ("TURSI_MAX_TOKENS", "many"),
+        ("TURSI_MAX_BODY_BYTES", "1MB"),
+        ("TURSI_HEARTBEAT_SECONDS", "soon"),
+        ("TURSI_ALLOW_DOWNLOADS", "maybe"),
+        ("TURSI_PORT", "70000"),
+        ("TURSI_PORT", "-1"),
+        ("TURSI_MAX_TOKENS", "0"),
+        ("TURSI_MAX_BODY_BYTES", "-1"),
+        ("TURSI_HEARTBEAT_SECONDS", "-1"),
+        ("TURSI_HEARTBEAT_SECONDS", "nan"),
+        ("TURSI_MAX_BATCH", "0"),
+        ("TURSI_MAX_BATCH", "-1"),
+        ("TURSI_MAX_BATCH", "2.5"),
+        ("TURSI_MAX_BATCH", "many"),
+        ("TURSI_MAX_QUEUE", "-1"),
+        ("TURSI_MAX_QUEUE", "none"),
+        ("TURSI_REQUEST_TIMEOUT", "-1"),
+        ("TURSI_REQUEST_TIMEOUT", "nan"),
+        ("TURSI_REQUEST_TIMEOUT", "inf"),
+        ("TURSI_REQUEST_TIMEOUT", "soon"),
+        ("TURSI_REQUEST_TIMEOUT", ""),
+    ],
+)
 def test_settings_bad_or_out_of_range_values_raise(name, value):
     with pytest.raises(ValueError, match=name):
         Settings.from_env({name: value})
@@ -366,6 +449,7 @@ def test_settings_key_file(tmp_path):
 
 # --- catalog ---------------------------------------------------------------------------------
 
+
 def write(tmp_path, data):
     path = tmp_path / "models.json"
     path.write_text(data if isinstance(data, str) else json.dumps(data))
@@ -374,15 +458,30 @@ def write(tmp_path, data):
 
 def test_catalog_good_entries(tmp_path):
     (tmp_path / "weights").mkdir()
-    path = write(tmp_path, {"models": {
-        "local-one": {"path": "weights", "dtype": "float32", "description": "mine"},
-        "hub.two_2": {"hub_id": "org/model", "quantize": {"bits": 4}},
-    }})
+    path = write(
+        tmp_path,
+        {
+            "models": {
+                "local-one": {"path": "weights", "dtype": "float32", "description": "mine"},
+                "hub.two_2": {"hub_id": "org/model", "quantize": {"bits": 4}},
+            }
+        },
+    )
     local, hub = read_catalog_file(path)
     assert (local.name, local.kind, local.source, local.dtype, local.description) == (
-        "local-one", "local", str((tmp_path / "weights").resolve()), "float32", "mine")
+        "local-one",
+        "local",
+        str((tmp_path / "weights").resolve()),
+        "float32",
+        "mine",
+    )
     assert (hub.name, hub.kind, hub.source, hub.dtype, hub.quantize) == (
-        "hub.two_2", "hub", "org/model", "auto", {"bits": 4})
+        "hub.two_2",
+        "hub",
+        "org/model",
+        "auto",
+        {"bits": 4},
+    )
 
 
 def test_catalog_load_adds_to_builtins_and_can_override(tmp_path):
@@ -399,24 +498,27 @@ def test_catalog_unknown_name():
     assert info.value.details == {"available_models": [b.name for b in BUILTINS]}
 
 
-@pytest.mark.parametrize("content", [
-    "{not json",
-    "[]",
-    {"model": {}},
-    {"models": []},
-    {"models": {"x": "gpt2"}},
-    {"models": {"x": {}}},
-    {"models": {"x": {"path": "a", "hub_id": "b"}}},
-    {"models": {"x": {"path": "a", "dtype": "int3"}}},
-    {"models": {"x": {"path": "a", "quantize": 8}}},
-    {"models": {"x": {"path": "a", "size": "big"}}},
-    {"models": {"a/b": {"path": "a"}}},
-    {"models": {"../up": {"path": "a"}}},
-    {"models": {"a..b": {"path": "a"}}},
-    {"models": {".hidden": {"path": "a"}}},
-    {"models": {"": {"path": "a"}}},
-    {"models": {"x" * 129: {"path": "a"}}},
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[]",
+        {"model": {}},
+        {"models": []},
+        {"models": {"x": "gpt2"}},
+        {"models": {"x": {}}},
+        {"models": {"x": {"path": "a", "hub_id": "b"}}},
+        {"models": {"x": {"path": "a", "dtype": "int3"}}},
+        {"models": {"x": {"path": "a", "quantize": 8}}},
+        {"models": {"x": {"path": "a", "size": "big"}}},
+        {"models": {"a/b": {"path": "a"}}},
+        {"models": {"../up": {"path": "a"}}},
+        {"models": {"a..b": {"path": "a"}}},
+        {"models": {".hidden": {"path": "a"}}},
+        {"models": {"": {"path": "a"}}},
+        {"models": {"x" * 129: {"path": "a"}}},
+    ],
+)
 def test_catalog_malformed(tmp_path, content):
     with pytest.raises(CatalogError):
         read_catalog_file(write(tmp_path, content))
@@ -427,18 +529,22 @@ def test_catalog_missing_file(tmp_path):
         read_catalog_file(tmp_path / "absent.json")
 
 
-@pytest.mark.parametrize("spec", [
-    {"path": 123},
-    {"hub_id": ["a", "b"]},
-    {"path": "a", "quantize": {"bits": 3}},
-    {"path": "a", "quantize": {"colour": "red"}},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"path": 123},
+        {"hub_id": ["a", "b"]},
+        {"path": "a", "quantize": {"bits": 3}},
+        {"path": "a", "quantize": {"colour": "red"}},
+    ],
+)
 def test_catalog_bad_field_types(tmp_path, spec):
     with pytest.raises(CatalogError):
         read_catalog_file(write(tmp_path, {"models": {"x": spec}}))
 
 
 # --- counters --------------------------------------------------------------------------------
+
 
 def test_request_stats_counts():
     stats = RequestStats()
@@ -462,8 +568,13 @@ def test_request_stats_rate_is_last_60_seconds():
 
 def test_model_stats_snapshot():
     stats = ModelStats()
-    assert stats.snapshot() == {"requests_total": 0, "requests_failed": 0, "tokens_generated": 0,
-                                "average_generation_seconds": 0.0, "error_rate": 0.0}
+    assert stats.snapshot() == {
+        "requests_total": 0,
+        "requests_failed": 0,
+        "tokens_generated": 0,
+        "average_generation_seconds": 0.0,
+        "error_rate": 0.0,
+    }
     stats.record(10, 1.0, True)
     stats.record(0, 0.5, False)
     stats.record(20, 3.0, True)

@@ -3,6 +3,7 @@
 In-process (loader + model), marked e2e with the other tests that use the real model. The
 bounds are loose on purpose (measured margins are in docs/quantization.md); they catch a
 broken backend (perplexity in the hundreds or thousands), not a percent of drift."""
+
 from __future__ import annotations
 
 import math
@@ -38,11 +39,14 @@ def fp32_perplexity(home):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU backends")
-@pytest.mark.parametrize("bits, mode, bound", [
-    (8, "dynamic", 1.25),  # measured +4%
-    (4, "dynamic", 1.4),   # measured +13%
-    (8, "static", 6.0),    # measured +171%: coherent but far worse (docs/quantization.md)
-])
+@pytest.mark.parametrize(
+    "bits, mode, bound",
+    [
+        (8, "dynamic", 1.25),  # measured +4%
+        (4, "dynamic", 1.4),  # measured +13%
+        (8, "static", 6.0),  # measured +171%: coherent but far worse (docs/quantization.md)
+    ],
+)
 def test_quantized_perplexity_stays_near_fp32(home, fp32_perplexity, bits, mode, bound):
     entry = Catalog.load(None).get("smollm2-135m-instruct")
     loaded = load_model(entry, LoadOptions(True, bits, mode).resolved(entry), home)

@@ -1,20 +1,22 @@
 """top_k and repetition_penalty: the sampling code against transformers' reference
 processors, then through the API (native /api/v1/generate and OpenAI /v1) on the tiny
 models, then their validation."""
+
 from __future__ import annotations
 
 import collections
 
 import pytest
 import torch
+from conftest import API
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor,
-                                                    TopKLogitsWarper)
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+)
 
 import tursi.engine.scheduler as scheduler_module
 from tursi.engine.sampling import TokenChooser, choose_tokens
-
-from conftest import API
 
 # --- TokenChooser / choose_tokens ---------------------------------------------------------------
 
@@ -41,7 +43,7 @@ def test_top_k_draws_follow_the_renormalized_distribution():
     expected = torch.softmax(LOGITS / 0.7, -1)[[7, 2, 5]]
     expected = (expected / expected.sum()).tolist()
     drawn = collections.Counter(draws(seeds=range(3000), temperature=0.7, top_k=3))
-    for token, p in zip((7, 2, 5), expected):
+    for token, p in zip((7, 2, 5), expected, strict=False):
         assert abs(drawn[token] / 3000 - p) < 0.04, (token, drawn[token] / 3000, p)
 
 
@@ -52,8 +54,7 @@ def test_top_k_matches_transformers_top_k_warper():
         kept = torch.isfinite(TopKLogitsWarper(k)(None, logits[None].clone())[0])
         allowed = set(torch.nonzero(kept).flatten().tolist())
         assert len(allowed) == k
-        drawn = {TokenChooser(temperature=2.0, top_k=k, seed=s)(logits.clone())
-                 for s in range(300)}
+        drawn = {TokenChooser(temperature=2.0, top_k=k, seed=s)(logits.clone()) for s in range(300)}
         assert drawn <= allowed
         assert len(drawn) > min(k, 3) - 1
 
@@ -85,8 +86,12 @@ def test_top_k_per_row_in_a_batch():
     batch = LOGITS[None].repeat(4, 1)
     counts = [collections.Counter() for _ in range(4)]
     for seed in range(300):
-        choosers = [TokenChooser(1.0, seed=seed, top_k=1), TokenChooser(1.0, seed=seed),
-                    TokenChooser(0.0), TokenChooser(1.0, seed=seed, top_k=2)]
+        choosers = [
+            TokenChooser(1.0, seed=seed, top_k=1),
+            TokenChooser(1.0, seed=seed),
+            TokenChooser(0.0),
+            TokenChooser(1.0, seed=seed, top_k=2),
+        ]
         for row, token in enumerate(choose_tokens(batch.clone(), choosers)):
             counts[row][token] += 1
     assert set(counts[0]) == {7}
@@ -103,8 +108,9 @@ def test_repetition_penalty_matches_transformers(penalty):
     chooser = TokenChooser(temperature=0, repetition_penalty=penalty, history=history)
     ours = logits.clone()
     chooser.penalize(ours)
-    reference = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([history]),
-                                                           logits[None].clone())[0]
+    reference = RepetitionPenaltyLogitsProcessor(penalty)(
+        torch.tensor([history]), logits[None].clone()
+    )[0]
     torch.testing.assert_close(ours, reference)
     assert not torch.equal(ours, logits)
 
@@ -115,16 +121,20 @@ def test_repetition_penalty_in_choose_tokens_matches_transformers():
     logits = torch.randn(3, 32) * 3
     history = [int(i) for i in logits[0].topk(4).indices] + [5]  # the top tokens of row 0
     original = logits.clone()
-    choosers = [TokenChooser(0.0, repetition_penalty=4.0, history=history[:2]),
-                TokenChooser(0.0, repetition_penalty=1.0, history=history),
-                TokenChooser(0.0, repetition_penalty=4.0, history=history[:2])]
+    choosers = [
+        TokenChooser(0.0, repetition_penalty=4.0, history=history[:2]),
+        TokenChooser(0.0, repetition_penalty=1.0, history=history),
+        TokenChooser(0.0, repetition_penalty=4.0, history=history[:2]),
+    ]
     for token in history[2:]:
         choosers[2].remember(token)  # generated tokens count as well as the prompt's
     tokens = choose_tokens(logits, choosers)
     assert torch.equal(logits, original)  # the caller's logits are left alone
 
     def reference(row, penalty, ids):
-        scores = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), logits[row:row + 1])
+        scores = RepetitionPenaltyLogitsProcessor(penalty)(
+            torch.tensor([ids]), logits[row : row + 1]
+        )
         return int(scores.argmax())
 
     assert tokens[0] == reference(0, 4.0, history[:2])
@@ -140,6 +150,7 @@ def test_repetition_penalty_1_keeps_no_history():
 
 
 # --- through the API on the tiny Llama ----------------------------------------------------------
+
 
 def generate_ok(client, **body):
     body = {"model": "tiny", "return_full_text": False, **body}
@@ -173,19 +184,35 @@ def reference_model(tiny_models_dir):
 def test_top_k_1_sampling_is_greedy(tiny_client, prompt):
     greedy = generate_ok(tiny_client, prompt=prompt, max_tokens=12, temperature=0)
     for seed in range(3):
-        top1 = generate_ok(tiny_client, prompt=prompt, max_tokens=12, temperature=1.0,
-                           top_p=1.0, top_k=1, seed=seed)
+        top1 = generate_ok(
+            tiny_client,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=1,
+            seed=seed,
+        )
         assert top1["text"] == greedy["text"]
         assert top1["tokens_generated"] == greedy["tokens_generated"]
     # Without the cut, sampling at temperature 1 is not greedy on this random model.
-    sampled = {generate_ok(tiny_client, prompt=prompt, max_tokens=12, temperature=1.0,
-                           top_p=1.0, seed=seed)["text"] for seed in range(3)}
+    sampled = {
+        generate_ok(
+            tiny_client, prompt=prompt, max_tokens=12, temperature=1.0, top_p=1.0, seed=seed
+        )["text"]
+        for seed in range(3)
+    }
     assert sampled != {greedy["text"]}
 
 
 def test_top_k_0_and_above_the_vocabulary_change_nothing(tiny_client):
-    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "top_p": 1.0,
-            "seed": 11}
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "seed": 11,
+    }
     plain = generate_ok(tiny_client, **body)["text"]
     assert generate_ok(tiny_client, top_k=0, **body)["text"] == plain
     assert generate_ok(tiny_client, top_k=1_000_000, **body)["text"] == plain
@@ -196,8 +223,9 @@ def test_repetition_penalty_breaks_the_loop(tiny_client, chosen_tokens):
     plain = generate_ok(tiny_client, prompt="lazy dog", max_tokens=20, temperature=0)
     plain_ids = list(chosen_tokens)
     chosen_tokens.clear()
-    penalized = generate_ok(tiny_client, prompt="lazy dog", max_tokens=20, temperature=0,
-                            repetition_penalty=5.0)
+    penalized = generate_ok(
+        tiny_client, prompt="lazy dog", max_tokens=20, temperature=0, repetition_penalty=5.0
+    )
     penalized_ids = list(chosen_tokens)
     assert len(plain_ids) == len(penalized_ids) == 20
     assert penalized["text"] != plain["text"]
@@ -212,18 +240,32 @@ def test_repetition_penalty_breaks_the_loop(tiny_client, chosen_tokens):
     assert penalized_ids[0] != plain_ids[0]
 
 
-@pytest.mark.parametrize("prompt, penalty", [("lazy dog", 5.0), ("Once upon a time", 1.3),
-                                             ("jumps over", 2.0), ("The quick brown fox", 0.5)])
-def test_greedy_with_penalty_matches_transformers_generate(tiny_client, chosen_tokens,
-                                                           reference_model, prompt, penalty):
+@pytest.mark.parametrize(
+    "prompt, penalty",
+    [
+        ("lazy dog", 5.0),
+        ("Once upon a time", 1.3),
+        ("jumps over", 2.0),
+        ("The quick brown fox", 0.5),
+    ],
+)
+def test_greedy_with_penalty_matches_transformers_generate(
+    tiny_client, chosen_tokens, reference_model, prompt, penalty
+):
     model, tokenizer = reference_model
-    generate_ok(tiny_client, prompt=prompt, max_tokens=16, temperature=0,
-                repetition_penalty=penalty)
+    generate_ok(
+        tiny_client, prompt=prompt, max_tokens=16, temperature=0, repetition_penalty=penalty
+    )
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        expected = model.generate(ids, do_sample=False, repetition_penalty=penalty,
-                                  max_new_tokens=16, pad_token_id=tokenizer.eos_token_id)
-    assert chosen_tokens == expected[0, ids.shape[1]:].tolist()
+        expected = model.generate(
+            ids,
+            do_sample=False,
+            repetition_penalty=penalty,
+            max_new_tokens=16,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    assert chosen_tokens == expected[0, ids.shape[1] :].tolist()
 
 
 def test_penalties_apply_per_request_when_batched(app, tiny_client):
@@ -239,8 +281,10 @@ def test_penalties_apply_per_request_when_batched(app, tiny_client):
         results[name] = generate_ok(app.test_client(), **body, **extra)["text"]
 
     threads = [threading.Thread(target=run, args=(f"plain{i}",)) for i in range(2)]
-    threads += [threading.Thread(target=run, args=(f"pen{i}",),
-                                 kwargs={"repetition_penalty": 5.0}) for i in range(2)]
+    threads += [
+        threading.Thread(target=run, args=(f"pen{i}",), kwargs={"repetition_penalty": 5.0})
+        for i in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -250,13 +294,16 @@ def test_penalties_apply_per_request_when_batched(app, tiny_client):
 
 def test_openai_completions_take_top_k_and_repetition_penalty(tiny_client):
     def completion(**extra):
-        response = tiny_client.post("/v1/completions", json={
-            "model": "tiny", "prompt": "lazy dog", "max_tokens": 10, **extra})
+        response = tiny_client.post(
+            "/v1/completions",
+            json={"model": "tiny", "prompt": "lazy dog", "max_tokens": 10, **extra},
+        )
         assert response.status_code == 200, response.get_json()
         return response.get_json()["choices"][0]["text"]
 
-    native = generate_ok(tiny_client, prompt="lazy dog", max_tokens=10, temperature=0,
-                         repetition_penalty=5.0)["text"]
+    native = generate_ok(
+        tiny_client, prompt="lazy dog", max_tokens=10, temperature=0, repetition_penalty=5.0
+    )["text"]
     assert completion(temperature=0, repetition_penalty=5.0) == native
     greedy = completion(temperature=0)
     assert greedy != native
@@ -290,16 +337,20 @@ def field_error(response, field):
 
 @pytest.mark.parametrize("field, value", INVALID)
 def test_generate_rejects(tiny_client, field, value):
-    response = tiny_client.post(f"{API}/generate", json={"model": "tiny", "prompt": "hi",
-                                                        field: value})
+    response = tiny_client.post(
+        f"{API}/generate", json={"model": "tiny", "prompt": "hi", field: value}
+    )
     field_error(response, field)
 
 
 @pytest.mark.parametrize("field, value", INVALID)
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "hi"}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
 def test_openai_routes_reject(tiny_client, path, body, field, value):
     response = tiny_client.post(path, json={"model": "tiny", **body, field: value})
     error = field_error(response, field)
@@ -307,11 +358,14 @@ def test_openai_routes_reject(tiny_client, path, body, field, value):
     assert error["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("path, body", [
-    (f"{API}/generate", '{"model": "tiny", "prompt": "hi", "repetition_penalty": %s}'),
-    ("/v1/completions", '{"model": "tiny", "prompt": "hi", "repetition_penalty": %s}'),
-    (f"{API}/generate", '{"model": "tiny", "prompt": "hi", "top_k": %s}'),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        (f"{API}/generate", '{"model": "tiny", "prompt": "hi", "repetition_penalty": %s}'),
+        ("/v1/completions", '{"model": "tiny", "prompt": "hi", "repetition_penalty": %s}'),
+        (f"{API}/generate", '{"model": "tiny", "prompt": "hi", "top_k": %s}'),
+    ],
+)
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_numbers_are_rejected(tiny_client, path, body, number):
     response = tiny_client.post(path, data=body % number, content_type="application/json")
@@ -321,16 +375,25 @@ def test_non_finite_numbers_are_rejected(tiny_client, path, body, number):
     assert field in error["details"]["fields"]
 
 
-@pytest.mark.parametrize("extra", [
-    {"top_k": 0}, {"top_k": 1}, {"top_k": 1_000_000},
-    {"repetition_penalty": 10}, {"repetition_penalty": 0.01}, {"repetition_penalty": 1},
-    {"top_k": 5, "repetition_penalty": 1.2, "temperature": 0.8, "top_p": 0.9, "seed": 1},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"top_k": 0},
+        {"top_k": 1},
+        {"top_k": 1_000_000},
+        {"repetition_penalty": 10},
+        {"repetition_penalty": 0.01},
+        {"repetition_penalty": 1},
+        {"top_k": 5, "repetition_penalty": 1.2, "temperature": 0.8, "top_p": 0.9, "seed": 1},
+    ],
+)
 def test_documented_limits_are_accepted(tiny_client, extra):
-    response = tiny_client.post(f"{API}/generate", json={"model": "tiny", "prompt": "hi",
-                                                        "max_tokens": 3, **extra})
+    response = tiny_client.post(
+        f"{API}/generate", json={"model": "tiny", "prompt": "hi", "max_tokens": 3, **extra}
+    )
     assert response.status_code == 200, response.get_json()
-    openai_response = tiny_client.post("/v1/completions", json={
-        "model": "tiny", "prompt": "hi", "max_tokens": 3, **extra})
+    openai_response = tiny_client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3, **extra}
+    )
     assert openai_response.status_code == 200, openai_response.get_json()
     assert openai_response.get_json()["usage"]["completion_tokens"] <= 3

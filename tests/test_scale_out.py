@@ -5,6 +5,7 @@ Two gunicorn masters with two gevent workers each stand for two hosts behind a l
 balancer; each request opens a new connection, so the kernel hands them to either worker.
 With Redis the four workers share one budget exactly; with the default memory:// storage
 each worker has its own (the control case)."""
+
 from __future__ import annotations
 
 import re
@@ -16,13 +17,16 @@ from collections import Counter
 import pytest
 import redis
 import requests
-
 from server import Server, free_port
 
 REDIS_SERVER = shutil.which("redis-server")
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
-    REDIS_SERVER is None, reason="redis-server is not installed (apt-get install "
-                                 "redis-server; .ci/run installs it)")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        REDIS_SERVER is None,
+        reason="redis-server is not installed (apt-get install redis-server; .ci/run installs it)",
+    ),
+]
 LIMIT = 20
 KEYS = [f"scale-out-key-{i}" for i in range(10)]  # one budget per key: one per round
 # The access log line names the worker (pid) that served each request, and its round.
@@ -33,9 +37,22 @@ ACCESS_FORMAT = "--access-logformat='%(p)s %(s)s %(U)s %({x-round}i)s'"
 def redis_url(tmp_path):
     port = free_port()
     process = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = redis.Redis(port=port)
     deadline = time.monotonic() + 10
     while True:
@@ -51,24 +68,38 @@ def redis_url(tmp_path):
 
 
 def start_servers(tmp_path, storage: str) -> list[Server]:
-    env = {"TURSI_PRELOAD": "", "TURSI_HOME": str(tmp_path / "home"), "TURSI_WORKERS": "2",
-           "TURSI_RATE_LIMIT": f"{LIMIT}/hour", "TURSI_RATELIMIT_STORAGE_URI": storage,
-           "TURSI_API_KEYS": ",".join(KEYS), "GUNICORN_CMD_ARGS": ACCESS_FORMAT}
+    env = {
+        "TURSI_PRELOAD": "",
+        "TURSI_HOME": str(tmp_path / "home"),
+        "TURSI_WORKERS": "2",
+        "TURSI_RATE_LIMIT": f"{LIMIT}/hour",
+        "TURSI_RATELIMIT_STORAGE_URI": storage,
+        "TURSI_API_KEYS": ",".join(KEYS),
+        "GUNICORN_CMD_ARGS": ACCESS_FORMAT,
+    }
     servers = [Server(env, tmp_path / f"host{i}.log") for i in range(2)]
     for srv in servers:
         srv.wait_healthy()
     return servers
 
 
-def spread_requests(servers: list[Server], count: int, key: str = KEYS[0],
-                    round_: int = 0) -> list[requests.Response]:
+def spread_requests(
+    servers: list[Server], count: int, key: str = KEYS[0], round_: int = 0
+) -> list[requests.Response]:
     """`count` requests, alternating between the servers, each on a new connection."""
     responses = []
     for i in range(count):
-        responses.append(requests.get(
-            f"{servers[i % 2].url}/status", timeout=10,
-            headers={"Authorization": f"Bearer {key}", "Connection": "close",
-                     "X-Round": str(round_)}))
+        responses.append(
+            requests.get(
+                f"{servers[i % 2].url}/status",
+                timeout=10,
+                headers={
+                    "Authorization": f"Bearer {key}",
+                    "Connection": "close",
+                    "X-Round": str(round_),
+                },
+            )
+        )
     return responses
 
 
@@ -99,8 +130,10 @@ def test_two_hosts_of_two_workers_share_one_limit_exactly(tmp_path, redis_url):
                 break
         else:
             pytest.fail(f"no round reached all four workers in {len(KEYS)} rounds")
-        print(f"\nscale-out: round {round_ + 1}: {LIMIT} allowed, 5 refused, served by "
-              f"workers {workers}")
+        print(
+            f"\nscale-out: round {round_ + 1}: {LIMIT} allowed, 5 refused, served by "
+            f"workers {workers}"
+        )
         # Redis holds digests of the keys, never a key itself.
         stored = redis.Redis.from_url(redis_url).keys("*")
         assert stored and not any(key.encode() in name for name in stored for key in KEYS)

@@ -1,5 +1,6 @@
 """Security: which routes are open when API keys are set, keys never logged or echoed,
 CORS off unless configured, and remote code only where the operator's catalog allows it."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import shutil
 
 import pytest
 import requests
-
 from conftest import API, assert_error, load_and_wait
 from server import Server
 from tiny_models import write_catalog
@@ -54,9 +54,13 @@ def test_keys_are_never_logged_or_echoed_in_process(make_app, caplog, tiny_model
     bodies = []
     for headers in (AUTH, {"Authorization": f"Bearer {WRONG}"}, {"X-Api-Key": KEY}):
         for _ in range(4):  # through the rate limit too
-            for method, url in (("get", f"{API}/status"), ("get", f"{API}/models"),
-                                ("post", f"{API}/generate"), ("get", "/metrics"),
-                                ("get", "/ready")):
+            for method, url in (
+                ("get", f"{API}/status"),
+                ("get", f"{API}/models"),
+                ("post", f"{API}/generate"),
+                ("get", "/metrics"),
+                ("get", "/ready"),
+            ):
                 response = getattr(client, method)(url, headers=headers)
                 bodies.append(response.get_data(as_text=True) + str(response.headers))
                 response.close()
@@ -68,18 +72,29 @@ def test_keys_are_never_logged_or_echoed_in_process(make_app, caplog, tiny_model
 
 def test_keys_are_never_in_a_real_servers_logs(tiny_models_dir, tmp_path):
     """gunicorn's access and error logs at debug level, after good, bad and limited calls."""
-    srv = Server({"TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
-                  "TURSI_PRELOAD": "tiny", "TURSI_HOME": str(tmp_path / "home"),
-                  "TURSI_API_KEYS": KEY, "TURSI_RATE_LIMIT": "20/minute",
-                  "TURSI_LOG_LEVEL": "debug"}, tmp_path / "gunicorn.log")
+    srv = Server(
+        {
+            "TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
+            "TURSI_PRELOAD": "tiny",
+            "TURSI_HOME": str(tmp_path / "home"),
+            "TURSI_API_KEYS": KEY,
+            "TURSI_RATE_LIMIT": "20/minute",
+            "TURSI_LOG_LEVEL": "debug",
+        },
+        tmp_path / "gunicorn.log",
+    )
     try:
         srv.wait_healthy()
         base = f"http://127.0.0.1:{srv.port}"
         for headers in (AUTH, {"Authorization": f"Bearer {WRONG}"}, {}):
             for _ in range(10):
                 requests.get(f"{base}{API}/status", headers=headers, timeout=10)
-                requests.post(f"{base}{API}/generate", headers=headers, timeout=60,
-                              json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+                requests.post(
+                    f"{base}{API}/generate",
+                    headers=headers,
+                    timeout=60,
+                    json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                )
         requests.get(f"{base}{API}/status?key={KEY}", timeout=10)  # a key in the URL
     finally:
         srv.stop()
@@ -91,11 +106,15 @@ def test_keys_are_never_in_a_real_servers_logs(tiny_models_dir, tmp_path):
 
 def test_cors_is_off_unless_configured(make_app):
     client = make_app().test_client()
-    preflight = client.options(f"{API}/generate", headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    preflight = client.options(
+        f"{API}/generate",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     plain = client.get(f"{API}/status", headers={"Origin": "https://evil.example"})
     for response in (preflight, plain):
-        assert not any(name.lower().startswith("access-control-") for name in response.headers.keys())
+        assert not any(
+            name.lower().startswith("access-control-") for name in response.headers.keys()
+        )
 
 
 def test_cors_allows_only_the_configured_origins(make_app):
@@ -105,9 +124,14 @@ def test_cors_allows_only_the_configured_origins(make_app):
     other = client.get(f"{API}/status", headers={"Origin": "https://evil.example", **AUTH})
     assert "Access-Control-Allow-Origin" not in other.headers
     # A preflight carries no credentials: it gets the CORS headers and no data.
-    preflight = client.options(f"{API}/models", headers={
-        "Origin": "https://app.example", "Access-Control-Request-Method": "GET",
-        "Access-Control-Request-Headers": "Authorization"})
+    preflight = client.options(
+        f"{API}/models",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "Authorization",
+        },
+    )
     assert preflight.status_code == 200
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
@@ -138,18 +162,28 @@ def remote_code_model(tiny_models_dir, tmp_path):
     marker = tmp_path / "code-ran"
     (folder / "custom.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="custom-llama", auto_map={
-        "AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"})
+    config.update(
+        model_type="custom-llama",
+        auto_map={
+            "AutoConfig": "custom.CustomConfig",
+            "AutoModelForCausalLM": "custom.CustomModel",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config))
     return folder, marker
 
 
-def test_remote_code_never_runs_unless_the_catalog_entry_allows_it(make_app, tmp_path,
-                                                                     remote_code_model):
+def test_remote_code_never_runs_unless_the_catalog_entry_allows_it(
+    make_app, tmp_path, remote_code_model
+):
     folder, marker = remote_code_model
-    catalog = write_catalog(tmp_path / "models.json", {
-        "untrusted": {"path": str(folder), "dtype": "float32"},
-        "trusted": {"path": str(folder), "dtype": "float32", "trust_remote_code": True}})
+    catalog = write_catalog(
+        tmp_path / "models.json",
+        {
+            "untrusted": {"path": str(folder), "dtype": "float32"},
+            "trusted": {"path": str(folder), "dtype": "float32", "trust_remote_code": True},
+        },
+    )
     client = make_app(models_file=str(catalog)).test_client()
 
     entry = load_and_wait(client, "untrusted")
@@ -157,13 +191,17 @@ def test_remote_code_never_runs_unless_the_catalog_entry_allows_it(make_app, tmp
     assert "trust_remote_code" in entry["error"]
     assert not marker.exists()
     # A client cannot ask for it: the load body has no such field.
-    error = assert_error(client.post(f"{API}/models/untrusted/load",
-                                     json={"trust_remote_code": True}), 400, "invalid_request")
+    error = assert_error(
+        client.post(f"{API}/models/untrusted/load", json={"trust_remote_code": True}),
+        400,
+        "invalid_request",
+    )
     assert "trust_remote_code" in error["details"]["fields"]
     assert not marker.exists()
 
     assert load_and_wait(client, "trusted")["status"] == "loaded"
     assert marker.exists()  # the operator's choice, per entry
-    response = client.post(f"{API}/generate", json={"model": "trusted", "prompt": "hi",
-                                                     "max_tokens": 2})
+    response = client.post(
+        f"{API}/generate", json={"model": "trusted", "prompt": "hi", "max_tokens": 2}
+    )
     assert response.status_code == 200

@@ -5,6 +5,7 @@ Only documented statuses may come back (200, and 429 / 503 when limits are reach
 stream must end with its `done` event, and the worker's resident memory may not grow by 5%
 or more from the 10 s mark to the end (medians of 5 s of samples). Loopback only; it stops
 by itself."""
+
 from __future__ import annotations
 
 import collections
@@ -15,7 +16,6 @@ import time
 
 import pytest
 import requests
-
 from server import embedded_server, parse_sse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.soak]
@@ -24,18 +24,27 @@ CLIENTS = 64
 SECONDS = float(os.environ.get("TURSI_SOAK_SECONDS", "60"))
 WARM_UP = 10.0
 WINDOW = 5.0  # seconds of RSS samples (one a second) taken together
-PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
-           "Dear diary, today I", "The three laws of motion are"]
+PROMPTS = [
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Dear diary, today I",
+    "The three laws of motion are",
+]
 
 
 def one_call(base: str, session: requests.Session, i: int, n: int) -> tuple[str, int]:
     """The n-th call of client i; returns (kind, status)."""
     kind = ("stream", "generate", "status", "metrics", "prometheus")[(i + n) % 5]
-    body = {"model": MODEL, "prompt": PROMPTS[(i * 7 + n) % len(PROMPTS)],
-            "max_tokens": 8 + (i + n) % 24}
+    body = {
+        "model": MODEL,
+        "prompt": PROMPTS[(i * 7 + n) % len(PROMPTS)],
+        "max_tokens": 8 + (i + n) % 24,
+    }
     if kind == "stream":
-        response = session.post(f"{base}/api/v1/generate", json={**body, "stream": True},
-                                stream=True, timeout=120)
+        response = session.post(
+            f"{base}/api/v1/generate", json={**body, "stream": True}, stream=True, timeout=120
+        )
         if response.status_code == 200:
             events = parse_sse(response.iter_lines(decode_unicode=True))
             assert events[-1][0] == "done", events[-1]
@@ -99,9 +108,11 @@ def test_soak(embedded_home, tmp_path):
         at_end = statistics.median(v for t, v in rss if t >= rss[-1][0] - WINDOW)
         growth = at_end / at_warm_up - 1
         calls = sum(seen.values())
-        print(f"\nsoak: {calls} calls in {SECONDS:.0f} s by {CLIENTS} clients: {dict(seen)}; "
-              f"worker RSS {at_warm_up / 2**20:.0f} MiB after {WARM_UP:.0f} s -> "
-              f"{at_end / 2**20:.0f} MiB at the end ({growth:+.1%}), "
-              f"peak {max(v for _, v in rss) / 2**20:.0f} MiB")
+        print(
+            f"\nsoak: {calls} calls in {SECONDS:.0f} s by {CLIENTS} clients: {dict(seen)}; "
+            f"worker RSS {at_warm_up / 2**20:.0f} MiB after {WARM_UP:.0f} s -> "
+            f"{at_end / 2**20:.0f} MiB at the end ({growth:+.1%}), "
+            f"peak {max(v for _, v in rss) / 2**20:.0f} MiB"
+        )
         assert growth < 0.05
         assert srv.generations() == {"running": 0, "waiting": 0}

@@ -1,6 +1,7 @@
 """The ``tursi`` command: ``tursi serve`` runs gunicorn with the project's settings; the other
 commands talk HTTP to a running server (``--url`` / ``TURSI_URL``, ``--api-key`` /
 ``TURSI_API_KEY``). See docs/cli.md."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,11 @@ class CliError(Exception):
 
 # --- serve ---------------------------------------------------------------------------------
 
+
 def _gunicorn_config() -> str:
     """gunicorn.conf.py next to the package in a checkout, else the packaged copy's settings."""
     here = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
-    return str(here) if here.is_file() else "python:tursi.gunicorn_defaults"
+    return str(here) if here.is_file() else "python:tursi.api.gunicorn_defaults"
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -46,6 +48,7 @@ def serve(args: argparse.Namespace) -> int:
 
 # --- HTTP ----------------------------------------------------------------------------------
 
+
 def base_url(args: argparse.Namespace) -> str:
     return (args.url or os.environ.get("TURSI_URL") or DEFAULT_URL).rstrip("/")
 
@@ -57,11 +60,18 @@ def api(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> requ
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     url = base_url(args)
     try:
-        response = requests.request(method, f"{url}/api/v1{path}", headers=headers,
-                                    timeout=(CONNECT_TIMEOUT, args.timeout), **kwargs)
+        response = requests.request(
+            method,
+            f"{url}/api/v1{path}",
+            headers=headers,
+            timeout=(CONNECT_TIMEOUT, args.timeout),
+            **kwargs,
+        )
     except requests.ConnectionError as exc:
-        raise CliError(f"cannot connect to the Tursi server at {url} ({_reason(exc)}); "
-                       "is `tursi serve` running? (set --url or TURSI_URL)") from None
+        raise CliError(
+            f"cannot connect to the Tursi server at {url} ({_reason(exc)}); "
+            "is `tursi serve` running? (set --url or TURSI_URL)"
+        ) from None
     except requests.Timeout:
         raise CliError(f"no answer from {url} within {args.timeout:g}s") from None
     if response.status_code >= 400:
@@ -94,6 +104,7 @@ def model_entry(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 
 # --- models, load, unload ------------------------------------------------------------------
+
 
 def describe(entry: dict[str, Any]) -> str:
     """The details column of `tursi models` for one entry."""
@@ -165,8 +176,13 @@ def load(args: argparse.Namespace) -> int:
 def wait_for_load(args: argparse.Namespace, name: str, estimate: str | None) -> dict[str, Any]:
     """Poll GET /models with a progress bar (on stderr) until `name` is loaded; return its
     entry. Raises CliError when the load fails."""
-    bar = tqdm(total=100, desc=f"loading {name}", unit="%", file=sys.stderr,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
+    bar = tqdm(
+        total=100,
+        desc=f"loading {name}",
+        unit="%",
+        file=sys.stderr,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}",
+    )
     if estimate:
         bar.set_postfix_str(f"estimated {estimate}")
     interval = POLL_FIRST
@@ -210,12 +226,23 @@ def unload(args: argparse.Namespace) -> int:
 
 # --- generate --------------------------------------------------------------------------------
 
+
 def generate_body(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": args.name, "prompt": prompt, "stream": not args.no_stream,
-                            "return_full_text": False}
-    optional = {"max_tokens": args.max_tokens, "temperature": args.temperature,
-                "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-                "repetition_penalty": args.repetition_penalty, "stop": args.stop}
+    body: dict[str, Any] = {
+        "model": args.name,
+        "prompt": prompt,
+        "stream": not args.no_stream,
+        "return_full_text": False,
+    }
+    optional = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "repetition_penalty": args.repetition_penalty,
+        "stop": args.stop,
+    }
     body.update({k: v for k, v in optional.items() if v is not None})  # else the server's
     if args.ignore_eos:
         body["ignore_eos"] = True
@@ -223,8 +250,10 @@ def generate_body(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
 
 
 def summary(done: dict[str, Any]) -> str:
-    return (f"[{done.get('tokens_generated')} tokens in {done.get('generation_time')}, "
-            f"finish: {done.get('finish_reason')}]")
+    return (
+        f"[{done.get('tokens_generated')} tokens in {done.get('generation_time')}, "
+        f"finish: {done.get('finish_reason')}]"
+    )
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -281,6 +310,7 @@ def sse_events(response: requests.Response):
 
 # --- status ------------------------------------------------------------------------------------
 
+
 def _usage(memory: dict[str, Any] | None) -> str:
     if not memory:
         return "none"
@@ -303,10 +333,15 @@ def status(args: argparse.Namespace) -> int:
         ("active models", body.get("active_models")),
         ("memory", _usage(body.get("memory_usage"))),
         ("gpu", _usage(body.get("gpu_usage"))),
-        ("requests", f"{requests_.get('total')} total, {requests_.get('success')} ok, "
-                     f"{requests_.get('failed')} failed, {requests_.get('rate')}"),
-        ("generations", f"{generations.get('running')} running, "
-                        f"{generations.get('waiting')} waiting"),
+        (
+            "requests",
+            f"{requests_.get('total')} total, {requests_.get('success')} ok, "
+            f"{requests_.get('failed')} failed, {requests_.get('rate')}",
+        ),
+        (
+            "generations",
+            f"{generations.get('running')} running, {generations.get('waiting')} waiting",
+        ),
     ]
     for label, value in lines:
         print(f"{label + ':':<15}{value}")
@@ -335,90 +370,146 @@ def client_flags(suppress: bool) -> argparse.ArgumentParser:
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
     flags = argparse.ArgumentParser(add_help=False)
     group = flags.add_argument_group("connection options (all commands but serve)")
-    group.add_argument("--url", default=default(None), metavar="URL",
-                       help=f"server URL, without /api/v1 (env TURSI_URL, default {DEFAULT_URL})")
-    group.add_argument("--api-key", default=default(None), metavar="KEY",
-                       help="API key sent as a Bearer token (env TURSI_API_KEY)")
-    group.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT),
-                       metavar="SECONDS", help="give up when the server is silent this long "
-                       f"(default {DEFAULT_TIMEOUT:g})")
+    group.add_argument(
+        "--url",
+        default=default(None),
+        metavar="URL",
+        help=f"server URL, without /api/v1 (env TURSI_URL, default {DEFAULT_URL})",
+    )
+    group.add_argument(
+        "--api-key",
+        default=default(None),
+        metavar="KEY",
+        help="API key sent as a Bearer token (env TURSI_API_KEY)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT),
+        metavar="SECONDS",
+        help=f"give up when the server is silent this long (default {DEFAULT_TIMEOUT:g})",
+    )
     return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tursi", description="Tursi model server: run it, or manage and query a running one.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[client_flags(suppress=False)])
+        prog="tursi",
+        description="Tursi model server: run it, or manage and query a running one.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[client_flags(suppress=False)],
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     client = [client_flags(suppress=True)]
 
     serve_parser = commands.add_parser(
-        "serve", help="run the server under gunicorn (gevent worker); settings from TURSI_* env")
+        "serve", help="run the server under gunicorn (gevent worker); settings from TURSI_* env"
+    )
     serve_parser.add_argument("--host", help="bind address (TURSI_HOST, default 127.0.0.1)")
     serve_parser.add_argument("--port", type=int, help="port (TURSI_PORT, default 8000)")
-    serve_parser.add_argument("--workers", type=int,
-                              help="gunicorn workers (TURSI_WORKERS, default 1)")
+    serve_parser.add_argument(
+        "--workers", type=int, help="gunicorn workers (TURSI_WORKERS, default 1)"
+    )
     serve_parser.set_defaults(func=serve)
 
     models_parser = commands.add_parser(
-        "models", parents=client, help="list the catalog's models and their status",
+        "models",
+        parents=client,
+        help="list the catalog's models and their status",
         description="List the server's models: name, status and details (dtype, device, "
-                    "memory and uptime when loaded; progress while loading; the error if failed).")
+        "memory and uptime when loaded; progress while loading; the error if failed).",
+    )
     models_parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
     models_parser.set_defaults(func=models)
 
     load_parser = commands.add_parser(
-        "load", parents=client, help="load a model, with a progress bar until it is ready",
+        "load",
+        parents=client,
+        help="load a model, with a progress bar until it is ready",
         description="Start loading a model and show its progress until it is loaded "
-                    "(exit 0) or failed (exit 1). Ctrl-C stops waiting, not the load.")
+        "(exit 0) or failed (exit 1). Ctrl-C stops waiting, not the load.",
+    )
     load_parser.add_argument("name", help="model name (see `tursi models`)")
-    load_parser.add_argument("--quantize", action="store_true", help="load quantized "
-                             "(8-bit dynamic unless --bits/--mode say otherwise)")
-    load_parser.add_argument("--bits", type=int, choices=(4, 8),
-                             help="quantization bits (implies --quantize)")
-    load_parser.add_argument("--mode", choices=("dynamic", "static"),
-                             help="activation scales (implies --quantize; default dynamic)")
-    load_parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                             help="weights / compute dtype (default: the catalog's, else auto)")
-    load_parser.add_argument("--no-wait", action="store_true",
-                             help="return once the server accepted the load, without waiting")
+    load_parser.add_argument(
+        "--quantize",
+        action="store_true",
+        help="load quantized (8-bit dynamic unless --bits/--mode say otherwise)",
+    )
+    load_parser.add_argument(
+        "--bits", type=int, choices=(4, 8), help="quantization bits (implies --quantize)"
+    )
+    load_parser.add_argument(
+        "--mode",
+        choices=("dynamic", "static"),
+        help="activation scales (implies --quantize; default dynamic)",
+    )
+    load_parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights / compute dtype (default: the catalog's, else auto)",
+    )
+    load_parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the server accepted the load, without waiting",
+    )
     load_parser.set_defaults(func=load)
 
     unload_parser = commands.add_parser(
-        "unload", parents=client, help="unload a model and free its memory",
-        description="Unload a loaded model; its running generations end with model_unloaded.")
+        "unload",
+        parents=client,
+        help="unload a model and free its memory",
+        description="Unload a loaded model; its running generations end with model_unloaded.",
+    )
     unload_parser.add_argument("name", help="model name")
     unload_parser.set_defaults(func=unload)
 
     gen = commands.add_parser(
-        "generate", parents=client, help="generate text from a prompt, streamed to the terminal",
+        "generate",
+        parents=client,
+        help="generate text from a prompt, streamed to the terminal",
         description="Generate a continuation of PROMPT with a loaded model. The text goes to "
-                    "stdout as it is produced; a summary (tokens, time, finish reason) to "
-                    "stderr. Unset sampling flags take the server's defaults.")
+        "stdout as it is produced; a summary (tokens, time, finish reason) to "
+        "stderr. Unset sampling flags take the server's defaults.",
+    )
     gen.add_argument("name", help="a loaded model's name")
     gen.add_argument("prompt", nargs="?", help="the prompt; '-' or none: read it from stdin")
     gen.add_argument("--max-tokens", type=int, metavar="N", help="most tokens to generate")
-    gen.add_argument("--temperature", type=float, metavar="T",
-                     help="0..2, 0 = greedy (server default 0.7)")
-    gen.add_argument("--top-p", type=float, metavar="P",
-                     help="nucleus sampling, (0, 1] (server default 0.9)")
+    gen.add_argument(
+        "--temperature", type=float, metavar="T", help="0..2, 0 = greedy (server default 0.7)"
+    )
+    gen.add_argument(
+        "--top-p", type=float, metavar="P", help="nucleus sampling, (0, 1] (server default 0.9)"
+    )
     gen.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens")
-    gen.add_argument("--repetition-penalty", type=float, metavar="R",
-                     help="penalize tokens already seen (1 = none)")
+    gen.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        help="penalize tokens already seen (1 = none)",
+    )
     gen.add_argument("--seed", type=int, help="make sampling reproducible")
-    gen.add_argument("--stop", action="append", metavar="TEXT",
-                     help="stop before this text (repeatable)")
-    gen.add_argument("--ignore-eos", action="store_true",
-                     help="go on past end-of-sequence until --max-tokens or a stop string")
-    gen.add_argument("--no-stream", action="store_true",
-                     help="one request, print the text when it is complete")
+    gen.add_argument(
+        "--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)"
+    )
+    gen.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="go on past end-of-sequence until --max-tokens or a stop string",
+    )
+    gen.add_argument(
+        "--no-stream", action="store_true", help="one request, print the text when it is complete"
+    )
     gen.set_defaults(func=generate)
 
     status_parser = commands.add_parser(
-        "status", parents=client, help="show the server's health, memory and request counts",
+        "status",
+        parents=client,
+        help="show the server's health, memory and request counts",
         description="Show the server's status: uptime, loaded models, memory, GPU, request "
-                    "counts and running generations.")
+        "counts and running generations.",
+    )
     status_parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
     status_parser.set_defaults(func=status)
     return parser

@@ -1,12 +1,14 @@
 """Settings from the environment, gathered in one dataclass."""
+
 from __future__ import annotations
 
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -59,9 +61,22 @@ def _positive_seconds(value: str) -> float:
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
-_BYTE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
-               "tb": 1000**4, "tib": 1024**4}
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
 
 
 def parse_duration(value: str | int | float) -> float:
@@ -94,6 +109,7 @@ def parse_bytes(value: str) -> int:
 
 def _rate_limit(value: str) -> str:
     from limits import parse_many
+
     parse_many(value)  # raises ValueError on anything flask-limiter cannot read
     return value
 
@@ -127,7 +143,7 @@ class Settings:
     log_level: str = "info"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         readers = {
@@ -161,7 +177,7 @@ class Settings:
                     raise ValueError(f"{name}={env[name]!r} is not valid: {exc}") from None
         return cls(**values)
 
-    def merged(self, overrides: Mapping[str, Any] | None) -> "Settings":
+    def merged(self, overrides: Mapping[str, Any] | None) -> Settings:
         """A copy with `overrides` (field name -> value) applied; unknown names are an error."""
         if not overrides:
             return self

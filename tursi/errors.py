@@ -2,6 +2,7 @@
 
 Every 4xx/5xx body is ``{"error": {"code", "message", "details"}}``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,8 +19,12 @@ class TursiError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, details: dict[str, Any] | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.details = details or {}
@@ -36,6 +41,7 @@ class InvalidRequest(TursiError):
 class ClientDisconnected(TursiError):
     """The client went away before its answer was ready. Nobody receives this response; it
     is the status nginx logs for the same case, so access logs and metrics show it."""
+
     status, code = 499, "client_disconnected"
 
 
@@ -51,8 +57,9 @@ class ModelNotFound(TursiError):
     status, code = 404, "model_not_found"
 
     def __init__(self, name: str, available: list[str]):
-        super().__init__(f"The requested model '{name}' was not found",
-                         {"available_models": available})
+        super().__init__(
+            f"The requested model '{name}' was not found", {"available_models": available}
+        )
 
 
 class ModelNotLoaded(TursiError):
@@ -65,6 +72,7 @@ class ModelLoading(TursiError):
 
 class LoadInProgress(TursiError):
     """Unload asked while the model loads: the request conflicts with the model's state."""
+
     status, code = 409, "load_in_progress"
 
 

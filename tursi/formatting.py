@@ -1,9 +1,10 @@
 """Human-readable sizes, durations and uptimes, as the API shows them."""
+
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-_UNITS = [("TB", 1024 ** 4), ("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024)]
+_UNITS = [("TB", 1024**4), ("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)]
 
 
 def format_bytes(n: int | float) -> str:

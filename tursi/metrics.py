@@ -4,17 +4,18 @@ and times the requests.
 
 The metric objects are process-wide (prometheus_client keys its values by metric name) and
 live in a private registry, so building several apps in one process is fine. With
-PROMETHEUS_MULTIPROC_DIR set (tursi.gunicorn_defaults sets it for gunicorn), every worker
+PROMETHEUS_MULTIPROC_DIR set (tursi.api.gunicorn_defaults sets it for gunicorn), every worker
 writes its values to files there and a scrape, whichever worker answers, sums them all.
 See docs/prometheus.md.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import sys
 
-from .engine.threads import gevent_active
+from .threads import gevent_active
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,12 @@ def _import_prometheus_client() -> None:
     real lock; its critical sections never yield, so greenlets are safe with it too."""
     if not gevent_active():
         import prometheus_client
+
         return
     import threading
 
     from gevent import monkey
+
     native = monkey.get_original("threading", "Lock")
     if "prometheus_client" not in sys.modules:
         patched, threading.Lock = threading.Lock, native
@@ -38,16 +41,25 @@ def _import_prometheus_client() -> None:
         finally:
             threading.Lock = patched
     import prometheus_client.values
+
     if prometheus_client.values.Lock is not native:
-        log.warning("prometheus_client was imported after gevent's patching, with gevent "
-                    "locks: metrics written from engine threads may fail")
+        log.warning(
+            "prometheus_client was imported after gevent's patching, with gevent "
+            "locks: metrics written from engine threads may fail"
+        )
 
 
 _import_prometheus_client()
 
 from prometheus_client import (  # noqa: E402
-    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
-    multiprocess)
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
@@ -57,35 +69,64 @@ REGISTRY = CollectorRegistry()
 REQUEST_DURATION = Histogram(
     "tursi_request_duration_seconds",
     "HTTP requests by method, route (the URL rule) and status; streams until they end",
-    ["method", "route", "status"], registry=REGISTRY,
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+    ["method", "route", "status"],
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
 ERRORS = Counter(
-    "tursi_errors_total", "Error responses and streams that ended with an error, by error code",
-    ["code"], registry=REGISTRY)
+    "tursi_errors_total",
+    "Error responses and streams that ended with an error, by error code",
+    ["code"],
+    registry=REGISTRY,
+)
 TIME_TO_FIRST_TOKEN = Histogram(
-    "tursi_time_to_first_token_seconds", "Time from a request's admission to its first token",
-    ["model"], registry=REGISTRY,
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30))
+    "tursi_time_to_first_token_seconds",
+    "Time from a request's admission to its first token",
+    ["model"],
+    registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30),
+)
 INTER_TOKEN_LATENCY = Histogram(
-    "tursi_inter_token_latency_seconds", "Time between two tokens of one request",
-    ["model"], registry=REGISTRY,
-    buckets=(0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2))
+    "tursi_inter_token_latency_seconds",
+    "Time between two tokens of one request",
+    ["model"],
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2),
+)
 TOKENS_GENERATED = Counter(
-    "tursi_tokens_generated_total", "Tokens generated, counted when a request ends",
-    ["model"], registry=REGISTRY)
+    "tursi_tokens_generated_total",
+    "Tokens generated, counted when a request ends",
+    ["model"],
+    registry=REGISTRY,
+)
 RUNNING = Gauge(
-    "tursi_generations_running", "Generations in the running batch",
-    ["model"], registry=REGISTRY, multiprocess_mode="livesum")
+    "tursi_generations_running",
+    "Generations in the running batch",
+    ["model"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 WAITING = Gauge(
-    "tursi_generations_waiting", "Generations queued for a batch slot",
-    ["model"], registry=REGISTRY, multiprocess_mode="livesum")
+    "tursi_generations_waiting",
+    "Generations queued for a batch slot",
+    ["model"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 MODEL_MEMORY = Gauge(
-    "tursi_model_memory_bytes", "Memory held by the loaded model's weights (0 when not loaded)",
-    ["model"], registry=REGISTRY, multiprocess_mode="livesum")
+    "tursi_model_memory_bytes",
+    "Memory held by the loaded model's weights (0 when not loaded)",
+    ["model"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 LOAD_DURATION = Histogram(
-    "tursi_model_load_duration_seconds", "Time taken by each model load",
-    ["model"], registry=REGISTRY,
-    buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+    "tursi_model_load_duration_seconds",
+    "Time taken by each model load",
+    ["model"],
+    registry=REGISTRY,
+    buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
 
 
 class ModelMetrics:

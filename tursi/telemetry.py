@@ -1,4 +1,5 @@
 """Counters and resource readings: request totals and rate, per-model stats, memory, GPU."""
+
 from __future__ import annotations
 
 import collections
@@ -9,7 +10,7 @@ from typing import Any
 
 import psutil
 
-from .engine.threads import native_lock
+from .threads import native_lock
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class ModelStats:
 
     def __init__(self, model: str = "") -> None:
         from .metrics import ModelMetrics
+
         self.model = model
         self._lock = native_lock()
         self.requests_total = 0
@@ -145,6 +147,7 @@ class GpuMonitor:
         self._nvml = None
         try:
             import pynvml
+
             pynvml.nvmlInit()
             if pynvml.nvmlDeviceGetCount() > 0:
                 self._nvml = pynvml
@@ -157,8 +160,9 @@ class GpuMonitor:
                 handle = self._nvml.nvmlDeviceGetHandleByIndex(0)
                 mem = self._nvml.nvmlDeviceGetMemoryInfo(handle)
                 util = self._nvml.nvmlDeviceGetUtilizationRates(handle)
-                return GpuReading(total=mem.total, used=mem.used, free=mem.free,
-                                  utilization=util.gpu / 100.0)
+                return GpuReading(
+                    total=mem.total, used=mem.used, free=mem.free, utilization=util.gpu / 100.0
+                )
             except Exception:
                 log.warning("NVML read failed; falling back to torch.cuda", exc_info=True)
         return _torch_cuda_reading()
@@ -166,6 +170,7 @@ class GpuMonitor:
 
 def _torch_cuda_reading() -> GpuReading | None:
     import torch
+
     if not torch.cuda.is_available():
         return None
     free, total = torch.cuda.mem_get_info()

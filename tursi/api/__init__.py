@@ -1,4 +1,5 @@
 """HTTP layer: thin blueprints under /api/v1 that validate with schemas and call the engine."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -7,8 +8,7 @@ from flask import Flask, request
 from werkzeug.exceptions import BadRequest
 
 from ..errors import InvalidRequest
-
-from ..auth import API_PREFIX, OPENAI_PREFIX
+from .auth import API_PREFIX, OPENAI_PREFIX
 
 
 def json_body(required: bool = True) -> dict[str, Any]:
@@ -16,8 +16,10 @@ def json_body(required: bool = True) -> dict[str, Any]:
     if not required and not request.get_data(cache=True):
         return {}
     if not request.is_json:
-        raise InvalidRequest("The body must be JSON, sent with 'Content-Type: application/json'",
-                             {"content_type": request.content_type})
+        raise InvalidRequest(
+            "The body must be JSON, sent with 'Content-Type: application/json'",
+            {"content_type": request.content_type},
+        )
     try:
         data = request.get_json()
     except BadRequest:
@@ -28,8 +30,11 @@ def json_body(required: bool = True) -> dict[str, Any]:
         raise InvalidRequest("The body must be a JSON object", {"type": type(data).__name__})
     where = _lone_surrogate(data)
     if where is not None:
-        raise InvalidRequest(f"The body is not valid Unicode: {where} holds a lone surrogate "
-                             "escape (\\ud800-\\udfff)", {"field": where})
+        raise InvalidRequest(
+            f"The body is not valid Unicode: {where} holds a lone surrogate "
+            "escape (\\ud800-\\udfff)",
+            {"field": where},
+        )
     return data
 
 
@@ -57,12 +62,14 @@ def _lone_surrogate(data: Any) -> str | None:
 
 def no_query() -> None:
     """Endpoints that take no query parameters reject them rather than ignore them."""
-    from ..schemas import EmptyQuerySchema
+    from .schemas import EmptyQuerySchema
+
     EmptyQuerySchema().load(request.args.to_dict())
 
 
 def init_app(app: Flask) -> None:
     from . import errors, generation, health, models, openai_compat, openapi, prometheus, status
+
     errors.init_app(app)
     prometheus.init_app(app)
     app.register_blueprint(health.bp)

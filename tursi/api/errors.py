@@ -3,6 +3,7 @@
 /api/v1 (and everything else) answers `{"error": {"code", "message", "details"}}`; the
 OpenAI-compatible /v1 routes answer OpenAI's error object, which carries the same three
 fields plus `type` and `param`, so OpenAI clients raise their usual exceptions."""
+
 from __future__ import annotations
 
 import logging
@@ -12,14 +13,19 @@ from flask import Flask, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from ..auth import is_openai_path
 from ..errors import TursiError, error_body
+from .auth import is_openai_path
 
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, code: str, message: str,
-                   details: dict[str, Any] | None = None, headers: dict[str, str] | None = None):
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+):
     g.error_code = code  # read by the request metrics (tursi.api.prometheus)
     details = details or {}
     if is_openai_path(request.path):
@@ -33,8 +39,9 @@ def error_response(status: int, code: str, message: str,
     return response
 
 
-def openai_error_body(status: int, code: str, message: str,
-                      details: dict[str, Any]) -> dict[str, Any]:
+def openai_error_body(
+    status: int, code: str, message: str, details: dict[str, Any]
+) -> dict[str, Any]:
     """OpenAI's error object: `type` from the status; `param`, the first invalid field."""
     if status >= 500:
         kind = "server_error"
@@ -42,12 +49,18 @@ def openai_error_body(status: int, code: str, message: str,
         kind = _OPENAI_TYPES.get(status, "invalid_request_error")
     fields = details.get("fields")
     param = next(iter(fields)) if isinstance(fields, dict) and fields else None
-    return {"error": {"message": message, "type": kind, "param": param, "code": code,
-                      "details": details}}
+    return {
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": param,
+            "code": code,
+            "details": details,
+        }
+    }
 
 
-_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error",
-                 429: "rate_limit_error"}
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
 
 # Flask/werkzeug statuses we can meet, as stable codes.
@@ -63,7 +76,7 @@ _HTTP_CODES = {
 
 def _on_tursi_error(exc: TursiError):
     if "Retry-After" in exc.headers:
-        g.retry_after = exc.headers["Retry-After"]  # see tursi.limits
+        g.retry_after = exc.headers["Retry-After"]  # see tursi.api.limits
     return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
 

@@ -1,12 +1,13 @@
 """/generate: one generation, whole or streamed as server-sent events."""
+
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from ..schemas import SAMPLING_FIELDS, GenerateRequestSchema
-from ..state import current
-from ..streaming import NativeFrames, collect, done_payload, stream_response
 from . import json_body
+from .schemas import SAMPLING_FIELDS, GenerateRequestSchema
+from .state import current
+from .streaming import NativeFrames, collect, done_payload, stream_response
 
 bp = Blueprint("generation", __name__)
 
@@ -19,9 +20,12 @@ def generate():
     app = current()
     params = GenerateRequestSchema().load(json_body())
     worker = app.manager.worker(params["model"])
-    job = worker.new_job(params["prompt"], max_tokens=params["max_tokens"],
-                         max_tokens_cap=app.settings.max_tokens,
-                         **{name: params[name] for name in SAMPLING_FIELDS})
+    job = worker.new_job(
+        params["prompt"],
+        max_tokens=params["max_tokens"],
+        max_tokens_cap=app.settings.max_tokens,
+        **{name: params[name] for name in SAMPLING_FIELDS},
+    )
     worker.submit(job)
     prefix = params["prompt"] if params["return_full_text"] else ""
     if not params["stream"]:

@@ -1,11 +1,12 @@
 """Probes for load balancers and Kubernetes: /health (liveness) and /ready (readiness)."""
+
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
 from ..errors import NotReady
-from ..state import current
 from . import no_query
+from .state import current
 
 bp = Blueprint("health", __name__)
 
@@ -29,6 +30,9 @@ def ready():
     app = current()
     models = {name: app.manager.state(name).status for name in app.settings.preload}
     if any(status != "loaded" for status in models.values()):
-        raise NotReady("The preloaded models are not all loaded yet", {"models": models},
-                       headers={"Retry-After": "5"})
+        raise NotReady(
+            "The preloaded models are not all loaded yet",
+            {"models": models},
+            headers={"Retry-After": "5"},
+        )
     return jsonify({"status": "ready", "models": models})

@@ -1,4 +1,5 @@
 """/models: list, load, unload, metrics."""
+
 from __future__ import annotations
 
 import time
@@ -9,9 +10,9 @@ from flask import Blueprint, jsonify
 from ..engine.loader import LoadOptions
 from ..engine.manager import ModelState
 from ..formatting import format_bytes, format_percent, format_seconds, format_uptime, iso_utc
-from ..schemas import LoadRequestSchema, UnloadRequestSchema
-from ..state import current
 from . import json_body, no_query
+from .schemas import LoadRequestSchema, UnloadRequestSchema
+from .state import current
 
 bp = Blueprint("models", __name__)
 
@@ -20,16 +21,18 @@ def model_view(state: ModelState) -> dict[str, Any]:
     view: dict[str, Any] = {"name": state.name, "status": state.status}
     if state.status == "loaded":
         options = state.options or LoadOptions()
-        view.update({
-            "quantized": options.quantize,
-            "bits": options.bits,
-            "mode": options.mode,
-            "dtype": state.dtype,
-            "device": state.device,
-            "memory_usage": format_bytes(state.memory_bytes or 0),
-            "memory_bytes": state.memory_bytes,
-            "uptime": format_uptime(time.monotonic() - (state.loaded_mono or time.monotonic())),
-        })
+        view.update(
+            {
+                "quantized": options.quantize,
+                "bits": options.bits,
+                "mode": options.mode,
+                "dtype": state.dtype,
+                "device": state.device,
+                "memory_usage": format_bytes(state.memory_bytes or 0),
+                "memory_bytes": state.memory_bytes,
+                "uptime": format_uptime(time.monotonic() - (state.loaded_mono or time.monotonic())),
+            }
+        )
     elif state.status == "loading":
         progress = state.progress
         if progress is not None:
@@ -97,11 +100,13 @@ def model_metrics(name: str):
     }
     loaded = state.status == "loaded"
     options = (state.options or LoadOptions()) if loaded else None
-    metrics.update({
-        "quantized": options.quantize if options else None,
-        "bits": options.bits if options else None,
-        "mode": options.mode if options else None,
-        "dtype": state.dtype if loaded else None,
-        "memory_bytes": state.memory_bytes if loaded else None,
-    })
+    metrics.update(
+        {
+            "quantized": options.quantize if options else None,
+            "bits": options.bits if options else None,
+            "mode": options.mode if options else None,
+            "dtype": state.dtype if loaded else None,
+            "memory_bytes": state.memory_bytes if loaded else None,
+        }
+    )
     return jsonify({"name": name, "metrics": metrics})

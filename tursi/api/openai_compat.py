@@ -4,6 +4,7 @@ They share the engine, API keys and rate limits with /api/v1; only the request a
 shapes differ (OpenAI's, including its SSE chunks ending with `data: [DONE]`), and errors
 are OpenAI error objects (tursi.api.errors).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,16 @@ from flask import Blueprint, jsonify
 from ..engine.jobs import Finished, GenerationJob
 from ..engine.worker import ModelWorker
 from ..errors import TursiError
-from ..openai_schemas import (OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletionRequestSchema,
-                              CompletionRequestSchema)
-from ..schemas import SAMPLING_FIELDS
-from ..state import current
-from ..streaming import collect, stream_response
 from . import json_body, no_query
 from .errors import openai_error_body
+from .openai_schemas import (
+    OPENAI_COMPLETION_DEFAULT_MAX_TOKENS,
+    ChatCompletionRequestSchema,
+    CompletionRequestSchema,
+)
+from .schemas import SAMPLING_FIELDS
+from .state import current
+from .streaming import collect, stream_response
 
 bp = Blueprint("openai", __name__)
 
@@ -31,9 +35,16 @@ bp = Blueprint("openai", __name__)
 def list_models():
     """The models that can serve requests now (loaded ones), as OpenAI lists them."""
     no_query()
-    data = [{"id": state.name, "object": "model", "created": int(state.loaded_at or 0),
-             "owned_by": "tursi"}
-            for state in current().manager.snapshots() if state.status == "loaded"]
+    data = [
+        {
+            "id": state.name,
+            "object": "model",
+            "created": int(state.loaded_at or 0),
+            "owned_by": "tursi",
+        }
+        for state in current().manager.snapshots()
+        if state.status == "loaded"
+    ]
     return jsonify({"object": "list", "data": data})
 
 
@@ -61,26 +72,38 @@ def chat_completions():
     worker = current().manager.worker(params["model"])
     prompt = worker.chat_prompt(params["messages"])
     # Without max_tokens a chat reply runs to its end: up to the context or the server's cap.
-    job = _submit(worker, params, prompt, params["max_tokens"], add_special_tokens=False,
-                  default_to_cap=True)
+    job = _submit(
+        worker, params, prompt, params["max_tokens"], add_special_tokens=False, default_to_cap=True
+    )
     return _respond(job, Completion(params, chat=True), "")
 
 
-def _submit(worker: ModelWorker, params: dict[str, Any], prompt: str, max_tokens: int | None,
-            add_special_tokens: bool, default_to_cap: bool = False) -> GenerationJob:
+def _submit(
+    worker: ModelWorker,
+    params: dict[str, Any],
+    prompt: str,
+    max_tokens: int | None,
+    add_special_tokens: bool,
+    default_to_cap: bool = False,
+) -> GenerationJob:
     cap = current().settings.max_tokens
-    job = worker.new_job(prompt, max_tokens=max_tokens, max_tokens_cap=cap,
-                         default_max_tokens=cap if default_to_cap else None,
-                         add_special_tokens=add_special_tokens,
-                         **{name: params[name] for name in SAMPLING_FIELDS})
+    job = worker.new_job(
+        prompt,
+        max_tokens=max_tokens,
+        max_tokens_cap=cap,
+        default_max_tokens=cap if default_to_cap else None,
+        add_special_tokens=add_special_tokens,
+        **{name: params[name] for name in SAMPLING_FIELDS},
+    )
     worker.submit(job)
     return job
 
 
-def _respond(job: GenerationJob, completion: "Completion", echo: str):
+def _respond(job: GenerationJob, completion: Completion, echo: str):
     if completion.stream:
-        return stream_response(job, CompletionFrames(completion, job, echo),
-                               current().settings.heartbeat_seconds)
+        return stream_response(
+            job, CompletionFrames(completion, job, echo), current().settings.heartbeat_seconds
+        )
     text, done = collect(job)
     return jsonify(completion.whole(echo + text, done, len(job.prompt_ids)))
 
@@ -101,8 +124,13 @@ class Completion:
             object_ = "chat.completion" if whole else "chat.completion.chunk"
         else:
             object_ = "text_completion"
-        return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
-                "choices": choices}
+        return {
+            "id": self.id,
+            "object": object_,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
     def whole(self, text: str, done: Finished, prompt_tokens: int) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0}
@@ -115,8 +143,9 @@ class Completion:
         body["usage"] = usage(prompt_tokens, done.tokens_generated)
         return body
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None,
-              role: bool = False) -> dict[str, Any]:
+    def chunk(
+        self, text: str | None = None, finish_reason: str | None = None, role: bool = False
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0}
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
@@ -130,13 +159,15 @@ class Completion:
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """The last chunk when stream_options.include_usage: no choices, the usage."""
-        return {**self._envelope([], whole=False),
-                "usage": usage(prompt_tokens, completion_tokens)}
+        return {**self._envelope([], whole=False), "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def data(payload: dict[str, Any] | str) -> str:
@@ -166,10 +197,13 @@ class CompletionFrames:
     def done(self, done: Finished) -> list[str]:
         frames = [data(self.completion.chunk(finish_reason=done.finish_reason))]
         if self.completion.include_usage:
-            frames.append(data(self.completion.usage_chunk(len(self.job.prompt_ids),
-                                                           done.tokens_generated)))
+            frames.append(
+                data(self.completion.usage_chunk(len(self.job.prompt_ids), done.tokens_generated))
+            )
         return frames + [DONE]
 
     def error(self, error: TursiError) -> list[str]:
-        return [data(openai_error_body(error.status, error.code, error.message, error.details)),
-                DONE]
+        return [
+            data(openai_error_body(error.status, error.code, error.message, error.details)),
+            DONE,
+        ]

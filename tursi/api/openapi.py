@@ -4,9 +4,10 @@ The document is built with apispec, once per app on first request, from the app'
 every route except the Swagger UI pages (the app has no `static` route). Each view's docstring gives
 the summary (first paragraph) and description; OPERATIONS below gives the request body, the
 success responses and the route's error codes; request and response bodies are the
-marshmallow schemas (tursi.schemas, tursi.openai_schemas, tursi.response_schemas).
+marshmallow schemas (tursi.api.schemas, tursi.api.openai_schemas, tursi.api.response_schemas).
 Swagger UI's assets come from the installed flask-swagger-ui package: no CDN.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,27 +23,44 @@ from marshmallow import fields as ma_fields
 from marshmallow import validate
 
 from .. import __version__
-from ..auth import API_PREFIX, is_api_path, is_openai_path
 from ..engine.catalog import NAME_PATTERN
-from ..lifecycle import DRAIN_OPEN_PATHS
-from ..openai_schemas import (ChatCompletionRequestSchema, CompletionRequestSchema,
-                              ContentPartSchema, MessageContent, TextOrList)
-from ..response_schemas import (ERROR_CODES, ChatCompletionChunkSchema, ChatCompletionSchema,
-                                CompletionChunkSchema, CompletionSchema, ErrorSchema,
-                                GenerateDoneSchema, GenerateResponseSchema,
-                                GenerateTextEventSchema, HealthSchema, LoadResponseSchema,
-                                ModelListSchema, ModelMetricsSchema, OpenAIErrorSchema,
-                                OpenAIModelListSchema, ReadySchema, StatusSchema,
-                                UnloadResponseSchema)
-from ..schemas import (MAX_PROMPT_CHARS, GenerateRequestSchema, LoadRequestSchema,
-                       UnloadRequestSchema)
 from . import no_query
+from .auth import API_PREFIX, is_api_path, is_openai_path
+from .lifecycle import DRAIN_OPEN_PATHS
+from .openai_schemas import (
+    ChatCompletionRequestSchema,
+    CompletionRequestSchema,
+    ContentPartSchema,
+    MessageContent,
+    TextOrList,
+)
+from .response_schemas import (
+    ERROR_CODES,
+    ChatCompletionChunkSchema,
+    ChatCompletionSchema,
+    CompletionChunkSchema,
+    CompletionSchema,
+    ErrorSchema,
+    GenerateDoneSchema,
+    GenerateResponseSchema,
+    GenerateTextEventSchema,
+    HealthSchema,
+    LoadResponseSchema,
+    ModelListSchema,
+    ModelMetricsSchema,
+    OpenAIErrorSchema,
+    OpenAIModelListSchema,
+    ReadySchema,
+    StatusSchema,
+    UnloadResponseSchema,
+)
+from .schemas import MAX_PROMPT_CHARS, GenerateRequestSchema, LoadRequestSchema, UnloadRequestSchema
 
 log = logging.getLogger(__name__)
 
 SPEC_PATH = "/openapi.json"  # under /api/v1
 DOCS_URL = "/docs"
-SWAGGER_UI = "swagger_ui"    # the blueprint of /docs and its assets
+SWAGGER_UI = "swagger_ui"  # the blueprint of /docs and its assets
 EXTENSION = "tursi.openapi"  # app.extensions key of the built document
 
 bp = Blueprint("openapi", __name__)
@@ -60,9 +78,14 @@ def spec():
 def init_app(app: Flask) -> None:
     app.register_blueprint(bp, url_prefix=API_PREFIX)
     # validatorUrl null: Swagger UI would otherwise fetch a badge from validator.swagger.io.
-    app.register_blueprint(get_swaggerui_blueprint(
-        DOCS_URL, API_PREFIX + SPEC_PATH, blueprint_name=SWAGGER_UI,
-        config={"app_name": "Tursi API", "validatorUrl": None}))
+    app.register_blueprint(
+        get_swaggerui_blueprint(
+            DOCS_URL,
+            API_PREFIX + SPEC_PATH,
+            blueprint_name=SWAGGER_UI,
+            config={"app_name": "Tursi API", "validatorUrl": None},
+        )
+    )
 
 
 def openapi_document(app: Flask) -> dict[str, Any]:
@@ -74,6 +97,7 @@ def openapi_document(app: Flask) -> dict[str, Any]:
 
 
 # --- what each route takes and answers --------------------------------------------------
+
 
 @dataclass
 class Doc:
@@ -99,105 +123,167 @@ def with_stream(response: dict, description: str, example: str) -> dict:
 NATIVE_STREAM = (
     "`event: text` frames (data: GenerateTextEvent; with return_full_text the first is the "
     "prompt), then exactly one `event: done` (data: GenerateDone) or `event: error` "
-    "(data: Error); lines starting with `:` are keep-alive comments.")
+    "(data: Error); lines starting with `:` are keep-alive comments."
+)
 NATIVE_STREAM_EXAMPLE = (
     'event: text\ndata: {"text": "Once upon a time", "finished": false}\n\n'
     'event: text\ndata: {"text": ",", "finished": false}\n\n: keep-alive\n\n'
     'event: done\ndata: {"tokens_generated": 2, "generation_time": "0.05s", '
-    '"finish_reason": "length"}\n\n')
+    '"finish_reason": "length"}\n\n'
+)
 OPENAI_STREAM = (
     "`data: {{chunk}}` frames ({kind}), the last with a finish_reason; with "
     "stream_options.include_usage one more chunk with no choices and the usage; then "
-    "`data: [DONE]`. A failure after the start is one `data: {{\"error\": ...}}` frame "
-    "(OpenAIError), then `data: [DONE]`. Lines starting with `:` are keep-alive comments.")
+    '`data: [DONE]`. A failure after the start is one `data: {{"error": ...}}` frame '
+    "(OpenAIError), then `data: [DONE]`. Lines starting with `:` are keep-alive comments."
+)
 OPENAI_STREAM_EXAMPLE = 'data: {"id": "chatcmpl-1", ...}\n\n: keep-alive\n\ndata: [DONE]\n\n'
 
 QUERY = "invalid_request"  # the GET routes reject any query string (no parameters)
-GENERATION_ERRORS = {400: ["invalid_request", "context_length_exceeded"],
-                     404: ["model_not_found"], 409: ["model_not_loaded"],
-                     500: ["generation_failed"],
-                     503: ["model_loading", "model_unloaded", "overloaded"],
-                     504: ["request_timeout"]}
+GENERATION_ERRORS = {
+    400: ["invalid_request", "context_length_exceeded"],
+    404: ["model_not_found"],
+    409: ["model_not_loaded"],
+    500: ["generation_failed"],
+    503: ["model_loading", "model_unloaded", "overloaded"],
+    504: ["request_timeout"],
+}
 
 # Endpoint -> Doc. Added to every operation: 401 unless open, 413 with a body, 429 on /api/v1
 # and /v1 (with the X-RateLimit-* headers on every response there), 500 internal_error and,
 # but on /health and /metrics, 503 shutting_down.
 OPERATIONS: dict[str, Doc] = {
-    "health.health": Doc("health", {200: ok("The process answers HTTP", HealthSchema)},
-                         {400: [QUERY]}, security=[]),
-    "health.ready": Doc("health", {200: ok("Every preload model is loaded", ReadySchema)},
-                        {400: [QUERY], 503: ["not_ready"]}),
-    "models.list_models": Doc("models", {200: ok("Every catalog model", ModelListSchema)},
-                              {400: [QUERY]}),
+    "health.health": Doc(
+        "health", {200: ok("The process answers HTTP", HealthSchema)}, {400: [QUERY]}, security=[]
+    ),
+    "health.ready": Doc(
+        "health",
+        {200: ok("Every preload model is loaded", ReadySchema)},
+        {400: [QUERY], 503: ["not_ready"]},
+    ),
+    "models.list_models": Doc(
+        "models", {200: ok("Every catalog model", ModelListSchema)}, {400: [QUERY]}
+    ),
     "models.load_model": Doc(
         "models",
-        {200: ok("Already loaded with these settings: nothing to do", LoadResponseSchema),
-         202: ok("The load started (or one with these settings is running); poll "
-                 "GET /api/v1/models", LoadResponseSchema)},
-        {400: ["invalid_request", "unsupported_quantization"], 404: ["model_not_found"],
-         409: ["model_conflict"], 507: ["insufficient_memory"]},
-        body=LoadRequestSchema, body_required=False, example={"quantize": True, "bits": 8}),
+        {
+            200: ok("Already loaded with these settings: nothing to do", LoadResponseSchema),
+            202: ok(
+                "The load started (or one with these settings is running); poll GET /api/v1/models",
+                LoadResponseSchema,
+            ),
+        },
+        {
+            400: ["invalid_request", "unsupported_quantization"],
+            404: ["model_not_found"],
+            409: ["model_conflict"],
+            507: ["insufficient_memory"],
+        },
+        body=LoadRequestSchema,
+        body_required=False,
+        example={"quantize": True, "bits": 8},
+    ),
     "models.unload_model": Doc(
-        "models", {200: ok("Unloaded; its memory is released", UnloadResponseSchema)},
-        {400: ["invalid_request"], 404: ["model_not_found"],
-         409: ["model_not_loaded", "load_in_progress"]},
-        body=UnloadRequestSchema, body_required=False),
-    "models.model_metrics": Doc("models", {200: ok("The model's counters", ModelMetricsSchema)},
-                                {400: [QUERY], 404: ["model_not_found"]}),
+        "models",
+        {200: ok("Unloaded; its memory is released", UnloadResponseSchema)},
+        {
+            400: ["invalid_request"],
+            404: ["model_not_found"],
+            409: ["model_not_loaded", "load_in_progress"],
+        },
+        body=UnloadRequestSchema,
+        body_required=False,
+    ),
+    "models.model_metrics": Doc(
+        "models",
+        {200: ok("The model's counters", ModelMetricsSchema)},
+        {400: [QUERY], 404: ["model_not_found"]},
+    ),
     "generation.generate": Doc(
         "generation",
-        {200: with_stream(ok("The generated text (`stream: false`)", GenerateResponseSchema),
-                          NATIVE_STREAM, NATIVE_STREAM_EXAMPLE)},
-        GENERATION_ERRORS, body=GenerateRequestSchema,
-        example={"model": "smollm2-135m-instruct", "prompt": "Once upon a time",
-                 "max_tokens": 20}),
-    "status.server_status": Doc("status", {200: ok("Server status", StatusSchema)},
-                                {400: [QUERY]}),
-    "openapi.spec": Doc("docs", {200: ok("The OpenAPI document", {"type": "object"})},
-                        {400: [QUERY]}),
-    "openai.list_models": Doc("openai", {200: ok("The loaded models", OpenAIModelListSchema)},
-                              {400: [QUERY]}),
+        {
+            200: with_stream(
+                ok("The generated text (`stream: false`)", GenerateResponseSchema),
+                NATIVE_STREAM,
+                NATIVE_STREAM_EXAMPLE,
+            )
+        },
+        GENERATION_ERRORS,
+        body=GenerateRequestSchema,
+        example={"model": "smollm2-135m-instruct", "prompt": "Once upon a time", "max_tokens": 20},
+    ),
+    "status.server_status": Doc("status", {200: ok("Server status", StatusSchema)}, {400: [QUERY]}),
+    "openapi.spec": Doc(
+        "docs", {200: ok("The OpenAPI document", {"type": "object"})}, {400: [QUERY]}
+    ),
+    "openai.list_models": Doc(
+        "openai", {200: ok("The loaded models", OpenAIModelListSchema)}, {400: [QUERY]}
+    ),
     "openai.completions": Doc(
         "openai",
-        {200: with_stream(ok("The completion (`stream: false`)", CompletionSchema),
-                          OPENAI_STREAM.format(kind="CompletionChunk"), OPENAI_STREAM_EXAMPLE)},
-        GENERATION_ERRORS, body=CompletionRequestSchema,
-        example={"model": "smollm2-135m-instruct", "prompt": "Once upon a time",
-                 "max_tokens": 20}),
+        {
+            200: with_stream(
+                ok("The completion (`stream: false`)", CompletionSchema),
+                OPENAI_STREAM.format(kind="CompletionChunk"),
+                OPENAI_STREAM_EXAMPLE,
+            )
+        },
+        GENERATION_ERRORS,
+        body=CompletionRequestSchema,
+        example={"model": "smollm2-135m-instruct", "prompt": "Once upon a time", "max_tokens": 20},
+    ),
     "openai.chat_completions": Doc(
         "openai",
-        {200: with_stream(ok("The chat completion (`stream: false`)", ChatCompletionSchema),
-                          OPENAI_STREAM.format(kind="ChatCompletionChunk"),
-                          OPENAI_STREAM_EXAMPLE)},
-        GENERATION_ERRORS, body=ChatCompletionRequestSchema,
-        example={"model": "smollm2-135m-instruct", "max_tokens": 40,
-                 "messages": [{"role": "user", "content": "Name three colours."}]}),
+        {
+            200: with_stream(
+                ok("The chat completion (`stream: false`)", ChatCompletionSchema),
+                OPENAI_STREAM.format(kind="ChatCompletionChunk"),
+                OPENAI_STREAM_EXAMPLE,
+            )
+        },
+        GENERATION_ERRORS,
+        body=ChatCompletionRequestSchema,
+        example={
+            "model": "smollm2-135m-instruct",
+            "max_tokens": 40,
+            "messages": [{"role": "user", "content": "Name three colours."}],
+        },
+    ),
     "prometheus.metrics": Doc(
         "metrics",
         {200: ok("Prometheus text format", {"type": "string"}, "text/plain")},
-        security=[{}, {"bearerAuth": []}]),
+        security=[{}, {"bearerAuth": []}],
+    ),
 }
 
 TAGS = [
     {"name": "generation", "description": "Text generation, whole or streamed (SSE)"},
     {"name": "models", "description": "The model catalog: list, load, unload, metrics"},
     {"name": "status", "description": "Server status and resource usage"},
-    {"name": "openai", "description": "OpenAI-compatible API (/v1); errors are OpenAI "
-                                      "error objects"},
+    {
+        "name": "openai",
+        "description": "OpenAI-compatible API (/v1); errors are OpenAI error objects",
+    },
     {"name": "health", "description": "Liveness and readiness probes (not rate limited)"},
     {"name": "metrics", "description": "Prometheus metrics (not rate limited)"},
     {"name": "docs", "description": "This document (Swagger UI at /docs)"},
 ]
 
 PATH_PARAMETERS = {
-    "name": {"description": "A model name from the catalog (GET /api/v1/models); other "
-                            "names answer 404 model_not_found",
-             "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}},
+    "name": {
+        "description": "A model name from the catalog (GET /api/v1/models); other "
+        "names answer 404 model_not_found",
+        "schema": {"type": "string", "pattern": NAME_PATTERN.pattern},
+    },
 }
 
 # Schemas that no operation references directly: the stream frames.
-EXTRA_SCHEMAS = (GenerateTextEventSchema, GenerateDoneSchema, CompletionChunkSchema,
-                 ChatCompletionChunkSchema)
+EXTRA_SCHEMAS = (
+    GenerateTextEventSchema,
+    GenerateDoneSchema,
+    CompletionChunkSchema,
+    ChatCompletionChunkSchema,
+)
 
 
 def _header(description: str, required: bool = True, kind: str = "integer") -> dict:
@@ -216,8 +302,7 @@ RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit
 STATUS_HEADERS = {
     401: {"WWW-Authenticate": "WWW-Authenticate"},
     429: {"Retry-After": "Retry-After"},
-    503: {"Retry-After": _header("Seconds to wait (all codes but model_unloaded)",
-                                 required=False)},
+    503: {"Retry-After": _header("Seconds to wait (all codes but model_unloaded)", required=False)},
 }
 
 DESCRIPTION = f"""Tursi serves language models over HTTP: the native API under `/api/v1`,
@@ -247,10 +332,12 @@ A path that is no route answers `404 not_found`; a method a route does not take,
 
 # --- building ----------------------------------------------------------------------------
 
+
 def documented_rules(app: Flask) -> list:
     """Every route but the Swagger UI pages."""
-    return [rule for rule in app.url_map.iter_rules()
-            if not rule.endpoint.startswith(SWAGGER_UI + ".")]
+    return [
+        rule for rule in app.url_map.iter_rules() if not rule.endpoint.startswith(SWAGGER_UI + ".")
+    ]
 
 
 def build_document(app: Flask) -> dict[str, Any]:
@@ -259,13 +346,24 @@ def build_document(app: Flask) -> dict[str, Any]:
     from apispec_webframeworks.flask import FlaskPlugin
 
     marshmallow = MarshmallowPlugin()
-    spec = APISpec(title="Tursi", version=__version__, openapi_version="3.0.3",
-                   plugins=[marshmallow], info={"description": DESCRIPTION},
-                   security=[{"bearerAuth": []}], tags=TAGS)
+    spec = APISpec(
+        title="Tursi",
+        version=__version__,
+        openapi_version="3.0.3",
+        plugins=[marshmallow],
+        info={"description": DESCRIPTION},
+        security=[{"bearerAuth": []}],
+        tags=TAGS,
+    )
     marshmallow.converter.add_attribute_function(_field_extras)
-    spec.components.security_scheme("bearerAuth", {
-        "type": "http", "scheme": "bearer",
-        "description": "An API key; needed only when the server has keys configured"})
+    spec.components.security_scheme(
+        "bearerAuth",
+        {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key; needed only when the server has keys configured",
+        },
+    )
     for name, header in HEADERS.items():
         spec.components.header(name, header)
     for schema in EXTRA_SCHEMAS:
@@ -276,11 +374,19 @@ def build_document(app: Flask) -> dict[str, Any]:
             log.warning("no OpenAPI entry for the route %s (%s)", rule.rule, rule.endpoint)
         operation = _operation(rule, app.view_functions[rule.endpoint], doc)
         methods = sorted(rule.methods - {"HEAD", "OPTIONS"})
-        spec.path(path=FlaskPlugin.flaskpath2openapi(rule.rule),
-                  operations={method.lower(): copy.deepcopy(operation) for method in methods},
-                  parameters=[{"name": name, "in": "path", "required": True,
-                               **PATH_PARAMETERS.get(name, {"schema": {"type": "string"}})}
-                              for name in sorted(rule.arguments)])
+        spec.path(
+            path=FlaskPlugin.flaskpath2openapi(rule.rule),
+            operations={method.lower(): copy.deepcopy(operation) for method in methods},
+            parameters=[
+                {
+                    "name": name,
+                    "in": "path",
+                    "required": True,
+                    **PATH_PARAMETERS.get(name, {"schema": {"type": "string"}}),
+                }
+                for name in sorted(rule.arguments)
+            ],
+        )
     document = spec.to_dict()
     schemas = document["components"]["schemas"]
     schemas["CompletionRequest"]["properties"]["prompt"] = _prompt_schema()
@@ -290,8 +396,10 @@ def build_document(app: Flask) -> dict[str, Any]:
 
 def _operation(rule: Any, view: Any, doc: Doc | None) -> dict[str, Any]:
     summary, _, description = (inspect.getdoc(view) or rule.endpoint).partition("\n\n")
-    operation: dict[str, Any] = {"operationId": rule.endpoint.replace(".", "_"),
-                                 "summary": " ".join(summary.split())}
+    operation: dict[str, Any] = {
+        "operationId": rule.endpoint.replace(".", "_"),
+        "summary": " ".join(summary.split()),
+    }
     if description.strip():
         operation["description"] = description.strip()
     if doc is None:
@@ -306,8 +414,10 @@ def _operation(rule: Any, view: Any, doc: Doc | None) -> dict[str, Any]:
         media = {"schema": doc.body}
         if doc.example is not None:
             media["example"] = doc.example
-        operation["requestBody"] = {"required": doc.body_required,
-                                    "content": {"application/json": media}}
+        operation["requestBody"] = {
+            "required": doc.body_required,
+            "content": {"application/json": media},
+        }
         errors[413] = ["payload_too_large"]
     rate_limited = is_api_path(rule.rule)
     if rate_limited:
@@ -321,13 +431,16 @@ def _operation(rule: Any, view: Any, doc: Doc | None) -> dict[str, Any]:
         lines = "\n".join(f"- `{code}`: {ERROR_CODES[code]}" for code in errors[status])
         responses[str(status)] = {
             "description": f"{HTTPStatus(status).phrase}:\n{lines}",
-            "content": {"application/json": {"schema": error_schema}}}
+            "content": {"application/json": {"schema": error_schema}},
+        }
         if status in STATUS_HEADERS:
             responses[str(status)]["headers"] = dict(STATUS_HEADERS[status])
     if rate_limited:
         for response in responses.values():
-            response["headers"] = {**{name: name for name in RATE_LIMIT_HEADERS},
-                                   **response.get("headers", {})}
+            response["headers"] = {
+                **{name: name for name in RATE_LIMIT_HEADERS},
+                **response.get("headers", {}),
+            }
     operation["responses"] = responses
     return operation
 
@@ -353,9 +466,14 @@ def _field_extras(self: Any, field: ma_fields.Field, ret: dict, **_: Any) -> dic
             text["nullable"] = True
         extras["anyOf"] = [text, self.field2property(field.items)]
     if isinstance(field, MessageContent):
-        extras["anyOf"] = [{"type": "string"}, {
-            "type": "array", "items": self.resolve_nested_schema(ContentPartSchema),
-            "description": "text parts, joined"}]
+        extras["anyOf"] = [
+            {"type": "string"},
+            {
+                "type": "array",
+                "items": self.resolve_nested_schema(ContentPartSchema),
+                "description": "text parts, joined",
+            },
+        ]
     return extras
 
 

@@ -1,5 +1,6 @@
 """GET /metrics (Prometheus text format), who may read it, and the request hooks that
 time every response and count errors by code (see tursi.metrics and docs/prometheus.md)."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -8,8 +9,8 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 
-from ..auth import bearer_token, key_is_valid, unauthorized
 from ..metrics import ERRORS, REQUEST_DURATION, exposition
+from .auth import bearer_token, key_is_valid, unauthorized
 
 bp = Blueprint("prometheus", __name__)
 
@@ -56,9 +57,11 @@ def init_app(app: Flask) -> None:
 
 def _stamp_start(wsgi_app: Any) -> Any:
     """Time from the WSGI call on, so requests refused by earlier hooks (401, 429) count."""
+
     def timed(environ: dict[str, Any], start_response: Any) -> Any:
         environ[_STARTED] = time.perf_counter()
         return wsgi_app(environ, start_response)
+
     return timed
 
 
@@ -66,8 +69,11 @@ def _observe(response: Response) -> Response:
     """Count every response: error codes now, durations now or, for a stream, when it ends."""
     environ = request.environ
     rule = request.url_rule
-    labels = (request.method if request.method in _METHODS else "other",
-              rule.rule if rule is not None else "unmatched", str(response.status_code))
+    labels = (
+        request.method if request.method in _METHODS else "other",
+        rule.rule if rule is not None else "unmatched",
+        str(response.status_code),
+    )
     code = g.get("error_code")
     if code:
         ERRORS.labels(code).inc()

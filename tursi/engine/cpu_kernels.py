@@ -15,6 +15,7 @@ transformers' calling conventions, so the model's own forward (used for prefill)
 models, for dtypes this CPU's oneDNN does not run, or when a probe matmul disagrees with
 `F.linear`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,10 +55,14 @@ class PackedLinear(nn.Module):
         weight = weight.detach()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         # The row count is only a hint for the blocking; any number of rows works.
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(
-            weight.contiguous(), 16), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone(),
-                             persistent=False)
+        self.register_buffer(
+            "packed",
+            torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 16),
+            persistent=False,
+        )
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().clone(), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -72,8 +77,10 @@ class FusedMLP(nn.Module):
     def __init__(self, mlp: nn.Module):
         super().__init__()
         self.intermediate = mlp.gate_proj.out_features
-        self.gate_up = PackedLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                                    _cat_biases(mlp.gate_proj, mlp.up_proj))
+        self.gate_up = PackedLinear(
+            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            _cat_biases(mlp.gate_proj, mlp.up_proj),
+        )
         self.down_proj = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias)
         self.act_fn = mlp.act_fn
 
@@ -109,10 +116,14 @@ class FusedAttention(nn.Module):
         qkv = self.qkv(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)
         return qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
 
-    def forward(self, hidden_states: torch.Tensor,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
-                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         q, k, v = self.project(hidden_states)
@@ -120,10 +131,12 @@ class FusedAttention(nn.Module):
         q, k = self._apply_rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                       self._eager)
-        out, weights = attend(self, q, k, v, attention_mask, dropout=0.0,
-                              scaling=self.scaling, **kwargs)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, self._eager
+        )
+        out, weights = attend(
+            self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )
         out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(out), weights
 
@@ -160,8 +173,12 @@ def _cat_biases(*linears: nn.Linear) -> torch.Tensor | None:
     biases = [linear.bias for linear in linears]
     if all(bias is None for bias in biases):
         return None
-    return torch.cat([bias if bias is not None else linear.weight.new_zeros(linear.out_features)
-                      for bias, linear in zip(biases, linears)])
+    return torch.cat(
+        [
+            bias if bias is not None else linear.weight.new_zeros(linear.out_features)
+            for bias, linear in zip(biases, linears, strict=False)
+        ]
+    )
 
 
 def _probe(dtype: torch.dtype) -> bool:

@@ -12,6 +12,7 @@ handling, mask building, output objects). Its decoder layers run
 On a 2-core CPU the Python between the ops and the small ops are about a sixth of a 16-row
 step of the embedded model (docs/performance.md).
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,12 +33,16 @@ log = logging.getLogger(__name__)
 def decode_logits(model: Any, ids: torch.Tensor, cache: BatchCache) -> torch.Tensor:
     """Logits [rows, vocab] for `ids` [rows, 1], one token per row of `cache`; advances it."""
     positions, mask = cache.prepare_step(ids.device)
-    if (cache.boolean_mask and fused_llama(model)
-            and model.config._attn_implementation == "sdpa"):
+    if cache.boolean_mask and fused_llama(model) and model.config._attn_implementation == "sdpa":
         logits = _fused_llama_step(model, ids, positions.view(-1), mask, cache)
     else:
-        logits = model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
     cache.advance()
     return logits
 
@@ -46,8 +51,9 @@ class TorchOps:
     """The step's fused operations as the torch ops transformers' Llama code runs."""
 
     @staticmethod
-    def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None,
-                     norm: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(
+        hidden: torch.Tensor, delta: torch.Tensor | None, norm: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden + delta, LlamaRMSNorm of that): normalized in float32, back to the
         dtype, then times the weight. Without delta, hidden itself."""
         if delta is not None:
@@ -56,15 +62,22 @@ class TorchOps:
         return hidden, norm.weight * normalized.to(hidden.dtype)
 
     @staticmethod
-    def rope_store(cache: BatchCache, layer: Any, qkv: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, positions: torch.Tensor, heads: int,
-                   kv_heads: int) -> torch.Tensor:
+    def rope_store(
+        cache: BatchCache,
+        layer: Any,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+    ) -> torch.Tensor:
         """q [rows, heads, 1, head_dim] of `qkv` [rows, 1, width], rotated; k (rotated) and
         v go into the cache at each row's position (cos, sin: [rows, 1, head_dim])."""
         head_dim = cos.shape[-1]
         qkv = qkv.view(qkv.shape[0], -1, 1, head_dim)
-        qk = _rotate(qkv[:, :heads + kv_heads], cos[:, None], sin[:, None])
-        cache.write(layer, qk[:, heads:], qkv[:, heads + kv_heads:])
+        qk = _rotate(qkv[:, : heads + kv_heads], cos[:, None], sin[:, None])
+        cache.write(layer, qk[:, heads:], qkv[:, heads + kv_heads :])
         return qk[:, :heads]
 
 
@@ -84,7 +97,7 @@ class NativePlan:
     eps: float
 
 
-_PLANS: "weakref.WeakKeyDictionary[Any, NativePlan | None]" = weakref.WeakKeyDictionary()
+_PLANS: weakref.WeakKeyDictionary[Any, NativePlan | None] = weakref.WeakKeyDictionary()
 
 
 def native_plan(model: Any) -> NativePlan | None:
@@ -101,34 +114,62 @@ def native_plan(model: Any) -> NativePlan | None:
 def _make_plan(model: Any) -> NativePlan | None:
     inner = model.model
     layers = list(inner.layers)
-    norms = [inner.norm] + [n for layer in layers
-                            for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms = [inner.norm] + [
+        n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
     dtype = inner.embed_tokens.weight.dtype
-    shape = {(layer.self_attn.heads, layer.self_attn.kv_heads, layer.self_attn.head_dim,
-              layer.self_attn.scaling, layer.mlp.intermediate) for layer in layers}
-    if (getattr(model.config, "hidden_act", None) != "silu" or len(shape) != 1
-            or len({norm.variance_epsilon for norm in norms}) != 1
-            or any(norm.weight.dtype != dtype for norm in norms)):
-        log.info("decode steps in torch ops: the native layers need SiLU MLPs, the same "
-                 "heads and norm epsilon in every layer, norm weights in %s", dtype)
+    shape = {
+        (
+            layer.self_attn.heads,
+            layer.self_attn.kv_heads,
+            layer.self_attn.head_dim,
+            layer.self_attn.scaling,
+            layer.mlp.intermediate,
+        )
+        for layer in layers
+    }
+    if (
+        getattr(model.config, "hidden_act", None) != "silu"
+        or len(shape) != 1
+        or len({norm.variance_epsilon for norm in norms}) != 1
+        or any(norm.weight.dtype != dtype for norm in norms)
+    ):
+        log.info(
+            "decode steps in torch ops: the native layers need SiLU MLPs, the same "
+            "heads and norm epsilon in every layer, norm weights in %s",
+            dtype,
+        )
         return None
     weights: list[torch.Tensor] = []
     biases: list[torch.Tensor | None] = []
     for layer in layers:
         attention, mlp = layer.self_attn, layer.mlp
         linears = (attention.qkv, attention.o_proj, mlp.gate_up, mlp.down_proj)
-        weights += [layer.input_layernorm.weight, attention.qkv.packed, attention.o_proj.packed,
-                    layer.post_attention_layernorm.weight, mlp.gate_up.packed,
-                    mlp.down_proj.packed]
+        weights += [
+            layer.input_layernorm.weight,
+            attention.qkv.packed,
+            attention.o_proj.packed,
+            layer.post_attention_layernorm.weight,
+            mlp.gate_up.packed,
+            mlp.down_proj.packed,
+        ]
         biases += [linear.bias for linear in linears]
     heads, kv_heads, _, scaling, intermediate = shape.pop()
     log.info("decode steps in C++ (tursi.engine.native): %d layers", len(layers))
-    return NativePlan(weights + [inner.norm.weight], biases, heads, kv_heads, intermediate,
-                      scaling, inner.norm.variance_epsilon)
+    return NativePlan(
+        weights + [inner.norm.weight],
+        biases,
+        heads,
+        kv_heads,
+        intermediate,
+        scaling,
+        inner.norm.variance_epsilon,
+    )
 
 
-def _fused_llama_step(model: Any, ids: torch.Tensor, positions: torch.Tensor,
-                      mask: torch.Tensor, cache: BatchCache) -> torch.Tensor:
+def _fused_llama_step(
+    model: Any, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
+) -> torch.Tensor:
     """LlamaForCausalLM's forward for one token per row, on fused layers (see module doc)."""
     inner = model.model
     hidden = inner.embed_tokens(ids)  # [n, 1, hidden]
@@ -140,29 +181,57 @@ def _fused_llama_step(model: Any, ids: torch.Tensor, positions: torch.Tensor,
         normed = _torch_layers(inner, hidden, cos, sin, positions, bias, cache)
     else:
         normed = native.load().decode_layers(
-            hidden, plan.weights, plan.biases, [layer.keys for layer in cache.layers],
-            [layer.values for layer in cache.layers], cos, sin, positions, bias, cache.window,
-            plan.heads, plan.kv_heads, plan.intermediate, plan.scaling, plan.eps)
+            hidden,
+            plan.weights,
+            plan.biases,
+            [layer.keys for layer in cache.layers],
+            [layer.values for layer in cache.layers],
+            cos,
+            sin,
+            positions,
+            bias,
+            cache.window,
+            plan.heads,
+            plan.kv_heads,
+            plan.intermediate,
+            plan.scaling,
+            plan.eps,
+        )
     return model.lm_head(normed)[:, -1]
 
 
-def _torch_layers(inner: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  positions: torch.Tensor, bias: torch.Tensor, cache: BatchCache) -> torch.Tensor:
+def _torch_layers(
+    inner: Any,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    bias: torch.Tensor,
+    cache: BatchCache,
+) -> torch.Tensor:
     """The decoder layers in torch ops; returns the final norm of the last hidden state."""
     ops, layers, n = TorchOps, inner.layers, hidden.shape[0]
     hidden, normed = ops.add_rms_norm(hidden, None, layers[0].input_layernorm)
-    for index, (layer, slots) in enumerate(zip(layers, cache.layers)):
+    for index, (layer, slots) in enumerate(zip(layers, cache.layers, strict=False)):
         attention = layer.self_attn
         heads = attention.heads
-        q = ops.rope_store(cache, slots, attention.qkv(normed), cos, sin, positions, heads,
-                           attention.kv_heads)
+        q = ops.rope_store(
+            cache, slots, attention.qkv(normed), cos, sin, positions, heads, attention.kv_heads
+        )
         keys, values = cache.visible(slots)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias,
-                                             scale=attention.scaling,
-                                             enable_gqa=heads != attention.kv_heads)
+        out = F.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=bias,
+            scale=attention.scaling,
+            enable_gqa=heads != attention.kv_heads,
+        )
         hidden, normed = ops.add_rms_norm(
-            hidden, attention.o_proj(out.transpose(1, 2).reshape(n, 1, -1)),
-            layer.post_attention_layernorm)
+            hidden,
+            attention.o_proj(out.transpose(1, 2).reshape(n, 1, -1)),
+            layer.post_attention_layernorm,
+        )
         following = layers[index + 1].input_layernorm if index + 1 < len(layers) else inner.norm
         hidden, normed = ops.add_rms_norm(hidden, layer.mlp(normed), following)
     return normed

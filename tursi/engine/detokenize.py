@@ -1,7 +1,9 @@
 """Incremental detokenization that emits whole characters only."""
+
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class Decoder(Protocol):
@@ -28,7 +30,7 @@ class IncrementalDecoder:
         text = self._decode(self.prefix_offset, len(self.ids))
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix):]
+            return text[len(prefix) :]
         return ""
 
     def flush(self) -> str:
@@ -36,7 +38,7 @@ class IncrementalDecoder:
         prefix = self._decode(self.prefix_offset, self.read_offset)
         text = self._decode(self.prefix_offset, len(self.ids))
         self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix):]
+        return text[len(prefix) :]
 
     def _decode(self, start: int, end: int) -> str:
         return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True)

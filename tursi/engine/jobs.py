@@ -1,10 +1,11 @@
 """What a request hands the engine (a job) and what it gets back (events on the job's channel)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..errors import TursiError
-from .threads import Channel
+from ..threads import Channel
 
 
 @dataclass(frozen=True)

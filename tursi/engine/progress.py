@@ -5,12 +5,14 @@ the fraction done is (steps finished + the current step's own fraction) / steps.
 step, the fraction comes from transformers' own progress bars (the tensors loaded, the
 shards written), read through its tqdm hook for the thread that runs the load.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
-from .threads import native_ident, native_lock
+from ..threads import native_ident, native_lock
 
 LOADING_WEIGHTS = "loading weights"
 
@@ -67,6 +69,7 @@ def _install_hook() -> None:
         if _hook_installed:
             return
         from transformers.utils import logging as hf_logging
+
         hf_logging.set_tqdm_hook(_hook)
         _hook_installed = True
 
@@ -99,7 +102,7 @@ class _ReportingBar:
         self._report(n)
         return self._bar.update(n)
 
-    def __enter__(self) -> "_ReportingBar":
+    def __enter__(self) -> _ReportingBar:
         self._bar.__enter__()
         return self
 

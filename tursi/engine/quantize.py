@@ -11,6 +11,7 @@ accumulation (`torch._int_mm`). Activations are quantized on the way in:
 The input embedding is kept in bfloat16 (a table lookup, exact enough) and widened to float32
 on the way out; norms and attention stay float32. See docs/quantization.md for measurements.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,9 @@ CALIBRATION_TOKENS = 1024
 class Int8Linear(nn.Module):
     """y = x W^T + b with int8 W (per output channel scales) and int8 activations."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 input_scale: float | None = None):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, input_scale: float | None = None
+    ):
         super().__init__()
         weight = weight.detach().float()
         scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
@@ -37,9 +39,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # None: dynamic (per token); a 0-d tensor: static (per layer, from calibration)
-        self.register_buffer("input_scale", None if input_scale is None
-                             else torch.tensor(max(input_scale, 1e-8) / 127,
-                                               dtype=torch.float32))
+        self.register_buffer(
+            "input_scale",
+            None
+            if input_scale is None
+            else torch.tensor(max(input_scale, 1e-8) / 127, dtype=torch.float32),
+        )
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +70,9 @@ class Bf16Embedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
-        self.weight = nn.Parameter(embedding.weight.detach().to(torch.bfloat16),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            embedding.weight.detach().to(torch.bfloat16), requires_grad=False
+        )
         self.padding_idx = embedding.padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -76,6 +82,7 @@ class Bf16Embedding(nn.Module):
 def _linear_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """name -> (weight [out, in], bias) for every Linear and GPT-2 Conv1D."""
     from transformers.pytorch_utils import Conv1D
+
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -85,8 +92,9 @@ def _linear_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
     return layers
 
 
-def calibrate(model: nn.Module, tokenizer: Any, max_tokens: int = CALIBRATION_TOKENS,
-              text: str | None = None) -> dict[str, float]:
+def calibrate(
+    model: nn.Module, tokenizer: Any, max_tokens: int = CALIBRATION_TOKENS, text: str | None = None
+) -> dict[str, float]:
     """Largest |activation| entering each linear layer over the calibration text (its first
     `max_tokens` tokens: at most the model's context)."""
     text = CALIBRATION_TEXT.read_text() if text is None else text
@@ -96,8 +104,10 @@ def calibrate(model: nn.Module, tokenizer: Any, max_tokens: int = CALIBRATION_TO
     modules = dict(model.named_modules())
     hooks = []
     for name in _linear_layers(model):
+
         def record(module: nn.Module, inputs: tuple, name: str = name) -> None:
             peaks[name] = max(peaks.get(name, 0.0), float(inputs[0].abs().amax()))
+
         hooks.append(modules[name].register_forward_pre_hook(record))
     try:
         with torch.inference_mode():

@@ -5,9 +5,10 @@ A decode step gives one logits row per running request; `choose_tokens` picks al
 with one argmax for the greedy rows and one softmax for the sampled rows, then draws each
 sampled row with its own settings and random generator.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -18,9 +19,15 @@ class TokenChooser:
     """Per-request sampling settings and random state. temperature 0 means greedy (argmax);
     top_k 0 and top_p 1 mean no cut; repetition_penalty 1 means none."""
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 top_k: int = 0, repetition_penalty: float = 1.0,
-                 history: Sequence[int] = ()):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        history: Sequence[int] = (),
+    ):
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
@@ -56,8 +63,9 @@ class TokenChooser:
             return
         ids = torch.tensor(sorted(self.seen), device=logits.device)
         scores = logits[ids]
-        logits[ids] = torch.where(scores < 0, scores * self.repetition_penalty,
-                                  scores / self.repetition_penalty)
+        logits[ids] = torch.where(
+            scores < 0, scores * self.repetition_penalty, scores / self.repetition_penalty
+        )
 
     def draw(self, probs: torch.Tensor) -> int:
         """Draw from a 1-D probability vector (temperature already applied), keeping only the
@@ -89,14 +97,15 @@ def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> lis
     greedy = [i for i, chooser in enumerate(choosers) if chooser.greedy]
     if greedy:
         best = logits[greedy].argmax(-1).tolist()
-        for i, token in zip(greedy, best):
+        for i, token in zip(greedy, best, strict=False):
             tokens[i] = token
     sampled = [i for i, chooser in enumerate(choosers) if not chooser.greedy]
     if sampled:
         # The draws use CPU random generators, so they happen on the CPU.
         rows = logits[sampled].cpu()
-        temperatures = torch.tensor([choosers[i].temperature for i in sampled],
-                                    dtype=torch.float32)[:, None]
+        temperatures = torch.tensor(
+            [choosers[i].temperature for i in sampled], dtype=torch.float32
+        )[:, None]
         # Shift by the max first: a tiny temperature then sends the others to -inf, not NaN.
         probs = torch.softmax((rows - rows.max(-1, keepdim=True).values) / temperatures, -1)
         for row, i in enumerate(sampled):

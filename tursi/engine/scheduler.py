@@ -13,13 +13,15 @@ A request leaves the batch at the step where it finishes (end of sequence, stop 
 max_tokens, cancel, deadline). So a running stream waits at most one prefill chunk per
 token, and a new request waits at most for the prefills queued before it.
 """
+
 from __future__ import annotations
 
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -61,7 +63,7 @@ class _Prefill:
         self.starts = [self.width - n for n in lengths]
         ids = torch.full((len(seqs), self.width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), self.width), dtype=torch.long)
-        for row, (seq, start) in enumerate(zip(seqs, self.starts)):
+        for row, (seq, start) in enumerate(zip(seqs, self.starts, strict=False)):
             ids[row, start:] = torch.tensor(seq.job.prompt_ids)
             mask[row, start:] = 1
         self.ids, self.mask = ids.to(device), mask.to(device)
@@ -73,9 +75,14 @@ class _Prefill:
     def step(self, model: Any) -> torch.Tensor | None:
         """Run the next chunk; returns the last column's logits once the prompts are done."""
         end = min(self.done + self.chunk, self.width)
-        out = model(input_ids=self.ids[:, self.done:end], attention_mask=self.mask[:, :end],
-                    position_ids=self.positions[:, self.done:end], past_key_values=self.cache,
-                    use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=self.ids[:, self.done : end],
+            attention_mask=self.mask[:, :end],
+            position_ids=self.positions[:, self.done : end],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.done = end
         return out.logits[:, -1] if end == self.width else None
 
@@ -83,9 +90,14 @@ class _Prefill:
 class Scheduler:
     """Owns the running batch of one model. Only the model's thread calls it."""
 
-    def __init__(self, name: str, loaded: LoadedModel, max_batch: int,
-                 on_done: Callable[[GenerationJob, float, bool], None],
-                 stats: ModelStats | None = None):
+    def __init__(
+        self,
+        name: str,
+        loaded: LoadedModel,
+        max_batch: int,
+        on_done: Callable[[GenerationJob, float, bool], None],
+        stats: ModelStats | None = None,
+    ):
         self.name = name
         self.stats = stats or ModelStats(name)
         self.loaded = loaded
@@ -97,8 +109,9 @@ class Scheduler:
         self.prefill: _Prefill | None = None
         self.active = 0  # jobs taken from `waiting` and not yet ended: prefilling or decoding
         attention = getattr(loaded.model.config, "_attn_implementation", "sdpa")
-        self.cache = BatchCache(num_layers(loaded.model.config), loaded.context_length,
-                                boolean_mask=attention == "sdpa")
+        self.cache = BatchCache(
+            num_layers(loaded.model.config), loaded.context_length, boolean_mask=attention == "sdpa"
+        )
         tokenizer = loaded.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -186,11 +199,22 @@ class Scheduler:
             self.waiting.popleft()
             width = new_width
             params = job.params
-            seqs.append(Sequence(
-                job, TokenChooser(params.temperature, params.top_p, params.seed, params.top_k,
-                                  params.repetition_penalty, job.prompt_ids),
-                IncrementalDecoder(self.loaded.tokenizer, job.prompt_ids),
-                StopMatcher(list(params.stop)), time.perf_counter()))
+            seqs.append(
+                Sequence(
+                    job,
+                    TokenChooser(
+                        params.temperature,
+                        params.top_p,
+                        params.seed,
+                        params.top_k,
+                        params.repetition_penalty,
+                        job.prompt_ids,
+                    ),
+                    IncrementalDecoder(self.loaded.tokenizer, job.prompt_ids),
+                    StopMatcher(list(params.stop)),
+                    time.perf_counter(),
+                )
+            )
         self.active += len(seqs)
         return _Prefill(seqs, self.loaded.device, self.pad_id)
 
@@ -302,5 +326,5 @@ def _ended(job: GenerationJob) -> str | None:
 def _timeout(job: GenerationJob) -> RequestTimeout:
     return RequestTimeout(
         f"The request ran past its deadline of {job.timeout:g} s (TURSI_REQUEST_TIMEOUT)",
-        {"timeout_seconds": job.timeout, "tokens_generated": job.tokens_generated})
-
+        {"timeout_seconds": job.timeout, "tokens_generated": job.tokens_generated},
+    )

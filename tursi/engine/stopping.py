@@ -1,4 +1,5 @@
 """Stop strings over streamed text: cut at the first match, hold back possible prefixes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,8 +7,8 @@ from dataclasses import dataclass
 
 @dataclass
 class StopCheck:
-    text: str       # text that can be released now
-    stopped: bool   # a stop string was found; `text` ends right before it
+    text: str  # text that can be released now
+    stopped: bool  # a stop string was found; `text` ends right before it
 
 
 class StopMatcher:
@@ -28,8 +29,8 @@ class StopMatcher:
             self._held = ""
             return StopCheck(buffer[:cut], True)
         keep = self._longest_partial(buffer)
-        self._held = buffer[len(buffer) - keep:] if keep else ""
-        return StopCheck(buffer[:len(buffer) - keep], False)
+        self._held = buffer[len(buffer) - keep :] if keep else ""
+        return StopCheck(buffer[: len(buffer) - keep], False)
 
     def flush(self) -> str:
         """Release held text at the end of generation (no stop string followed it)."""

@@ -5,6 +5,7 @@ the admission limits, then hands the job over through a native queue; tokens com
 each job's Channel. The thread runs `Scheduler.turn` while there is work and blocks on the
 queue when there is none.
 """
+
 from __future__ import annotations
 
 import gc
@@ -13,13 +14,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import (ContextLengthExceeded, GenerationFailed, InvalidRequest, ModelUnloaded,
-                      Overloaded)
+from ..errors import (
+    ContextLengthExceeded,
+    GenerationFailed,
+    InvalidRequest,
+    ModelUnloaded,
+    Overloaded,
+)
 from ..telemetry import ModelStats
+from ..threads import Channel, Empty, SimpleQueue, native_lock, start_native_thread
 from .jobs import GenerationJob, GenerationParams
 from .loader import LoadedModel
 from .scheduler import Scheduler
-from .threads import Channel, Empty, SimpleQueue, native_lock, start_native_thread
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +45,9 @@ class BatchLimits:
 
 
 class ModelWorker:
-    def __init__(self, name: str, loaded: LoadedModel, stats: ModelStats,
-                 limits: BatchLimits = BatchLimits()):
+    def __init__(
+        self, name: str, loaded: LoadedModel, stats: ModelStats, limits: BatchLimits = BatchLimits()
+    ):
         self.name = name
         self.loaded: LoadedModel | None = loaded
         self.stats = stats
@@ -76,9 +83,16 @@ class ModelWorker:
     def waiting(self) -> int:
         return self.counts()[1]
 
-    def new_job(self, prompt: str, *, max_tokens: int | None, max_tokens_cap: int,
-                default_max_tokens: int | None = None, add_special_tokens: bool = True,
-                **sampling: Any) -> GenerationJob:
+    def new_job(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int | None,
+        max_tokens_cap: int,
+        default_max_tokens: int | None = None,
+        add_special_tokens: bool = True,
+        **sampling: Any,
+    ) -> GenerationJob:
         """Tokenize and check a request against the context window; raise 400s here.
         Without max_tokens a job gets default_max_tokens (DEFAULT_MAX_TOKENS when None),
         within the cap and the context. `sampling` holds the other GenerationParams fields
@@ -89,22 +103,30 @@ class ModelWorker:
         if not prompt_ids:
             raise InvalidRequest("The prompt is empty once tokenized", {"field": "prompt"})
         room = self.context_length - len(prompt_ids)
-        numbers = {"prompt_tokens": len(prompt_ids), "context_length": self.context_length,
-                   "max_tokens_limit": max_tokens_cap}
+        numbers = {
+            "prompt_tokens": len(prompt_ids),
+            "context_length": self.context_length,
+            "max_tokens_limit": max_tokens_cap,
+        }
         if room < 1:
             raise ContextLengthExceeded(
                 f"The prompt ({len(prompt_ids)} tokens) fills the context length of "
-                f"'{self.name}' ({self.context_length} tokens)", numbers)
+                f"'{self.name}' ({self.context_length} tokens)",
+                numbers,
+            )
         if max_tokens is None:
             max_tokens = min(default_max_tokens or DEFAULT_MAX_TOKENS, max_tokens_cap, room)
         elif max_tokens > max_tokens_cap:
-            raise InvalidRequest(f"max_tokens={max_tokens} is above this server's limit of "
-                                 f"{max_tokens_cap}", {**numbers, "max_tokens": max_tokens})
+            raise InvalidRequest(
+                f"max_tokens={max_tokens} is above this server's limit of {max_tokens_cap}",
+                {**numbers, "max_tokens": max_tokens},
+            )
         if max_tokens > room:
             raise ContextLengthExceeded(
                 f"The prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
                 f"the context length of '{self.name}' ({self.context_length} tokens)",
-                {**numbers, "max_tokens": max_tokens})
+                {**numbers, "max_tokens": max_tokens},
+            )
         sampling["stop"] = tuple(sampling.get("stop", ()))
         return GenerationJob(prompt_ids, GenerationParams(max_tokens, **sampling))
 
@@ -115,13 +137,17 @@ class ModelWorker:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequest(
                 f"Model '{self.name}' has no chat template; use /v1/completions with a prompt",
-                {"model": self.name})
+                {"model": self.name},
+            )
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=True)
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
         except Exception as exc:  # jinja2 errors: the template rejects these messages
-            raise InvalidRequest(f"The chat template of '{self.name}' rejected the messages: "
-                                 f"{exc}", {"model": self.name}) from None
+            raise InvalidRequest(
+                f"The chat template of '{self.name}' rejected the messages: {exc}",
+                {"model": self.name},
+            ) from None
 
     def _loaded(self) -> LoadedModel:
         loaded = self.loaded
@@ -139,7 +165,8 @@ class ModelWorker:
                     f"Model '{self.name}' is at capacity ({self.max_batch} running, "
                     f"{self.max_queue} waiting); retry shortly",
                     {"max_batch": self.max_batch, "max_queue": self.max_queue},
-                    {"Retry-After": str(OVERLOAD_RETRY_SECONDS)})
+                    {"Retry-After": str(OVERLOAD_RETRY_SECONDS)},
+                )
             self._admitted += 1
             job.submitted = time.monotonic()
             if self.request_timeout is not None:
@@ -206,6 +233,7 @@ class ModelWorker:
         self.loaded = None
         gc.collect()
         import torch
+
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if self._exited is not None:

@@ -6,6 +6,7 @@ into build/<key>/ beside this file; the key hashes the source, the flags and tor
 so a stale build is never loaded. The server never compiles: `load()` imports what was built,
 or returns None when nothing was (tursi.engine.decode then runs the same steps as torch ops).
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,8 +28,9 @@ FLAGS = ["-O3", "-ffp-contract=off"]
 
 
 def build_dir() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
-                         + torch.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()
+    ).hexdigest()[:16]
     return Path(__file__).with_name("build") / key
 
 
@@ -38,8 +40,9 @@ def build(verbose: bool = False) -> Path:
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    compile_and_load(NAME, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder),
-                     verbose=verbose)
+    compile_and_load(
+        NAME, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder), verbose=verbose
+    )
     return folder / f"{NAME}.so"
 
 
@@ -48,8 +51,7 @@ def load() -> ModuleType | None:
     """The built kernels, or None (logged once) when they were not built or do not load."""
     path = build_dir() / f"{NAME}.so"
     if not path.is_file():
-        log.info("native decode kernels not built (python -m tursi.engine.native); "
-                 "using torch ops")
+        log.info("native decode kernels not built (python -m tursi.engine.native); using torch ops")
         return None
     try:
         spec = importlib.util.spec_from_file_location(NAME, path)

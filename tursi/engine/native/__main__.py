@@ -1,4 +1,5 @@
 """python -m tursi.engine.native: build the fused decode kernels for this machine."""
+
 import sys
 
 from . import build

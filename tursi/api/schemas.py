@@ -1,11 +1,12 @@
 """Marshmallow schemas for every request body and query. Unknown fields are rejected (400)."""
+
 from __future__ import annotations
 
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from .engine.catalog import DTYPES, QUANT_BITS, QUANT_MODES
+from ..engine.catalog import DTYPES, QUANT_BITS, QUANT_MODES
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -60,7 +61,7 @@ class LoadRequestSchema(StrictSchema):
         if not data.get("quantize"):
             given = [name for name in ("bits", "mode") if data.get(name) is not None]
             if given:
-                raise ValidationError("needs \"quantize\": true", given[0])
+                raise ValidationError('needs "quantize": true', given[0])
 
 
 # Fields shared by /api/v1/generate and the OpenAI-compatible routes (which set their own
@@ -70,30 +71,31 @@ def model_field() -> fields.Field:
 
 
 def temperature_field(default: float, **kwargs: Any) -> fields.Field:
-    return JsonNumber(validate=validate.Range(min=0.0, max=2.0), load_default=default,
-                        **kwargs)
+    return JsonNumber(validate=validate.Range(min=0.0, max=2.0), load_default=default, **kwargs)
 
 
 def top_p_field(default: float, **kwargs: Any) -> fields.Field:
-    return JsonNumber(validate=validate.Range(min=0.0, max=1.0, min_inclusive=False),
-                        load_default=default, **kwargs)
+    return JsonNumber(
+        validate=validate.Range(min=0.0, max=1.0, min_inclusive=False),
+        load_default=default,
+        **kwargs,
+    )
 
 
 def top_k_field() -> fields.Field:
     """0 means no top-k cut."""
-    return JsonInteger(validate=validate.Range(min=0, max=1_000_000),
-                          load_default=0)
+    return JsonInteger(validate=validate.Range(min=0, max=1_000_000), load_default=0)
 
 
 def repetition_penalty_field() -> fields.Field:
     """1 means none; above 1 discourages tokens already in the prompt or the output."""
-    return JsonNumber(validate=validate.Range(min=0.0, max=10.0, min_inclusive=False),
-                        load_default=1.0)
+    return JsonNumber(
+        validate=validate.Range(min=0.0, max=10.0, min_inclusive=False), load_default=1.0
+    )
 
 
 def seed_field() -> fields.Field:
-    return JsonInteger(validate=validate.Range(min=0, max=2**63 - 1),
-                          load_default=None)
+    return JsonInteger(validate=validate.Range(min=0, max=2**63 - 1), load_default=None)
 
 
 def stop_string_field() -> fields.Field:
@@ -104,21 +106,28 @@ def max_tokens_field() -> fields.Field:
     return JsonInteger(validate=validate.Range(min=1), load_default=None)
 
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed",
-                   "ignore_eos")
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "stop",
+    "seed",
+    "ignore_eos",
+)
 
 
 class GenerateRequestSchema(StrictSchema):
     model = model_field()
-    prompt = fields.String(required=True,
-                           validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
+    prompt = fields.String(required=True, validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
     max_tokens = max_tokens_field()
     temperature = temperature_field(0.7)
     top_p = top_p_field(0.9)
     top_k = top_k_field()
     repetition_penalty = repetition_penalty_field()
-    stop = fields.List(stop_string_field(), validate=validate.Length(max=MAX_STOP_STRINGS),
-                       load_default=list)
+    stop = fields.List(
+        stop_string_field(), validate=validate.Length(max=MAX_STOP_STRINGS), load_default=list
+    )
     stream = JsonBoolean(load_default=False)
     return_full_text = JsonBoolean(load_default=True)
     seed = seed_field()

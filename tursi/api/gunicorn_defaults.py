@@ -1,6 +1,7 @@
 """Gunicorn settings for Tursi; gunicorn.conf.py in a checkout imports these.
 
 Every value can be overridden by the environment variable shown."""
+
 import os
 
 bind = f"{os.environ.get('TURSI_HOST', '127.0.0.1')}:{os.environ.get('TURSI_PORT', '8000')}"
@@ -36,6 +37,7 @@ def on_starting(server):
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
         import tempfile
+
         path = tempfile.mkdtemp(prefix="tursi-prometheus-")
         _metrics_dir_made_here.append(path)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
@@ -49,20 +51,23 @@ def on_starting(server):
 def child_exit(server, worker):
     """A worker died: its live gauges (running, waiting, memory) stop counting."""
     from prometheus_client import multiprocess
+
     multiprocess.mark_process_dead(worker.pid)
 
 
 def on_exit(server):
     """Master exit: remove the metrics folder if this master made it."""
     import shutil
+
     while _metrics_dir_made_here:
         shutil.rmtree(_metrics_dir_made_here.pop(), ignore_errors=True)
 
 
 def post_worker_init(worker):
-    """SIGTERM drains: new requests get 503, in-flight ones finish (tursi.lifecycle);
-    requests gunicorn cannot parse get a JSON error body (tursi.gunicorn_errors)."""
-    from tursi import gunicorn_errors
-    from tursi.lifecycle import drain_on_sigterm
+    """SIGTERM drains: new requests get 503, in-flight ones finish (tursi.api.lifecycle);
+    requests gunicorn cannot parse get a JSON error body (tursi.api.gunicorn_errors)."""
+    from tursi.api import gunicorn_errors
+    from tursi.api.lifecycle import drain_on_sigterm
+
     drain_on_sigterm(worker)
     gunicorn_errors.install()

@@ -4,16 +4,29 @@ OpenAI fields this server cannot honour are accepted only at their neutral value
 example `n` = 1, `presence_penalty` = 0), so that a client gets a clear 400 instead of a
 silently different answer. Unknown fields are rejected, as on /api/v1.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from marshmallow import ValidationError, fields, post_load, validate, validates_schema
 
-from .schemas import (MAX_PROMPT_CHARS, MAX_STOP_STRINGS, JsonBoolean, JsonInteger,
-                      JsonNumber, StrictSchema, max_tokens_field,
-                      model_field, repetition_penalty_field, seed_field, stop_string_field,
-                      temperature_field, top_k_field, top_p_field)
+from .schemas import (
+    MAX_PROMPT_CHARS,
+    MAX_STOP_STRINGS,
+    JsonBoolean,
+    JsonInteger,
+    JsonNumber,
+    StrictSchema,
+    max_tokens_field,
+    model_field,
+    repetition_penalty_field,
+    seed_field,
+    stop_string_field,
+    temperature_field,
+    top_k_field,
+    top_p_field,
+)
 
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -56,8 +69,9 @@ class OpenAIRequestSchema(StrictSchema):
     user = fields.String(load_default=None)  # accepted, not used
     presence_penalty = JsonNumber(validate=_only(0, "presence_penalty = 0"), allow_none=True)
     frequency_penalty = JsonNumber(validate=_only(0, "frequency_penalty = 0"), allow_none=True)
-    logit_bias = fields.Dict(validate=validate.Length(max=0, error="logit_bias is not supported"),
-                             allow_none=True)
+    logit_bias = fields.Dict(
+        validate=validate.Length(max=0, error="logit_bias is not supported"), allow_none=True
+    )
     ignore_eos = JsonBoolean(load_default=False)  # as vLLM: keep going past end of sequence
 
     @post_load
@@ -71,14 +85,17 @@ class OpenAIRequestSchema(StrictSchema):
 
 class CompletionRequestSchema(OpenAIRequestSchema):
     prompt = fields.Raw(required=True)
-    max_tokens = JsonInteger(validate=validate.Range(min=1),
-                                load_default=OPENAI_COMPLETION_DEFAULT_MAX_TOKENS,
-                                allow_none=True)
+    max_tokens = JsonInteger(
+        validate=validate.Range(min=1),
+        load_default=OPENAI_COMPLETION_DEFAULT_MAX_TOKENS,
+        allow_none=True,
+    )
     echo = JsonBoolean(load_default=False)
     logprobs = JsonInteger(validate=_only(0, "logprobs = null"), allow_none=True)
     best_of = JsonInteger(validate=_only(1, "best_of = 1"), allow_none=True)
-    suffix = fields.String(validate=validate.Length(max=0, error="suffix is not supported"),
-                           allow_none=True)
+    suffix = fields.String(
+        validate=validate.Length(max=0, error="suffix is not supported"), allow_none=True
+    )
 
     @validates_schema
     def _one_prompt(self, data: dict[str, Any], **_: Any) -> None:
@@ -98,7 +115,7 @@ class CompletionRequestSchema(OpenAIRequestSchema):
 
 
 class ContentPartSchema(StrictSchema):
-    type = fields.String(required=True, validate=_only("text", "type \"text\""))
+    type = fields.String(required=True, validate=_only("text", 'type "text"'))
     text = fields.String(required=True)
 
 
@@ -121,21 +138,20 @@ class MessageSchema(StrictSchema):
 
 
 class ResponseFormatSchema(StrictSchema):
-    type = fields.String(required=True, validate=_only("text", "type \"text\""))
+    type = fields.String(required=True, validate=_only("text", 'type "text"'))
 
 
 class ChatCompletionRequestSchema(OpenAIRequestSchema):
-    messages = fields.List(fields.Nested(MessageSchema), required=True,
-                           validate=validate.Length(min=1, max=1000))
+    messages = fields.List(
+        fields.Nested(MessageSchema), required=True, validate=validate.Length(min=1, max=1000)
+    )
     max_tokens = max_tokens_field()
-    max_completion_tokens = JsonInteger(validate=validate.Range(min=1),
-                                           load_default=None)
+    max_completion_tokens = JsonInteger(validate=validate.Range(min=1), load_default=None)
     logprobs = JsonBoolean(validate=_only(False, "logprobs = false"), allow_none=True)
     response_format = fields.Nested(ResponseFormatSchema, allow_none=True)
 
     @post_load
     def _max_tokens(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
         data["max_tokens"] = data.get("max_completion_tokens") or data.get("max_tokens")
-        data["messages"] = [{"role": m["role"], "content": m["content"]}
-                            for m in data["messages"]]
+        data["messages"] = [{"role": m["role"], "content": m["content"]} for m in data["messages"]]
         return data

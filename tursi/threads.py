@@ -6,22 +6,35 @@ gevent primitives. So: threads come from the unpatched ``_thread`` module, the w
 inbox is the C ``_queue.SimpleQueue`` (native locks), and events go to a greenlet through
 ``hub.loop.run_callback_threadsafe``, which wakes the hub from any thread.
 """
+
 from __future__ import annotations
 
 import collections
 from _queue import Empty, SimpleQueue
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["Channel", "Empty", "SimpleQueue", "gevent_active", "native_ident", "native_lock",
-           "native_sleep", "off_hub", "start_native_thread"]
+__all__ = [
+    "Channel",
+    "Empty",
+    "SimpleQueue",
+    "gevent_active",
+    "native_ident",
+    "native_lock",
+    "native_sleep",
+    "off_hub",
+    "start_native_thread",
+]
 
 
 def _original(module: str, name: str) -> Any:
     try:
         from gevent import monkey
+
         return monkey.get_original(module, name)
     except ImportError:  # gevent is optional for the engine
         import importlib
+
         return getattr(importlib.import_module(module), name)
 
 
@@ -51,6 +64,7 @@ class Channel:
         if gevent_active():
             from gevent import get_hub
             from gevent.event import Event
+
             self._hub = get_hub()
             self._event = Event()
             self._items: collections.deque = collections.deque()
@@ -90,6 +104,7 @@ def off_hub(function: Callable[..., Any], *args: Any) -> Any:
     when a greenlet calls it under gevent, else right here."""
     if gevent_active():
         from gevent import get_hub
+
         return get_hub().threadpool.apply(function, args)
     return function(*args)
 
@@ -100,5 +115,6 @@ def native_ident() -> int:
 
 
 def native_lock() -> Any:
-    """A lock that works across OS threads under gevent; hold it only for short, non-blocking work."""
+    """A lock that works across OS threads under gevent; hold it only for short, non-blocking
+    work."""
     return _original("_thread", "allocate_lock")()

@@ -1,4 +1,5 @@
 """The objects one app owns, kept on ``app.extensions["tursi"]`` (no module-level state)."""
+
 from __future__ import annotations
 
 import time
@@ -6,9 +7,9 @@ from dataclasses import dataclass, field
 
 from flask import Flask, current_app
 
-from .config import Settings
-from .engine.manager import ModelManager
-from .telemetry import GpuMonitor, RequestStats
+from ..config import Settings
+from ..engine.manager import ModelManager
+from ..telemetry import GpuMonitor, RequestStats
 
 
 @dataclass
@@ -18,7 +19,7 @@ class AppState:
     requests: RequestStats = field(default_factory=RequestStats)
     gpu: GpuMonitor = field(default_factory=GpuMonitor)
     started: float = field(default_factory=time.monotonic)
-    draining: bool = False  # SIGTERM received: refuse new work (tursi.lifecycle)
+    draining: bool = False  # SIGTERM received: refuse new work (tursi.api.lifecycle)
 
     def attach(self, app: Flask) -> None:
         app.extensions["tursi"] = self

@@ -4,17 +4,18 @@ The views build their bodies as dicts; these schemas describe them (apispec turn
 JSON Schema, with `additionalProperties: false`) and tests/test_openapi.py checks real
 responses against them. `required` marks the fields that are always present.
 """
+
 from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
 
-from .engine.catalog import QUANT_BITS, QUANT_MODES
+from ..engine.catalog import QUANT_BITS, QUANT_MODES
 
 # Every error `code`, and when it is sent (statuses: docs/api.md#errors).
 ERROR_CODES = {
     "invalid_request": "the body is not a JSON object (or not sent as application/json), a "
-                       "field is invalid or unknown, max_tokens is above the server's limit, "
-                       "or a query string was sent to a route that takes none",
+    "field is invalid or unknown, max_tokens is above the server's limit, "
+    "or a query string was sent to a route that takes none",
     "context_length_exceeded": "prompt tokens + max_tokens exceed the model's context",
     "unsupported_quantization": "this device's backend cannot run the asked bits/mode",
     "unauthorized": "missing or wrong API key",
@@ -34,10 +35,10 @@ ERROR_CODES = {
     "not_ready": "the preloaded models are not all loaded yet (see Retry-After)",
     "shutting_down": "the server is shutting down: retry on another instance (see Retry-After)",
     "insufficient_memory": "the model does not fit the memory budget (TURSI_MAX_MEMORY) even "
-                           "after unloading every idle, unpinned model",
+    "after unloading every idle, unpinned model",
     "request_timeout": "the request ran longer than TURSI_REQUEST_TIMEOUT",
     "client_disconnected": "the client closed the connection before its answer was ready; "
-                           "never received, it shows in logs and metrics as 499",
+    "never received, it shows in logs and metrics as 499",
     "http_error": "any other HTTP error",
 }
 
@@ -58,11 +59,15 @@ def _one_of(values, **kwargs) -> fields.Field:
 
 
 def _always_null() -> fields.Field:
-    return fields.Raw(required=True, allow_none=True,
-                      metadata={"type": "object", "enum": [None], "description": "always null"})
+    return fields.Raw(
+        required=True,
+        allow_none=True,
+        metadata={"type": "object", "enum": [None], "description": "always null"},
+    )
 
 
 # --- errors ------------------------------------------------------------------------------
+
 
 class ErrorDetailSchema(Schema):
     code = _one_of(tuple(ERROR_CODES), metadata={"description": "stable, machine-readable"})
@@ -72,29 +77,43 @@ class ErrorDetailSchema(Schema):
 
 class ErrorSchema(Schema):
     """The error body of /api/v1 and every route outside /v1."""
+
     error = fields.Nested(ErrorDetailSchema, required=True)
 
 
 class OpenAIErrorDetailSchema(Schema):
     message = _text()
-    type = _one_of(("invalid_request_error", "authentication_error", "permission_error",
-                    "rate_limit_error", "server_error"))
-    param = fields.String(required=True, allow_none=True,
-                          metadata={"description": "the first invalid field, else null"})
+    type = _one_of(
+        (
+            "invalid_request_error",
+            "authentication_error",
+            "permission_error",
+            "rate_limit_error",
+            "server_error",
+        )
+    )
+    param = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "the first invalid field, else null"},
+    )
     code = _one_of(tuple(ERROR_CODES))
     details = fields.Dict(required=True)
 
 
 class OpenAIErrorSchema(Schema):
     """OpenAI's error object, on /v1; `code` and `details` as on /api/v1."""
+
     error = fields.Nested(OpenAIErrorDetailSchema, required=True)
 
 
 # --- /api/v1/models ----------------------------------------------------------------------
 
+
 class ModelViewSchema(Schema):
     """One catalog model. Loaded models add quantized .. uptime; loading ones progress and
     stage (once the load reports them); failed ones the load error."""
+
     name = _text()
     status = _one_of(MODEL_STATUSES)
     quantized = fields.Boolean()
@@ -117,8 +136,9 @@ class ModelListSchema(Schema):
 class LoadResponseSchema(Schema):
     status = _one_of(("loading", "loaded"))
     message = _text()
-    estimated_time = fields.String(metadata={"description": "only when a load starts",
-                                             "example": "30s"})
+    estimated_time = fields.String(
+        metadata={"description": "only when a load starts", "example": "30s"}
+    )
 
 
 class UnloadResponseSchema(Schema):
@@ -131,8 +151,9 @@ class ModelMetricsValuesSchema(Schema):
     tokens_generated = _count()
     average_generation_time = _text(metadata={"example": "1.5s"})
     memory_usage = fields.String(required=True, allow_none=True)
-    load_time = fields.String(required=True, allow_none=True,
-                              metadata={"example": "2026-11-25T12:00:00Z"})
+    load_time = fields.String(
+        required=True, allow_none=True, metadata={"example": "2026-11-25T12:00:00Z"}
+    )
     error_rate = _text(metadata={"example": "0.1%"})
     status = _one_of(MODEL_STATUSES)
     load_duration = fields.String(required=True, allow_none=True)
@@ -152,8 +173,10 @@ class ModelMetricsSchema(Schema):
 
 # --- /api/v1/generate --------------------------------------------------------------------
 
+
 class GenerateDoneSchema(Schema):
     """The end of a generation; also the data of the stream's `event: done`."""
+
     tokens_generated = _count()
     generation_time = _text(metadata={"example": "1.2s"})
     finish_reason = _one_of(FINISH_REASONS)
@@ -165,11 +188,13 @@ class GenerateResponseSchema(GenerateDoneSchema):
 
 class GenerateTextEventSchema(Schema):
     """The data of the stream's `event: text`."""
+
     text = _text()
     finished = fields.Boolean(required=True, validate=validate.Equal(False))
 
 
 # --- /api/v1/status, /health, /ready -----------------------------------------------------
+
 
 class MemorySchema(Schema):
     total = _text(metadata={"example": "24GB"})
@@ -198,8 +223,12 @@ class StatusSchema(Schema):
     uptime = _text()
     active_models = _count()
     memory_usage = fields.Nested(MemorySchema, required=True)
-    gpu_usage = fields.Nested(GpuMemorySchema, required=True, allow_none=True,
-                              metadata={"description": "null without a GPU"})
+    gpu_usage = fields.Nested(
+        GpuMemorySchema,
+        required=True,
+        allow_none=True,
+        metadata={"description": "null without a GPU"},
+    )
     requests = fields.Nested(RequestCountsSchema, required=True)
     generations = fields.Nested(GenerationCountsSchema, required=True)
 
@@ -210,12 +239,16 @@ class HealthSchema(Schema):
 
 class ReadySchema(Schema):
     status = _one_of(("ready",))
-    models = fields.Dict(keys=fields.String(), values=fields.String(
-        validate=validate.OneOf(MODEL_STATUSES)), required=True,
-        metadata={"description": "each TURSI_PRELOAD model's status"})
+    models = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(validate=validate.OneOf(MODEL_STATUSES)),
+        required=True,
+        metadata={"description": "each TURSI_PRELOAD model's status"},
+    )
 
 
 # --- /v1 (OpenAI-compatible) -------------------------------------------------------------
+
 
 class OpenAIModelSchema(Schema):
     id = _text()
@@ -275,14 +308,16 @@ class ChatCompletionSchema(Schema):
 class CompletionChunkChoiceSchema(Schema):
     index = _count()
     text = _text()
-    finish_reason = fields.String(required=True, allow_none=True,
-                                  validate=validate.OneOf(FINISH_REASONS))
+    finish_reason = fields.String(
+        required=True, allow_none=True, validate=validate.OneOf(FINISH_REASONS)
+    )
     logprobs = _always_null()
 
 
 class CompletionChunkSchema(Schema):
     """One `data:` frame of a streamed /v1/completions (the last has the finish_reason; with
     stream_options.include_usage one more has no choices and the usage)."""
+
     id = _text()
     object = _one_of(("text_completion",))
     created = _count()
@@ -292,21 +327,24 @@ class CompletionChunkSchema(Schema):
 
 
 class ChatDeltaSchema(Schema):
-    role = fields.String(validate=validate.OneOf(("assistant",)),
-                         metadata={"description": "in the first chunk only"})
+    role = fields.String(
+        validate=validate.OneOf(("assistant",)), metadata={"description": "in the first chunk only"}
+    )
     content = fields.String()
 
 
 class ChatChunkChoiceSchema(Schema):
     index = _count()
     delta = fields.Nested(ChatDeltaSchema, required=True)
-    finish_reason = fields.String(required=True, allow_none=True,
-                                  validate=validate.OneOf(FINISH_REASONS))
+    finish_reason = fields.String(
+        required=True, allow_none=True, validate=validate.OneOf(FINISH_REASONS)
+    )
     logprobs = _always_null()
 
 
 class ChatCompletionChunkSchema(Schema):
     """One `data:` frame of a streamed /v1/chat/completions."""
+
     id = _text()
     object = _one_of(("chat.completion.chunk",))
     created = _count()

@@ -11,14 +11,16 @@ after sending a request counts as gone: HTTP clients do not do that.
 
 Outside gunicorn's gevent worker (Flask's test client, a sync worker) this does nothing.
 """
+
 from __future__ import annotations
 
 import _socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from .engine.jobs import GenerationJob
-from .engine.threads import gevent_active
-from .errors import ClientDisconnected
+from ..engine.jobs import GenerationJob
+from ..errors import ClientDisconnected
+from ..threads import gevent_active
 
 
 def _client_gone(fd: int) -> bool | None:

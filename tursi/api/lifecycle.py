@@ -6,6 +6,7 @@ new requests that still reach the worker (on kept-alive connections) get
 `503 shutting_down` with `Connection: close`, /ready says 503, and the generations already
 running finish normally.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,7 @@ from typing import Any
 
 from flask import Flask, request
 
-from .errors import ShuttingDown
+from ..errors import ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,10 @@ def init_app(app: Flask, state: Any) -> None:
     @app.before_request
     def _refuse_while_draining() -> None:
         if state.draining and request.path not in DRAIN_OPEN_PATHS:
-            raise ShuttingDown("The server is shutting down; retry on another instance",
-                               headers={"Connection": "close", "Retry-After": "1"})
+            raise ShuttingDown(
+                "The server is shutting down; retry on another instance",
+                headers={"Connection": "close", "Retry-After": "1"},
+            )
 
 
 def drain(app: Flask) -> None:

@@ -4,6 +4,7 @@ One budget per client covers both APIs (/api/v1 and /v1); other routes (/health,
 /metrics, /docs) are not limited. Headers X-RateLimit-Limit / -Remaining / -Reset go on
 every API response; over the limit the answer is 429 with the error body and Retry-After.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -3,6 +3,7 @@
 With keys configured, every route needs one (/ready and /docs included) except /health
 (liveness probes) and /metrics, which checks for itself (open to loopback scrapers, see
 tursi.api.prometheus)."""
+
 from __future__ import annotations
 
 import hmac
@@ -10,7 +11,7 @@ import logging
 
 from flask import Flask, request
 
-from .errors import Unauthorized
+from ..errors import Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ def is_api_path(path: str) -> bool:
 
 
 def unauthorized() -> Unauthorized:
-    return Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'",
-                        headers={"WWW-Authenticate": 'Bearer realm="tursi"'})
+    return Unauthorized(
+        "A valid API key is required: send 'Authorization: Bearer <key>'",
+        headers={"WWW-Authenticate": 'Bearer realm="tursi"'},
+    )
 
 
 def bearer_token() -> str | None:
@@ -60,8 +63,10 @@ def init_app(app: Flask, keys: list[str]) -> None:
     encoded = [key.encode("utf-8") for key in keys]
     app.extensions["tursi.api_keys"] = encoded
     if not encoded:
-        log.warning("no API keys configured (TURSI_API_KEYS / TURSI_API_KEY_FILE): "
-                    "the API is open to anyone who can reach it")
+        log.warning(
+            "no API keys configured (TURSI_API_KEYS / TURSI_API_KEY_FILE): "
+            "the API is open to anyone who can reach it"
+        )
         return
     log.info("API key authentication on (%d keys)", len(encoded))
 

@@ -1,25 +1,35 @@
 """Requests gunicorn itself refuses (a request line or header it cannot parse, headers over
 its size limits) answered with Tursi's JSON error body instead of gunicorn's HTML page, so
 that every 4xx/5xx a client sees has the same shape. Installed in each worker by the
-post_worker_init hook (tursi.gunicorn_defaults)."""
+post_worker_init hook (tursi.api.gunicorn_defaults)."""
+
 from __future__ import annotations
 
 import json
 
-from .errors import error_body
+from ..errors import error_body
 
 # gunicorn's statuses for unparseable requests, as stable codes.
-CODES = {400: "invalid_request", 403: "forbidden", 414: "uri_too_long",
-         417: "expectation_failed", 431: "headers_too_large", 500: "internal_error",
-         501: "not_implemented"}
+CODES = {
+    400: "invalid_request",
+    403: "forbidden",
+    414: "uri_too_long",
+    417: "expectation_failed",
+    431: "headers_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+}
 
 
 def json_error(status: int, reason: str, message: str) -> bytes:
     """A whole HTTP response: the status line, headers and the JSON error body."""
-    body = json.dumps(error_body(CODES.get(status, "http_error"),
-                                 f"{reason}: {message}" if message else reason)).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    body = json.dumps(
+        error_body(CODES.get(status, "http_error"), f"{reason}: {message}" if message else reason)
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode("latin-1") + body
 
 

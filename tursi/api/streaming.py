@@ -1,18 +1,20 @@
 """Server-sent events: the generator that relays a job's events to the client, and the
 frames of the native API (/api/v1/generate). The OpenAI-compatible frames live with
 their routes (tursi.api.openai_compat)."""
+
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from flask import Response, request
 
+from ..engine.jobs import Failed, Finished, GenerationJob, TextChunk
+from ..errors import TursiError
+from ..formatting import format_seconds
+from ..threads import Empty
 from .disconnect import watch_client
-from .engine.jobs import Failed, Finished, GenerationJob, TextChunk
-from .engine.threads import Empty
-from .errors import TursiError
-from .formatting import format_seconds
 
 HEARTBEAT = ": keep-alive\n\n"
 
@@ -22,9 +24,11 @@ def sse(event: str, data: dict[str, Any]) -> str:
 
 
 def done_payload(done: Finished) -> dict[str, Any]:
-    return {"tokens_generated": done.tokens_generated,
-            "generation_time": format_seconds(done.generation_seconds),
-            "finish_reason": done.finish_reason}
+    return {
+        "tokens_generated": done.tokens_generated,
+        "generation_time": format_seconds(done.generation_seconds),
+        "finish_reason": done.finish_reason,
+    }
 
 
 class Frames(Protocol):
@@ -56,12 +60,13 @@ class NativeFrames:
         return [sse("error", error.body())]
 
 
-def relay(job: GenerationJob, frames: Frames, heartbeat: float,
-          environ: dict[str, Any]) -> Iterator[str]:
+def relay(
+    job: GenerationJob, frames: Frames, heartbeat: float, environ: dict[str, Any]
+) -> Iterator[str]:
     """Yield SSE frames for `job` until it finishes. A comment heartbeat goes out when the
     engine is quiet, so a vanished client is noticed (the write fails, the server closes
     this generator) and the job is cancelled in `finally`; a client that closes its
-    connection is noticed at once (tursi.disconnect). How the stream ended goes into the
+    connection is noticed at once (tursi.api.disconnect). How the stream ended goes into the
     WSGI environ for the request counters: "tursi.stream_ok" and "tursi.stream_error"."""
     ok = False
     unwatch = watch_client(environ, job)
@@ -90,14 +95,16 @@ def relay(job: GenerationJob, frames: Frames, heartbeat: float,
 
 
 def stream_response(job: GenerationJob, frames: Frames, heartbeat: float) -> Response:
-    return Response(relay(job, frames, heartbeat, request.environ),
-                    mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(
+        relay(job, frames, heartbeat, request.environ),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def collect(job: GenerationJob) -> tuple[str, Finished]:
     """Wait for a whole (non-streamed) generation; raise its error if it failed (also when
-    the client disconnects first: the job is then abandoned, tursi.disconnect)."""
+    the client disconnects first: the job is then abandoned, tursi.api.disconnect)."""
     pieces: list[str] = []
     unwatch = watch_client(request.environ, job)
     try:
