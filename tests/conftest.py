@@ -1,12 +1,10 @@
 """Shared fixtures: tiny local models (built once per session), an app factory and a client.
 
 Nothing here downloads anything: the models are random two-layer Llama / GPT-2 networks
-with a tokenizer trained on a few sentences (see tiny_models.py).
+with a tokenizer trained on a few sentences (see helpers.py).
 """
 
 import gc
-import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,16 +12,19 @@ from types import SimpleNamespace
 
 import pytest
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
+from tests.helpers import build_gpt2, build_llama, load_and_wait, write_catalog
+from tursi import create_app
 
-sys.path.insert(0, str(Path(__file__).parent))
+FOLDERS = ("unit", "app", "server")
 
-from tiny_models import build_gpt2, build_llama, write_catalog  # noqa: E402
 
-from tursi import create_app  # noqa: E402
-
-API = "/api/v1"
+def pytest_collection_modifyitems(items):
+    """Markers come from the folder: tests/unit -> unit, tests/app -> app, tests/server ->
+    server (`make test-fast` runs `-m "not server"`: no gunicorn, no redis)."""
+    for item in items:
+        folder = Path(item.fspath).parent.name
+        if folder in FOLDERS:
+            item.add_marker(folder)
 
 
 @pytest.fixture(scope="session")
@@ -113,28 +114,6 @@ def tiny_client(client):
     return client
 
 
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
-def assert_error(response, status, code):
-    """The response is a JSON error of exactly the documented shape; returns its "error"."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    assert "<html" not in response.get_data(as_text=True).lower()
-    body = response.get_json()
-    assert list(body) == ["error"]
-    error = body["error"]
-    assert set(error) == {"code", "message", "details"}
-    assert error["code"] == code
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["details"], dict)
-    return error
-
-
 @pytest.fixture
 def gated_loads(monkeypatch):
     """Loads of the models named in `gated_loads.names` (all when empty) wait for
@@ -159,17 +138,3 @@ def gated_loads(monkeypatch):
 def slow_loads(gated_loads):
     """Every load waits for slow_loads.set()."""
     return gated_loads.gate
-
-
-def load_and_wait(client, name, body=None, timeout=60, headers=None):
-    """POST .../load, then poll GET /models until `name` is loaded or failed; return its entry."""
-    response = client.post(f"{API}/models/{name}/load", json=body, headers=headers)
-    assert response.status_code in (200, 202), response.get_json()
-    deadline = time.monotonic() + timeout
-    while True:
-        models = client.get(f"{API}/models", headers=headers).get_json()["models"]
-        entry = next(m for m in models if m["name"] == name)
-        if entry["status"] in ("loaded", "failed"):
-            return entry
-        assert time.monotonic() < deadline, f"{name} still {entry['status']} after {timeout}s"
-        time.sleep(0.02)

@@ -1,0 +1,1 @@
+"""The HTTP layer through Flask's test client, on tiny local models; no server."""

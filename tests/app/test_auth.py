@@ -1,0 +1,71 @@
+"""The HTTP API through Flask's test client, on tiny random models (no downloads).
+
+Organised as the spec (docs: /work/shared/api-reference.md) is: models, generation,
+status, metrics, errors, authentication, rate limits; then behaviour under load.
+"""
+
+import pytest
+
+from tests.helpers import API, assert_error, generate, load_and_wait, model_entry
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": "Bearer k1x"},
+        {"Authorization": "Basic x"},
+        {"Authorization": "Basic k1"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer    "},
+        {"Authorization": "k1"},
+    ],
+)
+def test_auth_rejects(make_app, headers):
+    client = make_app(api_keys=["k1", "k2"]).test_client()
+    for method, path in [
+        ("get", "/status"),
+        ("get", "/models"),
+        ("post", "/generate"),
+        ("post", "/models/tiny/load"),
+        ("get", "/models/tiny/metrics"),
+    ]:
+        response = getattr(client, method)(f"{API}{path}", headers=headers)
+        error = assert_error(response, 401, "unauthorized")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "k1" not in error["message"]
+    assert model_entry(client, "tiny", {"Authorization": "Bearer k1"})["status"] == "not_loaded"
+
+
+@pytest.mark.parametrize("header", ["Bearer k1", "Bearer k2", "bearer k2"])
+def test_auth_accepts_valid_keys(make_app, header):
+    client = make_app(api_keys=["k1", "k2"]).test_client()
+    headers = {"Authorization": header}
+    assert client.get(f"{API}/status", headers=headers).status_code == 200
+    entry = load_and_wait(client, "tiny", headers=headers)
+    assert entry["status"] == "loaded"
+    assert generate(client, headers=headers, prompt="hi", max_tokens=2).status_code == 200
+
+
+def test_auth_key_file(make_app, tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text("# team keys\nfile-key-1\n\n  file-key-2  \n# retired-key\n")
+    client = make_app(api_key_file=str(key_file)).test_client()
+    for key in ("file-key-1", "file-key-2"):
+        assert (
+            client.get(f"{API}/status", headers={"Authorization": f"Bearer {key}"}).status_code
+            == 200
+        )
+    for key in ("retired-key", "# retired-key", "# team keys"):
+        assert_error(
+            client.get(f"{API}/status", headers={"Authorization": f"Bearer {key}"}),
+            401,
+            "unauthorized",
+        )
+    assert_error(client.get(f"{API}/status"), 401, "unauthorized")
+
+
+def test_auth_off_without_keys(client):
+    assert client.get(f"{API}/status").status_code == 200
+    assert client.get(f"{API}/status", headers={"Authorization": "Bearer x"}).status_code == 200

@@ -1,0 +1,102 @@
+"""A model that fails to load (missing or corrupt weights, out of memory) ends `failed` with
+the reason, the other models keep serving, and once the cause is fixed it loads and serves."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.helpers import API, assert_error, load_and_wait, write_catalog
+
+
+@pytest.fixture
+def fragile(make_app, tiny_models_dir, tmp_path):
+    """An app with "tiny" loaded and "fragile", a copy of the same weights to break."""
+    folder = tmp_path / "fragile"
+    shutil.copytree(tiny_models_dir / "llama", folder)
+    catalog = write_catalog(
+        tmp_path / "models.json",
+        {
+            "tiny": {"path": str(tiny_models_dir / "llama"), "dtype": "float32"},
+            "fragile": {"path": str(folder), "dtype": "float32"},
+        },
+    )
+    client = make_app(models_file=str(catalog)).test_client()
+    assert load_and_wait(client, "tiny")["status"] == "loaded"
+    return client, folder
+
+
+def serves(client, model):
+    response = client.post(
+        f"{API}/generate",
+        json={"model": model, "prompt": "hi", "max_tokens": 3, "ignore_eos": True},
+    )
+    return response.status_code == 200 and response.get_json()["tokens_generated"] == 3
+
+
+def fails_then_recovers(client, fix, *reason_words):
+    entry = load_and_wait(client, "fragile")
+    assert entry["status"] == "failed"
+    for word in reason_words:
+        assert word in entry["error"], entry["error"]
+    error = assert_error(
+        client.post(f"{API}/generate", json={"model": "fragile", "prompt": "hi"}),
+        409,
+        "model_not_loaded",
+    )
+    assert error["details"]["load_error"] == entry["error"]
+    assert serves(client, "tiny")  # the other model never noticed
+    fix()
+    assert load_and_wait(client, "fragile")["status"] == "loaded"
+    assert serves(client, "fragile") and serves(client, "tiny")
+
+
+def test_missing_weights(fragile):
+    client, folder = fragile
+    weights = folder / "model.safetensors"
+    kept = weights.read_bytes()
+    weights.unlink()
+    fails_then_recovers(client, lambda: weights.write_bytes(kept), "fragile")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header", "empty"])
+def test_corrupt_safetensors(fragile, damage):
+    client, folder = fragile
+    weights = folder / "model.safetensors"
+    kept = weights.read_bytes()
+    broken = {
+        "truncated": kept[: len(kept) // 2],
+        "garbage header": b"\xff" * 8 + kept[8:],
+        "empty": b"",
+    }[damage]
+    weights.write_bytes(broken)
+    fails_then_recovers(client, lambda: weights.write_bytes(kept), "fragile")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError("cannot allocate 268435456 bytes"), torch.OutOfMemoryError("CUDA out of memory")],
+)
+def test_out_of_memory(fragile, monkeypatch, error):
+    """Allocation failing mid-load (injected: this machine has the memory): `failed`, with a
+    reason that says out of memory and what to do."""
+    client, folder = fragile
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    state = {"fail": True}
+
+    def from_pretrained(cls, source, *args, **kwargs):
+        if state["fail"] and str(source) == str(folder):
+            raise error
+        return real(cls, source, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
+    fails_then_recovers(
+        client,
+        lambda: state.update(fail=False),
+        "Out of memory",
+        type(error).__name__,
+        "TURSI_MAX_MEMORY",
+    )

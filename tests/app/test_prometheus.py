@@ -1,0 +1,236 @@
+"""GET /metrics: Prometheus counters moved by exactly the traffic sent, in-process (Flask test
+client) and summed across two real gunicorn workers (multiprocess mode); who may scrape."""
+
+import os
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import API, ROOT, wait_for
+
+BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+
+
+GENERATE = ("POST", "/api/v1/generate")
+
+
+# The in-process tests read this process's registry, not a multiprocess folder.
+assert not os.environ.get("PROMETHEUS_MULTIPROC_DIR"), "unset PROMETHEUS_MULTIPROC_DIR for tests"
+
+
+def parse(text):
+    """{(sample name, ((label, value), ...)): value} of a /metrics body."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(client, **kwargs):
+    response = client.get("/metrics", **kwargs)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.content_type.startswith("text/plain")
+    return parse(response.get_data(as_text=True))
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def requests_seen(samples, method, route, status):
+    return value(
+        samples,
+        "tursi_request_duration_seconds_count",
+        method=method,
+        route=route,
+        status=str(status),
+    )
+
+
+def stream(client, **body):
+    response = client.post(f"{API}/generate", json={**BODY, **body, "stream": True})
+    try:
+        return response.status_code, response.get_data(as_text=True)
+    finally:
+        response.close()  # the stream's duration and outcome count when it closes
+
+
+def test_counters_move_by_exactly_the_traffic(tiny_client):
+    client, n = tiny_client, 3
+    before = scrape(client)
+
+    for _ in range(n):
+        response = client.post(f"{API}/generate", json=BODY)
+        assert response.status_code == 200 and response.get_json()["tokens_generated"] == 5
+    status, body = stream(client)
+    assert status == 200 and "event: done" in body
+    assert client.post(f"{API}/generate", json={**BODY, "model": "nope"}).status_code == 404
+    assert client.post(f"{API}/generate", json={"model": "tiny"}).status_code == 400
+    assert client.get("/no/such/path").status_code == 404
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    def settled():  # the engine reports a request's end just after its answer goes out
+        nonlocal after
+        after = scrape(client)
+        return (
+            delta("tursi_tokens_generated_total", model="tiny") >= (n + 1) * 5
+            and value(after, "tursi_generations_running", model="tiny") == 0
+        )
+
+    after = {}
+    wait_for(settled)
+    assert delta("tursi_tokens_generated_total", model="tiny") == (n + 1) * 5
+    assert delta("tursi_time_to_first_token_seconds_count", model="tiny") == n + 1
+    assert delta("tursi_inter_token_latency_seconds_count", model="tiny") == (n + 1) * 4
+    assert delta("tursi_errors_total", code="model_not_found") == 1
+    assert delta("tursi_errors_total", code="invalid_request") == 1
+    assert delta("tursi_errors_total", code="not_found") == 1
+    assert requests_seen(after, *GENERATE, 200) - requests_seen(before, *GENERATE, 200) == n + 1
+    assert requests_seen(after, *GENERATE, 404) - requests_seen(before, *GENERATE, 404) == 1
+    assert requests_seen(after, *GENERATE, 400) - requests_seen(before, *GENERATE, 400) == 1
+    assert (
+        requests_seen(after, "GET", "unmatched", 404)
+        - requests_seen(before, "GET", "unmatched", 404)
+    ) == 1
+    # A histogram's +Inf bucket is its count; durations are positive.
+    assert value(
+        after,
+        "tursi_request_duration_seconds_bucket",
+        method="POST",
+        route="/api/v1/generate",
+        status="200",
+        le="+Inf",
+    ) == requests_seen(after, *GENERATE, 200)
+    assert (
+        value(
+            after,
+            "tursi_request_duration_seconds_sum",
+            method="POST",
+            route="/api/v1/generate",
+            status="200",
+        )
+        > 0
+    )
+    assert value(after, "tursi_model_memory_bytes", model="tiny") > 0
+    assert value(after, "tursi_model_load_duration_seconds_count", model="tiny") >= 1
+    assert value(after, "tursi_generations_running", model="tiny") == 0
+    assert value(after, "tursi_generations_waiting", model="tiny") == 0
+
+
+def test_a_stream_is_timed_when_it_ends_not_when_it_starts(tiny_client, monkeypatch):
+    from tursi.engine.scheduler import Scheduler
+
+    real_step = Scheduler._decode_step
+
+    def slow_step(self):
+        time.sleep(0.05)
+        return real_step(self)
+
+    monkeypatch.setattr(Scheduler, "_decode_step", slow_step)
+    labels = {"method": "POST", "route": "/api/v1/generate", "status": "200"}
+    before = scrape(tiny_client)
+    status, _ = stream(tiny_client, max_tokens=5)  # 4 decode steps: at least 0.2 s
+    after = scrape(tiny_client)
+    assert status == 200
+    assert (
+        value(after, "tursi_request_duration_seconds_count", **labels)
+        - value(before, "tursi_request_duration_seconds_count", **labels)
+    ) == 1
+    assert (
+        value(after, "tursi_request_duration_seconds_sum", **labels)
+        - value(before, "tursi_request_duration_seconds_sum", **labels)
+    ) >= 0.2
+
+
+def test_a_stream_ending_in_an_error_counts_its_code(tiny_client, monkeypatch):
+    from tursi.engine.scheduler import Scheduler
+
+    def broken_step(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Scheduler, "_decode_step", broken_step)
+    before = value(scrape(tiny_client), "tursi_errors_total", code="generation_failed")
+    status, body = stream(tiny_client)
+    assert status == 200 and "event: error" in body and "generation_failed" in body
+    after = value(scrape(tiny_client), "tursi_errors_total", code="generation_failed")
+    assert after - before == 1
+
+
+def test_unloading_releases_the_memory_gauge(tiny_client):
+    held = tiny_client.application.extensions["tursi"].manager.state("tiny").memory_bytes
+    before = value(scrape(tiny_client), "tursi_model_memory_bytes", model="tiny")
+    assert held > 0 and before >= held
+    assert tiny_client.post(f"{API}/models/tiny/unload").status_code == 200
+    assert value(scrape(tiny_client), "tursi_model_memory_bytes", model="tiny") == before - held
+
+
+REMOTE = {"REMOTE_ADDR": "10.0.0.5"}
+
+
+def test_with_keys_remote_scrapers_need_one_loopback_ones_do_not(make_app):
+    client = make_app(api_keys=["k1"]).test_client()
+    refused = client.get("/metrics", environ_base=REMOTE)
+    assert refused.status_code == 401
+    assert refused.get_json()["error"]["code"] == "unauthorized"
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    wrong = client.get("/metrics", environ_base=REMOTE, headers={"Authorization": "Bearer k2"})
+    assert wrong.status_code == 401
+    scrape(client, environ_base=REMOTE, headers={"Authorization": "Bearer k1"})
+    scrape(client, environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    scrape(client, environ_base={"REMOTE_ADDR": "::1"})
+
+
+def test_without_keys_metrics_are_open(client):
+    scrape(client, environ_base=REMOTE)
+
+
+@pytest.mark.parametrize(
+    "address, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.5", False),
+        ("::ffff:10.0.0.5", False),
+        ("2001:db8::1", False),
+        ("", False),
+        (None, False),
+        ("not-an-ip", False),
+    ],
+)
+def test_loopback_addresses(address, loopback):
+    from tursi.api.prometheus import is_loopback
+
+    assert is_loopback(address) is loopback
+
+
+class FakeServer:
+    class log:
+        @staticmethod
+        def info(*args):
+            pass
+
+
+def test_the_master_makes_a_metrics_folder_and_removes_it(monkeypatch):
+    from tursi.api import gunicorn_defaults
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # so that undoing removes it again
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    gunicorn_defaults.on_starting(FakeServer)
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    assert os.path.isdir(folder) and not os.listdir(folder)
+    gunicorn_defaults.on_exit(FakeServer)
+    assert not os.path.exists(folder)
+
+
+def test_the_hooks_reach_gunicorn_conf():
+    import runpy
+
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert {"on_starting", "child_exit", "on_exit"} <= set(conf)
+    assert not conf.get("preload_app")

@@ -1,0 +1,351 @@
+"""Helpers shared by every test folder: tiny local models, a real gunicorn server, HTTP and
+SSE helpers and assertions. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import requests
+import torch
+
+CORPUS = [
+    "Once upon a time there was a small server that answered every request.",
+    "The quick brown fox jumps over the lazy dog. THE END",
+    "Models load, generate tokens and unload; counters count them all.",
+    "Ünïcödé text, emoji 🙂 and symbols € keep the decoder honest.",
+] * 20
+
+
+EOS = "<|endoftext|>"
+
+
+def build_tokenizer(target: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, model_max_length=256
+    )
+    fast.save_pretrained(target)
+    return fast
+
+
+def build_llama(target: Path, seed: int = 0, **overrides) -> Path:
+    """`overrides` change the LlamaConfig (e.g. tie_word_embeddings=False)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(target)
+    config = LlamaConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.eos_token_id,
+            "tie_word_embeddings": True,
+            **overrides,
+        }
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(target)
+    return target
+
+
+def build_gpt2(target: Path, seed: int = 0) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer(target)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(target)
+    return target
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def with_chat_template(source: Path, target: Path) -> Path:
+    """A copy of the tiny model at `source` whose tokenizer has CHAT_TEMPLATE (the tiny
+    tokenizers have none), so that chat completions can succeed."""
+
+    shutil.copytree(source, target)
+    config_path = target / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config))
+    return target
+
+
+def write_catalog(path: Path, entries: dict[str, dict]) -> Path:
+    path.write_text(json.dumps({"models": entries}, indent=2))
+    return path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+EMBEDDED = "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def embedded_server(home: Path, log_path: Path, **env: str) -> Iterator[Server]:
+    """A server preloading the embedded model (from the session's shared TURSI_HOME), with a
+    rate limit no test reaches unless it sets its own; stopped when the block ends."""
+    srv = Server(
+        {
+            "TURSI_HOME": str(home),
+            "TURSI_PRELOAD": EMBEDDED,
+            "TURSI_RATE_LIMIT": "100000/minute",
+            **env,
+        },
+        log_path,
+    )
+    try:
+        srv.wait_loaded(EMBEDDED)
+        yield srv
+    finally:
+        srv.stop()
+
+
+class Server:
+    """A real gunicorn (gevent worker) on a free loopback port; only tests/server starts one."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        current = os.environ.get("PYTEST_CURRENT_TEST", "")
+        assert not current or current.startswith("tests/server/"), (
+            f"{current} starts a server: it belongs in tests/server/"
+        )
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api/v1"
+        self.log_path = log_path
+        full_env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TURSI_HOST": "127.0.0.1",
+            "TURSI_PORT": str(self.port),
+            **env,
+        }
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def generations(self) -> dict:
+        """Generations running and waiting, as GET /status tells them."""
+        return requests.get(f"{self.url}/status", timeout=10).json()["generations"]
+
+    def worker(self) -> psutil.Process:
+        """The one gunicorn worker process (TURSI_WORKERS=1)."""
+        (worker,) = psutil.Process(self.process.pid).children()
+        return worker
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        """Until GET /health answers (the worker has imported everything)."""
+
+        def healthy() -> bool:
+            return requests.get(f"http://127.0.0.1:{self.port}/health", timeout=2).ok
+
+        self._poll(healthy, timeout, "no answer")
+
+    def wait_loaded(self, model: str, timeout: float = 300) -> None:
+        def loaded() -> bool:
+            models = requests.get(f"{self.url}/models", timeout=2).json()["models"]
+            status = {m["name"]: m for m in models}[model]
+            if status["status"] == "failed":
+                raise RuntimeError(f"{model} failed to load: {status.get('error')}")
+            return status["status"] == "loaded"
+
+        self._poll(loaded, timeout, f"{model} not loaded")
+
+    def _poll(self, done, timeout: float, failure: str) -> None:
+        """Call done() every 0.25 s until it is true; a request error counts as not yet (the
+        worker still booting: it imports torch). Raises if gunicorn exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if done():
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{failure} after {timeout}s: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+def parse_sse(lines) -> list[tuple[str, object]]:
+    """(event, decoded JSON data) per frame from SSE lines; comment frames (heartbeats) are
+    skipped. Every other frame must be exactly one `event:` and one `data:` line."""
+    events, frame = [], []
+    for line in lines:
+        if line:
+            frame.append(line)
+            continue
+        if frame and not all(part.startswith(":") for part in frame):
+            fields = dict(part.split(": ", 1) for part in frame)
+            assert set(fields) == {"event", "data"}, frame
+            events.append((fields["event"], json.loads(fields["data"])))
+        frame = []
+    return events
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def assert_error(response, status, code):
+    """The response is a JSON error of exactly the documented shape; returns its "error"."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    assert "<html" not in response.get_data(as_text=True).lower()
+    body = response.get_json()
+    assert list(body) == ["error"]
+    error = body["error"]
+    assert set(error) == {"code", "message", "details"}
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["details"], dict)
+    return error
+
+
+def load_and_wait(client, name, body=None, timeout=60, headers=None):
+    """POST .../load, then poll GET /models until `name` is loaded or failed; return its entry."""
+    response = client.post(f"{API}/models/{name}/load", json=body, headers=headers)
+    assert response.status_code in (200, 202), response.get_json()
+    deadline = time.monotonic() + timeout
+    while True:
+        models = client.get(f"{API}/models", headers=headers).get_json()["models"]
+        entry = next(m for m in models if m["name"] == name)
+        if entry["status"] in ("loaded", "failed"):
+            return entry
+        assert time.monotonic() < deadline, f"{name} still {entry['status']} after {timeout}s"
+        time.sleep(0.02)
+
+
+API = "/api/v1"
+
+
+SIZE = re.compile(r"^\d+(\.\d)?(B|KB|MB|GB|TB)$")
+
+
+SECONDS = re.compile(r"^\d+(\.\d+)?s$")
+
+
+UPTIME = re.compile(r"^(\d+h \d+m|\d+m( \d+s)?|\d+s)$")
+
+
+PERCENT = re.compile(r"^\d+(\.\d)?%$")
+
+
+BUILTIN_NAMES = ["smollm2-135m-instruct", "gpt2", "gpt2-medium"]
+
+
+TINY_CONTEXT = 256  # max_position_embeddings of the tiny Llama
+
+
+def generate(client, headers=None, **body):
+    body.setdefault("model", "tiny")
+    return client.post(f"{API}/generate", json=body, headers=headers)
+
+
+def generate_ok(client, **body):
+    response = generate(client, **body)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def sse_events(text):
+    """[(event, data), ...] of a complete event stream (it ends with a blank line)."""
+    assert text.endswith("\n\n")
+    return parse_sse(text.split("\n"))
+
+
+def stream(client, **body):
+    """POST a streamed generation, read it to the end, close it; return (response, events)."""
+    body.setdefault("model", "tiny")
+    response = client.post(f"{API}/generate", json={**body, "stream": True})
+    try:
+        text = response.get_data(as_text=True)
+    finally:
+        response.close()
+    return response, sse_events(text)
+
+
+def streamed_text(events):
+    assert events[-1][0] == "done"
+    assert [name for name, _ in events[:-1]] == ["text"] * (len(events) - 1)
+    return "".join(data["text"] for _, data in events[:-1])
+
+
+def model_entry(client, name, headers=None):
+    models = client.get(f"{API}/models", headers=headers).get_json()["models"]
+    return next(m for m in models if m["name"] == name)
+
+
+def status(client):
+    response = client.get(f"{API}/status")
+    assert response.status_code == 200
+    return response.get_json()
+
+
+def metrics(client, name="tiny"):
+    response = client.get(f"{API}/models/{name}/metrics")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["name"] == name
+    return body["metrics"]

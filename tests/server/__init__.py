@@ -1,0 +1,1 @@
+"""Real gunicorn (gevent worker) servers over loopback, and redis."""

@@ -1,0 +1,158 @@
+"""Rate limits shared across gunicorn workers and server processes through Redis
+(TURSI_RATELIMIT_STORAGE_URI=redis://...), against a real redis-server started here.
+
+Two gunicorn masters with two gevent workers each stand for two hosts behind a load
+balancer; each request opens a new connection, so the kernel hands them to either worker.
+With Redis the four workers share one budget exactly; with the default memory:// storage
+each worker has its own (the control case)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+import redis
+import requests
+
+from tests.helpers import Server, free_port
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+pytestmark = pytest.mark.skipif(
+    REDIS_SERVER is None,
+    reason="redis-server is not installed (apt-get install redis-server; .ci/run installs it)",
+)
+LIMIT = 20
+
+
+KEYS = [f"scale-out-key-{i}" for i in range(10)]  # one budget per key: one per round
+
+
+# The access log line names the worker (pid) that served each request, and its round.
+ACCESS_FORMAT = "--access-logformat='%(p)s %(s)s %(U)s %({x-round}i)s'"
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
+
+
+def start_servers(tmp_path, storage: str) -> list[Server]:
+    env = {
+        "TURSI_PRELOAD": "",
+        "TURSI_HOME": str(tmp_path / "home"),
+        "TURSI_WORKERS": "2",
+        "TURSI_RATE_LIMIT": f"{LIMIT}/hour",
+        "TURSI_RATELIMIT_STORAGE_URI": storage,
+        "TURSI_API_KEYS": ",".join(KEYS),
+        "GUNICORN_CMD_ARGS": ACCESS_FORMAT,
+    }
+    servers = [Server(env, tmp_path / f"host{i}.log") for i in range(2)]
+    for srv in servers:
+        srv.wait_healthy()
+    return servers
+
+
+def spread_requests(
+    servers: list[Server], count: int, key: str = KEYS[0], round_: int = 0
+) -> list[requests.Response]:
+    """`count` requests, alternating between the servers, each on a new connection."""
+    responses = []
+    for i in range(count):
+        responses.append(
+            requests.get(
+                f"{servers[i % 2].url}/status",
+                timeout=10,
+                headers={
+                    "Authorization": f"Bearer {key}",
+                    "Connection": "close",
+                    "X-Round": str(round_),
+                },
+            )
+        )
+    return responses
+
+
+def workers_seen(srv: Server, round_: int) -> set[str]:
+    """The worker pids of `srv` that served requests of this round."""
+    pattern = re.compile(rf"<(\d+)> \d+ /api/v1/status {round_}$")
+    return {m[1] for m in map(pattern.match, srv.log_path.read_text().splitlines()) if m}
+
+
+def test_two_hosts_of_two_workers_share_one_limit_exactly(tmp_path, redis_url):
+    """Each round spends a fresh key's budget: LIMIT + 5 requests, exactly 5 refused. The
+    kernel picks the worker of each new connection, so rounds go on (each a new key) until
+    one round was served by all four workers; every round must be exact."""
+    servers = start_servers(tmp_path, redis_url)
+    try:
+        for round_, key in enumerate(KEYS):
+            responses = spread_requests(servers, LIMIT + 5, key, round_)
+            # One budget, counted down in the order the requests were sent, whichever
+            # worker of whichever host answered.
+            assert [r.status_code for r in responses] == [200] * LIMIT + [429] * 5
+            remaining = [int(r.headers["X-RateLimit-Remaining"]) for r in responses]
+            assert remaining == list(range(LIMIT - 1, -1, -1)) + [0] * 5
+            for rejected in responses[LIMIT:]:
+                assert rejected.json()["error"]["code"] == "rate_limit_exceeded"
+                assert int(rejected.headers["Retry-After"]) > 0
+            workers = [workers_seen(srv, round_) for srv in servers]
+            if all(len(pids) == 2 for pids in workers):
+                break
+        else:
+            pytest.fail(f"no round reached all four workers in {len(KEYS)} rounds")
+        print(
+            f"\nscale-out: round {round_ + 1}: {LIMIT} allowed, 5 refused, served by "
+            f"workers {workers}"
+        )
+        # Redis holds digests of the keys, never a key itself.
+        stored = redis.Redis.from_url(redis_url).keys("*")
+        assert stored and not any(key.encode() in name for name in stored for key in KEYS)
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
+def test_without_redis_each_worker_has_its_own_budget(tmp_path):
+    """The control case: memory:// storage lets the same requests through (each of the four
+    workers counts only what it served)."""
+    servers = start_servers(tmp_path, "memory://")
+    try:
+        responses = spread_requests(servers, LIMIT + 5)
+        assert Counter(r.status_code for r in responses) == {200: LIMIT + 5}
+    finally:
+        for srv in servers:
+            srv.stop()

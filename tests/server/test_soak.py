@@ -1,0 +1,129 @@
+"""Soak: 64 concurrent clients for 60 s against a real gunicorn serving the embedded model,
+mixing streamed and whole generations, /status, model metrics and Prometheus scrapes.
+
+Only documented statuses may come back (200, and 429 / 503 when limits are reached), every
+stream must end with its `done` event, and the worker's resident memory may not grow by 5%
+or more from the 10 s mark to the end (medians of 5 s of samples). Loopback only; it stops
+by itself."""
+
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.helpers import embedded_server, parse_sse
+
+MODEL = "smollm2-135m-instruct"
+
+
+pytestmark = pytest.mark.soak
+CLIENTS = 64
+
+
+SECONDS = float(os.environ.get("TURSI_SOAK_SECONDS", "60"))
+
+
+WARM_UP = 10.0
+
+
+WINDOW = 5.0  # seconds of RSS samples (one a second) taken together
+
+
+PROMPTS = [
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Dear diary, today I",
+    "The three laws of motion are",
+]
+
+
+def one_call(base: str, session: requests.Session, i: int, n: int) -> tuple[str, int]:
+    """The n-th call of client i; returns (kind, status)."""
+    kind = ("stream", "generate", "status", "metrics", "prometheus")[(i + n) % 5]
+    body = {
+        "model": MODEL,
+        "prompt": PROMPTS[(i * 7 + n) % len(PROMPTS)],
+        "max_tokens": 8 + (i + n) % 24,
+    }
+    if kind == "stream":
+        response = session.post(
+            f"{base}/api/v1/generate", json={**body, "stream": True}, stream=True, timeout=120
+        )
+        if response.status_code == 200:
+            events = parse_sse(response.iter_lines(decode_unicode=True))
+            assert events[-1][0] == "done", events[-1]
+        response.close()
+    elif kind == "generate":
+        response = session.post(f"{base}/api/v1/generate", json=body, timeout=120)
+        if response.status_code == 200:
+            assert response.json()["tokens_generated"] >= 1
+    elif kind == "status":
+        response = session.get(f"{base}/api/v1/status", timeout=30)
+    elif kind == "metrics":
+        response = session.get(f"{base}/api/v1/models/{MODEL}/metrics", timeout=30)
+    else:
+        response = session.get(f"{base}/metrics", timeout=30)
+    if response.status_code >= 400:
+        assert response.json()["error"]["code"] in ("rate_limit_exceeded", "overloaded")
+    return kind, response.status_code
+
+
+def test_soak(embedded_home, tmp_path):
+    with embedded_server(embedded_home, tmp_path / "gunicorn.log") as srv:
+        worker = srv.worker()
+        base = f"http://127.0.0.1:{srv.port}"
+        seen: collections.Counter = collections.Counter()
+        failures: list[str] = []
+        lock = threading.Lock()
+        stop_at = time.monotonic() + SECONDS
+
+        def client(i: int) -> None:
+            n = 0
+            with requests.Session() as session:
+                while time.monotonic() < stop_at:
+                    try:
+                        kind, status = one_call(base, session, i, n)
+                    except Exception as exc:  # a broken stream, a connection error, a bad body
+                        with lock:
+                            failures.append(f"client {i} call {n}: {exc!r}")
+                        return
+                    with lock:
+                        seen[kind, status] += 1
+                    n += 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        rss: list[tuple[float, int]] = []
+        while time.monotonic() < stop_at:
+            rss.append((time.monotonic() - started, worker.memory_info().rss))
+            time.sleep(1.0)
+        for thread in threads:
+            thread.join(180)
+
+        assert not failures, failures[:5]
+        statuses = {status for _, status in seen}
+        assert statuses <= {200, 429, 503}, seen
+        # Resident memory in steady state: the median of the samples of the 5 s from the
+        # warm-up mark, and of the last 5 s (a single sample can catch a batch's transient
+        # buffers, tens of MiB that are freed at once; a leak raises the median).
+        at_warm_up = statistics.median(v for t, v in rss if WARM_UP <= t < WARM_UP + WINDOW)
+        at_end = statistics.median(v for t, v in rss if t >= rss[-1][0] - WINDOW)
+        growth = at_end / at_warm_up - 1
+        calls = sum(seen.values())
+        print(
+            f"\nsoak: {calls} calls in {SECONDS:.0f} s by {CLIENTS} clients: {dict(seen)}; "
+            f"worker RSS {at_warm_up / 2**20:.0f} MiB after {WARM_UP:.0f} s -> "
+            f"{at_end / 2**20:.0f} MiB at the end ({growth:+.1%}), "
+            f"peak {max(v for _, v in rss) / 2**20:.0f} MiB"
+        )
+        assert growth < 0.05
+        assert srv.generations() == {"running": 0, "waiting": 0}

@@ -1,0 +1,1 @@
+"""Pure logic and engine code, no Flask app and no server."""

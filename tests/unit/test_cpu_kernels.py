@@ -1,0 +1,216 @@
+"""The CPU matmul kernels (tursi.engine.cpu_kernels) and the fused decode step
+(tursi.engine.decode): a model after optimize_for_cpu computes what transformers computes,
+in prefill (transformers' forward over the fused modules) and in decode steps (the direct
+path, with the native kernels and with torch ops), and the direct path is the one the engine
+takes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import tursi.engine.decode as decode_module
+from tests.helpers import build_gpt2, build_llama
+from tursi.engine import native
+from tursi.engine.cpu_kernels import (
+    FusedAttention,
+    FusedMLP,
+    PackedLinear,
+    fused_llama,
+    optimize_for_cpu,
+    packing_supported,
+)
+from tursi.engine.decode import decode_logits
+from tursi.engine.kvcache import BatchCache
+from tursi.engine.loader import model_bytes
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if packing_supported(torch.bfloat16) else [])
+
+
+# bf16 keeps 8 bits of mantissa: the fused model's logits may differ in the last bit of
+# intermediate sums; fp32 ones only by summation order.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+PROMPTS = [[5, 17, 42, 8, 99, 23, 61], [300, 7, 12]]
+
+
+def pair(path, dtype):
+    """(stock, optimized) copies of the model at `path`, in `dtype`."""
+    stock = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    optimized = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    assert optimize_for_cpu(optimized)
+    return stock, optimized
+
+
+@pytest.fixture(scope="module", params=["tied", "untied-biases"])
+def llama_path(request, tmp_path_factory):
+    """A tiny Llama with tied embeddings, or with its own head and biases on every
+    projection (so the fused q/k/v and gate/up biases are exercised)."""
+    path = tmp_path_factory.mktemp(request.param)
+    if request.param == "tied":
+        return build_llama(path, initializer_range=0.2)
+    return build_llama(
+        path, tie_word_embeddings=False, attention_bias=True, mlp_bias=True, initializer_range=0.2
+    )
+
+
+@pytest.fixture(params=["native", "torch-ops"])
+def step_ops(request, monkeypatch):
+    """The direct path's decoder layers: native `decode_layers` (when built), or the torch
+    loop."""
+    if request.param == "native" and native.load() is None:
+        pytest.skip("native kernels not built (tests/test_native_kernels.py says why)")
+    if request.param == "torch-ops":
+        monkeypatch.setattr(native, "load", lambda: None)
+    return request.param
+
+
+def test_optimized_llama_is_packed_and_fused(llama_path):
+    _, model = pair(llama_path, torch.float32)
+    assert fused_llama(model)
+    for layer in model.model.layers:
+        assert isinstance(layer.self_attn, FusedAttention)
+        assert isinstance(layer.mlp, FusedMLP)
+    assert isinstance(model.lm_head, PackedLinear)
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert model_bytes(model) > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_logits_match_transformers(llama_path, dtype):
+    """Transformers' own forward over the fused modules: left-padded batch, causal mask."""
+    stock, optimized = pair(llama_path, dtype)
+    ids = torch.tensor([PROMPTS[0], [0] * 4 + PROMPTS[1]])
+    mask = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])
+    with torch.inference_mode():
+        want = stock(input_ids=ids, attention_mask=mask).logits.float()
+        got = optimized(input_ids=ids, attention_mask=mask).logits.float()
+    scale = want.abs().max()
+    assert (got - want)[mask.bool()].abs().max() <= TOLERANCE[dtype] * scale
+
+
+def prefilled(model, prompts):
+    """A BatchCache holding `prompts`, each prefilled alone, and each one's next token."""
+    cache = BatchCache(model.config.num_hidden_layers, 256, boolean_mask=True)
+    tokens = []
+    for prompt in prompts:
+        source = DynamicCache()
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([prompt]), past_key_values=source, use_cache=True)
+        cache.add_row(source, 0, 0, len(prompt))
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return cache, torch.tensor(tokens)[:, None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_decode_steps_match_transformers_forward(llama_path, dtype, step_ops):
+    """Rows of different lengths, 4 steps: the direct path against transformers' forward
+    of the stock model on the same cache contents."""
+    stock, optimized = pair(llama_path, dtype)
+    fast_cache, ids = prefilled(optimized, PROMPTS)
+    slow_cache, _ = prefilled(stock, PROMPTS)
+    with torch.inference_mode():
+        for _ in range(4):
+            got = decode_logits(optimized, ids, fast_cache).float()
+            want = decode_logits(stock, ids, slow_cache).float()
+            assert (got - want).abs().max() <= TOLERANCE[dtype] * want.abs().max()
+            ids = want.argmax(-1)[:, None]
+    assert fast_cache.lengths == slow_cache.lengths == [len(p) + 4 for p in PROMPTS]
+
+
+def test_engine_takes_the_direct_path_for_fused_llama_with_sdpa(llama_path, step_ops, monkeypatch):
+    _, model = pair(llama_path, torch.float32)
+    assert (decode_module.native_plan(model) is not None) == (step_ops == "native")
+    cache, ids = prefilled(model, PROMPTS)
+    eager_cache = copy.deepcopy(cache)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("transformers' forward ran for a decode step")
+
+    with monkeypatch.context() as patch, torch.inference_mode():
+        patch.setattr(type(model), "forward", no_forward)
+        direct = decode_logits(model, ids, cache)
+    model.model.set_attn_implementation("eager")  # eager: transformers' forward, additive mask
+    eager_cache.boolean_mask = False
+    with torch.inference_mode():
+        via_forward = decode_logits(model, ids, eager_cache)
+    assert torch.allclose(direct, via_forward, atol=1e-5)
+
+
+def test_without_the_direct_path_the_engine_matches_too(llama_path, step_ops, monkeypatch):
+    """decode_logits with the direct path switched off runs transformers' forward over the
+    fused modules and the BatchCache: same logits."""
+    _, model = pair(llama_path, torch.float32)
+    cache, ids = prefilled(model, PROMPTS)
+    other = copy.deepcopy(cache)
+    with torch.inference_mode():
+        direct = decode_logits(model, ids, cache)
+        monkeypatch.setattr(decode_module, "fused_llama", lambda model: False)
+        via_forward = decode_logits(model, ids, other)
+    assert torch.allclose(direct, via_forward, atol=1e-5)
+
+
+def test_gpt2_gets_packed_linears_only(tmp_path):
+    """GPT-2 is not fused (its Conv1D projections stay); its output head is packed."""
+    path = build_gpt2(tmp_path)
+    stock, optimized = pair(path, torch.float32)
+    assert not fused_llama(optimized)
+    assert isinstance(optimized.lm_head, PackedLinear)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        assert torch.allclose(
+            optimized(input_ids=ids).logits, stock(input_ids=ids).logits, atol=1e-4
+        )
+
+
+def test_nothing_changes_for_a_dtype_onednn_does_not_pack(llama_path):
+    model = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float64)
+    assert not optimize_for_cpu(model)
+    assert not fused_llama(model)
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_a_llama_the_native_step_cannot_run_uses_torch_ops(tmp_path):
+    """The native decode_layers runs SiLU MLPs only: a GELU Llama gets the torch-ops loop,
+    and still computes what transformers computes."""
+    path = build_llama(tmp_path, hidden_act="gelu", initializer_range=0.2)
+    stock, optimized = pair(path, torch.float32)
+    assert fused_llama(optimized) and decode_module.native_plan(optimized) is None
+    fast_cache, ids = prefilled(optimized, PROMPTS)
+    slow_cache, _ = prefilled(stock, PROMPTS)
+    with torch.inference_mode():
+        got = decode_logits(optimized, ids, fast_cache)
+        want = decode_logits(stock, ids, slow_cache)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_native_decode_layers_refuses_a_plan_that_does_not_fit(llama_path):
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip("native kernels not built")
+    _, model = pair(llama_path, torch.float32)
+    plan = decode_module.native_plan(model)
+    cache, ids = prefilled(model, PROMPTS)
+    positions, mask = cache.prepare_step(torch.device("cpu"))
+    hidden = model.model.embed_tokens(ids)
+    cos, sin = model.model.rotary_emb(hidden, positions)
+    bias = torch.zeros(mask.shape)
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    args = (cos, sin, positions.view(-1), bias)
+    sizes = (plan.heads, plan.kv_heads, plan.intermediate, plan.scaling, plan.eps)
+    with torch.inference_mode():
+        kernels.decode_layers(
+            hidden, plan.weights, plan.biases, keys, values, *args, cache.window, *sizes
+        )  # fits
+        with pytest.raises(RuntimeError):  # a weight short
+            kernels.decode_layers(
+                hidden, plan.weights[:-1], plan.biases, keys, values, *args, cache.window, *sizes
+            )
+        with pytest.raises(RuntimeError):  # a window past the cache's columns
+            kernels.decode_layers(
+                hidden, plan.weights, plan.biases, keys, values, *args, keys[0].shape[2] + 1, *sizes
+            )

@@ -1,0 +1,55 @@
+"""The embedded model quantized stays coherent: held-out perplexity per configuration.
+
+In-process (loader + model), no server. The
+bounds are loose on purpose (measured margins are in docs/quantization.md); they catch a
+broken backend (perplexity in the hundreds or thousands), not a percent of drift."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.helpers import ROOT
+from tursi.engine.catalog import Catalog
+from tursi.engine.loader import LoadOptions, load_model
+from tursi.engine.quantize import Int8Linear
+
+HELDOUT = ROOT / "tursi" / "data" / "heldout.txt"
+
+
+@pytest.fixture(scope="module")
+def home(embedded_home):
+    return str(embedded_home)
+
+
+def perplexity(loaded) -> float:
+    ids = loaded.tokenizer(HELDOUT.read_text(), return_tensors="pt")["input_ids"][:, :512]
+    with torch.inference_mode():
+        return math.exp(float(loaded.model(input_ids=ids, labels=ids).loss))
+
+
+@pytest.fixture(scope="module")
+def fp32_perplexity(home):
+    entry = Catalog.load(None).get("smollm2-135m-instruct")
+    return perplexity(load_model(entry, LoadOptions(dtype="float32").resolved(entry), home))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU backends")
+@pytest.mark.parametrize(
+    "bits, mode, bound",
+    [
+        (8, "dynamic", 1.25),  # measured +4%
+        (4, "dynamic", 1.4),  # measured +13%
+        (8, "static", 6.0),  # measured +171%: coherent but far worse (docs/quantization.md)
+    ],
+)
+def test_quantized_perplexity_stays_near_fp32(home, fp32_perplexity, bits, mode, bound):
+    entry = Catalog.load(None).get("smollm2-135m-instruct")
+    loaded = load_model(entry, LoadOptions(True, bits, mode).resolved(entry), home)
+    if bits == 8:
+        assert any(isinstance(m, Int8Linear) for m in loaded.model.modules())
+    value = perplexity(loaded)
+    assert fp32_perplexity < 40  # the reference itself is a working model
+    assert value < fp32_perplexity * bound, (value, fp32_perplexity)
