@@ -10,6 +10,8 @@ inbox is the C ``_queue.SimpleQueue`` (native locks), and events go to a greenle
 from __future__ import annotations
 
 import collections
+import importlib
+import sys
 from _queue import Empty, SimpleQueue
 from collections.abc import Callable
 from typing import Any
@@ -28,23 +30,19 @@ __all__ = [
 
 
 def _original(module: str, name: str) -> Any:
-    try:
-        from gevent import monkey
-
+    """`module.name` as it was before gevent's patching. Nothing is patched unless gevent's
+    monkey module was imported (the gevent worker does that first), so gevent is never
+    imported here only to ask: the engine runs without it (tests, benchmarks, the CLI)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
         return monkey.get_original(module, name)
-    except ImportError:  # gevent is optional for the engine
-        import importlib
-
-        return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(module), name)
 
 
 def gevent_active() -> bool:
     """True when gevent has patched threading (we run inside a gevent worker)."""
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
-    return monkey.is_module_patched("threading")
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
 
 
 def start_native_thread(target: Callable[..., None], *args: Any) -> int:
