@@ -14,7 +14,7 @@ from tiny_models import CORPUS, build_llama
 import tursi.engine.scheduler as scheduler_module
 from tursi.engine.catalog import Catalog, CatalogEntry
 from tursi.engine.jobs import Finished, GenerationJob, GenerationParams, TextChunk
-from tursi.engine.loader import LoadOptions, load_model
+from tursi.engine.loading import LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 
 LONG = {

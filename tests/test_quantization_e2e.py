@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tursi.engine.catalog import Catalog
-from tursi.engine.loader import LoadOptions, load_model
+from tursi.engine.loading import LoadOptions, load_model
 from tursi.engine.quantize import Int8Linear
 
 pytestmark = pytest.mark.e2e
