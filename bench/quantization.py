@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from tursi.engine.catalog import Catalog  # noqa: E402
 from tursi.engine.jobs import Finished, GenerationJob, GenerationParams  # noqa: E402
-from tursi.engine.loader import LoadOptions, load_model, locate, quantized_dir  # noqa: E402
+from tursi.engine.loading import LoadOptions, load_model, locate, quantized_dir  # noqa: E402
 from tursi.engine.scheduler import Scheduler  # noqa: E402
 from tursi.errors import UnsupportedQuantization  # noqa: E402
 

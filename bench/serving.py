@@ -80,7 +80,7 @@ def baselines(home: str, max_tokens: int, runs: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tursi.engine.catalog import Catalog
-    from tursi.engine.loader import LoadOptions, load_model, locate, resolve_dtype
+    from tursi.engine.loading import LoadOptions, load_model, locate
 
     entry = Catalog.load(None).get(MODEL)
     loaded = load_model(entry, LoadOptions().resolved(entry), home, None, False)
@@ -110,10 +110,11 @@ def baselines(home: str, max_tokens: int, runs: int) -> dict:
         return single, batch16
 
     tursi_1, tursi_16 = rates(loaded.model)
+    dtype = getattr(torch, loaded.dtype)  # plain transformers gets the dtype Tursi chose
     del loaded
     gc.collect()
     stock = AutoModelForCausalLM.from_pretrained(
-        locate(entry, home, False), dtype=resolve_dtype(entry.dtype, False), local_files_only=True
+        locate(entry, home, False), dtype=dtype, local_files_only=True
     ).eval()
     stock_1, stock_16 = rates(stock)
     return {

@@ -24,7 +24,7 @@ from tests.helpers import (
 )
 from tursi.engine.catalog import Catalog, CatalogEntry
 from tursi.engine.jobs import Finished, GenerationJob, GenerationParams, TextChunk
-from tursi.engine.loader import LoadOptions, load_model
+from tursi.engine.loading import LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 
 LONG = {

@@ -30,7 +30,7 @@ from tests.helpers import (
 from tursi import create_app
 from tursi.config import Settings
 from tursi.engine.catalog import CatalogError, read_catalog_file
-from tursi.engine.loader import LoadOptions, estimate_memory_bytes
+from tursi.engine.loading import LoadOptions, estimate_memory_bytes
 from tursi.engine.scheduler import Scheduler
 
 LLAMA = {"dtype": "float32"}

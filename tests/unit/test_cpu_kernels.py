@@ -24,7 +24,7 @@ from tursi.engine.cpu_kernels import (
 )
 from tursi.engine.decode import decode_logits
 from tursi.engine.kvcache import BatchCache
-from tursi.engine.loader import model_bytes
+from tursi.engine.loading import model_bytes
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if packing_supported(torch.bfloat16) else [])
 

@@ -1,6 +1,6 @@
 """The embedded model quantized stays coherent: held-out perplexity per configuration.
 
-In-process (loader + model), no server. The
+In-process (loading + model), no server. The
 bounds are loose on purpose (measured margins are in docs/quantization.md); they catch a
 broken backend (perplexity in the hundreds or thousands), not a percent of drift."""
 
@@ -13,7 +13,7 @@ import torch
 
 from tests.helpers import ROOT
 from tursi.engine.catalog import Catalog
-from tursi.engine.loader import LoadOptions, load_model
+from tursi.engine.loading import LoadOptions, load_model
 from tursi.engine.quantize import Int8Linear
 
 HELDOUT = ROOT / "tursi" / "data" / "heldout.txt"

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from ..engine.loader import LoadOptions
+from ..engine.loading import LoadOptions
 from ..engine.manager import ModelState
 from ..formatting import format_bytes, format_percent, format_seconds, format_uptime, iso_utc
 from . import json_body, no_query

@@ -28,7 +28,13 @@ from ..formatting import format_bytes
 from ..telemetry import ModelStats
 from ..threads import Empty, native_lock, native_sleep, off_hub, start_native_thread
 from .catalog import Catalog
-from .loader import LoadError, LoadOptions, estimate_load_seconds, estimate_memory_bytes, load_model
+from .loading import (
+    LoadError,
+    LoadOptions,
+    estimate_load_seconds,
+    estimate_memory_bytes,
+    load_model,
+)
 from .progress import LoadProgress
 from .worker import BatchLimits, ModelWorker
 

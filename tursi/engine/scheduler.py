@@ -32,7 +32,7 @@ from .decode import decode_logits
 from .detokenize import IncrementalDecoder
 from .jobs import Failed, Finished, GenerationJob, TextChunk
 from .kvcache import BatchCache
-from .loader import LoadedModel, num_layers
+from .loading import LoadedModel, num_layers
 from .sampling import TokenChooser, choose_tokens
 from .stopping import StopMatcher
 

@@ -24,7 +24,7 @@ from ..errors import (
 from ..telemetry import ModelStats
 from ..threads import Channel, Empty, SimpleQueue, native_lock, start_native_thread
 from .jobs import GenerationJob, GenerationParams
-from .loader import LoadedModel
+from .loading import LoadedModel
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,166 @@
+"""The load itself: carry out a LoadPlan (weights and tokenizer read, quantized, optimized)
+and measure the loaded model (bytes, context length, end-of-sequence ids)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...threads import native_lock
+from ..catalog import CatalogEntry
+from ..progress import LOADING_WEIGHTS, LoadProgress, reporting
+from .plan import DeviceFacts, LoadError, LoadOptions, LoadPlan, plan_load
+from .weights import load_int8, locate, quantized_dir, save_int8, source_files
+
+# transformers' loading is not thread-safe: two from_pretrained calls at once left the tied
+# output head (lm_head) uninitialized in 26 of 30 concurrent loads of two tiny Llamas
+# (transformers 5.23), which then served NaN logits. Loading also changes process-wide torch
+# state while it runs (the default dtype; accelerate's init_empty_weights). So the loads of
+# one process run one at a time; a second one waits, still "loading".
+_LOADING = native_lock()
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    dtype: str
+    device: str
+    memory_bytes: int
+    context_length: int
+    eos_ids: frozenset[int]
+
+
+def load_model(
+    entry: CatalogEntry,
+    options: LoadOptions,
+    home: str,
+    max_gpu_memory: str | None = None,
+    allow_downloads: bool = False,
+    progress: LoadProgress | None = None,
+) -> LoadedModel:
+    """Load weights and tokenizer as plan_load decides for this machine. `progress` follows
+    the steps as they run. Loads in one process take turns (_LOADING)."""
+    plan = plan_load(entry, options, DeviceFacts.probe(), max_gpu_memory, allow_downloads)
+    progress = progress or LoadProgress()
+    with _LOADING, reporting(progress):
+        return _load_model(entry, options, home, plan, allow_downloads, progress)
+
+
+def _load_model(
+    entry: CatalogEntry,
+    options: LoadOptions,
+    home: str,
+    plan: LoadPlan,
+    allow_downloads: bool,
+    progress: LoadProgress,
+) -> LoadedModel:
+    converting = source_files(entry, home)[1]
+    if converting:  # a fresh conversion never has cached int8 weights
+        progress.plan(plan.progress_steps(converting=True, int8_cached=False))
+        progress.begin("converting")
+    source = locate(entry, home, allow_downloads)
+    cached = quantized_dir(entry, options, home, source) if plan.int8 else None
+    have_int8 = cached is not None and (cached / "model.safetensors").is_file()
+    if not converting:
+        progress.plan(plan.progress_steps(converting=False, int8_cached=have_int8))
+    progress.begin(LOADING_WEIGHTS)
+    model, tokenizer = _read(entry.name, source, plan, cached if have_int8 else None)
+    model.eval()
+    if cached is not None and not have_int8:  # the full-precision pass ran: quantize, cache
+        _quantize_int8(model, tokenizer, plan, cached, progress)
+    if plan.optimize_for_cpu:
+        from ..cpu_kernels import optimize_for_cpu
+
+        optimize_for_cpu(model)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        dtype=plan.dtype,
+        device=str(model.get_input_embeddings().weight.device),
+        memory_bytes=model_bytes(model),
+        context_length=context_length(model, tokenizer),
+        eos_ids=eos_ids(model, tokenizer),
+    )
+
+
+def _read(name: str, source: str, plan: LoadPlan, int8_cache: Path | None) -> tuple[Any, Any]:
+    """Model and tokenizer from `source` (the model from `int8_cache` when given); a failure
+    other than running out of memory becomes a LoadError that names the model and the files."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, plan.dtype), **plan.files}
+    if plan.device_map is not None:
+        kwargs["device_map"] = plan.device_map
+    if plan.max_memory is not None:
+        kwargs["max_memory"] = plan.max_memory
+    try:
+        if plan.quantizer == "bitsandbytes":
+            from transformers import AutoConfig, BitsAndBytesConfig
+
+            config = AutoConfig.from_pretrained(source, **plan.files)
+            arguments = plan.bitsandbytes_arguments(num_layers(config))
+            kwargs["quantization_config"] = BitsAndBytesConfig(**arguments)
+        tokenizer = AutoTokenizer.from_pretrained(source, **plan.files)
+        if int8_cache is not None:
+            return load_int8(source, int8_cache, plan.static, plan.files), tokenizer
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs), tokenizer
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # the manager says "out of memory" and what to do
+    except Exception as exc:  # missing or damaged files, a config transformers cannot read
+        reason = (
+            str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        )
+        raise LoadError(f"Could not load '{name}' from {source}: {reason}") from None
+
+
+def _quantize_int8(
+    model: Any, tokenizer: Any, plan: LoadPlan, cache: Path, progress: LoadProgress
+) -> None:
+    """Tursi's int8 (tursi.engine.quantize) over the float32 model, then save it to `cache`."""
+    from ..quantize import calibrate, quantize_int8
+
+    peaks = None
+    if plan.static:
+        progress.begin("calibrating")
+        peaks = calibrate(model, tokenizer, context_length(model, tokenizer))
+    progress.begin("quantizing")
+    quantize_int8(model, peaks)
+    save_int8(model, cache)
+
+
+def num_layers(config: Any) -> int:
+    """Decoder layers, from a transformers config (Llama-style or GPT-2 names)."""
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError("cannot tell the model's number of layers from its config")
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes held by parameters and buffers (packed sizes for quantized weights)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def context_length(model: Any, tokenizer: Any) -> int:
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(min(tokenizer.model_max_length, 1 << 20))
+
+
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    generation = getattr(model, "generation_config", None)
+    for value in (getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
