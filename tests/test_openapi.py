@@ -20,6 +20,7 @@ from server import Server, parse_sse
 from tiny_models import with_chat_template, write_catalog
 
 from tursi import __version__
+from tursi.api import gunicorn_errors
 from tursi.api.auth import is_api_path
 from tursi.api.errors import _HTTP_CODES
 from tursi.api.openai_schemas import (
@@ -100,7 +101,8 @@ def test_every_error_code_is_documented():
         cls = classes.pop()
         codes.add(cls.code)
         classes.extend(cls.__subclasses__())
-    assert codes | set(_HTTP_CODES.values()) | {"http_error"} <= set(ERROR_CODES)
+    codes |= set(_HTTP_CODES.values()) | set(gunicorn_errors.CODES.values())
+    assert codes | {gunicorn_errors.OTHER} <= set(ERROR_CODES)
     for doc in OPERATIONS.values():
         for listed in doc.errors.values():
             assert set(listed) <= set(ERROR_CODES)
