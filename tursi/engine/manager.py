@@ -22,7 +22,6 @@ from ..errors import (
     ModelConflict,
     ModelLoading,
     ModelNotLoaded,
-    ModelUnloaded,
 )
 from ..formatting import format_bytes
 from ..telemetry import ModelStats
@@ -364,7 +363,7 @@ class ModelManager:
             if state.status == "loaded":
                 try:
                     self.unload(state.name)
-                except (ModelNotLoaded, LoadInProgress, ModelUnloaded):
+                except (ModelNotLoaded, LoadInProgress):
                     pass
 
 
