@@ -1,7 +1,7 @@
 """The HTTP API through Flask's test client, on tiny random models (no downloads).
 
-Organised as the spec (docs: /work/shared/api-reference.md) is: models, generation,
-status, metrics, errors, authentication, rate limits; then behaviour under load.
+Organised by topic (docs/api.md describes each): models, generation, status, metrics, errors,
+authentication, rate limits; then behaviour under load.
 """
 
 import gc
