@@ -106,15 +106,20 @@ def model_entry(args: argparse.Namespace, name: str) -> dict[str, Any]:
 # --- models, load, unload ------------------------------------------------------------------
 
 
+def loaded_details(entry: dict[str, Any]) -> str:
+    """A loaded model's dtype, device, memory and quantization, as `models` and `load` show
+    them."""
+    details = [entry.get("dtype"), entry.get("device"), entry.get("memory_usage")]
+    if entry.get("quantized"):
+        details.append(f"{entry.get('bits')}-bit {entry.get('mode')}")
+    return ", ".join(str(d) for d in details if d)
+
+
 def describe(entry: dict[str, Any]) -> str:
     """The details column of `tursi models` for one entry."""
     status = entry["status"]
     if status == "loaded":
-        parts = [entry.get("dtype"), entry.get("device"), entry.get("memory_usage")]
-        if entry.get("quantized"):
-            parts.append(f"{entry.get('bits')}-bit {entry.get('mode')}")
-        parts.append(f"up {entry.get('uptime')}")
-        return ", ".join(str(p) for p in parts if p)
+        return ", ".join(p for p in (loaded_details(entry), f"up {entry.get('uptime')}") if p)
     if status == "loading":
         progress = entry.get("progress")
         done = f"{progress * 100:.0f}%" if progress is not None else ""
@@ -152,10 +157,7 @@ def load_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def loaded_line(name: str, entry: dict[str, Any], seconds: float) -> str:
-    details = [entry.get("dtype"), entry.get("device"), entry.get("memory_usage")]
-    if entry.get("quantized"):
-        details.append(f"{entry.get('bits')}-bit {entry.get('mode')}")
-    return f"loaded {name} in {seconds:.1f}s ({', '.join(str(d) for d in details if d)})"
+    return f"loaded {name} in {seconds:.1f}s ({loaded_details(entry)})"
 
 
 def load(args: argparse.Namespace) -> int:
@@ -185,37 +187,40 @@ def wait_for_load(args: argparse.Namespace, name: str, estimate: str | None) -> 
     )
     if estimate:
         bar.set_postfix_str(f"estimated {estimate}")
-    interval = POLL_FIRST
     try:
-        while True:
-            try:
-                entry = model_entry(args, name)
-            except CliError as exc:
-                if not str(exc).startswith("rate_limit_exceeded"):
-                    raise
-                time.sleep(5)  # the polls used up the rate limit; wait for the next window
-                continue
-            if entry["status"] == "loaded":
-                bar.n = 100
-                bar.set_postfix_str("done")
-                return entry
-            if entry["status"] == "failed":
-                raise CliError(f"load_failed: {name}: {entry.get('error')}")
-            if entry["status"] == "not_loaded":
-                raise CliError(f"{name} was unloaded before its load was seen to finish")
-            if entry.get("stage"):
-                bar.set_postfix_str(entry["stage"], refresh=False)
-            if entry.get("progress") is not None:  # absent: the bar stays at 0 until loaded
-                bar.n = round(entry["progress"] * 100)
-            bar.refresh()
-            time.sleep(interval)
-            interval = min(POLL_MAX, interval * POLL_GROWTH)
+        with bar:  # closed before the message below, so that it prints under the bar
+            return follow_load(args, name, bar)
     except KeyboardInterrupt:
-        bar.close()
         print(f"stopped waiting; {name} goes on loading on the server", file=sys.stderr)
         raise
-    finally:
-        bar.close()
+
+
+def follow_load(args: argparse.Namespace, name: str, bar: tqdm) -> dict[str, Any]:
+    """Move `bar` with the load of `name` until it is loaded; return its entry."""
+    interval = POLL_FIRST
+    while True:
+        try:
+            entry = model_entry(args, name)
+        except CliError as exc:
+            if not str(exc).startswith("rate_limit_exceeded"):
+                raise
+            time.sleep(5)  # the polls used up the rate limit; wait for the next window
+            continue
+        if entry["status"] == "loaded":
+            bar.n = 100
+            bar.set_postfix_str("done")
+            return entry
+        if entry["status"] == "failed":
+            raise CliError(f"load_failed: {name}: {entry.get('error')}")
+        if entry["status"] == "not_loaded":
+            raise CliError(f"{name} was unloaded before its load was seen to finish")
+        if entry.get("stage"):
+            bar.set_postfix_str(entry["stage"], refresh=False)
+        if entry.get("progress") is not None:  # absent: the bar stays at 0 until loaded
+            bar.n = round(entry["progress"] * 100)
+        bar.refresh()
+        time.sleep(interval)
+        interval = min(POLL_MAX, interval * POLL_GROWTH)
 
 
 def unload(args: argparse.Namespace) -> int:

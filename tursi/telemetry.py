@@ -105,7 +105,8 @@ class ModelStats:
             self._memory = memory_bytes
 
     def unloaded(self) -> None:
-        """The model was unloaded (its memory is released, its generations ended)."""
+        """The model was unloaded: its gauges go to 0. The manager calls this once the worker
+        is told to stop (after which it moves no gauge), before the memory is released."""
         self.batch_sizes(0, 0)
         with self._lock:
             self._prometheus.memory.dec(self._memory)

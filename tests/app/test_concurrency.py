@@ -1,7 +1,7 @@
 """The HTTP API through Flask's test client, on tiny random models (no downloads).
 
-Organised as the spec (docs: /work/shared/api-reference.md) is: models, generation,
-status, metrics, errors, authentication, rate limits; then behaviour under load.
+One file per part of docs/api.md (models, generation, streaming, status and metrics,
+errors, authentication, rate limits, concurrency).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The document must be valid, list every route, describe every request field, and describe
 the real responses: each call below is validated against the schema documented for its
-route and status. The last test renders /docs in headless Chromium from a real server.
+route and status. (tests/server/test_openapi.py renders /docs in headless Chromium.)
 """
 
 import json
@@ -14,8 +14,9 @@ from apispec_webframeworks.flask import FlaskPlugin
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 
-from tests.helpers import parse_sse, with_chat_template, write_catalog
+from tests.helpers import ROOT, parse_sse, with_chat_template, write_catalog
 from tursi import __version__
+from tursi.api import gunicorn_errors
 from tursi.api.auth import is_api_path
 from tursi.api.errors import _HTTP_CODES
 from tursi.api.openai_schemas import (
@@ -97,7 +98,8 @@ def test_every_error_code_is_documented():
         cls = classes.pop()
         codes.add(cls.code)
         classes.extend(cls.__subclasses__())
-    assert codes | set(_HTTP_CODES.values()) | {"http_error"} <= set(ERROR_CODES)
+    codes |= set(_HTTP_CODES.values()) | set(gunicorn_errors.CODES.values())
+    assert codes | {gunicorn_errors.OTHER} <= set(ERROR_CODES)
     for doc in OPERATIONS.values():
         for listed in doc.errors.values():
             assert set(listed) <= set(ERROR_CODES)
@@ -415,3 +417,17 @@ def test_docs_page_uses_only_local_assets(client):
     bundle = client.get("/docs/swagger-ui-bundle.js")
     assert "javascript" in bundle.mimetype and b"SwaggerUIBundle" in bundle.get_data()
     bundle.close()
+
+
+def test_every_code_gunicorn_errors_sends_is_documented(client):
+    sent = {*gunicorn_errors.CODES.values(), gunicorn_errors.OTHER}
+    assert sent <= set(ERROR_CODES)
+    spec = client.get("/api/v1/openapi.json").get_json()
+    schemas = spec["components"]["schemas"]
+    detail = schemas["Error"]["properties"]["error"]  # gunicorn writes the native body
+    detail = schemas[detail["$ref"].split("/")[-1]] if "$ref" in detail else detail
+    assert sent <= set(detail["properties"]["code"]["enum"])
+    rows = set(
+        re.findall(r"^\| (\d{3}) \| `([a-z_]+)` \|", (ROOT / "docs" / "api.md").read_text(), re.M)
+    )
+    assert {(str(status), code) for status, code in gunicorn_errors.CODES.items()} <= rows

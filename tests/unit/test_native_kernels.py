@@ -21,7 +21,8 @@ def test_native_kernels_are_built_where_a_compiler_is():
 
 
 class Kernels:
-    """The native kernels, called as TorchOps is."""
+    """The native kernels, called as TorchOps is; rope_store also takes the rows' positions
+    (the native op writes the cache at them; TorchOps has them from the cache)."""
 
     def __init__(self, module):
         self.module = module
@@ -95,9 +96,7 @@ def test_rope_store_matches_torch_ops(kernels, dtype):
     qkv = torch.randn(3, 1, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
     angles = positions[:, None, None] * torch.linspace(0.1, 1.0, head_dim)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # [rows, 1, head_dim]
-    want = TorchOps.rope_store(
-        torch_cache, torch_cache.layers[0], qkv, cos, sin, positions, heads, kv_heads
-    )
+    want = TorchOps.rope_store(torch_cache, torch_cache.layers[0], qkv, cos, sin, heads, kv_heads)
     got = kernels.rope_store(
         native_cache, native_cache.layers[0], qkv, cos, sin, positions, heads, kv_heads
     )

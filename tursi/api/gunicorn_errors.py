@@ -9,7 +9,9 @@ import json
 
 from ..errors import error_body
 
-# gunicorn's statuses for unparseable requests, as stable codes.
+# gunicorn's statuses for the requests it refuses, as stable codes: the one list of what this
+# module can send (tests check that tursi.api.response_schemas.ERROR_CODES and docs/api.md
+# describe each). Any other status gets OTHER.
 CODES = {
     400: "invalid_request",
     403: "forbidden",
@@ -19,12 +21,13 @@ CODES = {
     500: "internal_error",
     501: "not_implemented",
 }
+OTHER = "http_error"
 
 
 def json_error(status: int, reason: str, message: str) -> bytes:
     """A whole HTTP response: the status line, headers and the JSON error body."""
     body = json.dumps(
-        error_body(CODES.get(status, "http_error"), f"{reason}: {message}" if message else reason)
+        error_body(CODES.get(status, OTHER), f"{reason}: {message}" if message else reason)
     ).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"

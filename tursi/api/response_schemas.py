@@ -11,7 +11,8 @@ from marshmallow import Schema, fields, validate
 
 from ..engine.catalog import QUANT_BITS, QUANT_MODES
 
-# Every error `code`, and when it is sent (statuses: docs/api.md#errors).
+# Every error `code`, and when it is sent (statuses: docs/api.md#errors); gunicorn's own
+# (tursi.api.gunicorn_errors.CODES) included.
 ERROR_CODES = {
     "invalid_request": "the body is not a JSON object (or not sent as application/json), a "
     "field is invalid or unknown, max_tokens is above the server's limit, "
@@ -39,6 +40,14 @@ ERROR_CODES = {
     "request_timeout": "the request ran longer than TURSI_REQUEST_TIMEOUT",
     "client_disconnected": "the client closed the connection before its answer was ready; "
     "never received, it shows in logs and metrics as 499",
+    "forbidden": "(from gunicorn, before the app) a PROXY protocol header from an address "
+    "that is not an allowed proxy, or a TLS error",
+    "uri_too_long": "(from gunicorn, before the app) a request line over 4094 bytes",
+    "expectation_failed": "(from gunicorn, before the app) an Expect header other than "
+    "100-continue",
+    "headers_too_large": "(from gunicorn, before the app) a header over 8190 bytes or more "
+    "than 100 headers",
+    "not_implemented": "(from gunicorn, before the app) a Transfer-Encoding it does not support",
     "http_error": "any other HTTP error",
 }
 

@@ -1,4 +1,4 @@
-"""The objects one app owns, kept on ``app.extensions["tursi"]`` (no module-level state)."""
+"""The objects one app owns, kept on ``app.extensions["tursi"]`` (none at module level)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Model engine: catalog, loading, the lock-guarded manager and per-model worker threads.
+"""Model engine: the catalog, loading, the lock-guarded manager, and per model a worker thread
+running the batching scheduler.
 
-Nothing in this package imports Flask.
+It serves HTTP and scripts alike: it imports neither Flask nor tursi.api, only the shared
+modules at the package root (config, errors, formatting, telemetry, threads), and gevent
+only through tursi.threads, which works without it.
 """

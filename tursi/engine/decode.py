@@ -68,12 +68,12 @@ class TorchOps:
         qkv: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        positions: torch.Tensor,
         heads: int,
         kv_heads: int,
     ) -> torch.Tensor:
         """q [rows, heads, 1, head_dim] of `qkv` [rows, 1, width], rotated; k (rotated) and
-        v go into the cache at each row's position (cos, sin: [rows, 1, head_dim])."""
+        v go into the cache at each row's column, which the cache's prepare_step set
+        (cos, sin: [rows, 1, head_dim])."""
         head_dim = cos.shape[-1]
         qkv = qkv.view(qkv.shape[0], -1, 1, head_dim)
         qk = _rotate(qkv[:, : heads + kv_heads], cos[:, None], sin[:, None])
@@ -178,7 +178,7 @@ def _fused_llama_step(
     bias = additive_mask(mask, hidden.dtype)
     plan = native_plan(model)
     if plan is None:
-        normed = _torch_layers(inner, hidden, cos, sin, positions, bias, cache)
+        normed = _torch_layers(inner, hidden, cos, sin, bias, cache)
     else:
         normed = native.load().decode_layers(
             hidden,
@@ -205,7 +205,6 @@ def _torch_layers(
     hidden: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    positions: torch.Tensor,
     bias: torch.Tensor,
     cache: BatchCache,
 ) -> torch.Tensor:
@@ -215,9 +214,7 @@ def _torch_layers(
     for index, (layer, slots) in enumerate(zip(layers, cache.layers, strict=False)):
         attention = layer.self_attn
         heads = attention.heads
-        q = ops.rope_store(
-            cache, slots, attention.qkv(normed), cos, sin, positions, heads, attention.kv_heads
-        )
+        q = ops.rope_store(cache, slots, attention.qkv(normed), cos, sin, heads, attention.kv_heads)
         keys, values = cache.visible(slots)
         out = F.scaled_dot_product_attention(
             q,

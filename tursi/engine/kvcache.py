@@ -72,13 +72,6 @@ class BatchCache(Cache):
     def size(self) -> int:
         return len(self.lengths)
 
-    def nbytes(self) -> int:
-        return sum(
-            layer.keys.nbytes + layer.values.nbytes
-            for layer in self.layers
-            if layer.keys is not None
-        )
-
     def add_row(self, source: Cache, source_row: int, start: int, length: int) -> int:
         """Copy columns [start, start + length) of `source_row` of a prefill cache into a new
         row; returns the row's index."""

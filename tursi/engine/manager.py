@@ -22,11 +22,10 @@ from ..errors import (
     ModelConflict,
     ModelLoading,
     ModelNotLoaded,
-    ModelUnloaded,
 )
 from ..formatting import format_bytes
 from ..telemetry import ModelStats
-from ..threads import Empty, native_lock, native_sleep, off_hub, start_native_thread
+from ..threads import Channel, Empty, native_lock, native_sleep, off_hub, start_native_thread
 from .catalog import Catalog
 from .loading import (
     LoadError,
@@ -166,15 +165,15 @@ class ModelManager:
             ticket = self._existing(state, options)
             if ticket is not None:
                 return ticket
-            victims = [
-                (victim.name, self._detach(victim)) for victim in self._evictable_for(name, needed)
-            ]
+            victims = [(victim.name, Channel()) for victim in self._evictable_for(name, needed)]
+            for victim, exited in victims:
+                self._detach(self._states[victim], exited)
             state.status, state.error, state.options = "loading", None, options
             state.progress = progress = LoadProgress()
             state.reserved_bytes = needed
-        for victim, worker in victims:
+        for victim, exited in victims:
             log.info("evicting %s (least recently used, idle) to make room for %s", victim, name)
-            self._stop(victim, worker)
+            self._wait_released(victim, exited)
         start_native_thread(self._load_in_background, name, options, progress)
         return LoadTicket("loading", "Model loading initiated", estimate)
 
@@ -281,7 +280,8 @@ class ModelManager:
             state.dtype, state.device = loaded.dtype, loaded.device
             state.memory_bytes = loaded.memory_bytes
             state.status, state.last_used = "loaded", time.monotonic()
-        state.stats.loaded(loaded.memory_bytes, state.load_seconds)
+            # Under the lock: an unload, which zeroes the gauge under it, comes after this.
+            state.stats.loaded(loaded.memory_bytes, state.load_seconds)
         del loaded
         log.info("loaded %s in %.1fs", name, state.load_seconds)
         if self._keep_alive(name) is not None:
@@ -291,6 +291,7 @@ class ModelManager:
         """Unload a loaded model. Its running and queued generations end with `model_unloaded`;
         returns once the worker has dropped the model (memory released)."""
         state = self.state(name)
+        exited = Channel()  # waited on here, so built here
         with self._lock:
             if state.status == "loading":
                 raise LoadInProgress(
@@ -298,30 +299,29 @@ class ModelManager:
                 )
             if state.status != "loaded" or state.worker is None:
                 raise ModelNotLoaded(f"Model '{name}' is not loaded", {"status": state.status})
-            worker = self._detach(state)
-        self._stop(name, worker)
+            self._detach(state, exited)
+        self._wait_released(name, exited)
 
-    def _detach(self, state: ModelState) -> ModelWorker:
-        """Under the lock: mark a loaded model not loaded and take its worker."""
+    def _detach(self, state: ModelState, exited: Channel | None) -> None:
+        """Under the lock: mark a loaded model not loaded, stop its worker (its jobs end with
+        `model_unloaded`; `exited` gets an item once the model's memory is released) and zero
+        the model's gauges. Under the lock, so that a reload, which cannot start before the
+        lock is released, sets the gauges after this, and the old worker moves them no more."""
         worker = state.worker
         assert worker is not None
         state.worker = None
         state.status, state.options = "not_loaded", None
         state.loaded_at = state.loaded_mono = state.memory_bytes = None
         state.dtype = state.device = None
-        return worker
+        worker.stop(exited)
+        state.stats.unloaded()
 
-    def _stop(self, name: str, worker: ModelWorker, wait: bool = True) -> None:
-        """End a detached worker's jobs (`model_unloaded`); with `wait`, return once it has
-        dropped the model (memory released)."""
-        exited = worker.stop()
-        del worker
-        if wait:
-            try:
-                exited.get(timeout=UNLOAD_WAIT_SECONDS)
-            except Empty:
-                log.warning("worker of %s still busy %.0fs after unload", name, UNLOAD_WAIT_SECONDS)
-        self._states[name].stats.unloaded()
+    def _wait_released(self, name: str, exited: Channel) -> None:
+        """Return once a detached worker has dropped its model (memory released)."""
+        try:
+            exited.get(timeout=UNLOAD_WAIT_SECONDS)
+        except Empty:
+            log.warning("worker of %s still busy %.0fs after unload", name, UNLOAD_WAIT_SECONDS)
 
     # --- keep_alive -------------------------------------------------------------------------
 
@@ -355,12 +355,13 @@ class ModelManager:
                 if state.worker.counts() != (0, 0):
                     state.last_used = now
                 elif now - state.last_used >= keep_alive:
-                    expired.append((state.name, self._detach(state)))
-        for name, worker in expired:
-            log.info("unloading %s: idle for its keep_alive", name)
-            # Not waiting for the thread to exit: this thread is not a request's greenlet.
-            self._stop(name, worker, wait=False)
-        return [name for name, _ in expired]
+                    # No exit channel: nothing waits here, and on the reaper's native thread
+                    # building one would start a gevent hub (tursi.threads).
+                    self._detach(state, None)
+                    expired.append(state.name)
+        for name in expired:
+            log.info("unloaded %s: idle for its keep_alive", name)
+        return expired
 
     def shutdown(self) -> None:
         self._closed = True
@@ -368,7 +369,7 @@ class ModelManager:
             if state.status == "loaded":
                 try:
                     self.unload(state.name)
-                except (ModelNotLoaded, LoadInProgress, ModelUnloaded):
+                except (ModelNotLoaded, LoadInProgress):
                     pass
 
 

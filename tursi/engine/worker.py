@@ -174,15 +174,16 @@ class ModelWorker:
                 job.deadline = job.submitted + self.request_timeout
             self._inbox.put(job)
 
-    def stop(self) -> Channel:
-        """Ask the thread to finish: jobs in flight or queued end with `model_unloaded`.
-        The returned channel gets one item once the model's memory has been released."""
-        exited = Channel()
+    def stop(self, exited: Channel | None = None) -> None:
+        """Ask the thread to finish: jobs in flight or queued end with `model_unloaded`, and
+        from now on it moves none of its stats' gauges (the manager zeroes them). `exited`,
+        when given, gets one item once the model's memory has been released: its waiter
+        builds it (a Channel belongs to the greenlet that makes it, and a native thread must
+        not make one: tursi.threads). Non-blocking, safe from any thread."""
         with self._lock:
             self._stopping = True
             self._exited = exited
             self._inbox.put(_STOP)
-        return exited
 
     # --- worker thread ------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class ModelWorker:
         try:
             while not self._stopping:
                 if scheduler.idle:
-                    self.stats.batch_sizes(0, 0)
+                    self._report_sizes(0, 0)
                 if not self._take_jobs(block=scheduler.idle):
                     break
                 try:
@@ -204,9 +205,16 @@ class ModelWorker:
                 except Exception as exc:  # a model error ends the batch, not the worker
                     log.exception("generation failed on %s", self.name)
                     scheduler.fail_all(GenerationFailed(f"Generation failed: {type(exc).__name__}"))
-                self.stats.batch_sizes(*self.counts())
+                self._report_sizes(*self.counts())
         finally:
             self._release()
+
+    def _report_sizes(self, running: int, waiting: int) -> None:
+        """Move the batch gauges, unless stopped: the manager zeroed them then, and a reload's
+        worker may own them already."""
+        with self._lock:
+            if not self._stopping:
+                self.stats.batch_sizes(running, waiting)
 
     def _take_jobs(self, block: bool) -> bool:
         """Move jobs from the inbox to the scheduler; False once asked to stop."""
