@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from tursi.engine.jobs import SamplingParams
 from tursi.engine.kvcache import BatchCache
 from tursi.engine.sampling import TokenChooser, choose_tokens, nucleus
 
@@ -50,14 +51,18 @@ def test_nucleus_grows_past_the_first_partial_sorts():
 # --- choose_tokens ---------------------------------------------------------------------------
 
 
+def chooser(temperature, top_p=1.0, seed=None):
+    return TokenChooser(SamplingParams(temperature=temperature, top_p=top_p, seed=seed))
+
+
 def mixed_choosers():
     return [
-        TokenChooser(0.0),
-        TokenChooser(0.8, 0.9, seed=1),
-        TokenChooser(0.0),
-        TokenChooser(1.0, 1.0, seed=2),
-        TokenChooser(0.5, 0.5, seed=3),
-        TokenChooser(0.0),
+        chooser(0.0),
+        chooser(0.8, 0.9, seed=1),
+        chooser(0.0),
+        chooser(1.0, 1.0, seed=2),
+        chooser(0.5, 0.5, seed=3),
+        chooser(0.0),
     ]
 
 
@@ -85,14 +90,14 @@ def test_a_sampled_row_draws_the_same_alone_or_in_a_batch():
     batched = [choose_tokens(logits, choosers) for logits in steps]
     for row in (1, 3, 4):
         alone = mixed_choosers()[row]
-        assert [alone(logits[row]) for logits in steps] == [tokens[row] for tokens in batched]
+        assert [choose_tokens(logits[row][None], [alone])[0] for logits in steps] == [
+            tokens[row] for tokens in batched
+        ]
 
 
 def test_choose_tokens_takes_half_precision_logits():
     logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(0)).bfloat16()
-    tokens = choose_tokens(
-        logits, [TokenChooser(0.0), TokenChooser(1.0, 0.9, seed=0), TokenChooser(0.0)]
-    )
+    tokens = choose_tokens(logits, [chooser(0.0), chooser(1.0, 0.9, seed=0), chooser(0.0)])
     assert [tokens[0], tokens[2]] == logits[[0, 2]].float().argmax(-1).tolist()
     assert 0 <= tokens[1] < 100
 

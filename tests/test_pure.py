@@ -11,7 +11,8 @@ import torch
 from tursi.config import EMBEDDED_MODEL, Settings
 from tursi.engine.catalog import BUILTINS, Catalog, CatalogError, read_catalog_file
 from tursi.engine.detokenize import IncrementalDecoder
-from tursi.engine.sampling import TokenChooser, top_p_filter
+from tursi.engine.jobs import SamplingParams
+from tursi.engine.sampling import TokenChooser, choose_tokens, nucleus
 from tursi.engine.stopping import StopMatcher
 from tursi.errors import ModelNotFound
 from tursi.formatting import format_bytes, format_percent, format_seconds, format_uptime, iso_utc
@@ -158,52 +159,65 @@ def test_decoder_after_prompt_keeps_spaces(tokenizer):
 # --- sampling --------------------------------------------------------------------------------
 
 
+def chooser(**settings):
+    return TokenChooser(SamplingParams(**settings))
+
+
+def pick(choose, logits):
+    """The token `choose` picks from one logits vector (a batch of one row)."""
+    return choose_tokens(logits[None], [choose])[0]
+
+
 def test_temperature_zero_is_argmax():
     logits = torch.tensor([0.1, 2.5, -1.0, 2.4, 0.0])
-    choose = TokenChooser(temperature=0.0, top_p=0.5, seed=123)
-    assert [choose(logits) for _ in range(5)] == [1] * 5
+    choose = chooser(temperature=0.0, top_p=0.5, seed=123)
+    assert [pick(choose, logits) for _ in range(5)] == [1] * 5
     assert choose.generator is None
 
 
 def test_top_p_keeps_smallest_nucleus():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
-    kept = top_p_filter(probs, 0.75)  # 0.5 + 0.3 reaches 0.75; 0.15 is not needed
-    assert torch.allclose(kept, torch.tensor([0.0, 0.5 / 0.8, 0.0, 0.3 / 0.8]))
-    assert torch.allclose(top_p_filter(probs, 0.5), torch.tensor([0.0, 1.0, 0.0, 0.0]))
-    assert torch.allclose(top_p_filter(probs, 0.9), torch.tensor([0.0, 0.5, 0.15, 0.3]) / 0.95)
-    assert torch.allclose(top_p_filter(probs, 1.0), probs)
+
+    def kept(top_p):
+        ids, values = nucleus(probs, top_p)
+        return dict(zip(ids.tolist(), values.tolist(), strict=True))
+
+    assert kept(0.75) == {1: 0.5, 3: probs[3].item()}  # 0.5 + 0.3 reaches 0.75; not 0.15
+    assert kept(0.5) == {1: 0.5}
+    assert kept(0.9) == {1: 0.5, 3: probs[3].item(), 2: probs[2].item()}
+    assert set(kept(1.0)) == {0, 1, 2, 3}
 
 
 def test_top_p_always_keeps_the_top_token():
     probs = torch.tensor([0.2, 0.7, 0.1])
-    assert torch.allclose(top_p_filter(probs, 0.01), torch.tensor([0.0, 1.0, 0.0]))
+    assert nucleus(probs, 0.01)[0].tolist() == [1]
 
 
 def test_top_p_below_float32_range_keeps_the_top_token():
     probs = torch.tensor([0.2, 0.7, 0.1])
-    assert torch.equal(top_p_filter(probs, 1e-50), torch.tensor([0.0, 1.0, 0.0]))
+    assert nucleus(probs, 1e-50)[0].tolist() == [1]
 
 
 def test_tiny_temperature_behaves_like_greedy():
     logits = torch.tensor([0.1, 2.5, -1.0, 2.4])
-    assert TokenChooser(temperature=1e-45, top_p=1.0, seed=0)(logits) == 1
+    assert pick(chooser(temperature=1e-45, top_p=1.0, seed=0), logits) == 1
 
 
 def test_sampling_never_picks_filtered_tokens():
     logits = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3]))
-    choose = TokenChooser(temperature=1.0, top_p=0.75, seed=0)
-    picks = {choose(logits) for _ in range(200)}
+    choose = chooser(temperature=1.0, top_p=0.75, seed=0)
+    picks = {pick(choose, logits) for _ in range(200)}
     assert picks == {1, 3}
 
 
 def test_seeded_sampling_is_reproducible():
     logits = torch.zeros(50)  # uniform: every pick comes from the generator
-    first = TokenChooser(temperature=1.0, top_p=1.0, seed=42)
-    second = TokenChooser(temperature=1.0, top_p=1.0, seed=42)
-    other = TokenChooser(temperature=1.0, top_p=1.0, seed=43)
-    a = [first(logits) for _ in range(30)]
-    b = [second(logits) for _ in range(30)]
-    c = [other(logits) for _ in range(30)]
+    first = chooser(temperature=1.0, top_p=1.0, seed=42)
+    second = chooser(temperature=1.0, top_p=1.0, seed=42)
+    other = chooser(temperature=1.0, top_p=1.0, seed=43)
+    a = [pick(first, logits) for _ in range(30)]
+    b = [pick(second, logits) for _ in range(30)]
+    c = [pick(other, logits) for _ in range(30)]
     assert a == b
     assert a != c
     assert len(set(a)) > 5
@@ -211,10 +225,10 @@ def test_seeded_sampling_is_reproducible():
 
 def test_temperature_sharpens_and_flattens():
     logits = torch.tensor([0.0, 1.0])
-    cold = TokenChooser(temperature=0.05, top_p=1.0, seed=1)
-    assert [cold(logits) for _ in range(50)] == [1] * 50
-    hot = TokenChooser(temperature=2.0, top_p=1.0, seed=1)
-    assert {hot(logits) for _ in range(100)} == {0, 1}
+    cold = chooser(temperature=0.05, top_p=1.0, seed=1)
+    assert [pick(cold, logits) for _ in range(50)] == [1] * 50
+    hot = chooser(temperature=2.0, top_p=1.0, seed=1)
+    assert {pick(hot, logits) for _ in range(100)} == {0, 1}
 
 
 # --- formatting ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 import tursi.engine.scheduler as scheduler_module
+from tursi.engine.jobs import SamplingParams
 from tursi.engine.sampling import TokenChooser, choose_tokens
 
 # --- TokenChooser / choose_tokens ---------------------------------------------------------------
@@ -26,8 +27,17 @@ LOGITS = torch.tensor([1.0, 0.5, 2.6, 0.9, 1.1, 2.4, 0.8, 3.0, 1.2, 0.7])
 TOP3 = {7, 2, 5}
 
 
+def chooser(history=(), **settings):
+    return TokenChooser(SamplingParams(**settings), history)
+
+
+def pick(logits, **settings):
+    """The token a fresh chooser with `settings` picks from one logits vector."""
+    return choose_tokens(logits[None], [chooser(**settings)])[0]
+
+
 def draws(seeds=range(400), **settings):
-    return [TokenChooser(seed=seed, **settings)(LOGITS.clone()) for seed in seeds]
+    return [pick(LOGITS.clone(), seed=seed, **settings) for seed in seeds]
 
 
 def test_top_k_keeps_only_the_k_most_likely_tokens():
@@ -54,7 +64,7 @@ def test_top_k_matches_transformers_top_k_warper():
         kept = torch.isfinite(TopKLogitsWarper(k)(None, logits[None].clone())[0])
         allowed = set(torch.nonzero(kept).flatten().tolist())
         assert len(allowed) == k
-        drawn = {TokenChooser(temperature=2.0, top_k=k, seed=s)(logits.clone()) for s in range(300)}
+        drawn = {pick(logits.clone(), temperature=2.0, top_k=k, seed=s) for s in range(300)}
         assert drawn <= allowed
         assert len(drawn) > min(k, 3) - 1
 
@@ -71,7 +81,7 @@ def test_top_k_1_is_greedy_at_any_temperature():
         best = int(logits.argmax())
         for temperature in (0.3, 1.0, 2.0):
             for seed in range(5):
-                assert TokenChooser(temperature, seed=seed, top_k=1)(logits) == best
+                assert pick(logits, temperature=temperature, seed=seed, top_k=1) == best
 
 
 def test_top_k_then_top_p():
@@ -87,10 +97,10 @@ def test_top_k_per_row_in_a_batch():
     counts = [collections.Counter() for _ in range(4)]
     for seed in range(300):
         choosers = [
-            TokenChooser(1.0, seed=seed, top_k=1),
-            TokenChooser(1.0, seed=seed),
-            TokenChooser(0.0),
-            TokenChooser(1.0, seed=seed, top_k=2),
+            chooser(temperature=1.0, seed=seed, top_k=1),
+            chooser(temperature=1.0, seed=seed),
+            chooser(temperature=0.0),
+            chooser(temperature=1.0, seed=seed, top_k=2),
         ]
         for row, token in enumerate(choose_tokens(batch.clone(), choosers)):
             counts[row][token] += 1
@@ -105,9 +115,9 @@ def test_repetition_penalty_matches_transformers(penalty):
     torch.manual_seed(2)
     logits = torch.randn(64) * 4  # positive and negative logits
     history = [3, 7, 7, 12, 40, 63, 0, 12]
-    chooser = TokenChooser(temperature=0, repetition_penalty=penalty, history=history)
+    penalizing = chooser(temperature=0, repetition_penalty=penalty, history=history)
     ours = logits.clone()
-    chooser.penalize(ours)
+    penalizing.penalize(ours)
     reference = RepetitionPenaltyLogitsProcessor(penalty)(
         torch.tensor([history]), logits[None].clone()
     )[0]
@@ -122,9 +132,9 @@ def test_repetition_penalty_in_choose_tokens_matches_transformers():
     history = [int(i) for i in logits[0].topk(4).indices] + [5]  # the top tokens of row 0
     original = logits.clone()
     choosers = [
-        TokenChooser(0.0, repetition_penalty=4.0, history=history[:2]),
-        TokenChooser(0.0, repetition_penalty=1.0, history=history),
-        TokenChooser(0.0, repetition_penalty=4.0, history=history[:2]),
+        chooser(temperature=0.0, repetition_penalty=4.0, history=history[:2]),
+        chooser(temperature=0.0, repetition_penalty=1.0, history=history),
+        chooser(temperature=0.0, repetition_penalty=4.0, history=history[:2]),
     ]
     for token in history[2:]:
         choosers[2].remember(token)  # generated tokens count as well as the prompt's
@@ -144,9 +154,9 @@ def test_repetition_penalty_in_choose_tokens_matches_transformers():
 
 
 def test_repetition_penalty_1_keeps_no_history():
-    chooser = TokenChooser(0.0, repetition_penalty=1.0, history=[1, 2, 3])
-    chooser.remember(4)
-    assert chooser.seen == set()
+    unpenalized = chooser(temperature=0.0, repetition_penalty=1.0, history=[1, 2, 3])
+    unpenalized.remember(4)
+    assert unpenalized.seen == set()
 
 
 # --- through the API on the tiny Llama ----------------------------------------------------------

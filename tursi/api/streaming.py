@@ -15,6 +15,7 @@ from ..errors import TursiError
 from ..formatting import format_seconds
 from ..threads import Empty
 from .disconnect import watch_client
+from .state import current
 
 HEARTBEAT = ": keep-alive\n\n"
 
@@ -94,7 +95,8 @@ def relay(
         environ["tursi.stream_ok"] = ok
 
 
-def stream_response(job: GenerationJob, frames: Frames, heartbeat: float) -> Response:
+def stream_response(job: GenerationJob, frames: Frames) -> Response:
+    heartbeat = current().settings.heartbeat_seconds
     return Response(
         relay(job, frames, heartbeat, request.environ),
         mimetype="text/event-stream",
