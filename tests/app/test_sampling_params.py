@@ -1,6 +1,6 @@
-"""top_k and repetition_penalty: the sampling code against transformers' reference
-processors, then through the API (native /api/v1/generate and OpenAI /v1) on the tiny
-models, then their validation."""
+"""top_k and repetition_penalty through the API (native /api/v1/generate and OpenAI /v1) on
+the tiny models, then their validation (tests/unit/test_sampling_params.py checks the
+sampling code against transformers' reference processors)."""
 
 from __future__ import annotations
 

@@ -71,8 +71,8 @@ def init_app(app: Flask) -> None:
     from . import errors, generation, health, models, openai_compat, openapi, prometheus, status
 
     errors.init_app(app)
-    prometheus.init_app(app)
-    app.register_blueprint(health.bp)
+    for module in (health, prometheus):
+        app.register_blueprint(module.bp)
     for module in (models, generation, status):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     app.register_blueprint(openai_compat.bp, url_prefix=OPENAI_PREFIX)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask
 
 from ..config import Settings
 from ..engine.catalog import Catalog
 from ..engine.manager import ModelManager
 from ..engine.worker import BatchLimits
-from . import auth, lifecycle, limits
+from . import accounting, auth, lifecycle, limits
 from .state import AppState
 
 
@@ -36,6 +35,12 @@ def build_app(settings: Settings) -> Flask:
     )
     state = AppState(settings, manager)
     state.attach(app)
+    # Hook order matters. before_request hooks run in the order registered: a draining
+    # worker refuses first (lifecycle), then the rate limit (limits: before auth, so failed
+    # logins spend the budget too), then the API key (auth). The request accounting wraps
+    # the whole WSGI app, so responses refused by those hooks are timed and counted too, and
+    # its after_request hook, registered first, runs last: it sees the final response.
+    accounting.init_app(app, state)
     lifecycle.init_app(app, state)
     limits.init_app(app, settings.rate_limit, settings.ratelimit_storage_uri)
     if settings.cors_origins:  # off unless configured: no Access-Control-* headers at all
@@ -55,24 +60,6 @@ def build_app(settings: Settings) -> Flask:
         )
     auth.init_app(app, settings.all_api_keys())
     init_blueprints(app)
-    _count_requests(app, state)
     for name in settings.preload:
         manager.preload(name)
     return app
-
-
-def _count_requests(app: Flask, state: Any) -> None:
-    """Every API response counts once: streams when they end, with their outcome."""
-
-    @app.after_request
-    def _count(response: Response) -> Response:
-        if not auth.is_api_path(request.path):
-            return response
-        if response.is_streamed and response.status_code < 400:
-            environ = request.environ
-            response.call_on_close(
-                lambda: state.requests.record(environ.get("tursi.stream_ok", False))
-            )
-        else:
-            state.requests.record(response.status_code < 400)
-        return response

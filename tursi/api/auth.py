@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 OPENAI_PREFIX = "/v1"
+# Liveness and scraping: answered without an API key (/metrics checks for itself) and still
+# answered while a worker drains (tursi.api.lifecycle).
 OPEN_PATHS = ("/health", "/metrics")
 
 

@@ -14,6 +14,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from ..errors import TursiError, error_body
+from .accounting import outcome
 from .auth import is_openai_path
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def error_response(
     details: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ):
-    g.error_code = code  # read by the request metrics (tursi.api.prometheus)
+    outcome().error_code = code  # counted by tursi.api.accounting
     details = details or {}
     if is_openai_path(request.path):
         body = openai_error_body(status, code, message, details)

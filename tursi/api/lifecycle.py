@@ -16,17 +16,15 @@ from typing import Any
 from flask import Flask, request
 
 from ..errors import ShuttingDown
+from .auth import OPEN_PATHS
 
 log = logging.getLogger(__name__)
-
-# Still answered while draining: liveness and scraping.
-DRAIN_OPEN_PATHS = ("/health", "/metrics")
 
 
 def init_app(app: Flask, state: Any) -> None:
     @app.before_request
     def _refuse_while_draining() -> None:
-        if state.draining and request.path not in DRAIN_OPEN_PATHS:
+        if state.draining and request.path not in OPEN_PATHS:  # liveness, scraping
             raise ShuttingDown(
                 "The server is shutting down; retry on another instance",
                 headers={"Connection": "close", "Retry-After": "1"},

@@ -15,16 +15,15 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from ..engine.jobs import Finished, GenerationJob
-from ..engine.worker import ModelWorker
 from ..errors import TursiError
 from . import json_body, no_query
 from .errors import openai_error_body
+from .jobs import submit_job
 from .openai_schemas import (
     OPENAI_COMPLETION_DEFAULT_MAX_TOKENS,
     ChatCompletionRequestSchema,
     CompletionRequestSchema,
 )
-from .schemas import SAMPLING_FIELDS
 from .state import current
 from .streaming import collect, stream_response
 
@@ -57,7 +56,7 @@ def completions():
     params = CompletionRequestSchema().load(json_body())
     worker = current().manager.worker(params["model"])
     max_tokens = params["max_tokens"] or OPENAI_COMPLETION_DEFAULT_MAX_TOKENS
-    job = _submit(worker, params, params["prompt"], max_tokens, add_special_tokens=True)
+    job = submit_job(worker, params, params["prompt"], max_tokens)
     echo = params["prompt"] if params["echo"] else ""
     return _respond(job, Completion(params, chat=False), echo)
 
@@ -71,39 +70,13 @@ def chat_completions():
     params = ChatCompletionRequestSchema().load(json_body())
     worker = current().manager.worker(params["model"])
     prompt = worker.chat_prompt(params["messages"])
-    # Without max_tokens a chat reply runs to its end: up to the context or the server's cap.
-    job = _submit(
-        worker, params, prompt, params["max_tokens"], add_special_tokens=False, default_to_cap=True
-    )
+    job = submit_job(worker, params, prompt, params["max_tokens"], chat=True)
     return _respond(job, Completion(params, chat=True), "")
-
-
-def _submit(
-    worker: ModelWorker,
-    params: dict[str, Any],
-    prompt: str,
-    max_tokens: int | None,
-    add_special_tokens: bool,
-    default_to_cap: bool = False,
-) -> GenerationJob:
-    cap = current().settings.max_tokens
-    job = worker.new_job(
-        prompt,
-        max_tokens=max_tokens,
-        max_tokens_cap=cap,
-        default_max_tokens=cap if default_to_cap else None,
-        add_special_tokens=add_special_tokens,
-        **{name: params[name] for name in SAMPLING_FIELDS},
-    )
-    worker.submit(job)
-    return job
 
 
 def _respond(job: GenerationJob, completion: Completion, echo: str):
     if completion.stream:
-        return stream_response(
-            job, CompletionFrames(completion, job, echo), current().settings.heartbeat_seconds
-        )
+        return stream_response(job, CompletionFrames(completion, job, echo))
     text, done = collect(job)
     return jsonify(completion.whole(echo + text, done, len(job.prompt_ids)))
 

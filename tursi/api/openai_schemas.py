@@ -17,14 +17,12 @@ from .schemas import (
     JsonBoolean,
     JsonInteger,
     JsonNumber,
+    SamplingSchema,
     StrictSchema,
     max_tokens_field,
     model_field,
-    repetition_penalty_field,
-    seed_field,
     stop_string_field,
     temperature_field,
-    top_k_field,
     top_p_field,
 )
 
@@ -53,15 +51,13 @@ class StreamOptionsSchema(StrictSchema):
     include_usage = JsonBoolean(load_default=False)
 
 
-class OpenAIRequestSchema(StrictSchema):
-    """What completions and chat completions share."""
+class OpenAIRequestSchema(SamplingSchema):
+    """What completions and chat completions share: the sampling fields, with OpenAI's
+    defaults and nulls for temperature and top_p and its string-or-list `stop`."""
 
     model = model_field()
     temperature = temperature_field(1.0, allow_none=True)
     top_p = top_p_field(1.0, allow_none=True)
-    top_k = top_k_field()
-    repetition_penalty = repetition_penalty_field()
-    seed = seed_field()
     stop = TextOrList(stop_string_field(), MAX_STOP_STRINGS, load_default=list, allow_none=True)
     stream = JsonBoolean(load_default=False)
     stream_options = fields.Nested(StreamOptionsSchema, load_default=None, allow_none=True)
@@ -72,7 +68,6 @@ class OpenAIRequestSchema(StrictSchema):
     logit_bias = fields.Dict(
         validate=validate.Length(max=0, error="logit_bias is not supported"), allow_none=True
     )
-    ignore_eos = JsonBoolean(load_default=False)  # as vLLM: keep going past end of sequence
 
     @post_load
     def _defaults(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:

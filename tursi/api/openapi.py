@@ -25,8 +25,7 @@ from marshmallow import validate
 from .. import __version__
 from ..engine.catalog import NAME_PATTERN
 from . import no_query
-from .auth import API_PREFIX, is_api_path, is_openai_path
-from .lifecycle import DRAIN_OPEN_PATHS
+from .auth import API_PREFIX, OPEN_PATHS, is_api_path, is_openai_path
 from .openai_schemas import (
     ChatCompletionRequestSchema,
     CompletionRequestSchema,
@@ -423,7 +422,7 @@ def _operation(rule: Any, view: Any, doc: Doc | None) -> dict[str, Any]:
     if rate_limited:
         errors[429] = ["rate_limit_exceeded"]
     errors[500] = errors.get(500, []) + ["internal_error"]
-    if rule.rule not in DRAIN_OPEN_PATHS:
+    if rule.rule not in OPEN_PATHS:
         errors[503] = errors.get(503, []) + ["shutting_down"]
     responses = {str(status): dict(response) for status, response in doc.responses.items()}
     error_schema = OpenAIErrorSchema if is_openai_path(rule.rule) else ErrorSchema

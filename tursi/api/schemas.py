@@ -82,22 +82,6 @@ def top_p_field(default: float, **kwargs: Any) -> fields.Field:
     )
 
 
-def top_k_field() -> fields.Field:
-    """0 means no top-k cut."""
-    return JsonInteger(validate=validate.Range(min=0, max=1_000_000), load_default=0)
-
-
-def repetition_penalty_field() -> fields.Field:
-    """1 means none; above 1 discourages tokens already in the prompt or the output."""
-    return JsonNumber(
-        validate=validate.Range(min=0.0, max=10.0, min_inclusive=False), load_default=1.0
-    )
-
-
-def seed_field() -> fields.Field:
-    return JsonInteger(validate=validate.Range(min=0, max=2**63 - 1), load_default=None)
-
-
 def stop_string_field() -> fields.Field:
     return fields.String(validate=validate.Length(min=1, max=MAX_STOP_LENGTH))
 
@@ -106,32 +90,31 @@ def max_tokens_field() -> fields.Field:
     return JsonInteger(validate=validate.Range(min=1), load_default=None)
 
 
-SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "stop",
-    "seed",
-    "ignore_eos",
-)
+class SamplingSchema(StrictSchema):
+    """The sampling parameters, one field per tursi.engine.jobs.SamplingParams field (the
+    request keys are that dataclass's field names: tursi.api.jobs.sampling_params). Both
+    APIs' request schemas derive from it; the OpenAI one overrides the defaults it differs on."""
 
-
-class GenerateRequestSchema(StrictSchema):
-    model = model_field()
-    prompt = fields.String(required=True, validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
-    max_tokens = max_tokens_field()
     temperature = temperature_field(0.7)
     top_p = top_p_field(0.9)
-    top_k = top_k_field()
-    repetition_penalty = repetition_penalty_field()
+    top_k = JsonInteger(validate=validate.Range(min=0, max=1_000_000), load_default=0)  # 0: none
+    # 1 means none; above 1 discourages tokens already in the prompt or the output.
+    repetition_penalty = JsonNumber(
+        validate=validate.Range(min=0.0, max=10.0, min_inclusive=False), load_default=1.0
+    )
     stop = fields.List(
         stop_string_field(), validate=validate.Length(max=MAX_STOP_STRINGS), load_default=list
     )
+    seed = JsonInteger(validate=validate.Range(min=0, max=2**63 - 1), load_default=None)
+    ignore_eos = JsonBoolean(load_default=False)  # as vLLM: keep going past end of sequence
+
+
+class GenerateRequestSchema(SamplingSchema):
+    model = model_field()
+    prompt = fields.String(required=True, validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
+    max_tokens = max_tokens_field()
     stream = JsonBoolean(load_default=False)
     return_full_text = JsonBoolean(load_default=True)
-    seed = seed_field()
-    ignore_eos = JsonBoolean(load_default=False)
 
 
 class EmptyQuerySchema(StrictSchema):

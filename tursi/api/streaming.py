@@ -14,7 +14,9 @@ from ..engine.jobs import Failed, Finished, GenerationJob, TextChunk
 from ..errors import TursiError
 from ..formatting import format_seconds
 from ..threads import Empty
+from .accounting import outcome
 from .disconnect import watch_client
+from .state import current
 
 HEARTBEAT = ": keep-alive\n\n"
 
@@ -67,8 +69,8 @@ def relay(
     engine is quiet, so a vanished client is noticed (the write fails, the server closes
     this generator) and the job is cancelled in `finally`; a client that closes its
     connection is noticed at once (tursi.api.disconnect). How the stream ended goes into the
-    WSGI environ for the request counters: "tursi.stream_ok" and "tursi.stream_error"."""
-    ok = False
+    request's outcome, for the request counters (tursi.api.accounting)."""
+    ended = outcome(environ)
     unwatch = watch_client(environ, job)
     try:
         yield from frames.start()
@@ -81,20 +83,20 @@ def relay(
             if isinstance(event, TextChunk):
                 yield frames.text(event.text)
             elif isinstance(event, Finished):
-                ok = True
+                ended.stream_finished = True
                 yield from frames.done(event)
                 return
             elif isinstance(event, Failed):
-                environ["tursi.stream_error"] = event.error.code
+                ended.error_code = event.error.code
                 yield from frames.error(event.error)
                 return
     finally:
         unwatch()
         job.cancel()
-        environ["tursi.stream_ok"] = ok
 
 
-def stream_response(job: GenerationJob, frames: Frames, heartbeat: float) -> Response:
+def stream_response(job: GenerationJob, frames: Frames) -> Response:
+    heartbeat = current().settings.heartbeat_seconds
     return Response(
         relay(job, frames, heartbeat, request.environ),
         mimetype="text/event-stream",

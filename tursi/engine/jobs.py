@@ -2,22 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..errors import TursiError
 from ..threads import Channel
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How a request's tokens are chosen and when it may stop. These fields are THE list of
+    sampling parameters: both APIs' schemas accept exactly these keys (tursi.api.jobs) and
+    `sampling.TokenChooser` takes the object whole, so a new parameter is one field here, one
+    schema field (tursi.api.schemas.SamplingSchema) and its use in the sampler."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: no nucleus cut
     top_k: int = 0  # 0: no top-k cut
     repetition_penalty: float = 1.0  # 1: none
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
+
+    def __post_init__(self) -> None:
+        # Requests give a list; a tuple keeps the frozen object hashable and unchangeable.
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+@dataclass(frozen=True)
+class GenerationParams(SamplingParams):
+    """A job's settings: its sampling parameters and its token budget. The inherited fields
+    are keyword-only, so `GenerationParams(100, temperature=0.0)` reads as it should."""
+
+    max_tokens: int
+
+    @classmethod
+    def of(cls, sampling: SamplingParams, max_tokens: int) -> GenerationParams:
+        return cls(
+            max_tokens, **{f.name: getattr(sampling, f.name) for f in fields(SamplingParams)}
+        )
 
 
 @dataclass(frozen=True)

@@ -12,70 +12,58 @@ from collections.abc import Sequence
 
 import torch
 
+from .jobs import SamplingParams
+
 _FIRST_NUCLEUS_GUESS = 64
 
 
 class TokenChooser:
-    """Per-request sampling settings and random state. temperature 0 means greedy (argmax);
-    top_k 0 and top_p 1 mean no cut; repetition_penalty 1 means none."""
+    """One request's sampling settings (its SamplingParams, taken whole) and random state.
+    temperature 0 means greedy (argmax); top_k 0 and top_p 1 mean no cut;
+    repetition_penalty 1 means none. `history` is the prompt's token ids."""
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        history: Sequence[int] = (),
-    ):
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.repetition_penalty = repetition_penalty
+    def __init__(self, params: SamplingParams, history: Sequence[int] = ()):
+        self.params = params
         # Tokens seen so far (prompt and output), kept only when a penalty applies.
-        self.seen: set[int] = set(history) if repetition_penalty != 1.0 else set()
+        self.seen: set[int] = set(history) if params.repetition_penalty != 1.0 else set()
         self.generator = None
-        if temperature > 0:
+        if params.temperature > 0:
             self.generator = torch.Generator()
-            if seed is None:
+            if params.seed is None:
                 self.generator.seed()
             else:
-                self.generator.manual_seed(seed)
+                self.generator.manual_seed(params.seed)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
-
-    def __call__(self, logits: torch.Tensor) -> int:
-        """Pick one token id from a 1-D logits vector."""
-        return choose_tokens(logits[None], [self])[0]
+        return self.params.temperature <= 0
 
     def remember(self, token: int) -> None:
         """Note a generated token (for the repetition penalty)."""
-        if self.repetition_penalty != 1.0:
+        if self.params.repetition_penalty != 1.0:
             self.seen.add(token)
 
     def penalize(self, logits: torch.Tensor) -> None:
         """Apply the repetition penalty in place to a 1-D float logits vector, as
         transformers does: a seen token's logit is divided by the penalty when positive,
         multiplied when negative."""
-        if self.repetition_penalty == 1.0 or not self.seen:
+        penalty = self.params.repetition_penalty
+        if penalty == 1.0 or not self.seen:
             return
         ids = torch.tensor(sorted(self.seen), device=logits.device)
         scores = logits[ids]
-        logits[ids] = torch.where(
-            scores < 0, scores * self.repetition_penalty, scores / self.repetition_penalty
-        )
+        logits[ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
 
     def draw(self, probs: torch.Tensor) -> int:
         """Draw from a 1-D probability vector (temperature already applied), keeping only the
         top_k most likely tokens, then the top_p nucleus of those."""
+        top_k, top_p = self.params.top_k, self.params.top_p
         ids = None
-        if 0 < self.top_k < probs.shape[-1]:
-            probs, ids = torch.topk(probs, self.top_k)
+        if 0 < top_k < probs.shape[-1]:
+            probs, ids = torch.topk(probs, top_k)
             probs = probs / probs.sum()
-        if self.top_p < 1.0:
-            kept_ids, probs = nucleus(probs, self.top_p)
+        if top_p < 1.0:
+            kept_ids, probs = nucleus(probs, top_p)
             ids = kept_ids if ids is None else ids[kept_ids]
         choice = int(torch.multinomial(probs, 1, generator=self.generator))
         return choice if ids is None else int(ids[choice])
@@ -104,7 +92,7 @@ def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> lis
         # The draws use CPU random generators, so they happen on the CPU.
         rows = logits[sampled].cpu()
         temperatures = torch.tensor(
-            [choosers[i].temperature for i in sampled], dtype=torch.float32
+            [choosers[i].params.temperature for i in sampled], dtype=torch.float32
         )[:, None]
         # Shift by the max first: a tiny temperature then sends the others to -inf, not NaN.
         probs = torch.softmax((rows - rows.max(-1, keepdim=True).values) / temperatures, -1)
@@ -130,11 +118,3 @@ def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tens
         if not bool(keep[-1]) or k == size:
             return ids[keep], values[keep]
         k = min(k * 8, size)
-
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """`probs` with everything outside the top_p nucleus set to 0, renormalized."""
-    ids, kept = nucleus(probs, top_p)
-    filtered = torch.zeros_like(probs)
-    filtered[ids] = kept
-    return filtered / filtered.sum()

@@ -202,14 +202,7 @@ class Scheduler:
             seqs.append(
                 Sequence(
                     job,
-                    TokenChooser(
-                        params.temperature,
-                        params.top_p,
-                        params.seed,
-                        params.top_k,
-                        params.repetition_penalty,
-                        job.prompt_ids,
-                    ),
+                    TokenChooser(params, job.prompt_ids),
                     IncrementalDecoder(self.loaded.tokenizer, job.prompt_ids),
                     StopMatcher(list(params.stop)),
                     time.perf_counter(),

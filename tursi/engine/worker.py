@@ -12,7 +12,6 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import (
     ContextLengthExceeded,
@@ -23,7 +22,7 @@ from ..errors import (
 )
 from ..telemetry import ModelStats
 from ..threads import Channel, Empty, SimpleQueue, native_lock, start_native_thread
-from .jobs import GenerationJob, GenerationParams
+from .jobs import GenerationJob, GenerationParams, SamplingParams
 from .loading import LoadedModel
 from .scheduler import Scheduler
 
@@ -86,17 +85,16 @@ class ModelWorker:
     def new_job(
         self,
         prompt: str,
+        sampling: SamplingParams,
         *,
         max_tokens: int | None,
         max_tokens_cap: int,
         default_max_tokens: int | None = None,
         add_special_tokens: bool = True,
-        **sampling: Any,
     ) -> GenerationJob:
         """Tokenize and check a request against the context window; raise 400s here.
         Without max_tokens a job gets default_max_tokens (DEFAULT_MAX_TOKENS when None),
-        within the cap and the context. `sampling` holds the other GenerationParams fields
-        (temperature, top_p, stop, ...). A prompt rendered by a chat template already holds
+        within the cap and the context. A prompt rendered by a chat template already holds
         its special tokens."""
         loaded = self._loaded()
         prompt_ids = loaded.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
@@ -127,8 +125,7 @@ class ModelWorker:
                 f"the context length of '{self.name}' ({self.context_length} tokens)",
                 {**numbers, "max_tokens": max_tokens},
             )
-        sampling["stop"] = tuple(sampling.get("stop", ()))
-        return GenerationJob(prompt_ids, GenerationParams(max_tokens, **sampling))
+        return GenerationJob(prompt_ids, GenerationParams.of(sampling, max_tokens))
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The prompt text for chat `messages` ({"role", "content"}), rendered with the
