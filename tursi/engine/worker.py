@@ -96,14 +96,6 @@ class ModelWorker:
         admitted = len(self._admitted)
         return min(active, admitted), max(0, admitted - active)
 
-    @property
-    def running(self) -> int:
-        return self.counts()[0]
-
-    @property
-    def waiting(self) -> int:
-        return self.counts()[1]
-
     def failure(self) -> ModelFailed | None:
         """Why this worker can no longer serve, or None while it can. A turn that has run
         past step_timeout is found here (by whoever asks first) and kills the worker."""
