@@ -133,6 +133,7 @@ class Settings:
     max_batch: int = 32
     max_queue: int = 128
     request_timeout: float | None = 300.0
+    step_timeout: float | None = 300.0
     max_body_bytes: int = 1024 * 1024
     heartbeat_seconds: float = 2.0
     max_gpu_memory: str | None = None
@@ -160,6 +161,7 @@ class Settings:
             "TURSI_MAX_BATCH": ("max_batch", _positive_int),
             "TURSI_MAX_QUEUE": ("max_queue", _count),
             "TURSI_REQUEST_TIMEOUT": ("request_timeout", _timeout),
+            "TURSI_STEP_TIMEOUT": ("step_timeout", _timeout),
             "TURSI_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
             "TURSI_HEARTBEAT_SECONDS": ("heartbeat_seconds", _positive_seconds),
             "TURSI_MAX_GPU_MEMORY": ("max_gpu_memory", str),

@@ -84,6 +84,12 @@ class ModelUnloaded(TursiError):
     status, code = 503, "model_unloaded"
 
 
+class ModelFailed(TursiError):
+    """The model's engine died (its thread crashed) or got stuck (TURSI_STEP_TIMEOUT)."""
+
+    status, code = 503, "model_failed"
+
+
 class NotReady(TursiError):
     status, code = 503, "not_ready"
 

@@ -550,7 +550,7 @@ def test_server_default_keep_alive_and_what_overrides_it(budget_app):
 def test_reap_idle_with_a_fake_clock(budget_app, held, monkeypatch):
     app, client = budget_app(keep_alive=30)
     manager = app.extensions["tursi"].manager
-    monkeypatch.setattr(manager, "_start_reaper", lambda: None)  # only this test's clock
+    monkeypatch.setattr(manager, "_start_housekeeper", lambda: None)  # only this test's clock
     names = ("m1", "m2", "ka-minute", "ka-hour", "pinned", "ka-pinned")
     for name in names:
         load_and_wait(client, name)

@@ -370,7 +370,6 @@ def test_unload_then_load_again(tiny_client):
 
 def test_unload_during_generation_ends_running_and_queued_jobs(app, tiny_client, slow_steps):
     client = tiny_client
-    worker = app.extensions["tursi"].manager.state("tiny").worker
     streamed = client.post(
         f"{API}/generate",
         json={
@@ -393,7 +392,7 @@ def test_unload_during_generation_ends_running_and_queued_jobs(app, tiny_client,
         )
     )
     thread.start()
-    wait_for(lambda: worker.running + worker.waiting == 2)
+    wait_for(lambda: sum(status(client)["generations"].values()) == 2)
 
     assert client.post(f"{API}/models/tiny/unload").status_code == 200
     rest = sse_events(b"".join(frames).decode())

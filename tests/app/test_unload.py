@@ -19,6 +19,7 @@ import pytest
 import tursi
 from tests.helpers import API, load_and_wait, wait_for
 from tursi.engine.catalog import Catalog
+from tursi.engine.jobs import SamplingParams
 from tursi.engine.loading import LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 from tursi.engine.worker import ModelWorker
@@ -31,7 +32,7 @@ API_DOC = Path(__file__).parents[1] / "docs" / "api.md"
 # --- 4: the reaper's path builds no gevent hub on its native thread -----------------------
 
 REAPER_SCRIPT = """
-import json, sys, time
+import json, os, sys, time
 from gevent import monkey
 
 monkey.patch_all()  # as gunicorn's gevent worker does
@@ -60,7 +61,10 @@ def reap():  # what the reaper thread does once the model has been idle for its 
 
 
 start_native_thread(reap)
-print(json.dumps(results.get(timeout=60)))
+print(json.dumps(results.get(timeout=60)), flush=True)
+# Now, not at interpreter teardown: the worker and housekeeping threads may still be running
+# torch code, and tearing the runtime down under them aborts the process.
+os._exit(0)
 """
 
 
@@ -137,7 +141,9 @@ def test_a_stopped_worker_moves_no_gauge_after_its_unload(tiny_models_dir, tmp_p
     worker = ModelWorker(stats.model, loaded, stats)
     del loaded
     worker.start()
-    job = worker.new_job("lazy dog", max_tokens=20, max_tokens_cap=100, ignore_eos=True)
+    job = worker.new_job(
+        "lazy dog", SamplingParams(ignore_eos=True), max_tokens=20, max_tokens_cap=100
+    )
     worker.submit(job)
     assert gated_steps.entered.wait(30)
     assert gauge("tursi_generations_running", stats.model) in (0, 1)

@@ -29,7 +29,9 @@ def build_app(settings: Settings) -> Flask:
         settings.home,
         settings.max_gpu_memory,
         settings.allow_downloads,
-        BatchLimits(settings.max_batch, settings.max_queue, settings.request_timeout),
+        BatchLimits(
+            settings.max_batch, settings.max_queue, settings.request_timeout, settings.step_timeout
+        ),
         settings.max_memory,
         settings.keep_alive,
     )

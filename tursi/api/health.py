@@ -24,14 +24,14 @@ def health():
 def ready():
     """Readiness: every model in TURSI_PRELOAD is loaded.
 
-    503 `not_ready` before (and if a preload failed), so a balancer sends no traffic to a
-    worker that cannot serve it yet."""
+    503 `not_ready` before, if a preload failed, and while the engine of one has failed, so
+    a balancer sends no traffic to a worker that cannot serve it."""
     no_query()
     app = current()
     models = {name: app.manager.state(name).status for name in app.settings.preload}
     if any(status != "loaded" for status in models.values()):
         raise NotReady(
-            "The preloaded models are not all loaded yet",
+            "The preloaded models are not all loaded (GET /api/v1/models says why)",
             {"models": models},
             headers={"Retry-After": "5"},
         )

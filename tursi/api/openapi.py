@@ -144,7 +144,7 @@ GENERATION_ERRORS = {
     404: ["model_not_found"],
     409: ["model_not_loaded"],
     500: ["generation_failed"],
-    503: ["model_loading", "model_unloaded", "overloaded"],
+    503: ["model_loading", "model_unloaded", "model_failed", "overloaded"],
     504: ["request_timeout"],
 }
 
@@ -301,7 +301,11 @@ RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit
 STATUS_HEADERS = {
     401: {"WWW-Authenticate": "WWW-Authenticate"},
     429: {"Retry-After": "Retry-After"},
-    503: {"Retry-After": _header("Seconds to wait (all codes but model_unloaded)", required=False)},
+    503: {
+        "Retry-After": _header(
+            "Seconds to wait (all codes but model_unloaded and model_failed)", required=False
+        )
+    },
 }
 
 DESCRIPTION = f"""Tursi serves language models over HTTP: the native API under `/api/v1`,

@@ -32,8 +32,11 @@ ERROR_CODES = {
     "internal_error": "an unexpected failure (logged server-side)",
     "model_loading": "the model is still loading (see Retry-After)",
     "model_unloaded": "the model was unloaded while the request waited or ran",
+    "model_failed": "the model's engine stopped (its thread crashed, or a step ran past "
+    "TURSI_STEP_TIMEOUT) while the request waited or ran; the model shows failed",
     "overloaded": "the model's batch and queue are full (see Retry-After)",
-    "not_ready": "the preloaded models are not all loaded yet (see Retry-After)",
+    "not_ready": "the preloaded models are not all loaded: not yet, or one failed (see "
+    "Retry-After)",
     "shutting_down": "the server is shutting down: retry on another instance (see Retry-After)",
     "insufficient_memory": "the model does not fit the memory budget (TURSI_MAX_MEMORY) even "
     "after unloading every idle, unpinned model",

@@ -76,7 +76,7 @@ def relay(
         yield from frames.start()
         while True:
             try:
-                event = job.events.get(timeout=heartbeat)
+                event = job.next_event(timeout=heartbeat)
             except Empty:
                 yield HEARTBEAT
                 continue
@@ -111,7 +111,7 @@ def collect(job: GenerationJob) -> tuple[str, Finished]:
     unwatch = watch_client(request.environ, job)
     try:
         while True:
-            event = job.events.get()
+            event = job.next_event()
             if isinstance(event, TextChunk):
                 pieces.append(event.text)
             elif isinstance(event, Finished):

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from ..errors import TursiError
-from ..threads import Channel
+from ..threads import Channel, Empty
+
+# How often a waiting request asks whether the job's engine is still alive: a client never
+# waits longer than this for the news that the engine died or is stuck.
+ENGINE_CHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +68,10 @@ class Failed:
 Event = TextChunk | Finished | Failed
 
 
+def _alive() -> TursiError | None:
+    return None
+
+
 @dataclass(eq=False)
 class GenerationJob:
     """One generation request. The worker thread writes events; the request reads them."""
@@ -75,6 +85,8 @@ class GenerationJob:
     deadline: float | None = None  # time.monotonic() value, set when submitted
     submitted: float = 0.0  # time.monotonic() at admission
     last_token: float = 0.0  # time.monotonic() when its latest token was chosen
+    # set when submitted: why the worker that has the job can no longer serve, or None
+    engine_failure: Callable[[], TursiError | None] = _alive
 
     def cancel(self) -> None:
         """Stop generating at the next step (client gone). Safe from any thread, idempotent."""
@@ -85,3 +97,22 @@ class GenerationJob:
         nothing more for a cancelled job)."""
         self.cancel()
         self.events.put(Failed(error))
+
+    def next_event(self, timeout: float | None = None) -> Event:
+        """The next event; raises Empty after `timeout` seconds (None: no limit) without
+        one. Every ENGINE_CHECK_SECONDS of silence it asks whether the engine still serves:
+        if not, the job is abandoned and its failure returned."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = ENGINE_CHECK_SECONDS
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            try:
+                return self.events.get(timeout=wait)
+            except Empty:
+                error = self.engine_failure()
+                if error is not None:
+                    self.cancel()
+                    return Failed(error)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise

@@ -1,12 +1,16 @@
 """The lock-guarded model manager: which models exist, their state, and their workers.
 
-States: not_loaded -> loading -> loaded | failed; unload returns loaded -> not_loaded.
+States: not_loaded -> loading -> loaded | failed; unload returns loaded -> not_loaded; a
+loaded model whose engine dies or gets stuck (tursi.engine.worker) turns failed, with why.
 The lock guards only state changes (never I/O or compute), so a request never waits
 behind a load. Loads run on native threads.
 
 Memory: with a budget (TURSI_MAX_MEMORY), a load whose estimated size does not fit evicts
 the least recently used idle models that are not pinned, or is refused before anything is
 allocated. A model with a keep_alive is unloaded once idle that long.
+
+A housekeeping thread (started with the first load) checks every
+HOUSEKEEPING_SECONDS that each engine is alive and unloads models idle past their keep_alive.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from .worker import BatchLimits, ModelWorker
 log = logging.getLogger(__name__)
 
 UNLOAD_WAIT_SECONDS = 30.0
-KEEP_ALIVE_CHECK_SECONDS = 0.25
+HOUSEKEEPING_SECONDS = 0.25
 
 
 @dataclass
@@ -92,7 +96,7 @@ class ModelManager:
         self.keep_alive = keep_alive  # seconds idle before unloading; None: forever
         self._lock = native_lock()
         self._states = {name: ModelState(name) for name in catalog.names()}
-        self._reaper_started = False
+        self._housekeeper_started = False
         self._closed = False
 
     # --- reading ------------------------------------------------------------------------
@@ -271,7 +275,8 @@ class ModelManager:
                 state.status, state.error, state.progress = "failed", message, None
                 state.reserved_bytes = None
             return
-        worker = ModelWorker(name, loaded, state.stats, self.limits)
+        worker = ModelWorker(name, loaded, state.stats, self.limits, self._engine_failed)
+        self._start_housekeeper()
         worker.start()
         with self._lock:
             state.worker, state.progress, state.reserved_bytes = worker, None, None
@@ -284,8 +289,6 @@ class ModelManager:
             state.stats.loaded(loaded.memory_bytes, state.load_seconds)
         del loaded
         log.info("loaded %s in %.1fs", name, state.load_seconds)
-        if self._keep_alive(name) is not None:
-            self._start_reaper()
 
     def unload(self, name: str) -> None:
         """Unload a loaded model. Its running and queued generations end with `model_unloaded`;
@@ -301,6 +304,24 @@ class ModelManager:
                 raise ModelNotLoaded(f"Model '{name}' is not loaded", {"status": state.status})
             self._detach(state, exited)
         self._wait_released(name, exited)
+
+    def _engine_failed(self, worker: ModelWorker, reason: str) -> None:
+        """The worker's engine died or got stuck (it has ended its jobs): the model turns
+        `failed` with the reason, until it is loaded again."""
+        state = self._states[worker.name]
+        with self._lock:
+            if state.worker is not worker:  # unloaded meanwhile
+                return
+            self._detach(state, None)  # the worker has ended its jobs; stop() asks no more
+            state.status, state.error = "failed", f"The engine stopped: {reason}"
+
+    def check_engines(self) -> None:
+        """Ask each loaded model's worker whether its engine still serves; a stuck one is
+        found here even when no client waits on it (and turns `failed`)."""
+        with self._lock:
+            workers = [s.worker for s in self.states() if s.worker is not None]
+        for worker in workers:  # not under the lock: a failure calls _engine_failed
+            worker.failure()
 
     def _detach(self, state: ModelState, exited: Channel | None) -> None:
         """Under the lock: mark a loaded model not loaded, stop its worker (its jobs end with
@@ -323,7 +344,7 @@ class ModelManager:
         except Empty:
             log.warning("worker of %s still busy %.0fs after unload", name, UNLOAD_WAIT_SECONDS)
 
-    # --- keep_alive -------------------------------------------------------------------------
+    # --- housekeeping: engines alive, keep_alive ----------------------------------------------
 
     def _keep_alive(self, name: str) -> float | None:
         entry = self.catalog.get(name)
@@ -331,16 +352,17 @@ class ModelManager:
             return None
         return entry.keep_alive if entry.keep_alive is not None else self.keep_alive
 
-    def _start_reaper(self) -> None:
+    def _start_housekeeper(self) -> None:
         with self._lock:
-            if self._reaper_started:
+            if self._housekeeper_started:
                 return
-            self._reaper_started = True
-        start_native_thread(self._reap_forever)
+            self._housekeeper_started = True
+        start_native_thread(self._housekeep_forever)
 
-    def _reap_forever(self) -> None:
+    def _housekeep_forever(self) -> None:
         while not self._closed:
-            native_sleep(KEEP_ALIVE_CHECK_SECONDS)
+            native_sleep(HOUSEKEEPING_SECONDS)
+            self.check_engines()
             self.reap_idle(time.monotonic())
 
     def reap_idle(self, now: float) -> list[str]:

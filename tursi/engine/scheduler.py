@@ -107,7 +107,9 @@ class Scheduler:
         self.waiting: collections.deque[GenerationJob] = collections.deque()
         self.rows: list[Sequence] = []  # row i of self.cache belongs to rows[i]
         self.prefill: _Prefill | None = None
-        self.active = 0  # jobs taken from `waiting` and not yet ended: prefilling or decoding
+        # Every job taken from `waiting` and not yet ended (prefilling, being handed to the
+        # batch, or decoding), in one place, so that whatever raises, fail_all ends them all.
+        self.live: dict[Sequence, None] = {}
         attention = getattr(loaded.model.config, "_attn_implementation", "sdpa")
         self.cache = BatchCache(
             num_layers(loaded.model.config), loaded.context_length, boolean_mask=attention == "sdpa"
@@ -117,7 +119,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return self.active
+        return len(self.live)
 
     @property
     def idle(self) -> bool:
@@ -140,10 +142,9 @@ class Scheduler:
 
     def fail_all(self, error: TursiError) -> None:
         """End every job this scheduler holds with `error` (unload, engine failure)."""
-        seqs = self.rows + (self.prefill.seqs if self.prefill else [])
         self.rows, self.prefill = [], None
         self.cache.clear()
-        for seq in seqs:
+        for seq in list(self.live):
             self._fail(seq, error)
         while self.waiting:
             job = self.waiting.popleft()
@@ -152,8 +153,10 @@ class Scheduler:
 
     def close(self, error: TursiError) -> None:
         """End every job and drop the model (the worker is exiting)."""
-        self.fail_all(error)
-        self.loaded = None
+        try:
+            self.fail_all(error)
+        finally:
+            self.loaded = None
 
     # --- admission and ending ---------------------------------------------------------------
 
@@ -196,20 +199,22 @@ class Scheduler:
             new_width = max(width, len(job.prompt_ids))
             if seqs and new_width * (len(seqs) + 1) > PREFILL_TOKENS:
                 break
+            seq = self._sequence(job)  # before the job leaves `waiting`: it may raise
             self.waiting.popleft()
+            self.live[seq] = None
             width = new_width
-            params = job.params
-            seqs.append(
-                Sequence(
-                    job,
-                    TokenChooser(params, job.prompt_ids),
-                    IncrementalDecoder(self.loaded.tokenizer, job.prompt_ids),
-                    StopMatcher(list(params.stop)),
-                    time.perf_counter(),
-                )
-            )
-        self.active += len(seqs)
+            seqs.append(seq)
         return _Prefill(seqs, self.loaded.device, self.pad_id)
+
+    def _sequence(self, job: GenerationJob) -> Sequence:
+        params = job.params
+        return Sequence(
+            job,
+            TokenChooser(params, job.prompt_ids),
+            IncrementalDecoder(self.loaded.tokenizer, job.prompt_ids),
+            StopMatcher(list(params.stop)),
+            time.perf_counter(),
+        )
 
     def _prefill_step(self) -> None:
         prefill = self.prefill
@@ -217,9 +222,9 @@ class Scheduler:
         logits = prefill.step(self.loaded.model)
         if logits is None:
             return
-        # Chosen before the group leaves self.prefill: if choosing fails, fail_all still
-        # finds (and ends) these jobs.
         tokens = choose_tokens(logits, [seq.chooser for seq in prefill.seqs])
+        # If anything below raises (add_row allocates), the jobs not yet in the batch are
+        # still in self.live: the worker's fail_all ends them with the rest.
         self.prefill = None
         for row, seq in enumerate(prefill.seqs):
             reason = _ended(seq.job)
@@ -302,10 +307,10 @@ class Scheduler:
 
     def _done(self, seq: Sequence, ok: bool) -> None:
         """A job left (a client that went away counts as ok: nothing failed here). The
-        worker's admitted count drops before `active` does, so that no reader ever sees the
+        worker's admitted count drops before `running` does, so that no reader ever sees the
         job as waiting."""
         self.on_done(seq.job, time.perf_counter() - seq.started, ok)
-        self.active -= 1
+        del self.live[seq]
 
 
 def _ended(job: GenerationJob) -> str | None:

@@ -4,6 +4,11 @@ The request side (any greenlet or thread) checks a request against the context w
 the admission limits, then hands the job over through a native queue; tokens come back on
 each job's Channel. The thread runs `Scheduler.turn` while there is work and blocks on the
 queue when there is none.
+
+A worker whose thread raises out of its loop, or whose turn runs past `step_timeout`, is
+dead: every job it admitted ends at once with `model_failed`, new ones are refused, and
+`on_failure` tells the manager why. Whoever waits on a job asks `failure()` every
+`ENGINE_CHECK_SECONDS` (tursi.engine.jobs), so no client waits on a dead engine for long.
 """
 
 from __future__ import annotations
@@ -11,14 +16,17 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import (
     ContextLengthExceeded,
     GenerationFailed,
     InvalidRequest,
+    ModelFailed,
     ModelUnloaded,
     Overloaded,
+    TursiError,
 )
 from ..telemetry import ModelStats
 from ..threads import Channel, Empty, SimpleQueue, native_lock, start_native_thread
@@ -36,16 +44,22 @@ _STOP = object()
 @dataclass(frozen=True)
 class BatchLimits:
     """Admission and deadline settings of each model's scheduler (TURSI_MAX_BATCH,
-    TURSI_MAX_QUEUE, TURSI_REQUEST_TIMEOUT)."""
+    TURSI_MAX_QUEUE, TURSI_REQUEST_TIMEOUT, TURSI_STEP_TIMEOUT)."""
 
     max_batch: int = 32
     max_queue: int = 128
     request_timeout: float | None = 300.0
+    step_timeout: float | None = 300.0  # one turn of the loop longer than this: engine hung
 
 
 class ModelWorker:
     def __init__(
-        self, name: str, loaded: LoadedModel, stats: ModelStats, limits: BatchLimits = BatchLimits()
+        self,
+        name: str,
+        loaded: LoadedModel,
+        stats: ModelStats,
+        limits: BatchLimits = BatchLimits(),
+        on_failure: Callable[[ModelWorker, str], None] | None = None,
     ):
         self.name = name
         self.loaded: LoadedModel | None = loaded
@@ -53,12 +67,19 @@ class ModelWorker:
         self.context_length = loaded.context_length
         self.max_batch, self.max_queue = limits.max_batch, limits.max_queue
         self.request_timeout = limits.request_timeout
+        self.step_timeout = limits.step_timeout
         self._scheduler = Scheduler(name, loaded, limits.max_batch, self._job_done, stats)
         self._inbox: SimpleQueue = SimpleQueue()
         self._lock = native_lock()
-        self._admitted = 0  # jobs submitted and not yet ended: running + waiting
+        # jobs submitted and not yet ended (running + waiting): the worker's own list, so
+        # that it can end them from any thread when its engine thread is dead or stuck
+        self._admitted: dict[GenerationJob, None] = {}
         self._stopping = False
         self._exited: Channel | None = None
+        self._released = False  # the thread has ended its jobs and dropped the model
+        self._on_failure = on_failure
+        self._failure: ModelFailed | None = None
+        self._turn_started: float | None = None  # time.monotonic() while a turn runs
 
     # --- request side (any thread or greenlet) ------------------------------------------
 
@@ -67,20 +88,28 @@ class ModelWorker:
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting): jobs in the batch (being prefilled or decoded), and jobs
-        admitted but not started. Read without a lock from the engine thread's two counters:
-        `active` first, then `admitted`, the reverse of the order in which a job's end
-        lowers them, so an ending job is never read as waiting."""
+        admitted but not started. Read without a lock from the engine thread's two counts:
+        the scheduler's first, then the admitted jobs, the reverse of the order in which a
+        job's end lowers them, so an ending job is never read as waiting."""
         active = self._scheduler.running
-        admitted = self._admitted
+        admitted = len(self._admitted)
         return min(active, admitted), max(0, admitted - active)
 
-    @property
-    def running(self) -> int:
-        return self.counts()[0]
-
-    @property
-    def waiting(self) -> int:
-        return self.counts()[1]
+    def failure(self) -> ModelFailed | None:
+        """Why this worker can no longer serve, or None while it can. A turn that has run
+        past step_timeout is found here (by whoever asks first) and kills the worker."""
+        started = self._turn_started
+        if (
+            self._failure is None
+            and started is not None
+            and self.step_timeout is not None
+            and time.monotonic() - started > self.step_timeout
+        ):
+            self._die(
+                f"one step ran for more than {self.step_timeout:g} s (TURSI_STEP_TIMEOUT); "
+                "the engine is stuck"
+            )
+        return self._failure
 
     def new_job(
         self,
@@ -149,22 +178,26 @@ class ModelWorker:
     def _loaded(self) -> LoadedModel:
         loaded = self.loaded
         if loaded is None or self._stopping:
-            raise ModelUnloaded(f"Model '{self.name}' was unloaded")
+            raise self._refusal()
         return loaded
+
+    def _refusal(self) -> TursiError:
+        return self._failure or ModelUnloaded(f"Model '{self.name}' was unloaded")
 
     def submit(self, job: GenerationJob) -> None:
         """Queue a job, or refuse it when max_batch running + max_queue waiting are taken."""
         with self._lock:
             if self._stopping:
-                raise ModelUnloaded(f"Model '{self.name}' was unloaded")
-            if self._admitted >= self.max_batch + self.max_queue:
+                raise self._refusal()
+            if len(self._admitted) >= self.max_batch + self.max_queue:
                 raise Overloaded(
                     f"Model '{self.name}' is at capacity ({self.max_batch} running, "
                     f"{self.max_queue} waiting); retry shortly",
                     {"max_batch": self.max_batch, "max_queue": self.max_queue},
                     {"Retry-After": str(OVERLOAD_RETRY_SECONDS)},
                 )
-            self._admitted += 1
+            self._admitted[job] = None
+            job.engine_failure = self.failure
             job.submitted = time.monotonic()
             if self.request_timeout is not None:
                 job.timeout = self.request_timeout
@@ -181,34 +214,64 @@ class ModelWorker:
             self._stopping = True
             self._exited = exited
             self._inbox.put(_STOP)
+            if self._released and exited is not None:  # the thread already ended (it died)
+                exited.put(True)
+
+    def _die(self, reason: str) -> None:
+        """Mark the worker dead (from any thread): end every job it admitted with
+        `model_failed`, refuse new ones, tell the manager. Only the first reason counts."""
+        failure = ModelFailed(
+            f"The engine of model '{self.name}' stopped: {reason}. Load the model again",
+            {"model": self.name, "reason": reason},
+        )
+        with self._lock:
+            if self._failure is not None:
+                return
+            self._failure, self._stopping = failure, True
+            self._inbox.put(_STOP)  # a thread blocked on an empty inbox wakes up and exits
+            jobs = list(self._admitted)
+        log.error("model %s failed: %s", self.name, reason)
+        for job in jobs:
+            job.abandon(failure)
+        if self._on_failure is not None:
+            self._on_failure(self, reason)
 
     # --- worker thread ------------------------------------------------------------------
 
     def _job_done(self, job: GenerationJob, seconds: float, ok: bool) -> None:
         self.stats.record(job.tokens_generated, seconds, ok)
         with self._lock:
-            self._admitted -= 1
+            self._admitted.pop(job, None)
 
     def _run(self) -> None:
-        scheduler = self._scheduler
         try:
-            while not self._stopping:
-                if scheduler.idle:
-                    self._report_sizes(0, 0)
-                if not self._take_jobs(block=scheduler.idle):
-                    break
-                try:
-                    scheduler.turn()
-                except Exception as exc:  # a model error ends the batch, not the worker
-                    log.exception("generation failed on %s", self.name)
-                    scheduler.fail_all(GenerationFailed(f"Generation failed: {type(exc).__name__}"))
-                self._report_sizes(*self.counts())
+            self._serve()
+        except BaseException as exc:  # nothing may end this thread silently: clients wait on it
+            log.critical("the engine thread of %s crashed", self.name, exc_info=True)
+            self._die(f"its thread crashed ({type(exc).__name__}: {exc})")
         finally:
             self._release()
 
+    def _serve(self) -> None:
+        scheduler = self._scheduler
+        while not self._stopping:
+            if scheduler.idle:
+                self._report_sizes(0, 0)
+            if not self._take_jobs(block=scheduler.idle):
+                break
+            self._turn_started = time.monotonic()
+            try:
+                scheduler.turn()
+            except Exception as exc:  # a model error ends the batch, not the worker
+                log.exception("generation failed on %s", self.name)
+                scheduler.fail_all(GenerationFailed(f"Generation failed: {type(exc).__name__}"))
+            finally:
+                self._turn_started = None
+            self._report_sizes(*self.counts())
+
     def _report_sizes(self, running: int, waiting: int) -> None:
-        """Move the batch gauges, unless stopped: the manager zeroed them then, and a reload's
-        worker may own them already."""
+        """Move the batch gauges, unless stopped or dead: the manager zeroed them then, and a
+        reload's worker may own them already."""
         with self._lock:
             if not self._stopping:
                 self.stats.batch_sizes(running, waiting)
@@ -226,7 +289,6 @@ class ModelWorker:
             block = False
 
     def _release(self) -> None:
-        unloaded = ModelUnloaded(f"Model '{self.name}' was unloaded")
         while True:
             try:
                 job = self._inbox.get_nowait()
@@ -234,12 +296,24 @@ class ModelWorker:
                 break
             if isinstance(job, GenerationJob):
                 self._scheduler.add(job)
-        self._scheduler.close(unloaded)
+        error = self._refusal()
+        try:
+            self._scheduler.close(error)
+        except Exception:  # a dead engine's state may be broken: end its jobs below
+            log.exception("closing the engine of %s failed", self.name)
+        with self._lock:
+            leftovers = list(self._admitted)
+            self._admitted.clear()
+        for job in leftovers:  # none unless closing failed: nobody may wait on a gone thread
+            job.abandon(error)
         self.loaded = None
         gc.collect()
         import torch
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if self._exited is not None:
-            self._exited.put(True)
+        with self._lock:
+            self._released = True
+            exited = self._exited
+        if exited is not None:
+            exited.put(True)
