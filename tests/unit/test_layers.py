@@ -117,3 +117,12 @@ def test_importing_the_engine_loads_no_http_module():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_package_root_holds_only_shared_modules():
+    """At most 10 modules at tursi/'s root: what every layer shares, and the entry points.
+    Anything only Flask needs lives in tursi/api/, anything only the engine needs in
+    tursi/engine/."""
+    root = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert root == sorted(["__init__", "cli", "wsgi", *SHARED])
+    assert len(root) <= 10
