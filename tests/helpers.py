@@ -349,3 +349,52 @@ def metrics(client, name="tiny"):
     body = response.get_json()
     assert body["name"] == name
     return body["metrics"]
+
+
+# --- the OpenAI API (/v1) -------------------------------------------------------------------
+
+OPENAI_ERROR_FIELDS = {"message", "type", "param", "code", "details"}
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def sse_data(text):
+    """The `data:` payloads of an OpenAI event stream, in order (strings, undecoded)."""
+    assert text.endswith("\n\n"), text[-200:]
+    frames = text.split("\n\n")[:-1]
+    payloads = []
+    for frame in frames:
+        if frame.startswith(":"):  # heartbeat comment
+            continue
+        assert frame.startswith("data: ") and "\n" not in frame, frame
+        payloads.append(frame[len("data: ") :])
+    return payloads
+
+
+# --- Prometheus -----------------------------------------------------------------------------
+
+
+def parse_metrics(text):
+    """{(sample name, ((label, value), ...)): value} of a /metrics body."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples, name, **labels):
+    """One sample's value in parse_metrics' output (0 when absent)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def requests_seen(samples, method, route, status):
+    """Requests timed for (method, route, status)."""
+    return value(
+        samples,
+        "tursi_request_duration_seconds_count",
+        method=method,
+        route=route,
+        status=str(status),
+    )

@@ -1,8 +1,5 @@
-"""The HTTP API through Flask's test client, on tiny random models (no downloads).
-
-One file per part of docs/api.md (models, generation, streaming, status and metrics,
-errors, authentication, rate limits, concurrency).
-"""
+"""Bearer API keys on /api/v1: refusals (401 and its header), valid keys, the key file,
+and no keys at all."""
 
 import pytest
 

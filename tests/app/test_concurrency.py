@@ -1,8 +1,5 @@
-"""The HTTP API through Flask's test client, on tiny random models (no downloads).
-
-One file per part of docs/api.md (models, generation, streaming, status and metrics,
-errors, authentication, rate limits, concurrency).
-"""
+"""Concurrent requests through Flask's test client: generations, streams and loads at once
+give each caller its own exact answer."""
 
 from __future__ import annotations
 

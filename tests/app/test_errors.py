@@ -1,8 +1,5 @@
-"""The HTTP API through Flask's test client, on tiny random models (no downloads).
-
-One file per part of docs/api.md (models, generation, streaming, status and metrics,
-errors, authentication, rate limits, concurrency).
-"""
+"""Errors as JSON: unknown paths, wrong methods, unexpected failures and failed
+generations, always {"error": {code, message, details}}."""
 
 import threading
 

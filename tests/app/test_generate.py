@@ -1,8 +1,5 @@
-"""The HTTP API through Flask's test client, on tiny random models (no downloads).
-
-One file per part of docs/api.md (models, generation, streaming, status and metrics,
-errors, authentication, rate limits, concurrency).
-"""
+"""POST /api/v1/generate: validation (400s with the field named, context length, limits)
+and results (shape, greedy, seeds, stop strings), on the tiny models."""
 
 import pytest
 

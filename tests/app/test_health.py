@@ -1,5 +1,5 @@
-"""Probes: GET /health (liveness) and GET /ready (readiness), in-process on the tiny models,
-then once against a real gunicorn server."""
+"""Probes: GET /health (liveness) and GET /ready (readiness) in-process on the tiny models
+(tests/server/test_health.py probes a real server)."""
 
 from __future__ import annotations
 

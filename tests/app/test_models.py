@@ -1,8 +1,5 @@
-"""The HTTP API through Flask's test client, on tiny random models (no downloads).
-
-One file per part of docs/api.md (models, generation, streaming, status and metrics,
-errors, authentication, rate limits, concurrency).
-"""
+"""GET /models, POST /models/{name}/load and /unload: states, conflicts, quantized loads,
+progress, failures, and unloading under traffic, on the tiny models."""
 
 import gc
 import json

@@ -1,10 +1,5 @@
-"""The OpenAI-compatible API (/v1).
-
-First, end to end: the official `openai` package drives a real gunicorn server that serves
-the embedded SmolLM2 model (it has a chat template) behind an API key. Then, in-process on
-the tiny models (fast): error shapes, validation, /v1/models, the shared rate limit and a
-stream that fails half-way.
-"""
+"""The OpenAI-compatible API (/v1) in-process on the tiny models: error shapes, validation,
+/v1/models, the shared rate limit and a stream that fails half-way."""
 
 from __future__ import annotations
 
@@ -16,12 +11,7 @@ import httpx2
 import openai
 import pytest
 
-from tests.helpers import API, load_and_wait
-
-CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-OPENAI_ERROR_FIELDS = {"message", "type", "param", "code", "details"}
+from tests.helpers import API, CHAT, OPENAI_ERROR_FIELDS, load_and_wait, sse_data
 
 
 def assert_openai_error(response, status, type_, code):
@@ -38,19 +28,6 @@ def assert_openai_error(response, status, type_, code):
     assert isinstance(error["details"], dict)
     assert error["param"] is None or isinstance(error["param"], str)
     return error
-
-
-def sse_data(text):
-    """The `data:` payloads of an OpenAI event stream, in order (strings, undecoded)."""
-    assert text.endswith("\n\n"), text[-200:]
-    frames = text.split("\n\n")[:-1]
-    payloads = []
-    for frame in frames:
-        if frame.startswith(":"):  # heartbeat comment
-            continue
-        assert frame.startswith("data: ") and "\n" not in frame, frame
-        payloads.append(frame[len("data: ") :])
-    return payloads
 
 
 def completion_ok(client, **body):

@@ -1,13 +1,12 @@
-"""GET /metrics: Prometheus counters moved by exactly the traffic sent, in-process (Flask test
-client) and summed across two real gunicorn workers (multiprocess mode); who may scrape."""
+"""GET /metrics in-process: Prometheus counters moved by exactly the traffic sent, stream
+timing, the memory gauge, who may scrape, and the gunicorn hooks."""
 
 import os
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import API, ROOT, wait_for
+from tests.helpers import API, ROOT, parse_metrics, requests_seen, value, wait_for
 
 BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
 
@@ -19,34 +18,11 @@ GENERATE = ("POST", "/api/v1/generate")
 assert not os.environ.get("PROMETHEUS_MULTIPROC_DIR"), "unset PROMETHEUS_MULTIPROC_DIR for tests"
 
 
-def parse(text):
-    """{(sample name, ((label, value), ...)): value} of a /metrics body."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def scrape(client, **kwargs):
     response = client.get("/metrics", **kwargs)
     assert response.status_code == 200, response.get_data(as_text=True)
     assert response.content_type.startswith("text/plain")
-    return parse(response.get_data(as_text=True))
-
-
-def value(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def requests_seen(samples, method, route, status):
-    return value(
-        samples,
-        "tursi_request_duration_seconds_count",
-        method=method,
-        route=route,
-        status=str(status),
-    )
+    return parse_metrics(response.get_data(as_text=True))
 
 
 def stream(client, **body):

@@ -1,8 +1,4 @@
-"""The HTTP API through Flask's test client, on tiny random models (no downloads).
-
-One file per part of docs/api.md (models, generation, streaming, status and metrics,
-errors, authentication, rate limits, concurrency).
-"""
+"""Rate limits: the X-RateLimit-* headers, 429 with Retry-After, one budget per API key."""
 
 import time
 

@@ -1,5 +1,5 @@
-"""Security: which routes are open when API keys are set, keys never logged or echoed,
-CORS off unless configured, and remote code only where the operator's catalog allows it."""
+"""Security in-process: which routes are open when API keys are set, keys never logged or
+echoed, CORS off unless configured, remote code only per catalog entry."""
 
 from __future__ import annotations
 

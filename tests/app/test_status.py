@@ -1,8 +1,5 @@
-"""The HTTP API through Flask's test client, on tiny random models (no downloads).
-
-One file per part of docs/api.md (models, generation, streaming, status and metrics,
-errors, authentication, rate limits, concurrency).
-"""
+"""GET /status and GET /models/{name}/metrics: fields, formats and counters that move
+with the traffic."""
 
 import re
 from datetime import datetime, timezone

@@ -1,8 +1,5 @@
-"""The HTTP API through Flask's test client, on tiny random models (no downloads).
-
-One file per part of docs/api.md (models, generation, streaming, status and metrics,
-errors, authentication, rate limits, concurrency).
-"""
+"""POST /api/v1/generate with stream: true: SSE events, the same text as without
+streaming, heartbeats, and a closed stream stopping its generation."""
 
 import pytest
 

@@ -1,8 +1,4 @@
-"""Bad input, sent the way a careless or hostile client would, to every generation route and
-to the model routes: each gets a structured 4xx (never a 500, never a trace) and leaves the
-server's state as it was. docs/reliability.md lists these attacks with what they produced.
-
-(Schemathesis adds generated cases on top of these: tests/test_fuzz.py.)"""
+"""Requests gunicorn itself cannot parse get Tursi's JSON error body, on a real server."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Probes: GET /health (liveness) and GET /ready (readiness), in-process on the tiny models,
-then once against a real gunicorn server."""
+"""Probes on a real gunicorn server: /health answers at once, /ready once the preloaded
+model is loaded."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""The OpenAI-compatible API (/v1).
-
-First, end to end: the official `openai` package drives a real gunicorn server that serves
-the embedded SmolLM2 model (it has a chat template) behind an API key. Then, in-process on
-the tiny models (fast): error shapes, validation, /v1/models, the shared rate limit and a
-stream that fails half-way.
-"""
+"""The OpenAI-compatible API (/v1) end to end: the official `openai` package drives a real
+gunicorn server serving the embedded SmolLM2 model behind an API key."""
 
 from __future__ import annotations
 
@@ -15,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from tests.helpers import API, Server
+from tests.helpers import API, CHAT, OPENAI_ERROR_FIELDS, Server, sse_data
 
 MODEL = "smollm2-135m-instruct"
 
@@ -24,25 +19,6 @@ KEY = "test-key"
 
 
 PROMPT = "Once upon a time"
-
-
-CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-OPENAI_ERROR_FIELDS = {"message", "type", "param", "code", "details"}
-
-
-def sse_data(text):
-    """The `data:` payloads of an OpenAI event stream, in order (strings, undecoded)."""
-    assert text.endswith("\n\n"), text[-200:]
-    frames = text.split("\n\n")[:-1]
-    payloads = []
-    for frame in frames:
-        if frame.startswith(":"):  # heartbeat comment
-            continue
-        assert frame.startswith("data: ") and "\n" not in frame, frame
-        payloads.append(frame[len("data: ") :])
-    return payloads
 
 
 def wait_ready(base, headers, model, timeout=300, process=None):

@@ -1,46 +1,16 @@
-"""GET /metrics: Prometheus counters moved by exactly the traffic sent, in-process (Flask test
-client) and summed across two real gunicorn workers (multiprocess mode); who may scrape."""
+"""GET /metrics with two gunicorn workers: every worker's counters add up in one scrape."""
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Server, wait_for
+from tests.helpers import Server, parse_metrics, requests_seen, value, wait_for
 
 BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
 
 
 GENERATE = ("POST", "/api/v1/generate")
-
-
-# The in-process tests read this process's registry, not a multiprocess folder.
-assert not os.environ.get("PROMETHEUS_MULTIPROC_DIR"), "unset PROMETHEUS_MULTIPROC_DIR for tests"
-
-
-def parse(text):
-    """{(sample name, ((label, value), ...)): value} of a /metrics body."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def requests_seen(samples, method, route, status):
-    return value(
-        samples,
-        "tursi_request_duration_seconds_count",
-        method=method,
-        route=route,
-        status=str(status),
-    )
 
 
 def counter_by_pid(folder, name, **labels):
@@ -78,7 +48,7 @@ def test_two_gunicorn_workers_add_up(tiny_models_dir, tmp_path):
     def metrics_text():
         response = requests.get(f"{base}/metrics", headers=fresh, timeout=10)
         assert response.status_code == 200, response.text
-        return parse(response.text)
+        return parse_metrics(response.text)
 
     def generate():
         response = requests.post(f"{base}/api/v1/generate", json=BODY, headers=fresh, timeout=30)

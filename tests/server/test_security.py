@@ -1,5 +1,4 @@
-"""Security: which routes are open when API keys are set, keys never logged or echoed,
-CORS off unless configured, and remote code only where the operator's catalog allows it."""
+"""Security on a real server: API keys never appear in gunicorn's logs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
-"""Unit tests for the pure parts: stop strings, detokenization, sampling, formatting,
-settings, the catalog file and request counters. No app, no model weights (except the
-tiny tokenizer for the decoder tests)."""
+"""The model catalog: built-in entries, catalog files and their validation."""
 
 import json
 

@@ -1,6 +1,4 @@
-"""Unit tests for the pure parts: stop strings, detokenization, sampling, formatting,
-settings, the catalog file and request counters. No app, no model weights (except the
-tiny tokenizer for the decoder tests)."""
+"""Settings: every TURSI_* variable parsed, defaults, and refusals of bad values."""
 
 import pytest
 

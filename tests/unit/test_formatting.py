@@ -1,6 +1,4 @@
-"""Unit tests for the pure parts: stop strings, detokenization, sampling, formatting,
-settings, the catalog file and request counters. No app, no model weights (except the
-tiny tokenizer for the decoder tests)."""
+"""Sizes, durations, uptimes, percentages and timestamps as the API writes them."""
 
 import pytest
 

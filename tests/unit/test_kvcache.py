@@ -1,6 +1,5 @@
-"""Unit tests for the batching engine's building blocks: batched token choice
-(sampling.nucleus, sampling.choose_tokens) and the running batch's KV cache (BatchCache).
-No model, no app."""
+"""BatchCache: rows added, grown, removed and compacted, checked against transformers'
+DynamicCache. No model, no app."""
 
 import torch
 from transformers import DynamicCache

@@ -1,6 +1,5 @@
-"""Unit tests for the pure parts: stop strings, detokenization, sampling, formatting,
-settings, the catalog file and request counters. No app, no model weights (except the
-tiny tokenizer for the decoder tests)."""
+"""Token choice: greedy, temperature, top_p (nucleus against a full sort), seeds, and
+choose_tokens on mixed greedy and sampled rows. No model, no app."""
 
 import pytest
 import torch

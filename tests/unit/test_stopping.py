@@ -1,6 +1,5 @@
-"""Unit tests for the pure parts: stop strings, detokenization, sampling, formatting,
-settings, the catalog file and request counters. No app, no model weights (except the
-tiny tokenizer for the decoder tests)."""
+"""StopMatcher: stop strings across token boundaries, text held back only while it could
+still become a stop."""
 
 from tursi.engine.stopping import StopMatcher
 

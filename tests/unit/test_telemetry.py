@@ -1,6 +1,4 @@
-"""Unit tests for the pure parts: stop strings, detokenization, sampling, formatting,
-settings, the catalog file and request counters. No app, no model weights (except the
-tiny tokenizer for the decoder tests)."""
+"""Request and model counters (telemetry.RequestStats, ModelStats)."""
 
 import math
 
