@@ -44,6 +44,17 @@ class RequestStats:
             self._trim(now)
             return len(self._recent)
 
+    def snapshot(self) -> dict[str, int]:
+        """The counts and the rate, as numbers that add up over workers."""
+        rate = self.rate_per_minute()
+        with self._lock:
+            return {
+                "total": self.total,
+                "success": self.success,
+                "failed": self.failed,
+                "rate": rate,
+            }
+
     def _trim(self, now: float) -> None:
         while self._recent and self._recent[0] <= now - self.window:
             self._recent.popleft()
@@ -111,6 +122,16 @@ class ModelStats:
         with self._lock:
             self._prometheus.memory.dec(self._memory)
             self._memory = 0
+
+    def totals(self) -> dict[str, Any]:
+        """The raw counters, which add up over workers (tursi.engine.views)."""
+        with self._lock:
+            return {
+                "requests_total": self.requests_total,
+                "requests_failed": self.requests_failed,
+                "tokens_generated": self.tokens_generated,
+                "generation_seconds": self.generation_seconds,
+            }
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
