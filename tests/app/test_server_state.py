@@ -26,6 +26,28 @@ def workers(make_app, run_dir, tmp_path):
     return [app.test_client() for app in apps]
 
 
+@pytest.fixture
+def held_loads(monkeypatch):
+    """Loads into the homes in `held_loads.homes` wait for `held_loads.gate.set()`: one
+    worker's copy can be held up while the others load."""
+    import threading
+    from types import SimpleNamespace
+
+    import tursi.engine.manager as manager_module
+
+    held = SimpleNamespace(gate=threading.Event(), homes=set())
+    real_load = manager_module.load_model
+
+    def held_load(entry, options, home, *args):
+        if home in held.homes:
+            assert held.gate.wait(30)
+        return real_load(entry, options, home, *args)
+
+    monkeypatch.setattr(manager_module, "load_model", held_load)
+    yield held
+    held.gate.set()
+
+
 def manager(client):
     return client.application.extensions["tursi"].manager
 
@@ -57,20 +79,8 @@ def test_a_load_through_one_worker_reaches_every_worker(workers):
     assert response.status_code == 200 and response.get_json()["status"] == "loaded"
 
 
-def test_a_worker_whose_copy_is_loading_answers_503_never_409(workers, monkeypatch, tmp_path):
-    import threading
-
-    import tursi.engine.manager as manager_module
-
-    gate = threading.Event()
-    real_load = manager_module.load_model
-
-    def gated(entry, options, home, *args):  # only worker B's loads wait
-        if home == str(tmp_path / "home-b"):
-            assert gate.wait(30)
-        return real_load(entry, options, home, *args)
-
-    monkeypatch.setattr(manager_module, "load_model", gated)
+def test_a_worker_whose_copy_is_loading_answers_503_never_409(workers, held_loads, tmp_path):
+    held_loads.homes.add(str(tmp_path / "home-b"))
     a, b = workers
     try:
         assert a.post(f"{API}/models/tiny/load").status_code == 202
@@ -84,7 +94,7 @@ def test_a_worker_whose_copy_is_loading_answers_503_never_409(workers, monkeypat
         assert int(response.headers["Retry-After"]) > 0
         generate_ok(a, prompt="Once upon", max_tokens=3)
     finally:
-        gate.set()
+        held_loads.gate.set()
     wait_for(lambda: all_say(workers, "loaded"))
     generate_ok(b, prompt="Once upon", max_tokens=3)
 
@@ -163,11 +173,17 @@ def test_a_reload_with_8_bits_reaches_every_worker(workers):
     assert entry["memory_bytes"] == 2 * manager(b).state("tiny").memory_bytes
 
 
-def test_a_new_worker_loads_what_the_server_holds(make_app, workers, run_dir, tmp_path):
-    """A worker that replaces a killed one: nobody asks it, it loads the desired models."""
+def test_a_new_worker_loads_what_the_server_holds(make_app, workers, run_dir, tmp_path, held_loads):
+    """A worker that replaces a killed one: nobody asks it, it loads the desired models, and
+    says it is catching up (gunicorn then holds its connections back) until it has them."""
     load_everywhere(workers)
+    assert manager(workers[0]).catching_up() == []
+    held_loads.homes.add(str(tmp_path / "home-c"))
     c = make_app(run_dir=str(run_dir), home=str(tmp_path / "home-c")).test_client()
-    wait_for(lambda: manager(c).state("tiny").status == "loaded", timeout=30)
+    assert manager(c).catching_up() == ["tiny"]
+    held_loads.gate.set()
+    wait_for(lambda: manager(c).catching_up() == [], timeout=30)
+    assert manager(c).state("tiny").status == "loaded"
     generate_ok(c, prompt="Once upon", max_tokens=2)
     assert len(model_entry(workers[0], "tiny")["workers"]) == 3
 

@@ -90,3 +90,21 @@ def post_worker_init(worker):
 
     drain_on_sigterm(worker)
     gunicorn_errors.install()
+    _catch_up(worker)
+
+
+def _catch_up(worker):
+    """A worker that joins a server whose other workers already serve models (it replaces a
+    killed one) first loads them, so that no request reaches it while its copies load. It
+    tells the master it is alive meanwhile (a load may outlast the worker timeout); a load
+    that fails ends the wait (the model shows failed)."""
+    import time
+
+    manager = worker.wsgi.extensions["tursi"].manager
+    waiting = manager.catching_up()
+    if waiting:
+        worker.log.info("loading %s before taking connections", ", ".join(waiting))
+    while waiting:
+        worker.notify()
+        time.sleep(0.25)
+        waiting = manager.catching_up()

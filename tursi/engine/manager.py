@@ -427,6 +427,24 @@ class ModelManager:
             start_native_thread(self._load_in_background, name, options, progress)
         self.publish()
 
+    def catching_up(self) -> list[str]:
+        """The desired models that another live worker already serves and this one is still
+        loading: a worker that joins a serving server (the replacement of a killed one)
+        takes no connections until there are none (tursi.api.gunicorn_defaults)."""
+        if self.shared is None:
+            return []
+        desired, others = self.shared.desired(), self.shared.other_reports()
+        return [
+            name
+            for name, wanted in desired.items()
+            if self._states[name].status not in ("loaded", "failed")
+            and any(
+                r["models"][name]["status"] == "loaded"
+                and r["models"][name]["options"] == wanted["options"]
+                for r in others
+            )
+        ]
+
     # --- reports and views ------------------------------------------------------------------
 
     def _report(self) -> dict[str, Any]:
