@@ -125,6 +125,12 @@ class OpenAIErrorSchema(Schema):
 class WorkerStatusSchema(Schema):
     pid = _count(metadata={"description": "the gunicorn worker's process id"})
     status = _one_of(MODEL_STATUSES, metadata={"description": "the model on this worker"})
+    memory_bytes = fields.Integer(
+        required=True,
+        allow_none=True,
+        validate=validate.Range(min=0),
+        metadata={"description": "this worker's copy, while loaded"},
+    )
 
 
 class ModelViewSchema(Schema):

@@ -133,12 +133,16 @@ class ModelManager:
         """The worker of a loaded model, or the error that says why there is none."""
         state = self.state(name)
         with self._lock:
-            status, worker = state.status, state.worker
+            status, worker, loaded_for = state.status, state.worker, state.wanted
+        if self.shared is not None:  # the desired state decides, before the next reconcile
+            wanted = self.shared.desired().get(name)
+            if wanted is None:
+                status = "failed" if status == "failed" else "not_loaded"
+            elif status != "failed" and (status != "loaded" or loaded_for != wanted):
+                status = "loading"  # the server has it: this worker's copy is on its way
         if status == "loaded" and worker is not None:
             state.last_used = time.monotonic()
             return worker
-        if self.shared is not None and status != "failed" and name in self.shared.desired():
-            status = "loading"  # the server has it: this worker's copy is on its way
         if status == "loading":
             raise ModelLoading(
                 f"Model '{name}' is still loading", {"status": status}, headers={"Retry-After": "5"}

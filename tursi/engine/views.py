@@ -30,7 +30,7 @@ class ModelView:
     running: int = 0
     waiting: int = 0
     totals: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    workers: list[dict[str, Any]] | None = None  # [{pid, status}] with a run folder
+    workers: list[dict[str, Any]] | None = None  # [{pid, status, memory_bytes}]: run folder
 
 
 def options_dict(options: LoadOptions | None) -> dict[str, Any] | None:
@@ -95,7 +95,10 @@ def server_view(
         running=sum(e["running"] for _, e in entries),
         waiting=sum(e["waiting"] for _, e in entries),
         totals={key: sum(e["totals"][key] for _, e in entries) for key in COUNTERS},
-        workers=[{"pid": pid, "status": e["status"]} for pid, e in entries],
+        workers=[
+            {"pid": pid, "status": e["status"], "memory_bytes": e["memory_bytes"]}
+            for pid, e in entries
+        ],
     )
 
 
