@@ -232,7 +232,7 @@ def test_a_killed_worker_is_replaced_and_only_its_requests_fail(server):
         0.1,
     )
     # A replacement boots (imports torch, builds the app) and loads before taking connections.
-    bound = server.boot_seconds + 3 * load_seconds + 10
+    bound = 2 * server.boot_seconds + 3 * load_seconds + 20
     old = {p.pid for p in server_workers(server)}
     clients = Clients(server, 4)
     try:
@@ -268,7 +268,8 @@ def test_a_killed_worker_is_replaced_and_only_its_requests_fail(server):
     }
     print(
         f"\nworkers: SIGKILL of {victim}: replacement {replacement} loaded after {ready:.1f}s "
-        f"(bound {bound:.0f}s: boot {server.boot_seconds:.0f}s, load {load_seconds:.1f}s); "
+        f"(bound {bound:.0f}s = 2 x boot {server.boot_seconds:.0f}s + 3 x load "
+        f"{load_seconds:.1f}s + 20 s); "
         f"{len(results)} streams, {len(failed)} failed: {[r['error'] for r in failed]}"
     )
     # Only the streams that were on the killed worker when it died failed: each was running
