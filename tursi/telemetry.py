@@ -133,16 +133,18 @@ class ModelStats:
                 "generation_seconds": self.generation_seconds,
             }
 
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            total = self.requests_total
-            return {
-                "requests_total": total,
-                "requests_failed": self.requests_failed,
-                "tokens_generated": self.tokens_generated,
-                "average_generation_seconds": self.generation_seconds / total if total else 0.0,
-                "error_rate": self.requests_failed / total if total else 0.0,
-            }
+
+def summarize(totals: dict[str, Any]) -> dict[str, Any]:
+    """ModelStats.totals (one worker's, or summed over workers) with the mean generation time
+    and the error rate that the JSON metrics show."""
+    total = totals["requests_total"]
+    return {
+        "requests_total": total,
+        "requests_failed": totals["requests_failed"],
+        "tokens_generated": totals["tokens_generated"],
+        "average_generation_seconds": totals["generation_seconds"] / total if total else 0.0,
+        "error_rate": totals["requests_failed"] / total if total else 0.0,
+    }
 
 
 @dataclass

@@ -10,6 +10,7 @@ from flask import Blueprint, jsonify
 from ..engine.loading import LoadOptions
 from ..engine.views import ModelView
 from ..formatting import format_bytes, format_percent, format_seconds, format_uptime, iso_utc
+from ..telemetry import summarize
 from . import json_body, no_query
 from .schemas import LoadRequestSchema, UnloadRequestSchema
 from .state import current
@@ -85,18 +86,15 @@ def model_metrics(name: str):
     """A model's counters (since the server started) and its current load."""
     no_query()
     model = current().manager.view(name)
-    totals = model.totals
-    requests = totals["requests_total"]
+    stats = summarize(model.totals)
     loaded = model.status == "loaded"
     metrics = {
-        "requests_total": requests,
-        "tokens_generated": totals["tokens_generated"],
-        "average_generation_time": format_seconds(
-            totals["generation_seconds"] / requests if requests else 0.0
-        ),
+        "requests_total": stats["requests_total"],
+        "tokens_generated": stats["tokens_generated"],
+        "average_generation_time": format_seconds(stats["average_generation_seconds"]),
         "memory_usage": format_bytes(model.memory_bytes) if model.memory_bytes else None,
         "load_time": iso_utc(model.loaded_at) if model.loaded_at else None,
-        "error_rate": format_percent(totals["requests_failed"] / requests if requests else 0.0),
+        "error_rate": format_percent(stats["error_rate"]),
         "status": model.status,
         "load_duration": format_seconds(model.load_seconds) if model.load_seconds else None,
         "generations_running": model.running if loaded else 0,
