@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -200,3 +201,34 @@ def test_the_first_worker_makes_the_desired_state_from_preload(make_app, run_dir
     assert sorted(os.listdir(run_dir / "workers")) == sorted(
         manager(c).shared.report_name for c in (a, b)
     )
+
+
+def test_a_failed_copy_shows_failed_and_a_new_load_retries_it_alone(workers, monkeypatch, tmp_path):
+    """B's load fails: the server says failed with B's reason, B does not retry by itself;
+    loading again retries B's copy and leaves A's loaded copy as it is."""
+    import tursi.engine.manager as manager_module
+
+    real_load = manager_module.load_model
+    broken = {str(tmp_path / "home-b")}
+
+    def failing_load(entry, options, home, *args):
+        if home in broken:
+            raise OSError("disk on fire")
+        return real_load(entry, options, home, *args)
+
+    monkeypatch.setattr(manager_module, "load_model", failing_load)
+    a, b = workers
+    assert a.post(f"{API}/models/tiny/load").status_code == 202
+    wait_for(lambda: model_entry(a, "tiny")["status"] == "failed")
+    wait_for(lambda: manager(a).state("tiny").status == "loaded")
+    assert "disk on fire" in model_entry(b, "tiny")["error"]
+    assert_error(generate(b, prompt="Once", max_tokens=2), 409, "model_not_loaded")
+    serving = manager(a).state("tiny").worker
+    time.sleep(0.6)  # a few ticks: no retry loop
+    assert manager(b).state("tiny").status == "failed"
+    broken.clear()
+    assert b.post(f"{API}/models/tiny/load").status_code == 202
+    wait_for(lambda: all_say(workers, "loaded"))
+    time.sleep(0.6)  # A's housekeeper has seen the new entry
+    assert manager(a).state("tiny").worker is serving  # A's copy was not reloaded
+    generate_ok(b, prompt="Once upon", max_tokens=2)

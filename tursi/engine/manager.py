@@ -138,7 +138,9 @@ class ModelManager:
             wanted = self.shared.desired().get(name)
             if wanted is None:
                 status = "failed" if status == "failed" else "not_loaded"
-            elif status != "failed" and (status != "loaded" or loaded_for != wanted):
+            elif status != "failed" and (
+                status != "loaded" or not _same_options(loaded_for, wanted)
+            ):
                 status = "loading"  # the server has it: this worker's copy is on its way
         if status == "loaded" and worker is not None:
             state.last_used = time.monotonic()
@@ -412,7 +414,9 @@ class ModelManager:
         with self._lock:
             for state in self.states():
                 wanted = desired.get(state.name)
-                if state.status == "loaded" and state.wanted != wanted:
+                # A loaded copy stays while the options stay (a retry of another worker's
+                # failed load rewrites `since` only); a failed one is retried on any change.
+                if state.status == "loaded" and not _same_options(state.wanted, wanted):
                     self._detach(state, None)
                 if wanted is None:
                     if state.status == "failed" and state.name in self._desired_seen:
@@ -694,6 +698,13 @@ class ModelManager:
                     pass
         if self.shared is not None:
             self.shared.remove_report()
+
+
+def _same_options(loaded_for: dict[str, Any] | None, wanted: dict[str, Any] | None) -> bool:
+    """Two desired entries ask for the same load (whenever they were asked)."""
+    return (
+        loaded_for is not None and wanted is not None and loaded_for["options"] == wanted["options"]
+    )
 
 
 def _idle(entries: list[dict[str, Any]]) -> bool:
