@@ -232,3 +232,17 @@ def test_a_failed_copy_shows_failed_and_a_new_load_retries_it_alone(workers, mon
     time.sleep(0.6)  # A's housekeeper has seen the new entry
     assert manager(a).state("tiny").worker is serving  # A's copy was not reloaded
     generate_ok(b, prompt="Once upon", max_tokens=2)
+
+
+def test_an_unload_while_copies_load_drops_each_copy_when_its_load_ends(
+    workers, held_loads, tmp_path
+):
+    held_loads.homes.update(str(tmp_path / f"home-{n}") for n in "ab")
+    a, b = workers
+    assert a.post(f"{API}/models/tiny/load").status_code == 202
+    wait_for(lambda: all(manager(c).state("tiny").status == "loading" for c in workers))
+    assert b.post(f"{API}/models/tiny/unload").status_code == 200
+    assert all_say(workers, "not_loaded")
+    held_loads.gate.set()
+    wait_for(lambda: all(manager(c).state("tiny").status == "not_loaded" for c in workers), 10)
+    assert_error(generate(a, prompt="Once", max_tokens=2), 409, "model_not_loaded")
