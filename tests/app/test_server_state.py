@@ -246,3 +246,24 @@ def test_an_unload_while_copies_load_drops_each_copy_when_its_load_ends(
     held_loads.gate.set()
     wait_for(lambda: all(manager(c).state("tiny").status == "not_loaded" for c in workers), 10)
     assert_error(generate(a, prompt="Once", max_tokens=2), 409, "model_not_loaded")
+
+
+def test_the_memory_budget_evicts_from_the_servers_models(workers, tmp_path):
+    """A budget with room for one model: loading the other through B evicts the first from
+    the desired state, and every worker drops it."""
+    from tursi.engine.loading import LoadOptions, estimate_memory_bytes
+
+    a, b = workers
+    load_everywhere(workers)
+    held = manager(a).state("tiny").memory_bytes
+    entry = manager(b).catalog.get("tiny-gpt2")
+    needed = estimate_memory_bytes(entry, LoadOptions().resolved(entry), str(tmp_path / "home-b"))
+    for client in workers:
+        manager(client).max_memory = max(held, needed) + min(held, needed) // 2
+    response = b.post(f"{API}/models/tiny-gpt2/load")
+    assert response.status_code == 202, response.get_json()
+    wait_for(lambda: all_say(workers, "loaded", "tiny-gpt2"))
+    assert all_say(workers, "not_loaded", "tiny")
+    wait_for(lambda: all(manager(c).state("tiny").status == "not_loaded" for c in workers), 2)
+    desired = json.loads((tmp_path / "run" / "desired.json").read_text())
+    assert list(desired) == ["tiny-gpt2"]
