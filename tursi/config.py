@@ -139,6 +139,7 @@ class Settings:
     max_gpu_memory: str | None = None
     max_memory: int | None = None
     keep_alive: float | None = None
+    run_dir: str | None = None  # the folder the workers of one server share (gunicorn sets it)
     cors_origins: list[str] = field(default_factory=list)
     allow_downloads: bool = False
     log_level: str = "info"
@@ -167,6 +168,7 @@ class Settings:
             "TURSI_MAX_GPU_MEMORY": ("max_gpu_memory", str),
             "TURSI_MAX_MEMORY": ("max_memory", parse_bytes),
             "TURSI_KEEP_ALIVE": ("keep_alive", parse_duration),
+            "TURSI_RUN_DIR": ("run_dir", str),
             "TURSI_CORS_ORIGINS": ("cors_origins", _split),
             "TURSI_ALLOW_DOWNLOADS": ("allow_downloads", _flag),
             "TURSI_LOG_LEVEL": ("log_level", str),

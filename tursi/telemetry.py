@@ -44,6 +44,17 @@ class RequestStats:
             self._trim(now)
             return len(self._recent)
 
+    def snapshot(self) -> dict[str, int]:
+        """The counts and the rate, as numbers that add up over workers."""
+        rate = self.rate_per_minute()
+        with self._lock:
+            return {
+                "total": self.total,
+                "success": self.success,
+                "failed": self.failed,
+                "rate": rate,
+            }
+
     def _trim(self, now: float) -> None:
         while self._recent and self._recent[0] <= now - self.window:
             self._recent.popleft()
@@ -112,16 +123,28 @@ class ModelStats:
             self._prometheus.memory.dec(self._memory)
             self._memory = 0
 
-    def snapshot(self) -> dict[str, Any]:
+    def totals(self) -> dict[str, Any]:
+        """The raw counters, which add up over workers (tursi.engine.views)."""
         with self._lock:
-            total = self.requests_total
             return {
-                "requests_total": total,
+                "requests_total": self.requests_total,
                 "requests_failed": self.requests_failed,
                 "tokens_generated": self.tokens_generated,
-                "average_generation_seconds": self.generation_seconds / total if total else 0.0,
-                "error_rate": self.requests_failed / total if total else 0.0,
+                "generation_seconds": self.generation_seconds,
             }
+
+
+def summarize(totals: dict[str, Any]) -> dict[str, Any]:
+    """ModelStats.totals (one worker's, or summed over workers) with the mean generation time
+    and the error rate that the JSON metrics show."""
+    total = totals["requests_total"]
+    return {
+        "requests_total": total,
+        "requests_failed": totals["requests_failed"],
+        "tokens_generated": totals["tokens_generated"],
+        "average_generation_seconds": totals["generation_seconds"] / total if total else 0.0,
+        "error_rate": totals["requests_failed"] / total if total else 0.0,
+    }
 
 
 @dataclass

@@ -158,7 +158,8 @@ def test_load_shows_progress_until_loaded(server):
     assert re.search(r"^tiny-gpt2\s+loaded\s+float32, cpu, ", listing, re.MULTILINE)
     assert re.search(r"^tiny\s+not_loaded\s*$", listing, re.MULTILINE)
     raw = json.loads(ok(tursi("models", "--json", server=server)))
-    assert {"name": "tiny", "status": "not_loaded"} in raw["models"]
+    tiny = next(m for m in raw["models"] if m["name"] == "tiny")
+    assert tiny["status"] == "not_loaded" and set(tiny) == {"name", "status", "workers"}
 
 
 def test_load_with_other_settings_is_a_conflict(server):

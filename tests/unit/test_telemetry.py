@@ -5,7 +5,7 @@ import math
 import pytest
 
 from tursi.engine.detokenize import IncrementalDecoder
-from tursi.telemetry import ModelStats, RequestStats
+from tursi.telemetry import ModelStats, RequestStats, summarize
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,9 @@ def test_request_stats_rate_is_last_60_seconds():
     assert stats.total == 3  # totals never expire
 
 
-def test_model_stats_snapshot():
+def test_model_stats_summary():
     stats = ModelStats()
-    assert stats.snapshot() == {
+    assert summarize(stats.totals()) == {
         "requests_total": 0,
         "requests_failed": 0,
         "tokens_generated": 0,
@@ -47,7 +47,7 @@ def test_model_stats_snapshot():
     stats.record(10, 1.0, True)
     stats.record(0, 0.5, False)
     stats.record(20, 3.0, True)
-    snap = stats.snapshot()
+    snap = summarize(stats.totals())
     assert snap["requests_total"] == 3
     assert snap["requests_failed"] == 1
     assert snap["tokens_generated"] == 30

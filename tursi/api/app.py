@@ -34,9 +34,12 @@ def build_app(settings: Settings) -> Flask:
         ),
         settings.max_memory,
         settings.keep_alive,
+        settings.run_dir or None,
     )
     state = AppState(settings, manager)
     state.attach(app)
+    # The other workers of the server read these counts from this worker's report (/status).
+    manager.report_extra = lambda: {"requests": state.requests.snapshot()}
     # Hook order matters. before_request hooks run in the order registered: a draining
     # worker refuses first (lifecycle), then the rate limit (limits: before auth, so failed
     # logins spend the budget too), then the API key (auth). The request accounting wraps
@@ -62,6 +65,5 @@ def build_app(settings: Settings) -> Flask:
         )
     auth.init_app(app, settings.all_api_keys())
     init_blueprints(app)
-    for name in settings.preload:
-        manager.preload(name)
+    manager.start(settings.preload)
     return app

@@ -25,27 +25,46 @@ control_socket_disable = True
 # The access log shows method, path and status, never the Authorization header.
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'
 
-# --- Prometheus multiprocess mode (see docs/prometheus.md) ----------------------------------
-# Every worker writes its metrics to files in PROMETHEUS_MULTIPROC_DIR and /metrics sums them
-# all. The folder is the operator's when set, else a fresh temporary one for this master.
-_metrics_dir_made_here: list[str] = []
+# --- Folders the workers share: Prometheus multiprocess mode (see docs/prometheus.md) and the
+# server's desired state and worker reports (TURSI_RUN_DIR, tursi.engine.server_state). Each
+# is the operator's when set, else a fresh temporary one for this master, removed at exit.
+_dirs_made_here: list[str] = []
 
 
 def on_starting(server):
-    """Master start, before any worker: an empty metrics folder, named in the environment
-    that the workers inherit. prometheus_client reads it when first imported, in a worker."""
+    """Master start, before any worker: the shared folders, named in the environment that
+    the workers inherit."""
+    _metrics_dir()
+    server.log.info("Prometheus multiprocess folder: %s", os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    _run_dir()
+    server.log.info("Run folder (desired models, worker reports): %s", os.environ["TURSI_RUN_DIR"])
+
+
+def _run_dir() -> None:
+    """The workers of this master reconcile to one desired state kept here. A fresh folder
+    starts from TURSI_PRELOAD; an operator's folder keeps what was loaded across restarts."""
+    if not os.environ.get("TURSI_RUN_DIR"):
+        import tempfile
+
+        path = tempfile.mkdtemp(prefix="tursi-run-")
+        _dirs_made_here.append(path)
+        os.environ["TURSI_RUN_DIR"] = path
+    os.makedirs(os.environ["TURSI_RUN_DIR"], exist_ok=True)
+
+
+def _metrics_dir() -> None:
+    """An empty metrics folder; prometheus_client reads it when first imported, in a worker."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
         import tempfile
 
         path = tempfile.mkdtemp(prefix="tursi-prometheus-")
-        _metrics_dir_made_here.append(path)
+        _dirs_made_here.append(path)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):  # a previous run's values would be added to this one's
         if name.endswith(".db"):
             os.remove(os.path.join(path, name))
-    server.log.info("Prometheus multiprocess folder: %s", path)
 
 
 def child_exit(server, worker):
@@ -56,11 +75,11 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Master exit: remove the metrics folder if this master made it."""
+    """Master exit: remove the shared folders this master made."""
     import shutil
 
-    while _metrics_dir_made_here:
-        shutil.rmtree(_metrics_dir_made_here.pop(), ignore_errors=True)
+    while _dirs_made_here:
+        shutil.rmtree(_dirs_made_here.pop(), ignore_errors=True)
 
 
 def post_worker_init(worker):
@@ -71,3 +90,21 @@ def post_worker_init(worker):
 
     drain_on_sigterm(worker)
     gunicorn_errors.install()
+    _catch_up(worker)
+
+
+def _catch_up(worker):
+    """A worker that joins a server whose other workers already serve models (it replaces a
+    killed one) first loads them, so that no request reaches it while its copies load. It
+    tells the master it is alive meanwhile (a load may outlast the worker timeout); a load
+    that fails ends the wait (the model shows failed)."""
+    import time
+
+    manager = worker.wsgi.extensions["tursi"].manager
+    waiting = manager.catching_up()
+    if waiting:
+        worker.log.info("loading %s before taking connections", ", ".join(waiting))
+    while waiting:
+        worker.notify()
+        time.sleep(0.25)
+        waiting = manager.catching_up()

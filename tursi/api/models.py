@@ -8,8 +8,9 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from ..engine.loading import LoadOptions
-from ..engine.manager import ModelState
+from ..engine.views import ModelView
 from ..formatting import format_bytes, format_percent, format_seconds, format_uptime, iso_utc
+from ..telemetry import summarize
 from . import json_body, no_query
 from .schemas import LoadRequestSchema, UnloadRequestSchema
 from .state import current
@@ -17,28 +18,29 @@ from .state import current
 bp = Blueprint("models", __name__)
 
 
-def model_view(state: ModelState) -> dict[str, Any]:
-    view: dict[str, Any] = {"name": state.name, "status": state.status}
-    if state.status == "loaded":
-        options = state.options or LoadOptions()
+def model_view(model: ModelView) -> dict[str, Any]:
+    view: dict[str, Any] = {"name": model.name, "status": model.status}
+    if model.status == "loaded":
+        options = model.options or LoadOptions()
         view.update(
             {
                 "quantized": options.quantize,
                 "bits": options.bits,
                 "mode": options.mode,
-                "dtype": state.dtype,
-                "device": state.device,
-                "memory_usage": format_bytes(state.memory_bytes or 0),
-                "memory_bytes": state.memory_bytes,
-                "uptime": format_uptime(time.monotonic() - (state.loaded_mono or time.monotonic())),
+                "dtype": model.dtype,
+                "device": model.device,
+                "memory_usage": format_bytes(model.memory_bytes or 0),
+                "memory_bytes": model.memory_bytes,
+                "uptime": format_uptime(time.time() - (model.loaded_at or time.time())),
             }
         )
-    elif state.status == "loading":
-        progress = state.progress
-        if progress is not None:
-            view.update({"progress": round(progress.fraction, 3), "stage": progress.stage})
-    elif state.status == "failed":
-        view["error"] = state.error
+    elif model.status == "loading":
+        if model.progress is not None:
+            view.update({"progress": model.progress, "stage": model.stage})
+    elif model.status == "failed":
+        view["error"] = model.error
+    if model.workers is not None:
+        view["workers"] = model.workers
     return view
 
 
@@ -47,9 +49,10 @@ def list_models():
     """Every catalog model and its status.
 
     Loaded models add their load settings, memory and uptime; loading ones how far the load
-    got; failed ones the load error."""
+    got; failed ones the load error. With several workers: the whole server (loaded once
+    every worker has it), with each worker's status and memory summed over the copies."""
     no_query()
-    return jsonify({"models": [model_view(s) for s in current().manager.snapshots()]})
+    return jsonify({"models": [model_view(m) for m in current().manager.views()]})
 
 
 @bp.post("/models/<name>/load")
@@ -82,31 +85,29 @@ def unload_model(name: str):
 def model_metrics(name: str):
     """A model's counters (since the server started) and its current load."""
     no_query()
-    state = current().manager.snapshot(name)
-    stats = state.stats.snapshot()
-    worker = state.worker if state.status == "loaded" else None
-    running, waiting = worker.counts() if worker else (0, 0)
+    model = current().manager.view(name)
+    stats = summarize(model.totals)
+    loaded = model.status == "loaded"
     metrics = {
         "requests_total": stats["requests_total"],
         "tokens_generated": stats["tokens_generated"],
         "average_generation_time": format_seconds(stats["average_generation_seconds"]),
-        "memory_usage": format_bytes(state.memory_bytes) if state.memory_bytes else None,
-        "load_time": iso_utc(state.loaded_at) if state.loaded_at else None,
+        "memory_usage": format_bytes(model.memory_bytes) if model.memory_bytes else None,
+        "load_time": iso_utc(model.loaded_at) if model.loaded_at else None,
         "error_rate": format_percent(stats["error_rate"]),
-        "status": state.status,
-        "load_duration": format_seconds(state.load_seconds) if state.load_seconds else None,
-        "generations_running": running,
-        "generations_waiting": waiting,
+        "status": model.status,
+        "load_duration": format_seconds(model.load_seconds) if model.load_seconds else None,
+        "generations_running": model.running if loaded else 0,
+        "generations_waiting": model.waiting if loaded else 0,
     }
-    loaded = state.status == "loaded"
-    options = (state.options or LoadOptions()) if loaded else None
+    options = (model.options or LoadOptions()) if loaded else None
     metrics.update(
         {
             "quantized": options.quantize if options else None,
             "bits": options.bits if options else None,
             "mode": options.mode if options else None,
-            "dtype": state.dtype if loaded else None,
-            "memory_bytes": state.memory_bytes if loaded else None,
+            "dtype": model.dtype if loaded else None,
+            "memory_bytes": model.memory_bytes if loaded else None,
         }
     )
     return jsonify({"name": name, "metrics": metrics})

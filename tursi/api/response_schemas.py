@@ -122,9 +122,21 @@ class OpenAIErrorSchema(Schema):
 # --- /api/v1/models ----------------------------------------------------------------------
 
 
+class WorkerStatusSchema(Schema):
+    pid = _count(metadata={"description": "the gunicorn worker's process id"})
+    status = _one_of(MODEL_STATUSES, metadata={"description": "the model on this worker"})
+    memory_bytes = fields.Integer(
+        required=True,
+        allow_none=True,
+        validate=validate.Range(min=0),
+        metadata={"description": "this worker's copy, while loaded"},
+    )
+
+
 class ModelViewSchema(Schema):
-    """One catalog model. Loaded models add quantized .. uptime; loading ones progress and
-    stage (once the load reports them); failed ones the load error."""
+    """One catalog model, as the whole server holds it. Loaded models add quantized ..
+    uptime; loading ones progress and stage (once the load reports them); failed ones the load
+    error. Under gunicorn (a run folder), `workers` says where each worker's copy stands."""
 
     name = _text()
     status = _one_of(MODEL_STATUSES)
@@ -139,6 +151,10 @@ class ModelViewSchema(Schema):
     progress = fields.Float(validate=validate.Range(min=0, max=1))
     stage = fields.String(metadata={"example": "loading weights"})
     error = fields.String(metadata={"description": "why the load failed"})
+    workers = fields.List(
+        fields.Nested(WorkerStatusSchema),
+        metadata={"description": "one entry per live worker (gunicorn); memory sums them"},
+    )
 
 
 class ModelListSchema(Schema):

@@ -26,10 +26,12 @@ def _memory(reading) -> dict[str, str]:
 def server_status():
     """Server health and resource usage.
 
-    Request counts cover this worker process's /api/v1 and /v1 responses."""
+    Request counts cover the /api/v1 and /v1 responses of every worker of the server;
+    active models are those loaded on every worker, generations those of all workers."""
     no_query()
     app = current()
-    counts = app.manager.counts()
+    models = app.manager.views()
+    requests = [extra["requests"] for extra in app.manager.extras()]
     gpu = app.gpu.read()
     gpu_usage = None
     if gpu is not None:
@@ -41,15 +43,18 @@ def server_status():
         {
             "status": "healthy",
             "uptime": format_uptime(time.monotonic() - app.started),
-            "active_models": counts["loaded"],
+            "active_models": sum(m.status == "loaded" for m in models),
             "memory_usage": _memory(system_memory()),
             "gpu_usage": gpu_usage,
             "requests": {
-                "total": app.requests.total,
-                "success": app.requests.success,
-                "failed": app.requests.failed,
-                "rate": f"{app.requests.rate_per_minute()}/minute",
+                "total": sum(r["total"] for r in requests),
+                "success": sum(r["success"] for r in requests),
+                "failed": sum(r["failed"] for r in requests),
+                "rate": f"{sum(r['rate'] for r in requests)}/minute",
             },
-            "generations": {"running": counts["running"], "waiting": counts["waiting"]},
+            "generations": {
+                "running": sum(m.running for m in models),
+                "waiting": sum(m.waiting for m in models),
+            },
         }
     )
