@@ -157,8 +157,15 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api/v1"
         self.log_path = log_path
+        # Each test server gets its own shared folders (its master makes them), never a
+        # folder another server of this session named in the environment.
+        inherited = {
+            name: value
+            for name, value in os.environ.items()
+            if name not in ("TURSI_RUN_DIR", "PROMETHEUS_MULTIPROC_DIR")
+        }
         full_env = {
-            **os.environ,
+            **inherited,
             "HF_HUB_OFFLINE": "1",
             "TURSI_HOST": "127.0.0.1",
             "TURSI_PORT": str(self.port),

@@ -192,16 +192,19 @@ class FakeServer:
             pass
 
 
-def test_the_master_makes_a_metrics_folder_and_removes_it(monkeypatch):
+@pytest.mark.parametrize("variable", ["PROMETHEUS_MULTIPROC_DIR", "TURSI_RUN_DIR"])
+def test_the_master_makes_its_folders_and_removes_them(monkeypatch, variable):
     from tursi.api import gunicorn_defaults
 
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # so that undoing removes it again
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "TURSI_RUN_DIR"):
+        monkeypatch.setenv(name, "")  # so that undoing removes it again
+        monkeypatch.delenv(name)
     gunicorn_defaults.on_starting(FakeServer)
-    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    assert os.path.isdir(folder) and not os.listdir(folder)
+    folder = os.environ[variable]
+    assert os.path.isdir(folder)
     gunicorn_defaults.on_exit(FakeServer)
     assert not os.path.exists(folder)
+    assert variable not in os.environ  # a later master in this process makes its own
 
 
 def test_the_hooks_reach_gunicorn_conf():

@@ -28,7 +28,7 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'
 # --- Folders the workers share: Prometheus multiprocess mode (see docs/prometheus.md) and the
 # server's desired state and worker reports (TURSI_RUN_DIR, tursi.engine.server_state). Each
 # is the operator's when set, else a fresh temporary one for this master, removed at exit.
-_dirs_made_here: list[str] = []
+_dirs_made_here: dict[str, str] = {}  # environment variable -> the folder made for it
 
 
 def on_starting(server):
@@ -47,7 +47,7 @@ def _run_dir() -> None:
         import tempfile
 
         path = tempfile.mkdtemp(prefix="tursi-run-")
-        _dirs_made_here.append(path)
+        _dirs_made_here["TURSI_RUN_DIR"] = path
         os.environ["TURSI_RUN_DIR"] = path
     os.makedirs(os.environ["TURSI_RUN_DIR"], exist_ok=True)
 
@@ -59,7 +59,7 @@ def _metrics_dir() -> None:
         import tempfile
 
         path = tempfile.mkdtemp(prefix="tursi-prometheus-")
-        _dirs_made_here.append(path)
+        _dirs_made_here["PROMETHEUS_MULTIPROC_DIR"] = path
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):  # a previous run's values would be added to this one's
@@ -75,11 +75,15 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Master exit: remove the shared folders this master made."""
+    """Master exit: remove the shared folders this master made, and their names from the
+    environment (a process that starts a master again must not inherit a removed folder)."""
     import shutil
 
     while _dirs_made_here:
-        shutil.rmtree(_dirs_made_here.pop(), ignore_errors=True)
+        variable, path = _dirs_made_here.popitem()
+        shutil.rmtree(path, ignore_errors=True)
+        if os.environ.get(variable) == path:
+            del os.environ[variable]
 
 
 def post_worker_init(worker):
