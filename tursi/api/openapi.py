@@ -113,9 +113,24 @@ def ok(description: str, schema: Any, media_type: str = "application/json") -> d
     return {"description": description, "content": {media_type: {"schema": schema}}}
 
 
+# One server-sent event as the OpenAPI 3.2 SSE model describes it (and schemathesis checks
+# each one): its `data` text, its `event` name when it has one. The frames' JSON is in the
+# description, per API.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
+
 def with_stream(response: dict, description: str, example: str) -> dict:
     """A 200 that is JSON, or server-sent events when the request asks `stream: true`."""
-    stream = {"schema": {"type": "string", "description": description}, "example": example}
+    stream = {"schema": {**SSE_EVENT, "description": description}, "example": example}
     return {**response, "content": {**response["content"], "text/event-stream": stream}}
 
 
