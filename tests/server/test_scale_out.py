@@ -84,7 +84,24 @@ def start_servers(tmp_path, storage: str) -> list[Server]:
     servers = [Server(env, tmp_path / f"host{i}.log") for i in range(2)]
     for srv in servers:
         srv.wait_healthy()
+        wait_for_both_workers(srv)
     return servers
+
+
+def wait_for_both_workers(srv: Server, timeout: float = 120) -> None:
+    """/health on new connections until both workers of `srv` have answered one: a worker
+    still importing torch takes no connections, and the rounds below need both (a cold
+    start on a fresh install took longer than all ten rounds)."""
+    pattern = re.compile(r"<(\d+)> \d+ /health ")
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = srv.log_path.read_text().splitlines()
+        if len({m[1] for m in map(pattern.match, lines) if m}) == 2:
+            return
+        assert time.monotonic() < deadline, "the second worker never answered"
+        root = srv.url.removesuffix("/api/v1")
+        requests.get(f"{root}/health", headers={"Connection": "close"}, timeout=10)
+        time.sleep(0.05)
 
 
 def spread_requests(
