@@ -38,8 +38,10 @@ class ServerState:
         self.token = secrets.token_hex(4)
         self.report_name = f"{self.pid}-{self.token}.json"
         os.makedirs(os.path.join(run_dir, WORKERS), exist_ok=True)
-        self._desired_key: tuple[int, int, int] | None = None
-        self._desired: dict[str, dict[str, Any]] = {}
+        # (file key, contents): one tuple, replaced whole, because the hub and the
+        # housekeeping thread both read it (two fields could pair one file's key with
+        # another's contents).
+        self._desired_cache: tuple[tuple[int, int, int] | None, dict[str, Any]] = (None, {})
 
     # --- desired state ----------------------------------------------------------------------
 
@@ -64,11 +66,12 @@ class ServerState:
         except FileNotFoundError:
             return {}
         key = (info.st_ino, info.st_mtime_ns, info.st_size)
-        if key != self._desired_key:
+        cached_key, desired = self._desired_cache
+        if key != cached_key:
             with open(path) as file:
-                self._desired = json.load(file)
-            self._desired_key = key
-        return {name: dict(entry) for name, entry in self._desired.items()}
+                desired = json.load(file)
+            self._desired_cache = (key, desired)
+        return {name: dict(entry) for name, entry in desired.items()}
 
     def write_desired(self, desired: dict[str, dict[str, Any]]) -> None:
         """Replace the desired state; call under `locked()`."""
