@@ -668,12 +668,17 @@ class ModelManager:
     def _reap_desired(self) -> list[str]:
         shared = self.shared
         assert shared is not None
-        desired, reports = shared.desired(), self._live_reports()
+        desired = shared.desired()
+        timed = {name: self._keep_alive(name) for name in desired}
+        timed = {name: keep_alive for name, keep_alive in timed.items() if keep_alive is not None}
+        if not timed:  # the usual case: no report to read every tick
+            return []
+        reports = self._live_reports()
         expired = []
-        for name, wanted in desired.items():
-            keep_alive = self._keep_alive(name)
+        for name, keep_alive in timed.items():
+            wanted = desired[name]
             entries = [report["models"][name] for report in reports]
-            if keep_alive is None or not _idle(entries):
+            if not _idle(entries):
                 continue
             last_used = max([e["last_used"] or 0 for e in entries] + [wanted["since"]])
             if time.time() - last_used >= keep_alive:
