@@ -73,18 +73,22 @@ def build_llama(target: Path, seed: int = 0, **overrides) -> Path:
     return target
 
 
-def build_gpt2(target: Path, seed: int = 0) -> Path:
+def build_gpt2(target: Path, seed: int = 0, **overrides) -> Path:
+    """`overrides` change the GPT2Config (e.g. initializer_range=0.2)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = build_tokenizer(target)
     config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=128,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
+        **{
+            "vocab_size": len(tokenizer),
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 128,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.eos_token_id,
+            **overrides,
+        }
     )
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(target)

@@ -1,8 +1,7 @@
-"""Continuous batching on the tiny models: admission limits (503 overloaded), request
-deadlines (504 request_timeout), cancels freeing batch slots, batched output equal to
-unbatched output, and ignore_eos. Through Flask's test client, or the Scheduler directly."""
+"""Continuous batching on the tiny models, through Flask's test client: admission limits
+(503 overloaded), request deadlines (504 request_timeout), cancels freeing batch slots, and
+ignore_eos. Batched output against transformers' own: tests/unit/test_reference.py."""
 
-import collections
 import threading
 import time
 
@@ -11,9 +10,7 @@ import pytest
 import tursi.engine.scheduler as scheduler_module
 from tests.helpers import (
     API,
-    CORPUS,
     assert_error,
-    build_llama,
     generate,
     generate_ok,
     load_and_wait,
@@ -22,9 +19,6 @@ from tests.helpers import (
     stream,
     wait_for,
 )
-from tursi.engine.catalog import Catalog, CatalogEntry
-from tursi.engine.jobs import Finished, GenerationJob, GenerationParams, TextChunk
-from tursi.engine.loading import LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 
 LONG = {
@@ -207,87 +201,6 @@ def test_a_started_request_never_reads_as_waiting_again(tiny_client, monkeypatch
     started = seen.index((1, 0)) if (1, 0) in seen else len(seen)
     assert started < len(seen)  # it was seen running
     assert set(seen[started:]) <= {(1, 0), (0, 0)}
-
-
-WORDS = " ".join(CORPUS[:4]).split()
-
-
-# Twelve prompts of 1 to 34 words and different max_tokens: the rows join and leave the batch
-# at different steps, so rows are added, moved and removed in the cache while others run.
-REQUESTS = [
-    (" ".join(WORDS[i % 7 : i % 7 + n]), 6 + 5 * i % 19)
-    for i, n in enumerate([1, 2, 3, 5, 8, 13, 21, 34, 4, 10, 17, 26])
-]
-
-
-@pytest.fixture(scope="module", params=["tiny", "tiny-gpt2", "varied", "varied-eager"])
-def loaded(request, tiny_models_dir, tmp_path_factory):
-    """A tiny model in float32, loaded as the server loads it. The catalog's tiny Llama mostly
-    repeats the prompt's last token; "varied" is a Llama with untied, larger random weights
-    whose greedy text depends on the whole context ("-eager": with eager attention, which
-    takes an additive mask instead of a boolean one)."""
-    home = str(tmp_path_factory.mktemp("home"))
-    if request.param.startswith("varied"):
-        path = tmp_path_factory.mktemp("varied")
-        build_llama(path, tie_word_embeddings=False, initializer_range=0.2)
-        entry = CatalogEntry("varied", "local", str(path), dtype="float32")
-    else:
-        entry = Catalog.load(str(tiny_models_dir / "models.json")).get(request.param)
-    model = load_model(entry, LoadOptions(), home)
-    if request.param.endswith("-eager"):
-        model.model.set_attn_implementation("eager")
-    return model
-
-
-def run_engine(loaded, requests, max_batch, one_per_turn=False):
-    """Greedy generations through one Scheduler; [(text, tokens, finish_reason)] per request."""
-    scheduler = Scheduler("test", loaded, max_batch, lambda job, seconds, ok: None)
-    jobs = [
-        GenerationJob(
-            loaded.tokenizer(prompt)["input_ids"],
-            GenerationParams(max_tokens, temperature=0.0, ignore_eos=True),
-        )
-        for prompt, max_tokens in requests
-    ]
-    arriving = collections.deque(jobs)
-    while arriving or not scheduler.idle:
-        while arriving:
-            scheduler.add(arriving.popleft())
-            if one_per_turn:
-                break
-        scheduler.turn()
-    return [outcome(job) for job in jobs]
-
-
-def outcome(job):
-    pieces = []
-    while True:
-        event = job.events.get(timeout=1)
-        if isinstance(event, Finished):
-            return "".join(pieces), event.tokens_generated, event.finish_reason
-        assert isinstance(event, TextChunk), event
-        pieces.append(event.text)
-
-
-@pytest.mark.parametrize(
-    "max_batch, one_per_turn, prefill_tokens",
-    [
-        (16, False, 512),  # all at once: two prefill groups, then one batch
-        (4, True, 512),  # one new request per turn into a batch of at most 4
-        (16, True, 16),  # long prompts prefilled alone, 16 columns per turn, between steps
-    ],
-)
-def test_greedy_fp32_text_is_the_same_alone_or_batched(
-    loaded, monkeypatch, max_batch, one_per_turn, prefill_tokens
-):
-    assert loaded.dtype == "float32"
-    lengths = [len(loaded.tokenizer(prompt)["input_ids"]) for prompt, _ in REQUESTS]
-    assert len(set(lengths)) == len(REQUESTS) and max(lengths) > 40
-    alone = [run_engine(loaded, [request], max_batch=1)[0] for request in REQUESTS]
-    assert [tokens for _, tokens, _ in alone] == [n for _, n in REQUESTS]
-
-    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", prefill_tokens)
-    assert run_engine(loaded, REQUESTS, max_batch, one_per_turn) == alone
 
 
 def test_ignore_eos_generates_through_end_of_sequence_tokens(app, tiny_client):
