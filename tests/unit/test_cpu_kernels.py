@@ -2,9 +2,8 @@
 (tursi.engine.decode): a model after optimize_for_cpu computes what transformers computes,
 in prefill (transformers' forward over the fused modules) and in decode steps (the direct
 path, with the native kernels and with torch ops), and the direct path is the one the engine
-takes."""
-
-import copy
+takes. The reference is always the stock model (no optimize_for_cpu), and in decode steps
+its own forward with a DynamicCache, one prompt at a time: never Tursi's BatchCache."""
 
 import pytest
 import torch
@@ -92,65 +91,82 @@ def test_prefill_logits_match_transformers(llama_path, dtype):
     assert (got - want)[mask.bool()].abs().max() <= TOLERANCE[dtype] * scale
 
 
-def prefilled(model, prompts):
-    """A BatchCache holding `prompts`, each prefilled alone, and each one's next token."""
-    cache = BatchCache(model.config.num_hidden_layers, 256, boolean_mask=True)
-    tokens = []
+def prefilled(model, prompts, boolean_mask=True):
+    """A BatchCache holding `prompts`, each prefilled alone by `model` (the engine's side)."""
+    cache = BatchCache(model.config.num_hidden_layers, 256, boolean_mask)
     for prompt in prompts:
         source = DynamicCache()
         with torch.inference_mode():
-            out = model(input_ids=torch.tensor([prompt]), past_key_values=source, use_cache=True)
+            model(input_ids=torch.tensor([prompt]), past_key_values=source, use_cache=True)
         cache.add_row(source, 0, 0, len(prompt))
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return cache, torch.tensor(tokens)[:, None]
+    return cache
+
+
+def transformers_steps(stock, prompts, steps):
+    """The reference: the stock model's own greedy decoding of each prompt alone, its forward
+    with a DynamicCache. Returns the tokens fed at each step [steps, rows, 1] and the
+    logits each step gave [steps, rows, vocab]."""
+    fed, logits = [], []
+    for prompt in prompts:
+        cache, row_fed, row_logits = DynamicCache(), [], []
+        with torch.inference_mode():
+            out = stock(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+            for _ in range(steps):
+                row_fed.append(out.logits[0, -1].argmax().view(1))
+                out = stock(input_ids=row_fed[-1][None], past_key_values=cache, use_cache=True)
+                row_logits.append(out.logits[0, -1])
+        fed.append(torch.stack(row_fed))
+        logits.append(torch.stack(row_logits))
+    return torch.stack(fed, 1), torch.stack(logits, 1)
+
+
+def assert_close(got, want, dtype):
+    """Equal up to the dtype's rounding, relative to the largest logit."""
+    got, want = got.float(), want.float()
+    assert (got - want).abs().max() <= TOLERANCE[dtype] * want.abs().max()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_decode_steps_match_transformers_forward(llama_path, dtype, step_ops):
-    """Rows of different lengths, 4 steps: the direct path against transformers' forward
-    of the stock model on the same cache contents."""
+    """Rows of different lengths, 4 steps: the direct path against transformers' stock
+    model decoding each prompt alone with a DynamicCache, fed the same tokens."""
     stock, optimized = pair(llama_path, dtype)
-    fast_cache, ids = prefilled(optimized, PROMPTS)
-    slow_cache, _ = prefilled(stock, PROMPTS)
+    cache = prefilled(optimized, PROMPTS)
+    fed, want = transformers_steps(stock, PROMPTS, 4)
     with torch.inference_mode():
-        for _ in range(4):
-            got = decode_logits(optimized, ids, fast_cache).float()
-            want = decode_logits(stock, ids, slow_cache).float()
-            assert (got - want).abs().max() <= TOLERANCE[dtype] * want.abs().max()
-            ids = want.argmax(-1)[:, None]
-    assert fast_cache.lengths == slow_cache.lengths == [len(p) + 4 for p in PROMPTS]
+        for ids, expected in zip(fed, want, strict=True):
+            assert_close(decode_logits(optimized, ids, cache), expected, dtype)
+    assert cache.lengths == [len(p) + 4 for p in PROMPTS]
 
 
 def test_engine_takes_the_direct_path_for_fused_llama_with_sdpa(llama_path, step_ops, monkeypatch):
-    _, model = pair(llama_path, torch.float32)
+    stock, model = pair(llama_path, torch.float32)
     assert (decode_module.native_plan(model) is not None) == (step_ops == "native")
-    cache, ids = prefilled(model, PROMPTS)
-    eager_cache = copy.deepcopy(cache)
+    fed, want = transformers_steps(stock, PROMPTS, 1)
+    cache = prefilled(model, PROMPTS)
 
     def no_forward(*args, **kwargs):
         raise AssertionError("transformers' forward ran for a decode step")
 
     with monkeypatch.context() as patch, torch.inference_mode():
         patch.setattr(type(model), "forward", no_forward)
-        direct = decode_logits(model, ids, cache)
-    model.model.set_attn_implementation("eager")  # eager: transformers' forward, additive mask
-    eager_cache.boolean_mask = False
-    with torch.inference_mode():
-        via_forward = decode_logits(model, ids, eager_cache)
-    assert torch.allclose(direct, via_forward, atol=1e-5)
+        assert_close(decode_logits(model, fed[0], cache), want[0], torch.float32)
 
 
 def test_without_the_direct_path_the_engine_matches_too(llama_path, step_ops, monkeypatch):
     """decode_logits with the direct path switched off runs transformers' forward over the
-    fused modules and the BatchCache: same logits."""
-    _, model = pair(llama_path, torch.float32)
-    cache, ids = prefilled(model, PROMPTS)
-    other = copy.deepcopy(cache)
+    fused modules and the BatchCache, with SDPA (a boolean mask) and eager attention (an
+    additive one): the stock model's logits too."""
+    stock, model = pair(llama_path, torch.float32)
+    fed, want = transformers_steps(stock, PROMPTS, 1)
+    monkeypatch.setattr(decode_module, "fused_llama", lambda model: False)
     with torch.inference_mode():
-        direct = decode_logits(model, ids, cache)
-        monkeypatch.setattr(decode_module, "fused_llama", lambda model: False)
-        via_forward = decode_logits(model, ids, other)
-    assert torch.allclose(direct, via_forward, atol=1e-5)
+        assert_close(
+            decode_logits(model, fed[0], prefilled(model, PROMPTS)), want[0], torch.float32
+        )
+        model.model.set_attn_implementation("eager")
+        cache = prefilled(model, PROMPTS, boolean_mask=False)
+        assert_close(decode_logits(model, fed[0], cache), want[0], torch.float32)
 
 
 def test_gpt2_gets_packed_linears_only(tmp_path):
@@ -179,12 +195,10 @@ def test_a_llama_the_native_step_cannot_run_uses_torch_ops(tmp_path):
     path = build_llama(tmp_path, hidden_act="gelu", initializer_range=0.2)
     stock, optimized = pair(path, torch.float32)
     assert fused_llama(optimized) and decode_module.native_plan(optimized) is None
-    fast_cache, ids = prefilled(optimized, PROMPTS)
-    slow_cache, _ = prefilled(stock, PROMPTS)
+    fed, want = transformers_steps(stock, PROMPTS, 1)
     with torch.inference_mode():
-        got = decode_logits(optimized, ids, fast_cache)
-        want = decode_logits(stock, ids, slow_cache)
-    assert torch.allclose(got, want, atol=1e-4)
+        got = decode_logits(optimized, fed[0], prefilled(optimized, PROMPTS))
+    assert_close(got, want[0], torch.float32)
 
 
 def test_native_decode_layers_refuses_a_plan_that_does_not_fit(llama_path):
@@ -193,7 +207,8 @@ def test_native_decode_layers_refuses_a_plan_that_does_not_fit(llama_path):
         pytest.skip("native kernels not built")
     _, model = pair(llama_path, torch.float32)
     plan = decode_module.native_plan(model)
-    cache, ids = prefilled(model, PROMPTS)
+    cache = prefilled(model, PROMPTS)
+    ids = torch.tensor([[prompt[-1]] for prompt in PROMPTS])  # any tokens: shapes matter here
     positions, mask = cache.prepare_step(torch.device("cpu"))
     hidden = model.model.embed_tokens(ids)
     cos, sin = model.model.rotary_emb(hidden, positions)
