@@ -41,3 +41,69 @@ def test_decoder_after_prompt_keeps_spaces(tokenizer):
     assert "".join(pieces) == " there was 🙂 €"
     assert pieces[0] == " there"
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def continuation(tokenizer, prompt, ids):
+    """The reference: the tokenizer's decode of prompt and continuation together (special
+    tokens skipped), less the decoded prompt."""
+    whole = tokenizer.decode(prompt + ids, skip_special_tokens=True)
+    return whole[len(tokenizer.decode(prompt, skip_special_tokens=True)) :]
+
+
+@pytest.fixture(scope="module")
+def long_prompt(tokenizer):
+    prompt = tokenizer("Once upon a time there was a small server")["input_ids"]
+    assert len(prompt) > 5  # the decode window starts inside the prompt
+    return prompt
+
+
+def test_decoder_skips_special_tokens(tokenizer, long_prompt):
+    ids = tokenizer(" that answered")["input_ids"]
+    ids = ids[:1] + [tokenizer.eos_token_id] + ids[1:] + [tokenizer.eos_token_id]
+    decoder = IncrementalDecoder(tokenizer, long_prompt)
+    text = "".join(decoder.push(i) for i in ids) + decoder.flush()
+    assert text == continuation(tokenizer, long_prompt, ids) == " that answered"
+
+
+def test_flush_releases_an_incomplete_character_as_the_tokenizer_decodes_it(tokenizer, long_prompt):
+    ids = tokenizer(" that 日本")["input_ids"][:-1]  # the last byte of 本 is missing
+    expected = continuation(tokenizer, long_prompt, ids)
+    assert expected.startswith(" that 日") and expected.endswith("\ufffd")
+    decoder = IncrementalDecoder(tokenizer, long_prompt)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) == " that 日"  # the incomplete 本 is held back
+    assert decoder.flush() == expected[len(" that 日") :]
+    assert decoder.flush() == ""  # released once only
+
+
+def test_decoder_goes_on_after_a_flush(tokenizer, long_prompt):
+    first = tokenizer(" that answered")["input_ids"]
+    second = tokenizer(" every request 🙂")["input_ids"]
+    decoder = IncrementalDecoder(tokenizer, long_prompt)
+    pieces = [decoder.push(i) for i in first] + [decoder.flush()]
+    pieces += [decoder.push(i) for i in second]
+    assert "".join(pieces) == continuation(tokenizer, long_prompt, first + second)
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer():
+    """A word-level tokenizer that, like Llama's SentencePiece one, drops the leading space
+    of the first word it decodes ("▁there" alone decodes to "there")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "</s>", "▁Once", "▁upon", "▁a", "▁time", "▁there", "▁was"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+def test_special_token_between_words_keeps_the_space(metaspace_tokenizer):
+    tokenizer = metaspace_tokenizer
+    prompt = tokenizer("Once upon a time")["input_ids"]
+    ids = [tokenizer.eos_token_id] + tokenizer(" there was")["input_ids"]
+    assert tokenizer.decode(ids[1:2]) == "there"  # a lone word loses its space
+    decoder = IncrementalDecoder(tokenizer, prompt)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) == continuation(tokenizer, prompt, ids) == " there was"

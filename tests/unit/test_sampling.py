@@ -163,4 +163,21 @@ def test_choose_tokens_takes_half_precision_logits():
     assert 0 <= tokens[1] < 100
 
 
+def test_seeded_draw_without_a_cut_is_multinomial_over_the_softmax():
+    # transformers' sampling step: torch.multinomial over softmax(logits / temperature), here
+    # with a generator seeded with the request's seed. A max of 0 and temperature 1 make the
+    # shift by the max and the division exact.
+    logits = torch.tensor([-1.0, -0.5, -2.0, 0.0, -0.3, -1.5, -0.1, -0.8])
+    choose = chooser(temperature=1.0, top_p=1.0, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    probs = torch.softmax(logits, -1)
+    expected = [int(torch.multinomial(probs, 1, generator=generator)) for _ in range(40)]
+    assert [pick(choose, logits) for _ in range(40)] == expected
+
+
+def test_nucleus_of_a_single_token():
+    ids, values = nucleus(torch.tensor([1.0]), 0.5)
+    assert (ids.tolist(), values.tolist()) == ([0], [1.0])
+
+
 LAYERS, HEADS, DIM = 2, 2, 4

@@ -153,3 +153,53 @@ def test_repetition_penalty_1_keeps_no_history():
     unpenalized = chooser(temperature=0.0, repetition_penalty=1.0, history=[1, 2, 3])
     unpenalized.remember(4)
     assert unpenalized.seen == set()
+
+
+def test_repetition_penalty_on_logits_between_0_and_1_matches_transformers():
+    # Positive logits below 1 are divided like any other positive logit, not multiplied.
+    logits = torch.tensor([-2.0, -0.5, 0.0, 0.25, 0.5, 0.99, 1.0, 3.0])
+    history = list(range(8))
+    ours = logits.clone()
+    chooser(temperature=0, repetition_penalty=2.0, history=history).penalize(ours)
+    reference = RepetitionPenaltyLogitsProcessor(2.0)(
+        torch.tensor([history]), logits[None].clone()
+    )[0]
+    torch.testing.assert_close(ours, reference)
+
+
+def test_repetition_penalty_with_nothing_seen_leaves_logits_alone():
+    logits = torch.tensor([-2.0, 0.5, 3.0])
+    ours = logits.clone()
+    chooser(temperature=0, repetition_penalty=2.0).penalize(ours)
+    reference = RepetitionPenaltyLogitsProcessor(2.0)(
+        torch.zeros((1, 0), dtype=torch.long), logits[None].clone()
+    )[0]
+    assert torch.equal(ours, reference)
+    assert torch.equal(ours, logits)
+
+
+def test_repetition_penalty_when_every_row_is_greedy_matches_transformers():
+    torch.manual_seed(4)
+    logits = torch.randn(2, 32) * 3
+    histories = [[int(logits[row].argmax())] for row in range(2)]  # each row's top token
+    choosers = [chooser(temperature=0.0, repetition_penalty=10.0, history=h) for h in histories]
+    tokens = choose_tokens(logits.clone(), choosers)
+    expected = [
+        int(
+            RepetitionPenaltyLogitsProcessor(10.0)(
+                torch.tensor([h]), logits[row : row + 1].clone()
+            ).argmax()
+        )
+        for row, h in enumerate(histories)
+    ]
+    assert tokens == expected
+    assert tokens != logits.argmax(-1).tolist()  # the penalty changed the picks
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.9])
+def test_top_k_1_with_top_p_is_greedy(top_p):
+    torch.manual_seed(5)
+    logits = torch.randn(50)
+    best = torch.nonzero(torch.isfinite(TopKLogitsWarper(1)(None, logits[None].clone())[0]))
+    for seed in range(5):
+        assert pick(logits, temperature=1.0, seed=seed, top_k=1, top_p=top_p) == int(best)

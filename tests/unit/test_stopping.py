@@ -96,3 +96,16 @@ def test_concatenation_is_the_text_before_the_first_stop():
         text,
         False,
     )
+
+
+def test_same_stop_twice_cuts_at_the_first():
+    check = StopMatcher(["END"]).feed("one END two END three")
+    assert (check.text, check.stopped) == ("one ", True)
+
+
+def test_nothing_after_a_stop_is_held_for_flush():
+    matcher = StopMatcher(["\n\n", "STOP"])
+    assert matcher.feed("Hello ST").text == "Hello "  # "ST" held: it may start "STOP"
+    check = matcher.feed("\n\nWorld")  # "ST" will not be "STOP", but "\n\n" is a stop
+    assert (check.text, check.stopped) == ("ST", True)
+    assert matcher.flush() == ""  # the held text went out before the stop; "World" never
