@@ -115,7 +115,7 @@ def test_the_deadline_ends_one_request_not_the_batch(make_app, timed_steps, fake
     fake_clock.advance(0.75)
     body = {"prompt": "jumps over", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
     short, result = in_thread(lambda: generate(app.test_client(), **body))
-    wait_for(lambda: engine_counts(client) == (1, 1))
+    wait_for(lambda: sum(engine_counts(client)) == 2)  # queued, or joined the held batch
     timed_steps.set()  # the short one runs from 0.75 s to ~1.2 s: past the long one's end
     events = sse_events(b"".join(frames).decode())
     long.close()
@@ -135,14 +135,24 @@ def test_the_deadline_ends_one_request_not_the_batch(make_app, timed_steps, fake
     wait_for(lambda: engine_counts(client) == (0, 0))
 
 
-def test_running_and_waiting_requests_past_their_deadline_get_504(make_app, held_steps, fake_clock):
+def test_running_and_waiting_requests_past_their_deadline_get_504(
+    make_app, held_steps, fake_clock, monkeypatch
+):
     app = make_app(request_timeout=0.5, max_batch=1)
     client = app.test_client()
     load_and_wait(client, "tiny")
+    stepping = threading.Event()  # a decode step began: the running one has its first token
+    held_step = Scheduler._decode_step
+
+    def step(self):
+        stepping.set()
+        return held_step(self)
+
+    monkeypatch.setattr(Scheduler, "_decode_step", step)
     held_steps.clear()
     post = lambda: app.test_client().post(f"{API}/generate", json=LONG)  # noqa: E731
     running, ran = in_thread(post)
-    wait_for(lambda: engine_counts(client) == (1, 0))
+    assert stepping.wait(30)
     waiting, waited = in_thread(post)
     wait_for(lambda: engine_counts(client) == (1, 1))
     fake_clock.advance(0.5)  # both deadlines reached while the batch is held
