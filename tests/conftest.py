@@ -98,6 +98,57 @@ def slow_steps(monkeypatch):
 
 
 @pytest.fixture
+def held_steps(monkeypatch):
+    """Decode steps wait while the returned event is clear (at most 10 s each), so requests
+    stay in the batch, however slow the machine, until the test sets it."""
+    from tursi.engine.scheduler import Scheduler
+
+    go = threading.Event()
+    go.set()
+    real_step = Scheduler._decode_step
+
+    def held_step(self):
+        go.wait(10)
+        return real_step(self)
+
+    monkeypatch.setattr(Scheduler, "_decode_step", held_step)
+    yield go
+    go.set()
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test moves it."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """The engine's time.monotonic (manager: last use, keep_alive; worker and scheduler:
+    request deadlines) is a FakeClock; wall time and perf_counter stay real. Advance it by
+    sums of powers of two (0.25, 0.5, 1) so that boundaries compare exactly."""
+    import tursi.engine.manager as manager_module
+    import tursi.engine.scheduler as scheduler_module
+    import tursi.engine.worker as worker_module
+
+    clock = FakeClock()
+    fake_time = SimpleNamespace(
+        monotonic=clock.monotonic, time=time.time, perf_counter=time.perf_counter
+    )
+    for module in (manager_module, scheduler_module, worker_module):
+        monkeypatch.setattr(module, "time", fake_time)
+    return clock
+
+
+@pytest.fixture
 def app(make_app):
     return make_app()
 

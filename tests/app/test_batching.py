@@ -43,23 +43,6 @@ def engine_counts(client, name="tiny"):
     return worker.counts()
 
 
-@pytest.fixture
-def held_steps(monkeypatch):
-    """Decode steps wait while the returned event is clear (at most 10 s each), so requests
-    stay in the batch, however slow the machine, until the test sets it."""
-    go = threading.Event()
-    go.set()
-    real_step = Scheduler._decode_step
-
-    def held_step(self):
-        go.wait(10)
-        return real_step(self)
-
-    monkeypatch.setattr(Scheduler, "_decode_step", held_step)
-    yield go
-    go.set()
-
-
 def in_thread(call):
     """Start call() on a thread; returns (thread, dict with its "value" once it ends)."""
     result = {}
@@ -97,43 +80,76 @@ def test_a_full_model_answers_503_overloaded_then_admits_again(make_app, held_st
     wait_for(lambda: engine_counts(client) == (0, 0))
 
 
-def test_the_deadline_ends_one_request_not_the_batch(make_app, monkeypatch):
-    real_step = Scheduler._decode_step
+STEP = 1 / 64  # seconds of the fake clock per decode step (exact in binary)
 
-    def slow_step(self):  # 250 steps take 2.5 s or more: far past the 1 s deadline
-        time.sleep(0.01)
-        return real_step(self)
 
-    monkeypatch.setattr(Scheduler, "_decode_step", slow_step)
-    client = make_app(request_timeout=1.0).test_client()
+@pytest.fixture
+def timed_steps(held_steps, fake_clock, monkeypatch):
+    """held_steps, and each decode step moves the engine's fake clock on by STEP."""
+    held_step = Scheduler._decode_step
+
+    def timed_step(self):
+        held_step(self)
+        fake_clock.advance(STEP)
+
+    monkeypatch.setattr(Scheduler, "_decode_step", timed_step)
+    return held_steps
+
+
+def test_the_deadline_ends_one_request_not_the_batch(make_app, timed_steps, fake_clock):
+    """The long request's deadline passes while a second one is mid-generation beside it:
+    the long one ends with 504, the other goes on to its last token."""
+    app = make_app(request_timeout=1.0)
+    client = app.test_client()
     load_and_wait(client, "tiny")
+    timed_steps.clear()
     long = client.post(f"{API}/generate", json={**LONG, "stream": True})
-    short = generate_ok(client, prompt="jumps over", max_tokens=3, temperature=0)
-    events = sse_events(long.get_data(as_text=True))
+    frames = iter(long.response)
+    assert next(frames).startswith(b"event: text")  # running; its deadline is 1 s from now
+    fake_clock.advance(0.75)
+    body = {"prompt": "jumps over", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    short, result = in_thread(lambda: generate(app.test_client(), **body))
+    wait_for(lambda: sum(engine_counts(client)) == 2)  # queued, or joined the held batch
+    timed_steps.set()  # the short one runs from 0.75 s to ~1.2 s: past the long one's end
+    events = sse_events(b"".join(frames).decode())
     long.close()
+    short.join(30)
 
-    assert (short["tokens_generated"], short["finish_reason"]) == (3, "length")
+    assert result["value"].status_code == 200, result["value"].get_json()
+    answer = result["value"].get_json()
+    assert (answer["tokens_generated"], answer["finish_reason"]) == (30, "length")
     names = [name for name, _ in events]
     assert names[:3] == ["text"] * 3 and names[-1] == "error" and "done" not in names
     error = events[-1][1]["error"]
     assert error["code"] == "request_timeout"
     assert set(error) == {"code", "message", "details"}
     assert error["details"]["timeout_seconds"] == 1.0
-    assert 0 < error["details"]["tokens_generated"] < 250
+    # 1 s of steps after its first token (0.75 s held, then STEP each): ~0.25 / STEP more.
+    assert 0.25 / STEP <= error["details"]["tokens_generated"] <= 0.25 / STEP + 2
     wait_for(lambda: engine_counts(client) == (0, 0))
 
 
-def test_running_and_waiting_requests_past_their_deadline_get_504(make_app, held_steps):
+def test_running_and_waiting_requests_past_their_deadline_get_504(
+    make_app, held_steps, fake_clock, monkeypatch
+):
     app = make_app(request_timeout=0.5, max_batch=1)
     client = app.test_client()
     load_and_wait(client, "tiny")
+    stepping = threading.Event()  # a decode step began: the running one has its first token
+    held_step = Scheduler._decode_step
+
+    def step(self):
+        stepping.set()
+        return held_step(self)
+
+    monkeypatch.setattr(Scheduler, "_decode_step", step)
     held_steps.clear()
     post = lambda: app.test_client().post(f"{API}/generate", json=LONG)  # noqa: E731
     running, ran = in_thread(post)
-    wait_for(lambda: engine_counts(client) == (1, 0))
+    assert stepping.wait(30)
     waiting, waited = in_thread(post)
     wait_for(lambda: engine_counts(client) == (1, 1))
-    time.sleep(0.6)  # both deadlines pass while the batch is held
+    fake_clock.advance(0.5)  # both deadlines reached while the batch is held
     held_steps.set()
     running.join(30)
     waiting.join(30)

@@ -4,7 +4,7 @@ give each caller its own exact answer."""
 from __future__ import annotations
 
 import threading
-import time
+from functools import partial
 
 from tests.helpers import (
     API,
@@ -14,6 +14,7 @@ from tests.helpers import (
     generate_ok,
     load_and_wait,
     metrics,
+    model_entry,
     stream,
     streamed_text,
     wait_for,
@@ -21,48 +22,74 @@ from tests.helpers import (
 )
 
 
-def test_concurrent_generations_are_served_one_by_one(app, tiny_client):
-    body = {"model": "tiny", "prompt": "jumps over", "max_tokens": 8, "temperature": 0}
-    expected = generate_ok(tiny_client, **body)["text"]
-    results, errors = [], []
+def run_together(*calls):
+    """Run each call on its own thread; return their results in order. An exception raised
+    on a thread is raised here (pytest would only warn about it)."""
+    outcomes: list[tuple[bool, object]] = [(False, None)] * len(calls)
 
-    def worker():
+    def run(index, call):
         try:
-            client = app.test_client()
-            for _ in range(2):
-                response = client.post(f"{API}/generate", json=body)
-                results.append((response.status_code, response.get_json()["text"]))
-        except Exception as exc:  # reported below
-            errors.append(exc)
+            outcomes[index] = (True, call())
+        except BaseException as exc:  # re-raised on the test's thread below
+            outcomes[index] = (False, exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(6)]
+    threads = [threading.Thread(target=run, args=item) for item in enumerate(calls)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert errors == []
-    assert results == [(200, expected)] * 12
-    assert metrics(tiny_client)["requests_total"] == 13
+    assert not any(thread.is_alive() for thread in threads), "a thread still runs after 60 s"
+    for ok, value in outcomes:
+        if not ok:
+            raise value
+    return [value for _, value in outcomes]
 
 
-def test_concurrent_streams_and_loads(app, tiny_client):
-    """Streams to one model while another loads: nothing waits on the load."""
-    results = []
+def test_concurrent_generations_share_the_batch_and_each_get_the_lone_answer(
+    app, tiny_client, held_steps
+):
+    """Six clients at once: all six run in one batch (seen running together while decode
+    steps are held), and each gets exactly the greedy text of the same request alone."""
+    body = {"model": "tiny", "prompt": "jumps over", "max_tokens": 8, "temperature": 0}
+    alone = generate_ok(tiny_client, **body)
+    worker = app.extensions["tursi"].manager.state("tiny").worker
+    held_steps.clear()
+
+    def release_once_all_run():
+        try:
+            wait_for(lambda: worker.counts() == (6, 0))
+        finally:
+            held_steps.set()
+
+    def client_twice():
+        client = app.test_client()
+        return [client.post(f"{API}/generate", json=body).get_json() for _ in range(2)]
+
+    *answers, _ = run_together(*[client_twice] * 6, release_once_all_run)
+    texts = [(a["text"], a["tokens_generated"]) for pair in answers for a in pair]
+    assert texts == [(alone["text"], alone["tokens_generated"])] * 12
+    m = metrics(tiny_client)
+    assert m["requests_total"] == 13
+    assert m["tokens_generated"] == 13 * alone["tokens_generated"]
+
+
+def test_concurrent_streams_and_loads(app, client, gated_loads):
+    """Streams to one model while another loads: nothing waits on the load (it is held until
+    every stream has ended)."""
+    gated_loads.names.add("tiny-gpt2")
+    assert load_and_wait(client, "tiny")["status"] == "loaded"
+    assert client.post(f"{API}/models/tiny-gpt2/load").status_code == 202
 
     def streamer():
-        client = app.test_client()
-        _, events = stream(client, prompt="lazy dog", max_tokens=6, temperature=0)
-        results.append(streamed_text(events))
+        _, events = stream(app.test_client(), prompt="lazy dog", max_tokens=6, temperature=0)
+        return streamed_text(events)
 
-    threads = [threading.Thread(target=streamer) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    entry = load_and_wait(app.test_client(), "tiny-gpt2")
-    for thread in threads:
-        thread.join(60)
-    assert entry["status"] == "loaded"
-    assert len(results) == 3 and len(set(results)) == 1
+    results = run_together(*[streamer] * 3)
+    assert model_entry(client, "tiny-gpt2")["status"] == "loading"  # still held
+    assert len(set(results)) == 1
     assert results[0].startswith("lazy dog dog")
+    gated_loads.gate.set()
+    wait_for(lambda: model_entry(client, "tiny-gpt2")["status"] == "loaded")
 
 
 def test_json_null_body_is_not_an_object(client):
@@ -79,45 +106,33 @@ def test_prompt_filling_the_context_without_max_tokens(tiny_client):
 
 
 def test_concurrent_load_and_unload_of_one_model_is_safe(app):
-    statuses: list[tuple[str, int]] = []
-    lock = threading.Lock()
-
-    def hammer(action: str) -> None:
+    def hammer(action: str) -> list[tuple[str, int, dict]]:
         client = app.test_client()
+        answers = []
         for _ in range(10):
             response = client.post(f"{API}/models/tiny/{action}")
-            with lock:
-                statuses.append((action, response.status_code))
-            body = response.get_json()
-            assert set(body) in (
-                {"status", "message"},
-                {"status", "message", "estimated_time"},
-                {"error"},
-            ), body
+            answers.append((action, response.status_code, response.get_json()))
+        return answers
 
-    threads = [
-        threading.Thread(target=hammer, args=(action,))
-        for action in ("load", "unload", "load", "unload")
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads)
+    actions = ("load", "unload", "load", "unload")
+    answers = [a for batch in run_together(*[partial(hammer, a) for a in actions]) for a in batch]
+    for *_, body in answers:
+        assert set(body) in (
+            {"status", "message"},
+            {"status", "message", "estimated_time"},
+            {"error"},
+        ), body
+    statuses = [(action, code) for action, code, _ in answers]
     assert all(code < 500 or code == 503 for _, code in statuses), statuses
     assert {code for action, code in statuses if action == "load"} <= {200, 202}
     assert {code for action, code in statuses if action == "unload"} <= {200, 409, 503}
 
     # Whatever the interleaving, the model ends in a consistent state that still works.
     client = app.test_client()
-    deadline = time.monotonic() + 30
-    while True:
-        entry = {m["name"]: m for m in client.get(f"{API}/models").get_json()["models"]}["tiny"]
-        if entry["status"] != "loading" or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
+    wait_for(lambda: model_entry(client, "tiny")["status"] != "loading")
+    entry = model_entry(client, "tiny")
     assert entry["status"] in ("loaded", "not_loaded")
-    if entry["status"] == "not_loaded":
+    if entry["status"] == "not_loaded":  # either end of the race is fine
         entry = load_and_wait(client, "tiny")
     assert entry["status"] == "loaded"
     generated = client.post(

@@ -38,20 +38,34 @@ def serves(client, model):
 
 
 def fails_then_recovers(client, fix, *reason_words):
+    """The load ends `failed` with an error holding every one of `reason_words`; generate
+    answers 409 with the documented details; after fix() it loads and serves."""
     entry = load_and_wait(client, "fragile")
+    assert set(entry) == {"name", "status", "error"}, entry
     assert entry["status"] == "failed"
     for word in reason_words:
-        assert word in entry["error"], entry["error"]
+        assert word in entry["error"], (word, entry["error"])
     error = assert_error(
         client.post(f"{API}/generate", json={"model": "fragile", "prompt": "hi"}),
         409,
         "model_not_loaded",
     )
-    assert error["details"]["load_error"] == entry["error"]
+    assert error["details"] == {
+        "status": "failed",
+        "hint": "POST /api/v1/models/fragile/load",
+        "load_error": entry["error"],
+    }
     assert serves(client, "tiny")  # the other model never noticed
     fix()
     assert load_and_wait(client, "fragile")["status"] == "loaded"
     assert serves(client, "fragile") and serves(client, "tiny")
+
+
+def transformers_reason(folder):
+    """What transformers itself says when it loads `folder`: the reason the error must give."""
+    with pytest.raises(Exception) as raised:
+        AutoModelForCausalLM.from_pretrained(folder)
+    return str(raised.value)
 
 
 def test_missing_weights(fragile):
@@ -59,7 +73,9 @@ def test_missing_weights(fragile):
     weights = folder / "model.safetensors"
     kept = weights.read_bytes()
     weights.unlink()
-    fails_then_recovers(client, lambda: weights.write_bytes(kept), "fragile")
+    reason = transformers_reason(folder)
+    assert "model.safetensors" in reason  # it names the file it looked for
+    fails_then_recovers(client, lambda: weights.write_bytes(kept), "'fragile'", reason)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage header", "empty"])
@@ -73,7 +89,9 @@ def test_corrupt_safetensors(fragile, damage):
         "empty": b"",
     }[damage]
     weights.write_bytes(broken)
-    fails_then_recovers(client, lambda: weights.write_bytes(kept), "fragile")
+    reason = transformers_reason(folder)
+    assert "header" in reason  # safetensors' own words about the damaged header
+    fails_then_recovers(client, lambda: weights.write_bytes(kept), "'fragile'", reason)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +115,6 @@ def test_out_of_memory(fragile, monkeypatch, error):
         client,
         lambda: state.update(fail=False),
         "Out of memory",
-        type(error).__name__,
+        f"{type(error).__name__}: {error}",
         "TURSI_MAX_MEMORY",
     )

@@ -2,6 +2,7 @@
 and results (shape, greedy, seeds, stop strings), on the tiny models."""
 
 import pytest
+import torch
 
 from tests.helpers import (
     API,
@@ -250,38 +251,60 @@ def test_tiny_top_p_is_greedy(tiny_client):
     assert nucleus["text"] == greedy["text"]
 
 
-def _cut_cases(continuation, count=3):
-    """Stop strings taken from inside `continuation`, none at its very start."""
+@pytest.fixture(scope="module")
+def reference_model(tiny_models_dir):
+    """transformers itself on the tiny Llama: where the expected texts come from."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models_dir / "llama", dtype=torch.float32)
+    return model.eval()
+
+
+def reference_continuation(model, tokenizer, prompt, max_tokens, repetition_penalty=None):
+    """transformers' greedy continuation of `prompt` (without the prompt)."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            repetition_penalty=repetition_penalty,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def first_occurrences(text):
+    """(stop, expected) for every 3-character stop string of `text` (none at its very start)
+    taken where it occurs for the first time, in order. By the spec a stop string cuts the
+    text right before its first occurrence: expected is the text before that position."""
     cases = []
-    for start in range(1, len(continuation) - 3):
-        for length in (2, 3, 4):
-            stop = continuation[start : start + length]
-            if "\ufffd" in stop or continuation.find(stop) <= 0:
-                continue
-            if all(stop != s for s, _ in cases):
-                cases.append((stop, continuation[: continuation.find(stop)]))
-            break
-        if len(cases) == count:
-            break
-    assert len(cases) == count, continuation
+    for start in range(1, len(text) - 2):
+        stop = text[start : start + 3]
+        if "\ufffd" not in stop and stop not in text[: start + 2]:  # its first occurrence
+            cases.append((stop, text[:start]))
+    assert len(cases) >= 3, f"fewer than 3 stop strings in {text!r}"
     return cases
 
 
-@pytest.mark.parametrize(
-    "sampling",
-    [
-        {"prompt": "lazy dog", "temperature": 0},
-        {"prompt": "Once upon a time", "temperature": 1.0, "top_p": 1.0, "seed": 1234},
-    ],
-)
-def test_stop_strings_cut_the_text(tiny_client, sampling):
-    body = {**sampling, "max_tokens": 16, "return_full_text": False}
+# The tiny Llama mostly repeats the prompt's last token (" dog dog ..."); a repetition
+# penalty makes it vary.
+STOP_SAMPLING = [
+    {"prompt": "lazy dog"},
+    {"prompt": "lazy dog", "repetition_penalty": 5.0},
+]
+
+
+@pytest.mark.parametrize("sampling", STOP_SAMPLING)
+def test_stop_strings_cut_the_text(tiny_client, reference_model, tiny_tokenizer, sampling):
+    body = {**sampling, "temperature": 0, "max_tokens": 16, "return_full_text": False}
+    reference = reference_continuation(reference_model, tiny_tokenizer, max_tokens=16, **sampling)
     full = generate_ok(tiny_client, **body)
-    continuation = full["text"]
-    assert full["tokens_generated"] == 16
-    for stop, expected in _cut_cases(continuation):
+    assert (full["text"], full["tokens_generated"]) == (reference, 16)
+    cases = first_occurrences(reference)
+    for stop, expected in cases[:: len(cases) // 3][:3]:  # three, spread over the text
         result = generate_ok(tiny_client, stop=[stop], **body)
-        assert result["text"] == expected, (stop, continuation)
+        assert result["text"] == expected, (stop, reference)
         assert stop not in result["text"]
         assert result["tokens_generated"] < 16
         # The same cut when streaming, and with the prompt in front by default.
@@ -289,17 +312,20 @@ def test_stop_strings_cut_the_text(tiny_client, sampling):
         assert streamed_text(events) == sampling["prompt"] + expected
 
 
-def test_earliest_of_several_stops_wins(tiny_client):
-    body = {
-        "prompt": "Once upon a time",
-        "temperature": 1.0,
-        "seed": 99,
-        "max_tokens": 16,
-        "return_full_text": False,
-        "top_p": 1.0,
-    }
-    continuation = generate_ok(tiny_client, **body)["text"]
-    (early, expected), *_, (late, _) = _cut_cases(continuation)
+def test_a_stop_string_cuts_at_its_first_occurrence(tiny_client):
+    """The greedy text is " dog dog dog ...", where "og d" recurs: the cut is at the first."""
+    body = {"prompt": "lazy dog", "temperature": 0, "max_tokens": 16, "return_full_text": False}
+    assert generate_ok(tiny_client, **body)["text"].startswith(" dog dog dog")
+    assert generate_ok(tiny_client, stop=["og d"], **body)["text"] == " d"
+
+
+def test_earliest_of_several_stops_wins(tiny_client, reference_model, tiny_tokenizer):
+    sampling = STOP_SAMPLING[1]
+    body = {**sampling, "temperature": 0, "max_tokens": 16, "return_full_text": False}
+    reference = reference_continuation(reference_model, tiny_tokenizer, max_tokens=16, **sampling)
+    # Overlapping: both complete in the same piece of text, the one listed first later.
+    (early, expected), (late, _), *_ = first_occurrences(reference)
+    assert reference.index(late) == reference.index(early) + 1
     result = generate_ok(tiny_client, stop=[late, "never-there", early], **body)
     assert result["text"] == expected
 

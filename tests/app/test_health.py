@@ -90,17 +90,6 @@ def test_ready_waits_for_the_preloaded_model(make_app, gated_loads):
     assert "Retry-After" not in response.headers
 
 
-def test_ready_without_gating_is_not_ready_at_first(make_app):
-    """Right after start-up the preload has only begun: not ready, then ready."""
-    app = make_app(preload=["tiny"])
-    client = app.test_client()
-    first = client.get("/ready")
-    if model_status(app, "tiny") != "loaded":  # loads of the tiny model take ~0.1 s
-        assert first.status_code == 503
-    wait_for(lambda: client.get("/ready").status_code == 200)
-    assert client.get("/ready").get_json()["models"] == {"tiny": "loaded"}
-
-
 def test_ready_waits_for_every_preloaded_model(make_app, gated_loads):
     gated_loads.names.add("tiny-gpt2")
     app = make_app(preload=["tiny", "tiny-gpt2"])

@@ -272,8 +272,9 @@ def test_load_progress_follows_the_weights_as_transformers_loads_them(client, mo
     assert "progress" not in model_entry(client, "tiny")  # only while loading
 
 
-def test_quantize_defaults_to_8_bit_dynamic(client):
-    pytest.importorskip("bitsandbytes")
+def test_quantize_defaults_to_8_bit_dynamic(app, client):
+    """No skip without bitsandbytes: on the CPU, 8-bit is Tursi's own Int8Linear (CUDA's
+    LLM.int8 needs bitsandbytes, an install requirement)."""
     entry = load_and_wait(client, "tiny-gpt2", {"quantize": True})
     assert (entry["status"], entry["quantized"], entry["bits"], entry["mode"]) == (
         "loaded",
@@ -281,6 +282,12 @@ def test_quantize_defaults_to_8_bit_dynamic(client):
         8,
         "dynamic",
     )
+    if not torch.cuda.is_available():
+        from tursi.engine.quantize import Int8Linear
+
+        model = app.extensions["tursi"].manager.state("tiny-gpt2").worker.loaded.model
+        layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        assert layers and all(m.input_scale is None for m in layers)  # dynamic scales
 
 
 def test_load_while_loading(client, slow_loads):

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -51,6 +50,31 @@ def held_loads(monkeypatch):
 
 def manager(client):
     return client.application.extensions["tursi"].manager
+
+
+@pytest.fixture
+def reconciles(monkeypatch):
+    """reconciles(client) returns once the client's housekeeper has run two whole reconcile
+    passes from now: at least one of them started after the call."""
+    import tursi.engine.manager as manager_module
+
+    done: dict[int, int] = {}
+    real_reconcile = manager_module.ModelManager.reconcile
+
+    def counted(self):
+        try:
+            return real_reconcile(self)
+        finally:
+            done[id(self)] = done.get(id(self), 0) + 1
+
+    monkeypatch.setattr(manager_module.ModelManager, "reconcile", counted)
+
+    def after_two(client):
+        key = id(manager(client))
+        start = done.get(key, 0)
+        wait_for(lambda: done.get(key, 0) >= start + 2)
+
+    return after_two
 
 
 def all_say(clients, status_, name="tiny"):
@@ -149,13 +173,15 @@ def test_a_dead_workers_report_is_ignored_and_removed(workers, run_dir):
     assert not path.exists()
 
 
-def test_keep_alive_unloads_a_model_idle_on_every_worker(make_app, run_dir):
+def test_keep_alive_unloads_a_model_idle_on_every_worker(make_app, run_dir, reconciles):
     clients = [make_app(run_dir=str(run_dir), keep_alive=1).test_client() for _ in range(2)]
     load_everywhere(clients)
     generate_ok(clients[1], prompt="Once", max_tokens=2)
     wait_for(lambda: all_say(clients, "not_loaded"), timeout=10)
-    # Each worker drops its copy within a tick of the desired state losing the model.
-    wait_for(lambda: all(manager(c).state("tiny").status == "not_loaded" for c in clients), 2)
+    # Each worker drops its copy at its next reconcile once the desired state lost the model.
+    for client in clients:
+        reconciles(client)
+    assert all(manager(c).state("tiny").status == "not_loaded" for c in clients)
     assert json.loads((run_dir / "desired.json").read_text()) == {}
 
 
@@ -203,16 +229,20 @@ def test_the_first_worker_makes_the_desired_state_from_preload(make_app, run_dir
     )
 
 
-def test_a_failed_copy_shows_failed_and_a_new_load_retries_it_alone(workers, monkeypatch, tmp_path):
+def test_a_failed_copy_shows_failed_and_a_new_load_retries_it_alone(
+    workers, monkeypatch, tmp_path, reconciles
+):
     """B's load fails: the server says failed with B's reason, B does not retry by itself;
     loading again retries B's copy and leaves A's loaded copy as it is."""
     import tursi.engine.manager as manager_module
 
     real_load = manager_module.load_model
     broken = {str(tmp_path / "home-b")}
+    failures = []
 
     def failing_load(entry, options, home, *args):
         if home in broken:
+            failures.append(home)
             raise OSError("disk on fire")
         return real_load(entry, options, home, *args)
 
@@ -224,12 +254,13 @@ def test_a_failed_copy_shows_failed_and_a_new_load_retries_it_alone(workers, mon
     assert "disk on fire" in model_entry(b, "tiny")["error"]
     assert_error(generate(b, prompt="Once", max_tokens=2), 409, "model_not_loaded")
     serving = manager(a).state("tiny").worker
-    time.sleep(0.6)  # a few ticks: no retry loop
+    reconciles(b)  # B's housekeeper has looked again: no retry loop
     assert manager(b).state("tiny").status == "failed"
+    assert len(failures) == 1
     broken.clear()
     assert b.post(f"{API}/models/tiny/load").status_code == 202
     wait_for(lambda: all_say(workers, "loaded"))
-    time.sleep(0.6)  # A's housekeeper has seen the new entry
+    reconciles(a)  # A's housekeeper has seen the new entry
     assert manager(a).state("tiny").worker is serving  # A's copy was not reloaded
     generate_ok(b, prompt="Once upon", max_tokens=2)
 
