@@ -1,0 +1,686 @@
+"""The Scheduler driven directly, one turn at a time, on a tiny Llama: how requests end (end
+of sequence, stop strings, max_tokens, cancel, deadline, a failing request, fail_all and
+close), what they stream (TextChunk texts, the Finished fields), what on_done hears, how
+waiting prompts are grouped into prefills, and seeded sampling inside a batch.
+
+Expected token ids come from transformers (the stock model read from the same folder, each
+prompt alone), expected texts from the tokenizer decoding those ids in one go, finish reasons,
+stop semantics and error details from docs/api.md. The scheduler's clock is a fake one, so
+deadlines and durations are exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import tursi.engine.scheduler as scheduler_module
+from tests.helpers import CORPUS, build_llama
+from tursi.engine.catalog import CatalogEntry
+from tursi.engine.jobs import Failed, Finished, GenerationJob, GenerationParams, TextChunk
+from tursi.engine.loading import LoadedModel, LoadOptions, load_model
+from tursi.engine.scheduler import Scheduler
+from tursi.errors import GenerationFailed, RequestTimeout
+from tursi.threads import Empty
+
+NEW_TOKENS = 12  # max_tokens of most requests here
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as in test_reference: two threads on busy cores wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A Llama whose greedy text varies (untied head, larger random weights)."""
+    return build_llama(
+        tmp_path_factory.mktemp("llama"), tie_word_embeddings=False, initializer_range=0.2
+    )
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir, tmp_path_factory) -> LoadedModel:
+    """The model loaded as the server loads it."""
+    entry = CatalogEntry("llama", "local", str(model_dir), dtype="float32")
+    return load_model(entry, LoadOptions().resolved(entry), str(tmp_path_factory.mktemp("home")))
+
+
+@pytest.fixture(scope="module")
+def stock(model_dir) -> Any:
+    """The reference: transformers' own model from the same folder, not optimized by Tursi."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded) -> list[list[int]]:
+    """Four prompts of 16, 5, 9 and 3 tokens."""
+    tokenizer = loaded.tokenizer
+    return [
+        tokenizer(text)["input_ids"][:n] for text, n in zip(CORPUS[:4], (16, 5, 9, 3), strict=True)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def no_eos(loaded, monkeypatch):
+    """No end-of-sequence token unless a test names one: the random model may choose the
+    tokenizer's, and each test decides where generation ends."""
+    monkeypatch.setattr(loaded, "eos_ids", frozenset())
+
+
+class FakeClock:
+    """The scheduler module's `time`: monotonic and perf_counter read one value that only
+    `advance` moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(scheduler_module, "time", fake)
+    return fake
+
+
+class OnDone:
+    """Records on_done's calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[GenerationJob, float, bool]] = []
+
+    def __call__(self, job: GenerationJob, seconds: float, ok: bool) -> None:
+        self.calls.append((job, seconds, ok))
+
+    def of(self, job: GenerationJob) -> list[tuple[float, bool]]:
+        return [(seconds, ok) for done, seconds, ok in self.calls if done is job]
+
+
+def make_scheduler(loaded: LoadedModel, max_batch: int = 8) -> tuple[Scheduler, OnDone]:
+    on_done = OnDone()
+    return Scheduler("test", loaded, max_batch, on_done), on_done
+
+
+def greedy(prompt: list[int], max_tokens: int, **params: Any) -> GenerationJob:
+    return GenerationJob(prompt, GenerationParams(max_tokens, temperature=0.0, **params))
+
+
+def run(scheduler: Scheduler, *jobs: GenerationJob) -> None:
+    """Add `jobs`, then turn until the scheduler is idle."""
+    for job in jobs:
+        scheduler.add(job)
+    for _ in range(200):
+        if scheduler.idle:
+            return
+        scheduler.turn()
+    raise AssertionError("the scheduler never became idle")
+
+
+def transformers_greedy(stock: Any, prompt: list[int], max_tokens: int) -> list[int]:
+    """transformers' greedy decoding of one prompt alone: the forward with a DynamicCache."""
+    cache, ids, out = DynamicCache(), torch.tensor([prompt]), []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = stock(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            out.append(int(logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
+
+
+def transformers_generate(stock: Any, prompt: list[int], max_tokens: int, **kwargs: Any) -> list:
+    """transformers' generate on one prompt alone, never stopping early; a seed seeds the
+    global generator as TokenChooser seeds its own."""
+    seed = kwargs.pop("seed", 0)
+    if not kwargs["do_sample"]:
+        kwargs.pop("temperature")
+    with torch.random.fork_rng(), torch.inference_mode():
+        torch.manual_seed(seed)
+        out = stock.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_tokens,
+            eos_token_id=None,
+            pad_token_id=0,
+            top_k=0,
+            top_p=1.0,
+            **kwargs,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def decoded(loaded: LoadedModel, prompt: list[int], ids: list[int]) -> str:
+    """The text of `ids` after `prompt`, decoded by the tokenizer in one go."""
+    tokenizer = loaded.tokenizer
+    whole = tokenizer.decode(prompt + ids, skip_special_tokens=True)
+    return whole[len(tokenizer.decode(prompt, skip_special_tokens=True)) :]
+
+
+def drain(job: GenerationJob) -> list:
+    """Every event the job has received so far."""
+    events = []
+    while True:
+        try:
+            events.append(job.events.get(timeout=0))
+        except Empty:
+            return events
+
+
+def streamed(events: list) -> str:
+    """The text of TextChunk events, each of which must carry text."""
+    assert all(isinstance(event, TextChunk) and event.text for event in events), events
+    return "".join(event.text for event in events)
+
+
+def finished(job: GenerationJob) -> tuple[str, Finished]:
+    """(streamed text, Finished) of a job that ended well: chunks, then one Finished."""
+    events = drain(job)
+    assert events and isinstance(events[-1], Finished), events
+    return streamed(events[:-1]), events[-1]
+
+
+def failed(job: GenerationJob) -> tuple[str, Any]:
+    """(streamed text, error) of a job that failed: chunks, then one Failed."""
+    events = drain(job)
+    assert events and isinstance(events[-1], Failed), events
+    return streamed(events[:-1]), events[-1].error
+
+
+def assert_idle(scheduler: Scheduler) -> None:
+    assert scheduler.idle and scheduler.running == 0
+    assert not scheduler.rows and not scheduler.waiting and scheduler.prefill is None
+    assert scheduler.cache.size == 0
+
+
+def whole_characters(text: str) -> str:
+    """What a stream that was cut off has sent of `text`: chunks hold whole characters, so an
+    incomplete one at the end (decoded as U+FFFD) is never sent."""
+    return text.rstrip("\ufffd")
+
+
+def first_new_token(ids: list[int], start: int) -> int:
+    """The first index >= start whose token does not occur earlier in `ids`."""
+    return next(k for k in range(start, len(ids)) if ids[k] not in ids[:k])
+
+
+# --- how a request ends -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 7])
+def test_max_tokens_ends_each_request_with_length_and_the_reference_text(
+    loaded, stock, prompts, max_tokens
+):
+    scheduler, on_done = make_scheduler(loaded)
+    jobs = [greedy(prompt, max_tokens) for prompt in prompts]
+    run(scheduler, *jobs)
+    for prompt, job in zip(prompts, jobs, strict=True):
+        text, end = finished(job)
+        expected = decoded(loaded, prompt, transformers_greedy(stock, prompt, max_tokens))
+        assert (text, end.tokens_generated, end.finish_reason) == (expected, max_tokens, "length")
+        assert on_done.of(job) == [(0.0, True)]  # the fake clock stood still
+    assert_idle(scheduler)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-token", "later-token"])
+def test_end_of_sequence_ends_with_stop_counting_the_token_but_not_its_text(
+    loaded, stock, prompts, monkeypatch, first
+):
+    reference = transformers_greedy(stock, prompts[0], NEW_TOKENS)
+    k = 1 if first else first_new_token(reference, 3) + 1  # EOS is the k-th token
+    monkeypatch.setattr(loaded, "eos_ids", frozenset({reference[k - 1]}))
+    others = [p for p in prompts[1:] if reference[k - 1] not in transformers_greedy(stock, p, 4)]
+    scheduler, on_done = make_scheduler(loaded)
+    job, other = greedy(prompts[0], NEW_TOKENS), greedy(others[0], 4)
+    run(scheduler, job, other)
+    text, end = finished(job)
+    expected = decoded(loaded, prompts[0], reference[: k - 1])
+    assert (text, end.tokens_generated, end.finish_reason) == (expected, k, "stop")
+    text, end = finished(other)
+    expected = decoded(loaded, others[0], transformers_greedy(stock, others[0], 4))
+    assert (text, end.tokens_generated, end.finish_reason) == (expected, 4, "length")
+    assert on_done.of(job) == on_done.of(other) == [(0.0, True)]
+    assert_idle(scheduler)
+
+
+def test_ignore_eos_generates_past_end_of_sequence_up_to_max_tokens(
+    loaded, stock, prompts, monkeypatch
+):
+    reference = transformers_greedy(stock, prompts[0], NEW_TOKENS)
+    monkeypatch.setattr(loaded, "eos_ids", frozenset({reference[0], reference[3]}))
+    scheduler, _ = make_scheduler(loaded)
+    job = greedy(prompts[0], NEW_TOKENS, ignore_eos=True)
+    run(scheduler, job)
+    text, end = finished(job)
+    expected = decoded(loaded, prompts[0], reference)
+    assert (text, end.tokens_generated, end.finish_reason) == (expected, NEW_TOKENS, "length")
+
+
+def boundary_stop(loaded, reference: list[int], start: int) -> str:
+    """A stop string across the boundary of two printable ASCII tokens at index >= start:
+    the last character of one and the first of the next."""
+    pieces = [loaded.tokenizer.decode([token]) for token in reference]
+    for k in range(start, len(pieces) - 1):
+        pair = pieces[k][-1:] + pieces[k + 1][:1]
+        if len(pair) == 2 and pair.isascii() and pair.isprintable():
+            return pair
+    raise AssertionError(f"no printable boundary in {pieces}")
+
+
+def stop_outcome(loaded, prompt: list[int], reference: list[int], stop: str) -> tuple[str, int]:
+    """(text before the first occurrence of `stop`, tokens up to the one completing it)."""
+    for n in range(1, len(reference) + 1):
+        text = decoded(loaded, prompt, reference[:n])
+        if stop in text:
+            return text[: text.index(stop)], n
+    raise AssertionError(f"{stop!r} is not in the reference text")
+
+
+@pytest.mark.parametrize("start", [0, 4])
+def test_stop_string_ends_with_stop_and_streams_only_the_text_before_it(
+    loaded, stock, prompts, start
+):
+    scheduler, on_done = make_scheduler(loaded)
+    jobs, expected = [], []
+    for prompt in (prompts[0], prompts[1], prompts[3]):
+        reference = transformers_greedy(stock, prompt, NEW_TOKENS)
+        stop = boundary_stop(loaded, reference, start)
+        jobs.append(greedy(prompt, NEW_TOKENS, stop=["never \x00 here", stop]))
+        expected.append((*stop_outcome(loaded, prompt, reference, stop), "stop"))
+    run(scheduler, *jobs)
+    for job, want in zip(jobs, expected, strict=True):
+        text, end = finished(job)
+        assert (text, end.tokens_generated, end.finish_reason) == want
+        assert on_done.of(job) == [(0.0, True)]
+
+
+@pytest.mark.parametrize("ending", ["length", "end-of-sequence"])
+def test_text_held_back_as_a_possible_stop_start_is_released_when_generation_ends(
+    loaded, stock, prompts, monkeypatch, ending
+):
+    """The last token's text could start the stop string, which never comes: the text is
+    held back, then released whole when generation ends."""
+    reference = transformers_greedy(stock, prompts[1], NEW_TOKENS)
+    if ending == "length":
+        n = NEW_TOKENS
+    else:  # the (n + 1)-th token is the end of sequence
+        n = first_new_token(reference, 5)
+        monkeypatch.setattr(loaded, "eos_ids", frozenset({reference[n]}))
+    text = decoded(loaded, prompts[1], reference[:n])
+    assert text[-1].isprintable() and text[-1] != "\ufffd"
+    stop = text[-1] + "\x00\x01"
+    assert stop not in decoded(loaded, prompts[1], reference)
+    scheduler, _ = make_scheduler(loaded)
+    job = greedy(prompts[1], NEW_TOKENS, stop=[stop])
+    run(scheduler, job)
+    got, end = finished(job)
+    reason = "length" if ending == "length" else "stop"
+    tokens = NEW_TOKENS if ending == "length" else n + 1
+    assert (got, end.tokens_generated, end.finish_reason) == (text, tokens, reason)
+
+
+def test_a_stop_string_in_the_text_released_at_the_end_still_ends_with_stop(loaded, stock, prompts):
+    """The last token leaves an incomplete character (decoded as U+FFFD), held back until
+    generation ends; the stop string is that U+FFFD."""
+    reference = transformers_greedy(stock, prompts[0], NEW_TOKENS)
+    n = next(
+        n
+        for n in range(1, NEW_TOKENS)
+        if decoded(loaded, prompts[0], reference[:n])[-1:] == "\ufffd"
+    )
+    text = decoded(loaded, prompts[0], reference[:n])
+    scheduler, _ = make_scheduler(loaded)
+    job = greedy(prompts[0], n, stop=["\ufffd"])
+    run(scheduler, job)
+    got, end = finished(job)
+    assert (got, end.tokens_generated, end.finish_reason) == (
+        text[: text.index("\ufffd")],
+        n,
+        "stop",
+    )
+
+
+def test_generation_seconds_run_from_the_prefill_to_the_last_token_queue_excluded(
+    loaded, stock, prompts, clock
+):
+    scheduler, on_done = make_scheduler(loaded, max_batch=1)
+    first, second = greedy(prompts[0], 5), greedy(prompts[1], 3)
+    scheduler.add(first)
+    scheduler.add(second)
+    started: dict[GenerationJob, float] = {}
+    ended: dict[GenerationJob, float] = {}
+    while not scheduler.idle:
+        clock.advance(1.25)
+        scheduler.turn()
+        for job in (first, second):
+            if job.tokens_generated and job not in started:
+                started[job] = clock.now  # its prefill ran (in one piece) in this turn
+            if job.tokens_generated == job.params.max_tokens and job not in ended:
+                ended[job] = clock.now
+    assert started[second] > ended[first]  # it waited: max_batch 1
+    for job in (first, second):
+        _, end = finished(job)
+        seconds = ended[job] - started[job]
+        assert seconds > 0 and end.generation_seconds == seconds
+        assert on_done.of(job) == [(seconds, True)]
+
+
+def test_a_request_whose_text_fails_to_decode_fails_alone(loaded, stock, prompts):
+    scheduler, on_done = make_scheduler(loaded)
+    broken, other = greedy(prompts[0], NEW_TOKENS), greedy(prompts[1], NEW_TOKENS)
+    scheduler.add(broken)
+    scheduler.add(other)
+    scheduler.turn()
+
+    def push(token: int) -> str:
+        raise RuntimeError("tokenizer broke")
+
+    (seq,) = [seq for seq in scheduler.live if seq.job is broken]
+    seq.decoder.push = push
+    run(scheduler)
+    _, error = failed(broken)
+    assert isinstance(error, GenerationFailed)
+    assert error.message == "Generation failed: RuntimeError"
+    assert on_done.of(broken) == [(0.0, False)]
+    text, end = finished(other)
+    expected = decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], NEW_TOKENS))
+    assert (text, end.finish_reason) == (expected, "length")
+    assert on_done.of(other) == [(0.0, True)]
+    assert_idle(scheduler)
+
+
+# --- cancel and deadline --------------------------------------------------------------------
+
+
+def test_a_job_cancelled_while_waiting_ends_ok_with_no_events(loaded, stock, prompts):
+    scheduler, on_done = make_scheduler(loaded, max_batch=1)
+    running, cancelled = greedy(prompts[0], 4), greedy(prompts[1], 4)
+    scheduler.add(running)
+    scheduler.add(cancelled)
+    scheduler.turn()
+    cancelled.cancel()
+    run(scheduler)
+    assert drain(cancelled) == [] and cancelled.tokens_generated == 0
+    assert on_done.of(cancelled) == [(0.0, True)]  # a client that went away is no failure
+    text, _ = finished(running)
+    assert text == decoded(loaded, prompts[0], transformers_greedy(stock, prompts[0], 4))
+    assert_idle(scheduler)
+
+
+@pytest.mark.parametrize("row", [0, 1, 3])
+def test_a_job_cancelled_while_running_stops_at_once_and_the_others_go_on(
+    loaded, stock, prompts, clock, row
+):
+    scheduler, on_done = make_scheduler(loaded)
+    jobs = [greedy(prompt, NEW_TOKENS) for prompt in prompts]
+    for job in jobs:
+        scheduler.add(job)
+    scheduler.turn()
+    clock.advance(2.0)
+    scheduler.turn()
+    cancelled = scheduler.rows[row].job
+    cancelled.cancel()
+    tokens = cancelled.tokens_generated
+    clock.advance(1.0)
+    run(scheduler)
+    assert cancelled.tokens_generated == tokens
+    assert on_done.of(cancelled) == [(3.0, True)]
+    index = jobs.index(cancelled)
+    reference = transformers_greedy(stock, prompts[index], NEW_TOKENS)
+    expected = whole_characters(decoded(loaded, prompts[index], reference[:tokens]))
+    assert streamed(drain(cancelled)) == expected
+    for prompt, job in zip(prompts, jobs, strict=True):
+        if job is not cancelled:
+            text, end = finished(job)
+            reference = transformers_greedy(stock, prompt, NEW_TOKENS)
+            assert (text, end.finish_reason) == (decoded(loaded, prompt, reference), "length")
+    assert_idle(scheduler)
+
+
+def test_a_job_cancelled_during_its_chunked_prefill_ends_ok_with_no_events(
+    loaded, prompts, monkeypatch
+):
+    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", 4)
+    scheduler, on_done = make_scheduler(loaded)
+    job = greedy(prompts[0], NEW_TOKENS)  # 16 tokens: four turns of prefill
+    scheduler.add(job)
+    scheduler.turn()
+    assert scheduler.prefill is not None and not scheduler.idle and scheduler.running == 1
+    job.cancel()
+    run(scheduler)
+    assert drain(job) == [] and job.tokens_generated == 0
+    assert on_done.of(job) == [(0.0, True)]
+    assert_idle(scheduler)
+
+
+def assert_timed_out(job: GenerationJob, timeout: float, tokens: int) -> str:
+    """The job failed with request_timeout (docs/api.md's details); its streamed text."""
+    text, error = failed(job)
+    assert isinstance(error, RequestTimeout)
+    assert error.details == {"timeout_seconds": timeout, "tokens_generated": tokens}
+    assert f"{timeout:g} s" in error.message and "TURSI_REQUEST_TIMEOUT" in error.message
+    return text
+
+
+def with_deadline(job: GenerationJob, clock: FakeClock, timeout: float) -> GenerationJob:
+    """As the worker does at submission: the deadline counts from now."""
+    job.timeout, job.deadline = timeout, clock.now + timeout
+    return job
+
+
+def test_a_deadline_passed_while_waiting_fails_the_job_with_request_timeout(
+    loaded, stock, prompts, clock
+):
+    scheduler, on_done = make_scheduler(loaded, max_batch=1)
+    running = greedy(prompts[0], 4)
+    late = with_deadline(greedy(prompts[1], 4), clock, 5.0)
+    in_time = with_deadline(greedy(prompts[2], 4), clock, 5.5)
+    scheduler.add(running)
+    scheduler.add(late)
+    scheduler.add(in_time)
+    scheduler.turn()
+    clock.advance(5.0)  # exactly `late`'s deadline
+    run(scheduler)
+    assert assert_timed_out(late, 5.0, 0) == ""
+    assert on_done.of(late) == [(0.0, False)]
+    for prompt, job, seconds in [(prompts[0], running, 5.0), (prompts[2], in_time, 0.0)]:
+        text, end = finished(job)
+        assert text == decoded(loaded, prompt, transformers_greedy(stock, prompt, 4))
+        assert on_done.of(job) == [(seconds, True)]
+    assert_idle(scheduler)
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_a_deadline_passed_while_running_fails_the_job_and_the_others_go_on(
+    loaded, stock, prompts, clock, row
+):
+    scheduler, on_done = make_scheduler(loaded)
+    jobs = [greedy(prompt, NEW_TOKENS) for prompt in prompts[:2]]
+    late = with_deadline(jobs[row], clock, 10.0)
+    for job in jobs:
+        scheduler.add(job)
+    scheduler.turn()
+    scheduler.turn()
+    assert scheduler.rows[row].job is late  # one prefill group: rows in order
+    clock.advance(10.0)
+    tokens = late.tokens_generated
+    run(scheduler)
+    reference = transformers_greedy(stock, prompts[row], NEW_TOKENS)
+    text = assert_timed_out(late, 10.0, tokens)
+    assert text == whole_characters(decoded(loaded, prompts[row], reference[:tokens]))
+    assert on_done.of(late) == [(10.0, False)]
+    other, prompt = jobs[1 - row], prompts[1 - row]
+    text, _ = finished(other)
+    assert text == decoded(loaded, prompt, transformers_greedy(stock, prompt, NEW_TOKENS))
+    assert on_done.of(other) == [(10.0, True)]
+    assert_idle(scheduler)
+
+
+def test_a_deadline_passed_during_a_chunked_prefill_fails_the_job(
+    loaded, prompts, clock, monkeypatch
+):
+    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", 4)
+    scheduler, on_done = make_scheduler(loaded)
+    job = with_deadline(greedy(prompts[0], NEW_TOKENS), clock, 3.0)
+    scheduler.add(job)
+    scheduler.turn()
+    clock.advance(3.0)
+    run(scheduler)
+    assert assert_timed_out(job, 3.0, 0) == ""
+    assert on_done.of(job) == [(3.0, False)]
+    assert_idle(scheduler)
+
+
+def test_a_job_without_deadline_never_times_out(loaded, stock, prompts, clock):
+    scheduler, on_done = make_scheduler(loaded)
+    job = greedy(prompts[1], 4)
+    scheduler.add(job)
+    scheduler.turn()
+    clock.advance(1e9)
+    run(scheduler)
+    text, end = finished(job)
+    assert text == decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], 4))
+    assert on_done.of(job) == [(1e9, True)]
+
+
+# --- fail_all and close -----------------------------------------------------------------
+
+
+def busy_scheduler(loaded, prompts, clock, monkeypatch) -> tuple[Scheduler, OnDone, list]:
+    """Two jobs decoding, one in a chunked prefill, one waiting."""
+    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", 10)
+    scheduler, on_done = make_scheduler(loaded, max_batch=3)
+    jobs = [greedy(prompts[i], NEW_TOKENS) for i in (3, 1, 0, 2)]  # 3, 5, 16 and 9 tokens
+    for job in jobs:
+        scheduler.add(job)
+    scheduler.turn()  # the 3- and 5-token prompts: one prefill of width 5, two rows
+    clock.advance(1.0)
+    scheduler.turn()  # the 16-token prompt's prefill starts; no room for the last
+    assert [job.tokens_generated > 0 for job in jobs] == [True, True, False, False]
+    assert len(scheduler.rows) == 2 and scheduler.prefill is not None
+    assert scheduler.running == 3 and len(scheduler.waiting) == 1
+    clock.advance(1.0)
+    return scheduler, on_done, jobs
+
+
+@pytest.mark.parametrize("how", ["fail_all", "close"])
+def test_fail_all_and_close_fail_every_job_once_and_leave_the_scheduler_empty(
+    loaded, prompts, clock, monkeypatch, how
+):
+    scheduler, on_done, jobs = busy_scheduler(loaded, prompts, clock, monkeypatch)
+    error = GenerationFailed("the model was unloaded")
+    getattr(scheduler, how)(error)
+    for job in jobs:
+        _, got = failed(job)
+        assert got is error
+    assert [on_done.of(job) for job in jobs] == [
+        [(2.0, False)],
+        [(2.0, False)],
+        [(1.0, False)],
+        [(0.0, False)],  # never started
+    ]
+    assert_idle(scheduler)
+    assert not scheduler.live and scheduler.cache.layers[0].keys is None
+    assert (scheduler.loaded is None) == (how == "close")
+
+
+def test_after_fail_all_the_scheduler_serves_new_jobs(loaded, stock, prompts, clock, monkeypatch):
+    scheduler, on_done, _ = busy_scheduler(loaded, prompts, clock, monkeypatch)
+    scheduler.fail_all(GenerationFailed("engine failure"))
+    jobs = [greedy(prompt, 6) for prompt in prompts[:2]]
+    run(scheduler, *jobs)
+    for prompt, job in zip(prompts[:2], jobs, strict=True):
+        text, _ = finished(job)
+        assert text == decoded(loaded, prompt, transformers_greedy(stock, prompt, 6))
+
+
+# --- admission and prefill groups ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("budget", "lengths", "group"),
+    [
+        (12, [4, 4, 4, 4], 3),  # 3 x 4 fits 12, 4 x 4 does not
+        (10, [5, 5, 5], 2),  # 2 x 5 is exactly the budget
+        (10, [2, 5, 2], 2),  # padded to the widest: 3 x 5 does not fit
+        (4, [16, 2], 1),  # a prompt wider than the budget goes alone, in chunks
+    ],
+)
+def test_waiting_prompts_share_a_prefill_while_their_padded_size_fits_prefill_tokens(
+    loaded, stock, prompts, monkeypatch, budget, lengths, group
+):
+    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", budget)
+    long = prompts[0] * 2
+    scheduler, _ = make_scheduler(loaded)
+    jobs = [greedy(long[i : i + n], 4) for i, n in enumerate(lengths)]
+    for job in jobs:
+        scheduler.add(job)
+    turns = 1 if lengths[0] <= budget else -(-lengths[0] // budget)  # the first group's
+    for _ in range(turns):
+        scheduler.turn()
+    assert [job.tokens_generated > 0 for job in jobs] == [i < group for i in range(len(jobs))]
+    run(scheduler)
+    for job in jobs:
+        text, _ = finished(job)
+        expected = transformers_greedy(stock, job.prompt_ids, 4)
+        assert text == decoded(loaded, job.prompt_ids, expected)
+
+
+def test_a_prefill_takes_only_as_many_prompts_as_the_batch_has_room_for(loaded, stock, prompts):
+    scheduler, on_done = make_scheduler(loaded, max_batch=2)
+    jobs = [greedy(prompt, n) for prompt, n in zip(prompts, (3, 8, 4, 4), strict=True)]
+    for job in jobs:
+        scheduler.add(job)
+    assert scheduler.running == 0 and not scheduler.idle  # waiting jobs are not running
+    scheduler.turn()
+    assert [job.tokens_generated > 0 for job in jobs] == [True, True, False, False]
+    assert scheduler.running == 2 and len(scheduler.waiting) == 2
+    while not scheduler.idle:
+        scheduler.turn()
+        assert len(scheduler.rows) <= 2 and scheduler.running <= 2
+    for prompt, job in zip(prompts, jobs, strict=True):
+        text, end = finished(job)
+        reference = transformers_greedy(stock, prompt, job.params.max_tokens)
+        assert (text, end.tokens_generated) == (decoded(loaded, prompt, reference), len(reference))
+        assert len(on_done.of(job)) == 1
+    assert_idle(scheduler)
+
+
+# --- sampling ---------------------------------------------------------------------------
+
+
+def test_seeded_sampling_and_repetition_penalty_in_a_batch_match_transformers_alone(
+    loaded, stock, prompts
+):
+    """Each row samples with its own settings and generator: in a batch of mixed settings a
+    request draws what transformers' generate draws for it alone from the same seed."""
+    settings = [
+        {"temperature": 0.8, "seed": 1},
+        {"temperature": 1.3, "seed": 7},
+        {"temperature": 1.0, "seed": 1, "repetition_penalty": 1.3},
+        {"temperature": 0.0, "repetition_penalty": 3.0},
+    ]
+    scheduler, _ = make_scheduler(loaded)
+    jobs = [
+        GenerationJob(prompt, GenerationParams(NEW_TOKENS, **params))
+        for prompt, params in zip(prompts, settings, strict=True)
+    ]
+    run(scheduler, *jobs)
+    for prompt, params, job in zip(prompts, settings, jobs, strict=True):
+        sample = params["temperature"] > 0
+        reference = transformers_generate(stock, prompt, NEW_TOKENS, do_sample=sample, **params)
+        text, end = finished(job)
+        assert (text, end.tokens_generated) == (decoded(loaded, prompt, reference), NEW_TOKENS)
