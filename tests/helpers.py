@@ -19,6 +19,18 @@ import psutil
 import requests
 import torch
 
+# Imported here, not where the models are built: transformers imports each model's code on
+# first use (seconds), and `make mutation` forks every mutant's run from a process that
+# imported this module.
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
 CORPUS = [
     "Once upon a time there was a small server that answered every request.",
     "The quick brown fox jumps over the lazy dog. THE END",
@@ -31,8 +43,6 @@ EOS = "<|endoftext|>"
 
 
 def build_tokenizer(target: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,7 +60,6 @@ def build_tokenizer(target: Path):
 
 def build_llama(target: Path, seed: int = 0, **overrides) -> Path:
     """`overrides` change the LlamaConfig (e.g. tie_word_embeddings=False)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(target)
     config = LlamaConfig(
@@ -75,7 +84,6 @@ def build_llama(target: Path, seed: int = 0, **overrides) -> Path:
 
 def build_gpt2(target: Path, seed: int = 0, **overrides) -> Path:
     """`overrides` change the GPT2Config (e.g. initializer_range=0.2)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = build_tokenizer(target)
     config = GPT2Config(

@@ -21,11 +21,15 @@ prompt's last token, a cache that lost or mixed up columns still gave the right 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import tursi.engine.decode as decode_module
@@ -137,17 +141,35 @@ def paths(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stock_references(paths):
-    """{model: the stock transformers model's greedy ids per request}, each computed once."""
-    cache: dict[str, list[list[int]]] = {}
+def stock_references(paths, pytestconfig):
+    """{model: the stock transformers model's greedy ids per request}, computed once per
+    machine: kept in pytest's cache under a key naming the weights (their hash), the prompts
+    and the torch and transformers versions, since `make mutation` runs this file once per
+    mutant and these 2,000 reference steps would be most of each run."""
+    found: dict[str, list[list[int]]] = {}
 
     def expected(model_name: str, prompts: list[list[int]]) -> list[list[int]]:
-        if model_name not in cache:
-            stock = AutoModelForCausalLM.from_pretrained(paths[model_name], dtype=torch.float32)
-            cache[model_name] = references(stock.eval(), prompts)
-        return cache[model_name]
+        if model_name not in found:
+            cache = getattr(pytestconfig, "cache", None)  # None under -p no:cacheprovider
+            key = reference_key(paths[model_name], prompts)
+            found[model_name] = cache.get(key, None) if cache else None
+            if found[model_name] is None:
+                stock = AutoModelForCausalLM.from_pretrained(paths[model_name], dtype=torch.float32)
+                found[model_name] = references(stock.eval(), prompts)
+                if cache:
+                    cache.set(key, found[model_name])
+        return found[model_name]
 
     return expected
+
+
+def reference_key(path: Path, prompts: list[list[int]]) -> str:
+    """A pytest cache key for the references of the model in `path` on `prompts`."""
+    digest = hashlib.sha256(json.dumps([prompts, REQUESTS]).encode())
+    for name in ("config.json", "model.safetensors"):
+        digest.update((path / name).read_bytes())
+    versions = f"{torch.__version__}-{transformers.__version__}"
+    return f"tursi/reference/{versions}/{digest.hexdigest()[:16]}"
 
 
 def references(model: Any, prompts: list[list[int]]) -> list[list[int]]:
