@@ -139,7 +139,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def embedded_server(home: Path, log_path: Path, **env: str) -> Iterator[Server]:
+def embedded_server(
+    home: Path, log_path: Path, app: str = "wsgi:app", **env: str
+) -> Iterator[Server]:
     """A server preloading the embedded model (from the session's shared TURSI_HOME), with a
     rate limit no test reaches unless it sets its own; stopped when the block ends."""
     srv = Server(
@@ -150,6 +152,7 @@ def embedded_server(home: Path, log_path: Path, **env: str) -> Iterator[Server]:
             **env,
         },
         log_path,
+        app,
     )
     try:
         srv.wait_loaded(EMBEDDED)
@@ -159,9 +162,10 @@ def embedded_server(home: Path, log_path: Path, **env: str) -> Iterator[Server]:
 
 
 class Server:
-    """A real gunicorn (gevent worker) on a free loopback port; only tests/server starts one."""
+    """A real gunicorn (gevent worker) on a free loopback port; only tests/server starts one.
+    `app` is gunicorn's app argument (GATED_APP: decode steps a StepGate releases)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, app: str = "wsgi:app"):
         current = os.environ.get("PYTEST_CURRENT_TEST", "")
         assert not current or current.startswith("tests/server/"), (
             f"{current} starts a server: it belongs in tests/server/"
@@ -185,7 +189,7 @@ class Server:
         }
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app],
             cwd=ROOT,
             env=full_env,
             stdout=self._log,
@@ -244,6 +248,82 @@ class Server:
         self._log.close()
 
 
+class StepGate:
+    """Decode steps of a server started with GATED_APP and `gate.env` run only as the test
+    allows them: the held_steps fixture across a process boundary. Open until hold(); then
+    each step() lets exactly one more decode step through and returns once the engine waits
+    at the next one (so the batch is frozen, whatever the machine's speed). Two files in
+    `folder`: "allowed" (written here; absent means open) and "arrived" (the worker's count
+    of decode steps that reached the gate)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.env = {"TURSI_TEST_STEP_GATE": str(folder)}
+
+    def allowed(self) -> float:
+        return self._read("allowed", float("inf"))
+
+    def arrived(self) -> int:
+        return int(self._read("arrived", 0))
+
+    def hold(self) -> None:
+        """Steps not yet begun wait (at most one that is arriving now still runs)."""
+        self._write("allowed", self.arrived())
+
+    def wait_held(self, timeout: float = 60) -> None:
+        """Until the engine waits at the gate (it has a decode step to run)."""
+        wait_for(lambda: self.arrived() > self.allowed(), timeout)
+
+    def step(self, timeout: float = 60) -> None:
+        """One more decode step; returns when the engine waits at the next (the batch must
+        still have work after this step)."""
+        self.wait_held(timeout)
+        self._write("allowed", self.allowed() + 1)
+        self.wait_held(timeout)
+
+    def release(self) -> None:
+        (self.folder / "allowed").unlink(missing_ok=True)
+
+    def _read(self, name: str, default: float) -> float:
+        try:
+            return float((self.folder / name).read_text())
+        except FileNotFoundError:
+            return default
+
+    def _write(self, name: str, value: float) -> None:
+        """Atomically (the other process reads it at any moment)."""
+        temporary = self.folder / f".{name}.{os.getpid()}"
+        temporary.write_text(str(int(value)))
+        os.replace(temporary, self.folder / name)
+
+
+GATED_APP = "tests.helpers:gated_app()"
+
+
+def gated_app():
+    """gunicorn app factory (Server(..., app=GATED_APP)): the real app, with every decode
+    step of its engine first waiting at the StepGate in $TURSI_TEST_STEP_GATE (a native
+    sleep: the engine runs on a native thread)."""
+    from tursi.engine.scheduler import Scheduler
+    from tursi.threads import native_sleep
+    from tursi.wsgi import app
+
+    gate = StepGate(Path(os.environ["TURSI_TEST_STEP_GATE"]))
+    real_step = Scheduler._decode_step
+    arrived = 0
+
+    def gated_step(self):
+        nonlocal arrived
+        arrived += 1
+        gate._write("arrived", arrived)
+        while arrived > gate.allowed():
+            native_sleep(0.005)
+        return real_step(self)
+
+    Scheduler._decode_step = gated_step
+    return app
+
+
 def parse_sse(lines) -> list[tuple[str, object]]:
     """(event, decoded JSON data) per frame from SSE lines; comment frames (heartbeats) are
     skipped. Every other frame must be exactly one `event:` and one `data:` line."""
@@ -260,11 +340,11 @@ def parse_sse(lines) -> list[tuple[str, object]]:
     return events
 
 
-def wait_for(condition, timeout=30.0):
+def wait_for(condition, timeout=30.0, interval=0.01):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 def assert_error(response, status, code):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import Server, free_port
+from tests.helpers import GATED_APP, Server, StepGate, free_port
 
 KEY = "secret"
 
@@ -76,7 +77,12 @@ def model_status(server: Server, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models_dir, tmp_path_factory):
+def gate(tmp_path_factory):
+    return StepGate(tmp_path_factory.mktemp("tursi-cli-gate"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir, tmp_path_factory, gate):
     home = tmp_path_factory.mktemp("tursi-cli-home")
     srv = Server(
         {
@@ -85,8 +91,10 @@ def server(tiny_models_dir, tmp_path_factory):
             "TURSI_HOME": str(home),
             "TURSI_RATE_LIMIT": "1000/minute",
             "TURSI_API_KEYS": KEY,
+            **gate.env,
         },
         home / "gunicorn.log",
+        GATED_APP,
     )
     try:
         deadline = time.monotonic() + 120
@@ -167,9 +175,12 @@ def test_load_with_other_settings_is_a_conflict(server):
     fails(tursi("load", "tiny-gpt2", "--bits", "8", server=server), "model_conflict")
 
 
-def test_generate_streams_tokens_as_they_come(server):
+def test_generate_streams_tokens_as_they_come(server, gate):
+    """The CLI prints text while the server's decode steps are held, long before its 200
+    tokens can be done (only a few steps are let through until the first text shows)."""
     ok(tursi("load", "tiny", server=server))
     args = ["--max-tokens", "200", "--temperature", "0", "--ignore-eos"]
+    gate.hold()
     process = subprocess.Popen(
         tursi_command() + ["generate", "tiny", "The quick brown"] + args,
         stdout=subprocess.PIPE,
@@ -177,10 +188,18 @@ def test_generate_streams_tokens_as_they_come(server):
         env=cli_env(server),
     )
     try:
-        first = os.read(process.stdout.fileno(), 64)  # blocks until the first chunk
+        for _ in range(100):  # a token's text may wait for the next one (a split character)
+            if select.select([process.stdout], [], [], 0.5)[0]:
+                break
+            gate.step()
+        else:
+            pytest.fail("no text on the CLI's output after 100 decode steps")
+        first = os.read(process.stdout.fileno(), 64)
         assert first and process.poll() is None  # text before the 200 tokens are done
+        gate.release()
         rest, err = process.communicate(timeout=60)
     finally:
+        gate.release()
         process.kill()
     assert process.returncode == 0, err
     whole = requests.post(

@@ -13,7 +13,14 @@ import time
 import pytest
 import requests
 
-from tests.helpers import embedded_server, parse_sse, wait_for
+from tests.helpers import (
+    GATED_APP,
+    Server,
+    StepGate,
+    embedded_server,
+    parse_sse,
+    wait_for,
+)
 
 MODEL = "smollm2-135m-instruct"
 
@@ -32,9 +39,23 @@ ENDLESS = {
 
 
 @pytest.fixture(scope="module")
-def server(embedded_home, tmp_path_factory):
-    with embedded_server(embedded_home, tmp_path_factory.mktemp("faults") / "gunicorn.log") as srv:
+def gate(tmp_path_factory):
+    return StepGate(tmp_path_factory.mktemp("faults-gate"))
+
+
+@pytest.fixture(scope="module")
+def server(embedded_home, tmp_path_factory, gate):
+    log = tmp_path_factory.mktemp("faults") / "gunicorn.log"
+    with embedded_server(embedded_home, log, GATED_APP, **gate.env) as srv:
         yield srv
+
+
+@pytest.fixture
+def held(gate):
+    """The server's decode steps wait for gate.step() (or the release in vanish())."""
+    gate.hold()
+    yield gate
+    gate.release()
 
 
 def tokens_generated(server) -> int:
@@ -42,22 +63,19 @@ def tokens_generated(server) -> int:
     return response.json()["metrics"]["tokens_generated"]
 
 
-def vanish(server, socks: list[socket.socket], who: str) -> None:
-    """Close the clients' sockets; one second later nothing may run or wait. Prints how long
-    it took (/status polled every 20 ms)."""
+def vanish(server, socks: list[socket.socket], who: str, held: StepGate) -> None:
+    """Close the clients' sockets, release the held decode steps, then wait until nothing
+    runs or waits (the requests are ENDLESS: only the server noticing the clients ends them).
+    Prints how long it took."""
     for sock in socks:
         sock.close()
+    held.release()
     closed = time.monotonic()
-    while time.monotonic() - closed < 1.0:
-        if server.generations() == {"running": 0, "waiting": 0}:
-            break
-        time.sleep(0.02)
+    wait_for(lambda: server.generations() == {"running": 0, "waiting": 0}, timeout=60)
     print(
         f"\n{who} vanished: nothing running or waiting {time.monotonic() - closed:.2f} s "
         "after the sockets closed"
     )
-    time.sleep(max(0.0, closed + 1.0 - time.monotonic()))
-    assert server.generations() == {"running": 0, "waiting": 0}
 
 
 def send_generate(port: int, body: dict) -> socket.socket:
@@ -82,10 +100,11 @@ def read_until(sock: socket.socket, marker: bytes, timeout: float = 60) -> None:
         received += chunk
 
 
-def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server):
+def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server, gate):
     """100 streams start (32 decoding, 68 queued), then every client closes its socket:
-    half after reading their first frames, half without reading a byte. One second later
-    no generation runs or waits, no tokens are being made, and the server serves."""
+    half after reading their first frames, half without reading a byte. Then no generation
+    runs or waits, none ran to its max_tokens, and the server serves: the next request is
+    the only one to end (tokens_generated grows by its 8 tokens exactly)."""
     worker = server.worker()
     for stream in (False, True):  # warm up: torch starts its compute threads on first use
         requests.post(
@@ -94,6 +113,8 @@ def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server):
             json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "stream": stream},
         ).close()
     threads_before = worker.num_threads()
+    before = tokens_generated(server)
+    gate.hold()  # no decode step until the sockets are closed: the tokens below stay few
     socks = [send_generate(server.port, {**ENDLESS, "stream": True}) for _ in range(100)]
     try:
         wait_for(lambda: sum(server.generations().values()) == 100, timeout=60)
@@ -101,10 +122,9 @@ def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server):
             read_until(sock, b"event: text")
         wait_for(lambda: server.generations()["running"] > 0)
     finally:
-        vanish(server, socks, "100 streams")
+        vanish(server, socks, "100 streams", gate)
     count = tokens_generated(server)
-    time.sleep(0.5)
-    assert tokens_generated(server) == count  # nothing is decoding any more
+    assert count - before < ENDLESS["max_tokens"]  # not one of them ran to its end
 
     assert requests.get(f"http://127.0.0.1:{server.port}/health", timeout=5).status_code == 200
     answer = requests.post(
@@ -113,19 +133,24 @@ def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server):
         json={"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0},
     )
     assert answer.status_code == 200 and answer.json()["tokens_generated"] == 8
+    assert tokens_generated(server) == count + 8  # no vanished client's generation ended since
     assert worker.num_threads() <= threads_before  # no thread left behind per client
 
 
-def test_vanished_non_stream_clients_stop_their_generations(server):
+def test_vanished_non_stream_clients_stop_their_generations(server, held):
     """A non-streamed request writes nothing until its text is complete; its client going
-    away is still noticed at once (the socket is watched) and the generation ends."""
+    away is still noticed (the socket is watched) and the generation ends."""
     before = tokens_generated(server)
     socks = [send_generate(server.port, ENDLESS) for _ in range(8)]
     try:
-        wait_for(lambda: server.generations()["running"] == 8, timeout=60)
+        wait_for(lambda: sum(server.generations().values()) == 8, timeout=60)
+        while server.generations()["running"] < 8:  # one step per prefill turn
+            held.step()
     finally:
-        vanish(server, socks, "8 non-stream clients")
-    assert tokens_generated(server) - before < 8 * 200  # far from 8 x 2000
+        vanish(server, socks, "8 non-stream clients", held)
+    # Tokens are counted as a request ends: fewer in all than one request's max_tokens means
+    # that not one of the eight ran to its end.
+    assert tokens_generated(server) - before < ENDLESS["max_tokens"]
 
 
 def test_unload_under_load_ends_every_request_with_a_clear_error(server):
@@ -168,74 +193,116 @@ def test_unload_under_load_ends_every_request_with_a_clear_error(server):
     assert answer.status_code == 200
 
 
-def test_sigterm_drains(embedded_home, tmp_path):
+SHORT_TOKENS = 8
+
+
+@pytest.fixture
+def draining_server(tiny_models_dir, tmp_path):
+    """A server of the tiny model, whose decode steps a StepGate holds, with a grace period
+    of GRACE seconds; SIGTERM is the test's to send."""
+    gate = StepGate(tmp_path)
+    srv = Server(
+        {
+            "TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
+            "TURSI_PRELOAD": "tiny",
+            "TURSI_HOME": str(tmp_path / "home"),
+            "TURSI_RATE_LIMIT": "100000/minute",
+            "TURSI_GRACEFUL_TIMEOUT": str(GRACE),
+            **gate.env,
+        },
+        tmp_path / "gunicorn.log",
+        GATED_APP,
+    )
+    try:
+        srv.wait_loaded("tiny")
+        yield srv, gate
+    finally:
+        gate.release()
+        srv.stop()
+
+
+# The test's own work after the signal (a few requests, SHORT_TOKENS gate steps) must fit in
+# it; no request's speed matters: the steps are the test's to give.
+GRACE = 10
+
+
+def test_sigterm_drains(draining_server):
     """SIGTERM to the master: a request that fits the grace period finishes whole; a request
     arriving on a kept-alive connection gets 503 shutting_down; new connections are not
-    taken; a request that would outlive the grace period is cut at it; the master exits 0."""
-    grace = 8
-    with embedded_server(
-        embedded_home, tmp_path / "gunicorn.log", TURSI_GRACEFUL_TIMEOUT=str(grace)
-    ) as srv:
-        streams: dict[str, list] = {}
+    taken; a request that would outlive the grace period is cut at it; the master exits 0.
+    Decode steps are held, and given one at a time: the short request gets the steps it
+    needs during the drain, the endless one never gets enough to end."""
+    srv, gate = draining_server
+    streams: dict[str, list] = {}
 
-        def run_stream(name, max_tokens):
-            response = requests.post(
-                f"{srv.url}/generate",
-                stream=True,
-                timeout=120,
-                json={**ENDLESS, "max_tokens": max_tokens, "stream": True},
-            )
-            events = []
-            try:
-                for event in parse_sse(response.iter_lines(decode_unicode=True)):
-                    events.append(event)
-            except requests.RequestException:  # cut by the grace period
-                events.append(("cut", None))
-            streams[name] = events
+    def run_stream(name, max_tokens):
+        response = requests.post(
+            f"{srv.url}/generate",
+            stream=True,
+            timeout=120,
+            json={
+                "model": "tiny",
+                "prompt": PROMPT,
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        )
+        events = []
+        try:
+            for event in parse_sse(response.iter_lines(decode_unicode=True)):
+                events.append(event)
+        except requests.RequestException:  # cut by the grace period
+            events.append(("cut", None))
+        streams[name] = events
 
-        short = threading.Thread(target=run_stream, args=("short", 60))
-        endless = threading.Thread(target=run_stream, args=("endless", 2000))
-        short.start(), endless.start()
-        kept_alive = requests.Session()
-        assert kept_alive.get(f"{srv.url}/status", timeout=5).status_code == 200
-        wait_for(lambda: srv.generations()["running"] == 2, timeout=60)
+    gate.hold()
+    short = threading.Thread(target=run_stream, args=("short", SHORT_TOKENS))
+    endless = threading.Thread(target=run_stream, args=("endless", 200))
+    short.start(), endless.start()
+    kept_alive = requests.Session()
+    assert kept_alive.get(f"{srv.url}/status", timeout=5).status_code == 200
+    wait_for(lambda: sum(srv.generations().values()) == 2, timeout=60)
+    while srv.generations()["running"] < 2:  # one step per prefill turn
+        gate.step()
 
-        signalled = time.monotonic()
-        os.kill(srv.process.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    os.kill(srv.process.pid, signal.SIGTERM)
 
-        def refused(response):
-            assert response.status_code == 503
-            assert response.json()["error"]["code"] == "shutting_down"
-            assert response.headers["Connection"] == "close"
-            assert response.headers["Retry-After"] == "1"
+    def refused(response):
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "shutting_down"
+        assert response.headers["Connection"] == "close"
+        assert response.headers["Retry-After"] == "1"
 
-        def refused_on_the_kept_alive_connection():
-            response = kept_alive.get(f"{srv.url}/status", timeout=5)
-            if response.status_code == 200:  # the worker has not had the signal yet
-                return False
-            refused(response)
+    def refused_on_the_kept_alive_connection():
+        response = kept_alive.get(f"{srv.url}/status", timeout=5)
+        if response.status_code == 200:  # the worker has not had the signal yet
+            return False
+        refused(response)
+        return True
+
+    def new_connection_refused():
+        try:
+            refused(requests.get(f"{srv.url}/status", timeout=5))  # not yet closed: 503
+            return False
+        except requests.ConnectionError:
             return True
 
-        wait_for(refused_on_the_kept_alive_connection, timeout=5)
-        outcomes = set()
-        for _ in range(20):  # new connections: 503 until the worker closes its listener
-            try:
-                refused(requests.get(f"{srv.url}/status", timeout=5))
-                outcomes.add(503)
-            except requests.ConnectionError:
-                outcomes.add("refused")
-            time.sleep(0.1)
-        assert "refused" in outcomes, outcomes  # after a second at most, none are taken
+    wait_for(refused_on_the_kept_alive_connection, timeout=GRACE)
+    wait_for(new_connection_refused, timeout=GRACE)
+    for _ in range(SHORT_TOKENS):  # the endless request keeps a step waiting at the gate
+        gate.step()
+    short.join(30)
+    assert srv.process.poll() is None, "the master exited before the drain could finish"
+    names = [name for name, _ in streams["short"]]
+    assert set(names[:-1]) == {"text"} and names[-1] == "done", names
+    assert streams["short"][-1][1]["tokens_generated"] == SHORT_TOKENS
 
-        short.join(30)
-        names = [name for name, _ in streams["short"]]
-        assert set(names[:-1]) == {"text"} and names[-1] == "done", names
-        assert streams["short"][-1][1]["tokens_generated"] == 60
-
-        srv.process.wait(timeout=grace + 10)
-        exited = time.monotonic() - signalled
-        print(f"\nSIGTERM: the master exited {exited:.1f} s after the signal (grace {grace} s)")
-        endless.join(10)
-        assert srv.process.returncode == 0
-        assert grace - 1 <= exited <= grace + 5, exited
-        assert "done" not in [name for name, _ in streams["endless"]]
+    srv.process.wait(timeout=GRACE + 60)
+    exited = time.monotonic() - signalled
+    print(f"\nSIGTERM: the master exited {exited:.1f} s after the signal (grace {GRACE} s)")
+    endless.join(30)
+    assert srv.process.returncode == 0
+    assert exited >= GRACE - 1, exited  # it waited for the held request...
+    assert streams["endless"][-1][0] == "cut", streams["endless"][-3:]  # ...then cut it
