@@ -5,6 +5,7 @@ so the kernel hands it to either worker; the access log names the worker (pid) o
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from tests.helpers import EMBEDDED, Server, parse_sse
+from tests.helpers import EMBEDDED, Server, parse_sse, wait_for
 
 ACCESS_FORMAT = "--access-logformat='%(p)s %(s)s %(U)s %({x-id}i)s'"
 # Found anywhere in a line: a progress bar (tqdm, no newline) may precede an access line.
@@ -140,14 +141,23 @@ def test_status_counts_the_requests_of_every_worker(server):
         )
         assert response.status_code == 200
     assert len({pid for pid, _ in served(server, "/api/v1/generate", "a2-gen-")}) == 2
-    answers = []
-    for i in range(10):
-        time.sleep(0.3)  # a worker's report is at most one housekeeping tick (0.25 s) old
+    asked, exact = itertools.count(), []
+
+    def counts_every_logged_request() -> bool:
+        """/status adds the other worker's count as of its last report: polled more slowly
+        than a housekeeping tick (0.25 s), so that a report can come between two polls."""
         expected = logged_api_requests(server)  # the /status asked now is counted once answered
-        total = call(server, "GET", "/status", f"a2-status-{i}").json()["requests"]["total"]
-        answers.append((total, expected))
-    assert all(total == expected for total, expected in answers), answers
-    assert len({pid for pid, _ in served(server, "/api/v1/status", "a2-status-")}) == 2
+        tag = f"a2-status-{next(asked)}."  # the dot: no tag is the prefix of another
+        if call(server, "GET", "/status", tag).json()["requests"]["total"] != expected:
+            return False
+        exact.append(tag)
+        return True
+
+    def exact_answers_by_each_worker() -> bool:
+        wait_for(counts_every_logged_request, timeout=60, interval=0.3)
+        return len({pid for tag in exact for pid, _ in served(server, "/api/v1/status", tag)}) == 2
+
+    wait_for(exact_answers_by_each_worker, timeout=120)
 
 
 def test_an_8_bit_reload_replaces_the_model_on_every_worker(server):
@@ -236,7 +246,11 @@ def test_a_killed_worker_is_replaced_and_only_its_requests_fail(server):
     old = {p.pid for p in server_workers(server)}
     clients = Clients(server, 4)
     try:
-        time.sleep(3)  # streams running on both workers
+        # streams running on both workers: each has ended one already
+        wait_for(
+            lambda: len({pid for pid, _ in served(server, "/api/v1/generate", "a4-")}) == 2,
+            timeout=180,
+        )
         victim = sorted(old)[0]
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
