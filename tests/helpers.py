@@ -58,8 +58,10 @@ def build_tokenizer(target: Path):
     return fast
 
 
-def build_llama(target: Path, seed: int = 0, **overrides) -> Path:
-    """`overrides` change the LlamaConfig (e.g. tie_word_embeddings=False)."""
+def build_llama(target: Path, seed: int = 0, norm_spread: float = 0.0, **overrides) -> Path:
+    """`overrides` change the LlamaConfig (e.g. tie_word_embeddings=False). With
+    `norm_spread`, each RMSNorm weight is 1 plus that much Gaussian noise instead of all ones
+    (transformers' init), so that every norm of the model differs from the others."""
 
     tokenizer = build_tokenizer(target)
     config = LlamaConfig(
@@ -78,7 +80,13 @@ def build_llama(target: Path, seed: int = 0, **overrides) -> Path:
         }
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(target)
+    model = LlamaForCausalLM(config)
+    if norm_spread:
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    weight.add_(torch.randn_like(weight) * norm_spread)
+    model.save_pretrained(target)
     return target
 
 

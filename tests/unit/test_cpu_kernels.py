@@ -5,10 +5,13 @@ path, with the native kernels and with torch ops), and the direct path is the on
 takes. The reference is always the stock model (no optimize_for_cpu), and in decode steps
 its own forward with a DynamicCache, one prompt at a time: never Tursi's BatchCache."""
 
+import logging
+
 import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import tursi.engine.decode as decode_module
 from tests.helpers import build_gpt2, build_llama
@@ -21,7 +24,7 @@ from tursi.engine.cpu_kernels import (
     optimize_for_cpu,
     packing_supported,
 )
-from tursi.engine.decode import decode_logits
+from tursi.engine.decode import TorchOps, decode_logits
 from tursi.engine.kvcache import BatchCache
 from tursi.engine.loading import model_bytes
 
@@ -47,13 +50,35 @@ def pair(path, dtype):
 @pytest.fixture(scope="module", params=["tied", "untied-biases"])
 def llama_path(request, tmp_path_factory):
     """A tiny Llama with tied embeddings, or with its own head and biases on every
-    projection (so the fused q/k/v and gate/up biases are exercised)."""
+    projection (so the fused q/k/v and gate/up biases are exercised). Three layers whose norms
+    all differ (random weights), with an epsilon that weighs in the norm: a step that used
+    another layer's norm, or another epsilon, would not match."""
     path = tmp_path_factory.mktemp(request.param)
+    common = {"num_hidden_layers": 3, "rms_norm_eps": 0.1, "norm_spread": 0.5}
     if request.param == "tied":
-        return build_llama(path, initializer_range=0.2)
+        return build_llama(path, initializer_range=0.2, **common)
     return build_llama(
-        path, tie_word_embeddings=False, attention_bias=True, mlp_bias=True, initializer_range=0.2
+        path,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        mlp_bias=True,
+        initializer_range=0.2,
+        **common,
     )
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (5, 1, 64), (2, 3, 1, 64)], ids=str)
+def test_torch_ops_add_rms_norm_is_llama_rms_norm_of_the_sum(shape):
+    """Over the last dimension only, whatever the leading ones, with the norm's own epsilon
+    and weight."""
+    generator = torch.Generator().manual_seed(len(shape))
+    hidden, delta = (torch.randn(shape, generator=generator) * 0.3 for _ in "hd")
+    norm = LlamaRMSNorm(64, eps=0.1)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=generator) + 0.5)
+        total, normed = TorchOps.add_rms_norm(hidden, delta, norm)
+        assert torch.equal(total, hidden + delta)
+        assert torch.allclose(normed, norm(hidden + delta), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(params=["native", "torch-ops"])
@@ -140,17 +165,27 @@ def test_fused_decode_steps_match_transformers_forward(llama_path, dtype, step_o
 
 
 def test_engine_takes_the_direct_path_for_fused_llama_with_sdpa(llama_path, step_ops, monkeypatch):
+    """Not transformers' forward; the layers in C++ when the model has a native plan (the
+    torch-ops loop never runs then), else in the torch-ops loop."""
     stock, model = pair(llama_path, torch.float32)
     assert (decode_module.native_plan(model) is not None) == (step_ops == "native")
     fed, want = transformers_steps(stock, PROMPTS, 1)
     cache = prefilled(model, PROMPTS)
+    torch_loops = []
+    torch_layers = decode_module._torch_layers
 
     def no_forward(*args, **kwargs):
         raise AssertionError("transformers' forward ran for a decode step")
 
+    def counted_torch_layers(*args):
+        torch_loops.append(args)
+        return torch_layers(*args)
+
     with monkeypatch.context() as patch, torch.inference_mode():
         patch.setattr(type(model), "forward", no_forward)
+        patch.setattr(decode_module, "_torch_layers", counted_torch_layers)
         assert_close(decode_logits(model, fed[0], cache), want[0], torch.float32)
+    assert len(torch_loops) == (0 if step_ops == "native" else 1)
 
 
 def test_without_the_direct_path_the_engine_matches_too(llama_path, step_ops, monkeypatch):
@@ -229,3 +264,48 @@ def test_native_decode_layers_refuses_a_plan_that_does_not_fit(llama_path):
             kernels.decode_layers(
                 hidden, plan.weights, plan.biases, keys, values, *args, keys[0].shape[2] + 1, *sizes
             )
+
+
+def break_native_fit(model, mismatch):
+    """Give one norm of `model` another epsilon, or a weight in another dtype (bfloat16 in a
+    float32 model: LlamaRMSNorm then gives float32, as TorchOps does)."""
+    norm = model.model.layers[1].post_attention_layernorm
+    if mismatch == "epsilon":
+        norm.variance_epsilon = 0.3
+    else:
+        norm.weight = nn.Parameter(norm.weight.detach().bfloat16(), requires_grad=False)
+
+
+@pytest.mark.parametrize("mismatch", ["epsilon", "dtype"])
+def test_a_layer_norm_unlike_the_others_gets_torch_ops(llama_path, mismatch):
+    """The native decode_layers takes one epsilon and one dtype for every norm: a model with
+    one norm of another epsilon or weight dtype runs the torch-ops loop, and still computes
+    what transformers computes."""
+    if native.load() is None:
+        pytest.skip("native kernels not built: every model gets torch ops")
+    stock, model = pair(llama_path, torch.float32)
+    break_native_fit(stock, mismatch)
+    break_native_fit(model, mismatch)
+    assert decode_module.native_plan(model) is None
+    fed, want = transformers_steps(stock, PROMPTS, 2)
+    cache = prefilled(model, PROMPTS)
+    with torch.inference_mode():
+        for ids, expected in zip(fed, want, strict=True):
+            assert_close(decode_logits(model, ids, cache), expected, torch.float32)
+
+
+def test_the_log_says_which_decode_path_a_model_takes(llama_path, caplog):
+    """What an operator reads: C++ and the layer count, or torch ops and what C++ needs."""
+    if native.load() is None:
+        pytest.skip("native kernels not built")
+    _, fits = pair(llama_path, torch.float32)
+    _, does_not_fit = pair(llama_path, torch.float32)
+    break_native_fit(does_not_fit, "epsilon")
+    with caplog.at_level(logging.INFO, logger=decode_module.__name__):
+        decode_module.native_plan(fits)
+        decode_module.native_plan(does_not_fit)
+    assert caplog.messages == [
+        "decode steps in C++ (tursi.engine.native): 3 layers",
+        "decode steps in torch ops: the native layers need SiLU MLPs, the same heads and norm "
+        "epsilon in every layer, norm weights in torch.float32",
+    ]

@@ -1,6 +1,7 @@
 """BatchCache: rows added, grown, removed and compacted, checked against transformers'
 DynamicCache. No model, no app."""
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -9,11 +10,11 @@ from tursi.engine.kvcache import BatchCache
 LAYERS, HEADS, DIM = 2, 2, 4
 
 
-def prefill_cache(rows, width):
+def prefill_cache(rows, width, dtype=torch.float32):
     """A prefill cache whose entries say where they come from: keys[b, :, s, :] = 100 * b + s
     (values are the keys' negatives), plus 1000 * layer."""
     cache = DynamicCache()
-    marks = (100 * torch.arange(rows)[:, None] + torch.arange(width)[None, :]).float()
+    marks = (100 * torch.arange(rows)[:, None] + torch.arange(width)[None, :]).to(dtype)
     for layer in range(LAYERS):
         keys = (marks + 1000 * layer)[:, None, :, None].expand(rows, HEADS, width, DIM)
         cache.update(keys.clone(), -keys.clone(), layer)
@@ -89,13 +90,15 @@ def test_a_step_writes_each_row_at_its_own_column():
     assert row_marks(cache, 1) == [103, 104, 150]
 
 
-def test_additive_mask_for_eager_attention():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_additive_mask_for_eager_attention(dtype):
+    """In the cache's dtype, as transformers builds its own eager masks in the model's."""
     cache = BatchCache(LAYERS, max_length=100, boolean_mask=False)
-    source = prefill_cache(rows=2, width=3)
+    source = prefill_cache(rows=2, width=3, dtype=dtype)
     cache.add_row(source, 0, start=0, length=3)
     cache.add_row(source, 1, start=2, length=1)
     _, mask = cache.prepare_step(torch.device("cpu"))
-    assert mask.dtype == torch.float32
+    assert mask.dtype == dtype
     assert mask[0, 0, 0].tolist() == [0.0] * 4
     assert mask[1, 0, 0, :2].tolist() == [0.0, 0.0]
-    assert (mask[1, 0, 0, 2:] == torch.finfo(torch.float32).min).all()
+    assert (mask[1, 0, 0, 2:] == torch.finfo(dtype).min).all()
