@@ -7,7 +7,7 @@ NATIVE := $(VENV)/.native-kernels
 export TURSI_HOST ?= 127.0.0.1
 export TURSI_PORT ?= 8000
 
-.PHONY: install serve lint test test-fast clean
+.PHONY: install serve lint test test-fast mutation clean
 
 $(STAMP): requirements.txt setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +41,14 @@ test: lint
 test-fast: install
 	$(PY) -m pytest -ra -m "not server"
 
+# Mutation testing of the engine's core modules (setup.cfg [mutmut]; not part of `make test`:
+# it takes about an hour here). Results are cached in mutants/ (a rerun tests only what
+# changed); the report goes into docs/testing.md; the target fails below a 90% kill rate.
+# One torch thread per mutmut worker: mutmut runs one worker per core.
+mutation: install
+	$(PY) -m pip install -q mutmut==3.8.1
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run
+	$(PY) -m tests.mutation.report
+
 clean:
-	rm -rf $(VENV) build *.egg-info tursi/engine/native/build
+	rm -rf $(VENV) build *.egg-info tursi/engine/native/build mutants

@@ -1,0 +1,121 @@
+"""The report of the last `make mutation` run, written into docs/testing.md.
+
+Reads mutmut's results (mutants/**/*.py.meta) for the modules setup.cfg's [mutmut] section
+mutates, and tests/mutation/equivalent.txt, the survivors a reviewer found equivalent (no
+test can tell them from the original code), each with the reason. The kill rate counts only
+the other mutants. Run from the repository root: `python -m tests.mutation.report`.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EQUIVALENT = Path(__file__).with_name("equivalent.txt")
+DOC = ROOT / "docs" / "testing.md"
+BEGIN, END = "<!-- mutation report begins -->", "<!-- mutation report ends -->"
+TARGET = 0.90
+
+# mutmut's exit codes (mutmut/stats.py): 1 and 3 are test failures, 36 and the signals a
+# timeout (the mutant made a test hang, which the run counts as caught).
+KILLED = {1, 3}
+TIMEOUT = {36, 24, -24, 152, 255}
+SURVIVED = {0}
+
+
+def mutated_modules() -> list[str]:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    return config.get("mutmut", "only_mutate").split()
+
+
+def equivalents() -> dict[str, str]:
+    """{mutant name: why it is equivalent}, from lines `name: reason` (# starts a comment)."""
+    found = {}
+    for line in EQUIVALENT.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, reason = line.partition(": ")
+            found[name.strip()] = reason.strip()
+    return found
+
+
+def outcome(code: int | None) -> str:
+    if code in KILLED:
+        return "killed"
+    if code in TIMEOUT:
+        return "timeout"
+    if code in SURVIVED:
+        return "survived"
+    return "not run" if code is None else f"other ({code})"
+
+
+def results(module: str) -> dict[str, str]:
+    meta = ROOT / "mutants" / (module + ".meta")
+    if not meta.exists():
+        sys.exit(f"no results for {module}: run `make mutation` first")
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {name: outcome(code) for name, code in codes.items()}
+
+
+def report() -> tuple[str, bool]:
+    known = equivalents()
+    rows, unexplained, stale = [], [], []
+    totals = Counter()
+    for module in mutated_modules():
+        outcomes = results(module)
+        count = Counter(outcomes.values())
+        equivalent = sum(
+            1 for name, result in outcomes.items() if result == "survived" and name in known
+        )
+        unexplained += [n for n, r in outcomes.items() if r == "survived" and n not in known]
+        stale += [n for n in known if n in outcomes and outcomes[n] != "survived"]
+        row = Counter(
+            mutants=len(outcomes),
+            killed=count["killed"] + count["timeout"],
+            equivalent=equivalent,
+            survived=count["survived"] - equivalent,
+            other=len(outcomes) - count["killed"] - count["timeout"] - count["survived"],
+        )
+        totals.update(row)
+        rows.append((module, row))
+    rows.append(("**all**", totals))
+    lines = [
+        "| module | mutants | killed | equivalent | survived (unexplained) | not run | kill rate |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for module, row in rows:
+        scored = row["mutants"] - row["equivalent"] - row["other"]
+        rate = row["killed"] / scored if scored else 1.0
+        lines.append(
+            f"| {module} | {row['mutants']} | {row['killed']} | {row['equivalent']} | "
+            f"{row['survived']} | {row['other']} | {rate:.1%} |"
+        )
+    scored = totals["mutants"] - totals["equivalent"] - totals["other"]
+    rate = totals["killed"] / scored if scored else 1.0
+    lines += ["", f"Kill rate over non-equivalent mutants: **{rate:.1%}** (target {TARGET:.0%})."]
+    if unexplained:
+        lines += ["", "Survivors not yet explained (`mutmut show NAME` prints each):", ""]
+        lines += [f"- `{name}`" for name in sorted(unexplained)]
+    if stale:
+        lines += ["", "Listed as equivalent but no longer surviving (remove from the list):", ""]
+        lines += [f"- `{name}`" for name in sorted(stale)]
+    return "\n".join(lines), rate >= TARGET
+
+
+def main() -> None:
+    text, ok = report()
+    doc = DOC.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
+    print(text)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
