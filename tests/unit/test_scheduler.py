@@ -24,6 +24,7 @@ from tursi.engine.jobs import Failed, Finished, GenerationJob, GenerationParams,
 from tursi.engine.loading import LoadedModel, LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 from tursi.errors import GenerationFailed, RequestTimeout
+from tursi.telemetry import ModelStats
 from tursi.threads import Empty
 
 NEW_TOKENS = 12  # max_tokens of most requests here
@@ -376,6 +377,40 @@ def test_generation_seconds_run_from_the_prefill_to_the_last_token_queue_exclude
         seconds = ended[job] - started[job]
         assert seconds > 0 and end.generation_seconds == seconds
         assert on_done.of(job) == [(seconds, True)]
+
+
+class RecordingStats(ModelStats):
+    """ModelStats that also keeps what the scheduler reported per token."""
+
+    def __init__(self) -> None:
+        super().__init__("test")
+        self.first: list[float] = []
+        self.between: list[float] = []
+
+    def first_token(self, seconds: float) -> None:
+        self.first.append(seconds)
+        super().first_token(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.between.append(seconds)
+        super().inter_token(seconds)
+
+
+def test_time_to_first_token_runs_from_submission_and_then_between_tokens(loaded, prompts, clock):
+    """The latencies the model metrics report: the first token's from the request's
+    submission (its wait in the queue included), each later one from the token before."""
+    stats = RecordingStats()
+    scheduler = Scheduler("test", loaded, 8, OnDone(), stats)
+    job = greedy(prompts[0], 4)
+    job.submitted = clock.now  # the job's own clock is the real one; align it with the fake
+    scheduler.add(job)
+    clock.advance(0.5)  # queued half a second before its prefill turn
+    while not scheduler.idle:
+        scheduler.turn()
+        clock.advance(0.25)
+    assert stats.first == [0.5]
+    # The first turn prefills (token 1) and runs a decode step (token 2) at one instant.
+    assert stats.between == [0.0, 0.25, 0.25]
 
 
 def test_a_request_whose_text_fails_to_decode_fails_alone(loaded, stock, prompts):
