@@ -413,7 +413,7 @@ def test_time_to_first_token_runs_from_submission_and_then_between_tokens(loaded
     assert stats.between == [0.0, 0.25, 0.25]
 
 
-def test_a_request_whose_text_fails_to_decode_fails_alone(loaded, stock, prompts):
+def test_a_request_whose_text_fails_to_decode_fails_alone(loaded, stock, prompts, caplog):
     scheduler, on_done = make_scheduler(loaded)
     broken, other = greedy(prompts[0], NEW_TOKENS), greedy(prompts[1], NEW_TOKENS)
     scheduler.add(broken)
@@ -429,6 +429,9 @@ def test_a_request_whose_text_fails_to_decode_fails_alone(loaded, stock, prompts
     _, error = failed(broken)
     assert isinstance(error, GenerationFailed)
     assert error.message == "Generation failed: RuntimeError"
+    # The operator's log names the model and keeps the traceback.
+    (record,) = [r for r in caplog.records if r.name == "tursi.engine.scheduler"]
+    assert record.getMessage() == "detokenizing failed on test" and record.exc_info
     assert on_done.of(broken) == [(0.0, False)]
     text, end = finished(other)
     expected = decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], NEW_TOKENS))
