@@ -41,6 +41,14 @@ def test_add_row_copies_the_unpadded_columns():
     assert row_marks(cache, 0, layer=1) == [1102, 1103, 1104, 1105]
 
 
+def test_a_prompt_one_column_past_a_buffer_step_is_copied_whole():
+    """A 257-column prompt (one past the 256-column step) needs a 512-column buffer."""
+    source = prefill_cache(rows=1, width=257)
+    cache = BatchCache(LAYERS, max_length=1000, boolean_mask=True)
+    assert cache.add_row(source, 0, start=0, length=257) == 0
+    assert row_marks(cache, 0) == list(range(257))
+
+
 def test_rows_stay_packed_when_a_middle_row_leaves():
     source = prefill_cache(rows=5, width=8)
     cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
