@@ -27,6 +27,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(folder)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (the engine tests that run many one-token
+    steps): on two cores busy with other work, two threads waiting on each other made such
+    steps 25 times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory):
     """A folder with the tiny models ("llama", "gpt2") and a catalog ("models.json")

@@ -24,6 +24,7 @@ import torch
 # imported this module.
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    DynamicCache,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -88,6 +89,19 @@ def build_llama(target: Path, seed: int = 0, norm_spread: float = 0.0, **overrid
                     weight.add_(torch.randn_like(weight) * norm_spread)
     model.save_pretrained(target)
     return target
+
+
+def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """transformers' greedy decoding of one prompt alone: the model's forward with a
+    DynamicCache, one token per step, going on through end-of-sequence (as ignore_eos). The
+    outside reference of the engine tests."""
+    cache, ids, out = DynamicCache(), torch.tensor([prompt]), []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            out.append(int(logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
 
 
 def build_gpt2(target: Path, seed: int = 0, **overrides) -> Path:

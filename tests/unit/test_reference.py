@@ -30,11 +30,11 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 import tursi.engine.decode as decode_module
 import tursi.engine.scheduler as scheduler_module
-from tests.helpers import CORPUS, build_gpt2, build_llama
+from tests.helpers import CORPUS, build_gpt2, build_llama, transformers_greedy
 from tursi.engine import native
 from tursi.engine.catalog import CatalogEntry
 from tursi.engine.cpu_kernels import fused_llama
@@ -77,18 +77,6 @@ ENGINES = {
 }
 
 
-def transformers_greedy(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
-    """transformers' greedy decoding of one prompt alone: the model's forward with a
-    DynamicCache, one token per step, going on through end-of-sequence (as ignore_eos)."""
-    cache, ids, out = DynamicCache(), torch.tensor([prompt]), []
-    with torch.inference_mode():
-        for _ in range(max_tokens):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-            out.append(int(logits[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]])
-    return out
-
-
 def assert_varied(model: Any, prompt: list[int]) -> None:
     """The model's greedy continuation depends on every position: many distinct tokens, and
     another FIRST prompt token changes it. A model that repeats itself would let a cache
@@ -116,14 +104,7 @@ class Engine:
     expected: list[list[int]] | None  # float loads: the reference's greedy ids per request
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on two cores busy with other work, two threads waiting on each other
-    made these one-token steps 25 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

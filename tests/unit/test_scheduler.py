@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 import tursi.engine.scheduler as scheduler_module
-from tests.helpers import CORPUS, build_llama
+from tests.helpers import CORPUS, build_llama, transformers_greedy
 from tursi.engine.catalog import CatalogEntry
 from tursi.engine.jobs import Failed, Finished, GenerationJob, GenerationParams, TextChunk
 from tursi.engine.loading import LoadedModel, LoadOptions, load_model
@@ -30,13 +30,7 @@ from tursi.threads import Empty
 NEW_TOKENS = 12  # max_tokens of most requests here
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as in test_reference: two threads on busy cores wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -131,17 +125,6 @@ def run(scheduler: Scheduler, *jobs: GenerationJob) -> None:
             return
         scheduler.turn()
     raise AssertionError("the scheduler never became idle")
-
-
-def transformers_greedy(stock: Any, prompt: list[int], max_tokens: int) -> list[int]:
-    """transformers' greedy decoding of one prompt alone: the forward with a DynamicCache."""
-    cache, ids, out = DynamicCache(), torch.tensor([prompt]), []
-    with torch.inference_mode():
-        for _ in range(max_tokens):
-            logits = stock(input_ids=ids, past_key_values=cache, use_cache=True).logits
-            out.append(int(logits[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]])
-    return out
 
 
 def transformers_generate(stock: Any, prompt: list[int], max_tokens: int, **kwargs: Any) -> list:
