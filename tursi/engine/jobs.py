@@ -16,27 +16,45 @@ ENGINE_CHECK_SECONDS = 1.0
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """How a request's tokens are chosen and when it may stop. These fields are THE list of
-    sampling parameters: both APIs' schemas accept exactly these keys (tursi.api.jobs) and
-    `sampling.TokenChooser` takes the object whole, so a new parameter is one field here, one
-    schema field (tursi.api.schemas.SamplingSchema) and its use in the sampler."""
+    """How a request's tokens are chosen, what it reports and when it may stop. These
+    fields are THE list of sampling parameters: both APIs' schemas accept exactly these keys
+    (tursi.api.jobs) and `sampling.TokenChooser` takes the object whole, so a new parameter
+    is one field here, one schema field (tursi.api.schemas.SamplingSchema) and its use in
+    the sampler.
+
+    The order of the logits processing (docs/api.md "Sampling"): logit_bias, then the
+    repetition, presence and frequency penalties, then temperature, top_k, top_p and min_p
+    (transformers' order), then the draw. Logprobs are of the model's raw distribution
+    (log-softmax of its logits, before any of that), as vLLM reports by default."""
 
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0  # 1: no nucleus cut
     top_k: int = 0  # 0: no top-k cut
-    repetition_penalty: float = 1.0  # 1: none
+    min_p: float = 0.0  # 0: no cut; else drop tokens below min_p * the top probability
+    repetition_penalty: float = 1.0  # 1: none (transformers' definition, prompt + output)
+    presence_penalty: float = 0.0  # OpenAI's definition, over the output tokens: -2..2
+    frequency_penalty: float = 0.0  # OpenAI's definition, over the output tokens: -2..2
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100) added to logits
     stop: tuple[str, ...] = ()
-    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # end the choice like end-of-sequence does
+    seed: int | None = None  # any int64; choice i of n draws with seed + i
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
+    logprobs: int | None = None  # None: none; k: each output token's logprob + top k
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo)
 
     def __post_init__(self) -> None:
-        # Requests give a list; a tuple keeps the frozen object hashable and unchangeable.
+        # Requests give lists and dicts; tuples keep the frozen object hashable.
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias
+        pairs = bias.items() if isinstance(bias, dict) else bias
+        object.__setattr__(self, "logit_bias", tuple((int(k), float(v)) for k, v in pairs))
 
 
 @dataclass(frozen=True)
 class GenerationParams(SamplingParams):
-    """A job's settings: its sampling parameters and its token budget. The inherited fields
+    """A job's settings: its sampling parameters and its token budget (per choice; 0 only
+    with prompt_logprobs: the prompt is scored, nothing generated). The inherited fields
     are keyword-only, so `GenerationParams(100, temperature=0.0)` reads as it should."""
 
     max_tokens: int
@@ -49,23 +67,55 @@ class GenerationParams(SamplingParams):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log probability under the model's raw distribution, and the `top` most
+    likely tokens at that position, best first (as many as the request asked for)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextChunk:
+    """Text of choice `index`, with the logprobs of the tokens whose text it completes
+    (when the request asked for logprobs): the entries of all chunks of a choice, in order,
+    are its output tokens, minus those of a stop string or an end-of-sequence token."""
+
     text: str
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens scored (prompt_logprobs requests), sent once per job before any
+    text, for its first choice `index`: entry 0 is None (nothing precedes the first token)."""
+
+    entries: tuple[TokenLogprob | None, ...]
+    index: int = 0
 
 
 @dataclass(frozen=True)
 class Finished:
+    """Choice `index` ended. cumulative_logprob: the sum of its tokens' raw logprobs when
+    the request asked for logprobs (best_of ranks by it), else None."""
+
     tokens_generated: int
     generation_seconds: float
-    finish_reason: str  # "stop" (end of sequence or a stop string) | "length"
+    finish_reason: str  # "stop" (end of sequence, stop token or stop string) | "length"
+    index: int = 0
+    cumulative_logprob: float | None = None
 
 
 @dataclass(frozen=True)
 class Failed:
+    """The whole job failed (all of its choices)."""
+
     error: TursiError
 
 
-Event = TextChunk | Finished | Failed
+Event = TextChunk | PromptLogprobs | Finished | Failed
 
 
 def _alive() -> TursiError | None:
@@ -74,13 +124,18 @@ def _alive() -> TursiError | None:
 
 @dataclass(eq=False)
 class GenerationJob:
-    """One generation request. The worker thread writes events; the request reads them."""
+    """One prompt of a request, with its `n` choices. The worker thread writes events; the
+    request reads them. The choices share the prompt's prefill and are numbered from
+    `index` (a request with several prompts gives each its own range); the jobs of one
+    request may share one `events` channel, events telling them apart by index."""
 
     prompt_ids: list[int]
     params: GenerationParams
     events: Channel = field(default_factory=Channel)
+    n: int = 1  # choices, each its own row of the batch, all from one prefill
+    index: int = 0  # the first choice's index in the request's answer
     cancelled: bool = False  # set by the request side; read by the worker at every step
-    tokens_generated: int = 0  # written by the worker as it goes (counted even on failure)
+    tokens_generated: int = 0  # all choices' tokens, written as it goes (counted on failure)
     timeout: float | None = None  # seconds from submission (TURSI_REQUEST_TIMEOUT)
     deadline: float | None = None  # time.monotonic() value, set when submitted
     submitted: float = 0.0  # time.monotonic() at admission
