@@ -110,3 +110,36 @@ def test_additive_mask_for_eager_attention(dtype):
     assert mask[0, 0, 0].tolist() == [0.0] * 4
     assert mask[1, 0, 0, :2].tolist() == [0.0, 0.0]
     assert (mask[1, 0, 0, 2:] == torch.finfo(dtype).min).all()
+
+
+@pytest.mark.parametrize("boolean_mask", [True, False], ids=["sdpa", "eager"])
+def test_a_step_is_prepared_on_the_model_device(boolean_mask):
+    """Positions, mask and write slots live on the device the step runs on (a GPU in
+    production). The meta device stands in for it: a tensor made on the CPU by mistake
+    meets a meta tensor and raises, or comes back on the wrong device."""
+    source = prefill_cache(rows=2, width=4)
+    cache = BatchCache(LAYERS, max_length=100, boolean_mask=boolean_mask)
+    cache.add_row(source, 0, start=0, length=4)
+    cache.add_row(source, 1, start=1, length=3)
+    meta = torch.device("meta")
+    positions, mask = cache.prepare_step(meta)
+    assert positions.device == mask.device == cache.step_slots.device == meta
+    assert positions.shape == (2, 1)
+    assert mask.shape == (2, 1, 1, 5)
+
+
+def test_buffers_grow_by_doubling_and_are_reused_between_steps():
+    """Rows double (1, 2, 4), columns grow in 256-column steps, and a step that fits the
+    buffers writes into them in place instead of reallocating."""
+    source = prefill_cache(rows=3, width=4)
+    cache = BatchCache(LAYERS, max_length=1000, boolean_mask=True)
+    capacities = []
+    for row in range(3):
+        cache.add_row(source, row, start=0, length=4)
+        capacities.append(tuple(cache.layers[0].keys.shape[::2]))
+    assert capacities == [(1, 256), (2, 256), (4, 256)]
+    buffers = [layer.keys for layer in cache.layers]
+    cache.prepare_step(torch.device("cpu"))
+    cache.advance()
+    cache.prepare_step(torch.device("cpu"))
+    assert all(layer.keys is buffer for layer, buffer in zip(cache.layers, buffers, strict=True))
