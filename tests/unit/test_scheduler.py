@@ -433,6 +433,8 @@ def test_a_job_cancelled_while_waiting_ends_ok_with_no_events(loaded, stock, pro
     scheduler.add(cancelled)
     scheduler.turn()
     cancelled.cancel()
+    scheduler.turn()  # its place in the queue frees at the next turn, not when a row does
+    assert on_done.of(cancelled) == [(0.0, True)] and running.tokens_generated < 4
     run(scheduler)
     assert drain(cancelled) == [] and cancelled.tokens_generated == 0
     assert on_done.of(cancelled) == [(0.0, True)]  # a client that went away is no failure
@@ -514,6 +516,8 @@ def test_a_deadline_passed_while_waiting_fails_the_job_with_request_timeout(
     scheduler.add(in_time)
     scheduler.turn()
     clock.advance(5.0)  # exactly `late`'s deadline
+    scheduler.turn()  # the client hears at once, not when the running job frees its row
+    assert on_done.of(late) == [(0.0, False)] and running.tokens_generated < 4
     run(scheduler)
     assert assert_timed_out(late, 5.0, 0) == ""
     assert on_done.of(late) == [(0.0, False)]
@@ -705,3 +709,19 @@ def test_seeded_sampling_and_repetition_penalty_in_a_batch_match_transformers_al
         reference = transformers_generate(stock, prompt, NEW_TOKENS, do_sample=sample, **params)
         text, end = finished(job)
         assert (text, end.tokens_generated) == (decoded(loaded, prompt, reference), NEW_TOKENS)
+
+
+def test_a_tokenizer_without_a_pad_token_still_prefills_prompts_of_different_lengths(
+    loaded, stock, prompts, monkeypatch
+):
+    """Left padding needs some id in the padded columns (they are masked out): a tokenizer
+    with no pad token (GPT-2's, many base models') gets 0."""
+    monkeypatch.setattr(loaded.tokenizer, "pad_token", None)
+    assert loaded.tokenizer.pad_token_id is None
+    scheduler, _ = make_scheduler(loaded)
+    jobs = [greedy(prompts[0], 4), greedy(prompts[1], 4)]  # 16 and 5 tokens: one padded
+    run(scheduler, *jobs)
+    for job in jobs:
+        text, _ = finished(job)
+        expected = transformers_greedy(stock, job.prompt_ids, 4)
+        assert text == decoded(loaded, job.prompt_ids, expected)
