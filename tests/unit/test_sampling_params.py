@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
 )
 
 from tursi.engine.jobs import SamplingParams
-from tursi.engine.sampling import TokenChooser, choose_tokens
+from tursi.engine.sampling import TokenChooser, adjusted_logits, choose_tokens
 
 # Ten tokens; the three most likely are 7, 2 and 5, and the rest are close behind, so that a
 # draw without a cut lands outside the top three most of the time.
@@ -30,6 +30,11 @@ def chooser(history=(), **settings):
 def pick(logits, **settings):
     """The token a fresh chooser with `settings` picks from one logits vector."""
     return choose_tokens(logits[None], [chooser(**settings)])[0]
+
+
+def penalized(logits, chooser):
+    """One logits vector after `chooser`'s bias and penalties."""
+    return adjusted_logits(logits[None], [chooser])[0]
 
 
 def draws(seeds=range(400), **settings):
@@ -112,8 +117,7 @@ def test_repetition_penalty_matches_transformers(penalty):
     logits = torch.randn(64) * 4  # positive and negative logits
     history = [3, 7, 7, 12, 40, 63, 0, 12]
     penalizing = chooser(temperature=0, repetition_penalty=penalty, history=history)
-    ours = logits.clone()
-    penalizing.penalize(ours)
+    ours = penalized(logits, penalizing)
     reference = RepetitionPenaltyLogitsProcessor(penalty)(
         torch.tensor([history]), logits[None].clone()
     )[0]
@@ -152,15 +156,16 @@ def test_repetition_penalty_in_choose_tokens_matches_transformers():
 def test_repetition_penalty_1_keeps_no_history():
     unpenalized = chooser(temperature=0.0, repetition_penalty=1.0, history=[1, 2, 3])
     unpenalized.remember(4)
-    assert unpenalized.seen == set()
+    assert unpenalized.plain  # choose_tokens takes the plain argmax for it
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.0, 1.0])
+    assert torch.equal(penalized(logits, unpenalized), logits)
 
 
 def test_repetition_penalty_on_logits_between_0_and_1_matches_transformers():
     # Positive logits below 1 are divided like any other positive logit, not multiplied.
     logits = torch.tensor([-2.0, -0.5, 0.0, 0.25, 0.5, 0.99, 1.0, 3.0])
     history = list(range(8))
-    ours = logits.clone()
-    chooser(temperature=0, repetition_penalty=2.0, history=history).penalize(ours)
+    ours = penalized(logits, chooser(temperature=0, repetition_penalty=2.0, history=history))
     reference = RepetitionPenaltyLogitsProcessor(2.0)(
         torch.tensor([history]), logits[None].clone()
     )[0]
@@ -169,8 +174,7 @@ def test_repetition_penalty_on_logits_between_0_and_1_matches_transformers():
 
 def test_repetition_penalty_with_nothing_seen_leaves_logits_alone():
     logits = torch.tensor([-2.0, 0.5, 3.0])
-    ours = logits.clone()
-    chooser(temperature=0, repetition_penalty=2.0).penalize(ours)
+    ours = penalized(logits, chooser(temperature=0, repetition_penalty=2.0))
     reference = RepetitionPenaltyLogitsProcessor(2.0)(
         torch.zeros((1, 0), dtype=torch.long), logits[None].clone()
     )[0]
