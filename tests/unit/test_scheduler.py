@@ -812,6 +812,25 @@ def test_a_job_waits_until_the_batch_has_a_row_for_each_of_its_choices(loaded, s
     assert_idle(scheduler)
 
 
+def test_a_prefill_group_takes_jobs_while_their_choices_fit_the_free_rows(loaded, stock, prompts):
+    scheduler, on_done = make_scheduler(loaded, max_batch=4)
+    jobs = [
+        GenerationJob(prompt, GenerationParams(3, temperature=0.0), n=n)
+        for prompt, n in zip(prompts[:3], (3, 2, 1), strict=True)
+    ]
+    for job in jobs:
+        scheduler.add(job)
+    scheduler.turn()
+    assert len(scheduler.rows) == 3 and list(scheduler.waiting) == jobs[1:]  # 3 + 2 > 4
+    while not scheduler.idle:
+        scheduler.turn()
+        assert len(scheduler.rows) <= 4
+    for prompt, job in zip(prompts[:3], jobs, strict=True):
+        expected = decoded(loaded, prompt, transformers_greedy(stock, prompt, 3))
+        assert [text for text, _ in choices_of(job).values()] == [expected] * job.n
+    assert_idle(scheduler)
+
+
 def test_cancel_ends_every_choice_of_a_job_and_on_done_runs_once(loaded, prompts):
     scheduler, on_done = make_scheduler(loaded)
     job = GenerationJob(prompts[0], GenerationParams(NEW_TOKENS, temperature=0.0), n=3)
