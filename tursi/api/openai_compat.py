@@ -15,7 +15,7 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from ..engine.jobs import Finished, GenerationJob
-from ..errors import TursiError
+from ..errors import ModelNotFound, TursiError
 from . import json_body, no_query
 from .errors import openai_error_body
 from .jobs import submit_job
@@ -34,17 +34,33 @@ bp = Blueprint("openai", __name__)
 def list_models():
     """The models that can serve requests now (loaded ones), as OpenAI lists them."""
     no_query()
-    data = [
-        {
-            "id": state.name,
-            "object": "model",
-            "created": int(state.loaded_at or 0),
-            "owned_by": "tursi",
-        }
-        for state in current().manager.snapshots()
-        if state.status == "loaded"
-    ]
-    return jsonify({"object": "list", "data": data})
+    return jsonify({"object": "list", "data": [model_object(state) for state in _loaded()]})
+
+
+@bp.get("/models/<path:model_id>")
+def retrieve_model(model_id: str):
+    """One loaded model, as OpenAI describes it (`client.models.retrieve`).
+
+    A model that is not loaded, or not in the catalog, is OpenAI's 404 model_not_found."""
+    no_query()
+    loaded = _loaded()
+    for state in loaded:
+        if state.name == model_id:
+            return jsonify(model_object(state))
+    raise ModelNotFound(model_id, [state.name for state in loaded])
+
+
+def _loaded() -> list:
+    return [state for state in current().manager.snapshots() if state.status == "loaded"]
+
+
+def model_object(state) -> dict:
+    return {
+        "id": state.name,
+        "object": "model",
+        "created": int(state.loaded_at or 0),
+        "owned_by": "tursi",
+    }
 
 
 @bp.post("/completions")

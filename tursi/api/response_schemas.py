@@ -379,3 +379,46 @@ class ChatCompletionChunkSchema(Schema):
     model = _text()
     choices = fields.List(fields.Nested(ChatChunkChoiceSchema), required=True)
     usage = fields.Nested(UsageSchema)
+
+
+# --- tokenizer routes (/api/v1/tokenize, /tokenize, ...) ---------------------------------
+
+
+class TokenizeResponseSchema(Schema):
+    tokens = fields.List(fields.Integer(validate=validate.Range(min=0)), required=True)
+    count = _count()
+    context_length = _count(metadata={"description": "the model's context, prompt + output"})
+
+
+class DetokenizeResponseSchema(Schema):
+    text = _text()
+
+
+class TokenPieceSchema(Schema):
+    id = _count()
+    piece = _text(metadata={"description": "the token's text"})
+
+
+class CompatTokenizeResponseSchema(Schema):
+    """vLLM's answer (tokens, count, max_model_len); llama.cpp reads `tokens`."""
+
+    tokens = fields.Raw(
+        required=True,
+        metadata={
+            "type": "array",
+            "items": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 0},
+                    {"$ref": "#/components/schemas/TokenPiece"},
+                ]
+            },
+            "description": "token ids; with with_pieces, {id, piece} objects",
+        },
+    )
+    count = _count()
+    max_model_len = _count(metadata={"description": "the model's context length"})
+
+
+class CompatDetokenizeResponseSchema(Schema):
+    prompt = _text(metadata={"description": "the text (vLLM's name)"})
+    content = _text(metadata={"description": "the same text (llama.cpp's name)"})

@@ -156,7 +156,9 @@ class ModelWorker:
             )
         return GenerationJob(prompt_ids, GenerationParams.of(sampling, max_tokens))
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+    def chat_prompt(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """The prompt text for chat `messages` ({"role", "content"}), rendered with the
         model's chat template; a 400 when the model has none or the template refuses them."""
         tokenizer = self._loaded().tokenizer
@@ -167,13 +169,32 @@ class ModelWorker:
             )
         try:
             return tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # jinja2 errors: the template rejects these messages
             raise InvalidRequest(
                 f"The chat template of '{self.name}' rejected the messages: {exc}",
                 {"model": self.name},
             ) from None
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`text`'s token ids, as a prompt would be tokenized (tursi.api.tokenize)."""
+        return list(
+            self._loaded().tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        )
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids; a 400 for an id outside the tokenizer's vocabulary (which
+        would decode to nothing, or raise)."""
+        tokenizer = self._loaded().tokenizer
+        size = len(tokenizer)
+        outside = next((i for i in ids if not 0 <= i < size), None)
+        if outside is not None:
+            raise InvalidRequest(
+                f"Token id {outside} is outside the vocabulary of '{self.name}' (0..{size - 1})",
+                {"field": "tokens", "token_id": outside, "vocab_size": size},
+            )
+        return tokenizer.decode(ids)
 
     def _loaded(self) -> LoadedModel:
         loaded = self.loaded
