@@ -293,7 +293,7 @@ def test_native_frames():
     frames = parse_sse(text.split("\n"))
     names = [name for name, _ in frames]
     assert names == ["text", "prompt_logprobs", "text", "text", "text", "done"]
-    assert frames[0][1] == {"text": "Hello", "finished": False}
+    assert frames[0][1] == {"text": "Hello", "finished": False, "logprobs": []}
     prompt = frames[1][1]["prompt_logprobs"]
     assert prompt[0] is None and prompt[1]["token"] == "lo" and prompt[1]["token_id"] == 1
     assert prompt[1]["top_logprobs"][0] == {

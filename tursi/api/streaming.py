@@ -59,7 +59,12 @@ class NativeFrames:
         self.prefix, self.texts, self.logprobs = prefix, texts, logprobs
 
     def start(self) -> list[str]:
-        return [sse("text", {"text": self.prefix, "finished": False})] if self.prefix else []
+        if not self.prefix:
+            return []
+        data: dict[str, Any] = {"text": self.prefix, "finished": False}
+        if self.logprobs:
+            data["logprobs"] = []  # the prompt's are in prompt_logprobs, when asked
+        return [sse("text", data)]
 
     def prompt(self, event: PromptLogprobs) -> list[str]:
         entries = prompt_entries(event.entries, self.texts)
