@@ -55,17 +55,18 @@ def completions():
         max_tokens = OPENAI_COMPLETION_DEFAULT_MAX_TOKENS
     n, best = params["n"], params.get("best_of")
     ranked = best is not None and best > n
-    sampling = None
-    if ranked:  # ranking needs each choice's cumulative logprob: the engine sums them
-        logprobs = params["logprobs"] if params["logprobs"] is not None else 0
-        sampling = sampling_params(params, logprobs=logprobs)
+    asked: dict[str, int] = {}  # what the engine must compute that the client did not ask
+    if ranked and params["logprobs"] is None:  # ranking needs each choice's logprob sum
+        asked["logprobs"] = 0
+    if max_tokens == 0 and params["prompt_logprobs"] is None:  # echo alone: the engine
+        asked["prompt_logprobs"] = 0  # runs a job that generates nothing only to score
     submission = submit(
         worker,
         params,
         params["prompts"],
         max_tokens,
         n=best if ranked else n,
-        sampling=sampling,
+        sampling=sampling_params(params, **asked),
     )
     texts = TokenTexts(worker)
     echoes = None
