@@ -47,6 +47,7 @@ from .response_schemas import (
     DetokenizeResponseSchema,
     ErrorSchema,
     GenerateDoneSchema,
+    GeneratePromptLogprobsEventSchema,
     GenerateResponseSchema,
     GenerateTextEventSchema,
     HealthSchema,
@@ -159,8 +160,10 @@ def with_stream(response: dict, description: str, example: str) -> dict:
 
 NATIVE_STREAM = (
     "`event: text` frames (data: GenerateTextEvent; with return_full_text the first is the "
-    "prompt), then exactly one `event: done` (data: GenerateDone) or `event: error` "
-    "(data: Error); lines starting with `:` are keep-alive comments."
+    "prompt), with `prompt_logprobs` one `event: prompt_logprobs` frame (data: "
+    "GeneratePromptLogprobsEvent) before the generated text, then exactly one `event: done` "
+    "(data: GenerateDone) or `event: error` (data: Error); lines starting with `:` are "
+    "keep-alive comments."
 )
 NATIVE_STREAM_EXAMPLE = (
     'event: text\ndata: {"text": "Once upon a time", "finished": false}\n\n'
@@ -366,6 +369,7 @@ PATH_PARAMETERS = {
 # Schemas that no operation references directly: the stream frames.
 EXTRA_SCHEMAS = (
     GenerateTextEventSchema,
+    GeneratePromptLogprobsEventSchema,
     GenerateDoneSchema,
     CompletionChunkSchema,
     ChatCompletionChunkSchema,

@@ -64,7 +64,10 @@ def compat_tokenize():
     ids = _token_ids(worker, data)
     tokens: list[Any] = ids
     if data["with_pieces"]:
-        tokens = [{"id": i, "piece": worker.detokenize([i])} for i in ids]
+        tokens = [
+            {"id": i, "piece": _piece(raw)}
+            for i, (_, raw) in zip(ids, worker.token_texts(ids), strict=True)
+        ]
     return jsonify({"tokens": tokens, "count": len(ids), "max_model_len": worker.context_length})
 
 
@@ -84,6 +87,15 @@ def _token_ids(worker: ModelWorker, data: dict[str, Any]) -> list[int]:
         text = worker.chat_prompt(data["messages"], data["add_generation_prompt"])
         return worker.tokenize(text, add_special_tokens=bool(special))
     return worker.tokenize(data["text"], add_special_tokens=special is not False)
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    """A token's text as llama.cpp gives it: a string, or its bytes when they are not UTF-8
+    on their own (half of a character)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
 
 
 def _worker(name: str | None) -> ModelWorker:

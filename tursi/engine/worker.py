@@ -243,16 +243,10 @@ class ModelWorker:
         )
 
     def detokenize(self, ids: list[int]) -> str:
-        """The text of token ids; a 400 for an id outside the tokenizer's vocabulary (which
+        """The text of token ids; a 400 for an id that is no token of the model (which
         would decode to nothing, or raise)."""
         tokenizer = self._loaded().tokenizer
-        size = len(tokenizer)
-        outside = next((i for i in ids if not 0 <= i < size), None)
-        if outside is not None:
-            raise InvalidRequest(
-                f"Token id {outside} is outside the vocabulary of '{self.name}' (0..{size - 1})",
-                {"field": "tokens", "token_id": outside, "vocab_size": size},
-            )
+        self._check_token_ids("tokens", ids)
         return tokenizer.decode(ids)
 
     def _loaded(self) -> LoadedModel:
