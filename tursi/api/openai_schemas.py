@@ -141,6 +141,8 @@ class Prompts(fields.Field):
             )
         if len(value) > MAX_PROMPTS:
             raise ValidationError(f"at most {MAX_PROMPTS} prompts")
+        if len({type(prompt) for prompt in value}) > 1:
+            raise ValidationError("mixes strings and token-id lists: send one kind")
         text = fields.String(validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
         ids = fields.List(token_id_field(), validate=validate.Length(min=1, max=MAX_PROMPT_TOKENS))
         prompts: list[str | list[int]] = []
@@ -273,13 +275,15 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
     response_format = neutral(
         {"type": "text"}, why="structured output (json_object, json_schema) is not supported yet"
     )
-    modalities = neutral(["text"], why="only text output is supported")
+    modalities = neutral(["text"], why="output other than text is not supported by this server")
     audio = neutral(why="audio output is not supported by this server")
     prediction = neutral(why="predicted outputs are not supported by this server")
     web_search_options = neutral(why="web search is not supported by this server")
-    reasoning_effort = neutral("none", why="the models served here do not reason")
-    verbosity = neutral("medium", why="verbosity cannot be steered on this server")
-    moderation = neutral(why="moderation is not run by this server")
+    reasoning_effort = neutral(
+        "none", why="reasoning effort is not supported (these models do not reason)"
+    )
+    verbosity = neutral("medium", why="steering verbosity is not supported by this server")
+    moderation = neutral(why="moderation is not supported by this server")
 
     @validates_schema
     def _top_logprobs_needs_logprobs(self, data: dict[str, Any], **_: Any) -> None:

@@ -32,7 +32,9 @@ def _special() -> fields.Field:
 def _one_of(data: dict[str, Any], names: tuple[str, ...]) -> None:
     given = [name for name in names if data.get(name) is not None]
     if len(given) != 1:
-        raise ValidationError(f"give exactly one of {', '.join(names)}", given[-1:] or names[0])
+        raise ValidationError(
+            f"give exactly one of {', '.join(names)}", given[-1] if given else names[0]
+        )
 
 
 class TokenizeRequestSchema(StrictSchema):
