@@ -110,9 +110,9 @@ def max_tokens_field() -> fields.Field:
     return JsonInteger(validate=validate.Range(min=1), load_default=None)
 
 
-def choices_field() -> fields.Field:
+def choices_field(most: int = MAX_CHOICES, **kwargs: Any) -> fields.Field:
     """`n`: choices per prompt, each its own row of the batch, all from one prefill."""
-    return JsonInteger(validate=validate.Range(min=1, max=MAX_CHOICES), load_default=1)
+    return JsonInteger(validate=validate.Range(min=1, max=most, **kwargs), load_default=1)
 
 
 def logprobs_field(top: int) -> fields.Field:
@@ -196,7 +196,9 @@ class GenerateRequestSchema(SamplingSchema):
     model = model_field()
     prompt = fields.String(required=True, validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
     max_tokens = max_tokens_field()
-    n = choices_field()
+    # One text per answer keeps the native body and stream as they are; several choices
+    # are what /v1/completions is for.
+    n = choices_field(1, error="must be 1 on /api/v1/generate (use /v1/completions for more)")
     stream = JsonBoolean(load_default=False)
     return_full_text = JsonBoolean(load_default=True)
 
