@@ -418,7 +418,7 @@ def test_responses_match_the_document(make_app, catalog):
     check("post", "/v1/chat/completions", 200, json=chat)
     scored_completion = {
         **completion,
-        "prompt": [[1, 2, 3], "Once"],
+        "prompt": [[1, 2, 3], [4, 5]],
         "n": 2,
         "logprobs": 3,
         "echo": True,
