@@ -15,12 +15,19 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import tursi.engine.scheduler as scheduler_module
 from tests.helpers import CORPUS, build_llama, transformers_greedy
 from tursi.engine.catalog import CatalogEntry
-from tursi.engine.jobs import Failed, Finished, GenerationJob, GenerationParams, TextChunk
+from tursi.engine.jobs import (
+    Failed,
+    Finished,
+    GenerationJob,
+    GenerationParams,
+    PromptLogprobs,
+    TextChunk,
+)
 from tursi.engine.loading import LoadedModel, LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 from tursi.errors import GenerationFailed, RequestTimeout
@@ -705,3 +712,344 @@ def test_seeded_sampling_and_repetition_penalty_in_a_batch_match_transformers_al
         reference = transformers_generate(stock, prompt, NEW_TOKENS, do_sample=sample, **params)
         text, end = finished(job)
         assert (text, end.tokens_generated) == (decoded(loaded, prompt, reference), NEW_TOKENS)
+
+
+# --- n choices from one prefill -------------------------------------------------------------
+
+
+def choices_of(job: GenerationJob) -> dict[int, tuple[str, Finished]]:
+    """{choice index: (its streamed text, its Finished)} of a job that ended well."""
+    events = drain(job)
+    texts: dict[int, list[str]] = {}
+    ends: dict[int, Finished] = {}
+    for event in events:
+        assert isinstance(event, TextChunk | Finished), event
+        assert event.index not in ends, "an event after its choice's Finished"
+        if isinstance(event, TextChunk):
+            texts.setdefault(event.index, []).append(event.text)
+        else:
+            ends[event.index] = event
+    return {index: ("".join(texts.get(index, [])), end) for index, end in ends.items()}
+
+
+@pytest.fixture
+def prefill_rows(loaded, monkeypatch) -> list[int]:
+    """The number of prompt rows of each prefill forward the model runs."""
+    rows: list[int] = []
+    forward = loaded.model.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        if isinstance(kwargs.get("past_key_values"), DynamicCache):
+            rows.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", counting)
+    return rows
+
+
+def test_n_greedy_choices_share_one_prefill_row_and_equal_transformers(
+    loaded, stock, prompts, prefill_rows
+):
+    scheduler, on_done = make_scheduler(loaded)
+    job = GenerationJob(prompts[0], GenerationParams(NEW_TOKENS, temperature=0.0), n=4, index=3)
+    other = greedy(prompts[1], 5)
+    run(scheduler, job, other)
+    assert prefill_rows == [2]  # the two prompts, once each: one group, one chunk
+    expected = decoded(loaded, prompts[0], transformers_greedy(stock, prompts[0], NEW_TOKENS))
+    choices = choices_of(job)
+    assert sorted(choices) == [3, 4, 5, 6]
+    for index, (text, end) in choices.items():
+        assert (text, end.tokens_generated, end.finish_reason) == (expected, NEW_TOKENS, "length")
+        assert end.index == index and end.cumulative_logprob is None
+    assert job.tokens_generated == 4 * NEW_TOKENS
+    assert on_done.of(job) == [(0.0, True)]  # once, for all its choices
+    text, end = finished(other)
+    assert text == decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], 5))
+    assert_idle(scheduler)
+
+
+@pytest.mark.parametrize("seed", [11, -3, 2**63 - 2])
+def test_n_sampled_choices_draw_with_seed_plus_i_each_as_transformers_does(
+    loaded, stock, prompts, prefill_rows, seed
+):
+    """Choice i of a seeded job draws what transformers' generate draws alone with seed + i
+    (wrapped into int64): the choices differ, and the same seed gives the same choices."""
+    params = GenerationParams(NEW_TOKENS, temperature=1.2, seed=seed)
+    scheduler, _ = make_scheduler(loaded, max_batch=9)
+    jobs = [GenerationJob(prompts[2], params, n=4), GenerationJob(prompts[2], params, n=4)]
+    plain = greedy(prompts[3], 6)
+    run(scheduler, jobs[0], plain, jobs[1])
+    assert prefill_rows == [3]
+    first, again = choices_of(jobs[0]), choices_of(jobs[1])
+    assert first == again
+    texts = [first[i][0] for i in range(4)]
+    assert len(set(texts)) == 4
+    for i, text in enumerate(texts):
+        wrapped = (seed + i + 2**63) % 2**64 - 2**63
+        reference = transformers_generate(
+            stock, prompts[2], NEW_TOKENS, do_sample=True, temperature=1.2, seed=wrapped
+        )
+        assert text == decoded(loaded, prompts[2], reference), i
+    text, _ = finished(plain)
+    assert text == decoded(loaded, prompts[3], transformers_greedy(stock, prompts[3], 6))
+
+
+def test_a_job_waits_until_the_batch_has_a_row_for_each_of_its_choices(loaded, stock, prompts):
+    scheduler, on_done = make_scheduler(loaded, max_batch=4)
+    running = greedy(prompts[1], 6)
+    wide = GenerationJob(prompts[0], GenerationParams(3, temperature=0.0), n=4)
+    scheduler.add(running)
+    scheduler.add(wide)
+    scheduler.turn()
+    assert len(scheduler.rows) == 1 and list(scheduler.waiting) == [wide]
+    while running.tokens_generated < 6:
+        assert wide.tokens_generated == 0  # 3 rows free, 4 needed
+        scheduler.turn()
+    run(scheduler)
+    expected = decoded(loaded, prompts[0], transformers_greedy(stock, prompts[0], 3))
+    assert {text for text, _ in choices_of(wide).values()} == {expected}
+    assert len(on_done.of(wide)) == 1
+    assert_idle(scheduler)
+
+
+def test_a_prefill_group_takes_jobs_while_their_choices_fit_the_free_rows(loaded, stock, prompts):
+    scheduler, on_done = make_scheduler(loaded, max_batch=4)
+    jobs = [
+        GenerationJob(prompt, GenerationParams(3, temperature=0.0), n=n)
+        for prompt, n in zip(prompts[:3], (3, 2, 1), strict=True)
+    ]
+    for job in jobs:
+        scheduler.add(job)
+    scheduler.turn()
+    assert len(scheduler.rows) == 3 and list(scheduler.waiting) == jobs[1:]  # 3 + 2 > 4
+    while not scheduler.idle:
+        scheduler.turn()
+        assert len(scheduler.rows) <= 4
+    for prompt, job in zip(prompts[:3], jobs, strict=True):
+        expected = decoded(loaded, prompt, transformers_greedy(stock, prompt, 3))
+        assert [text for text, _ in choices_of(job).values()] == [expected] * job.n
+    assert_idle(scheduler)
+
+
+def test_cancel_ends_every_choice_of_a_job_and_on_done_runs_once(loaded, prompts):
+    scheduler, on_done = make_scheduler(loaded)
+    job = GenerationJob(prompts[0], GenerationParams(NEW_TOKENS, temperature=0.0), n=3)
+    other = greedy(prompts[1], NEW_TOKENS)
+    scheduler.add(job)
+    scheduler.add(other)
+    scheduler.turn()
+    assert len(scheduler.rows) == 4
+    job.cancel()
+    scheduler.turn()
+    assert [seq.job for seq in scheduler.rows] == [other]
+    assert on_done.of(job) == [(0.0, True)]
+    run(scheduler)
+    assert not any(isinstance(event, Finished) for event in drain(job))
+    assert_idle(scheduler)
+
+
+def test_a_deadline_fails_a_job_of_n_choices_once(loaded, prompts, clock):
+    scheduler, on_done = make_scheduler(loaded)
+    job = with_deadline(
+        GenerationJob(prompts[1], GenerationParams(NEW_TOKENS, temperature=0.0), n=2), clock, 4.0
+    )
+    scheduler.add(job)
+    scheduler.turn()
+    clock.advance(4.0)
+    run(scheduler)
+    events = drain(job)
+    assert [type(event) for event in events].count(Failed) == 1
+    assert isinstance(events[-1], Failed) and isinstance(events[-1].error, RequestTimeout)
+    assert events[-1].error.details == {"timeout_seconds": 4.0, "tokens_generated": 4}
+    assert on_done.of(job) == [(4.0, False)]
+    assert_idle(scheduler)
+
+
+# --- stop_token_ids and max_tokens 0 ----------------------------------------------------------
+
+
+def test_a_stop_token_id_ends_the_choice_with_stop_without_its_text(loaded, stock, prompts):
+    reference = transformers_greedy(stock, prompts[0], NEW_TOKENS)
+    k = first_new_token(reference, 3)  # the token at k is the stop token
+    scheduler, _ = make_scheduler(loaded)
+    unused = next(token for token in range(10, 400) if token not in reference)
+    job = greedy(prompts[0], NEW_TOKENS, stop_token_ids=[unused, reference[k]], logprobs=0)
+    run(scheduler, job)
+    text, entries, end = with_entries(drain(job))[0]
+    assert (text, end.tokens_generated, end.finish_reason) == (
+        decoded(loaded, prompts[0], reference[:k]),
+        k + 1,
+        "stop",
+    )
+    assert [entry.token_id for entry in entries] == reference[:k]  # not the stop token's
+
+
+def test_max_tokens_0_scores_the_prompt_and_ends_each_choice_at_once(loaded, stock, prompts):
+    scheduler, on_done = make_scheduler(loaded)
+    job = GenerationJob(
+        prompts[0], GenerationParams(0, temperature=0.0, prompt_logprobs=2, logprobs=1), n=2
+    )
+    other = greedy(prompts[1], 3)
+    run(scheduler, job, other)
+    events = drain(job)
+    assert isinstance(events[0], PromptLogprobs) and len(events[0].entries) == len(prompts[0])
+    assert events[1:] == [
+        Finished(0, 0.0, "length", 0, 0.0),
+        Finished(0, 0.0, "length", 1, 0.0),
+    ]
+    assert job.tokens_generated == 0 and on_done.of(job) == [(0.0, True)]
+    text, _ = finished(other)
+    assert text == decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], 3))
+    assert_idle(scheduler)
+
+
+# --- logprobs against transformers' forward -------------------------------------------------
+
+
+def with_entries(events: list) -> dict[int, tuple[str, list, Finished]]:
+    """{choice index: (text, logprob entries in order, Finished)} from a job's events (its
+    PromptLogprobs left out)."""
+    texts: dict[int, list[str]] = {}
+    entries: dict[int, list] = {}
+    ends: dict[int, Finished] = {}
+    for event in events:
+        if isinstance(event, TextChunk):
+            texts.setdefault(event.index, []).append(event.text)
+            entries.setdefault(event.index, []).extend(event.logprobs)
+        elif isinstance(event, Finished):
+            ends[event.index] = event
+        else:
+            assert isinstance(event, PromptLogprobs), event
+    return {i: ("".join(texts.get(i, [])), entries.get(i, []), end) for i, end in ends.items()}
+
+
+def forward_logprobs(stock: Any, ids: list[int]) -> torch.Tensor:
+    """log_softmax of transformers' forward over `ids` in one pass: row t scores token t + 1."""
+    with torch.inference_mode():
+        return torch.log_softmax(stock(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+
+def assert_entry(entry: Any, token: int, row: torch.Tensor, top: int) -> None:
+    """The entry scores `token` and lists the `top` best under the reference row to 1e-4."""
+    assert entry.token_id == token
+    assert abs(entry.logprob - float(row[token])) < 1e-4
+    values, ids = row.topk(top) if top else (row[:0], row[:0].long())
+    assert [token_id for token_id, _ in entry.top] == ids.tolist()
+    for (_, got), want in zip(entry.top, values.tolist(), strict=True):
+        assert abs(got - want) < 1e-4
+
+
+# (prompt words, settings): ten prompts of 1 to 30 words; greedy and sampled rows, some
+# penalized (logprobs stay those of the raw distribution), various top counts.
+LOGPROB_REQUESTS = [
+    (1, {"temperature": 0.0, "logprobs": 5, "prompt_logprobs": 5}),
+    (4, {"temperature": 0.0, "logprobs": 0}),
+    (9, {"temperature": 0.9, "seed": 1, "logprobs": 3, "prompt_logprobs": 0}),
+    (30, {"temperature": 0.0, "logprobs": 20, "prompt_logprobs": 20}),
+    (2, {"temperature": 0.0, "repetition_penalty": 1.8, "logprobs": 2}),
+    (12, {"temperature": 1.3, "seed": 2, "min_p": 0.05, "logprobs": 1, "prompt_logprobs": 1}),
+    (6, {"temperature": 0.0, "presence_penalty": 1.5, "logprobs": 4, "prompt_logprobs": 4}),
+    (17, {"temperature": 0.0, "logprobs": 5}),
+    (3, {"temperature": 0.7, "seed": 3, "logit_bias": {5: 4.0}, "logprobs": 5}),
+    (22, {"temperature": 0.0, "prompt_logprobs": 3}),
+]
+
+
+PROCESSING = {"repetition_penalty", "presence_penalty", "logit_bias"}
+
+
+@pytest.mark.parametrize("prefill_tokens", [512, 7], ids=["one-chunk", "chunked"])
+def test_logprobs_equal_transformers_forward_for_ten_prompts_in_one_batch(
+    loaded, stock, monkeypatch, prefill_tokens
+):
+    """Each entry's logprob and top alternatives equal log_softmax of transformers' forward
+    over prompt + output, to 1e-4; the entries spell the output; a greedy token's logprob is
+    the best of its top; prompt entries score each prompt token after the first."""
+    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", prefill_tokens)
+    words = " ".join(CORPUS[:6]).split()
+    tokenizer = loaded.tokenizer
+    prompts = [
+        tokenizer(" ".join(words[i : i + n]))["input_ids"]
+        for i, (n, _) in enumerate(LOGPROB_REQUESTS)
+    ]
+    jobs = [
+        GenerationJob(prompt, GenerationParams(NEW_TOKENS, **settings))
+        for prompt, (_, settings) in zip(prompts, LOGPROB_REQUESTS, strict=True)
+    ]
+    scheduler, _ = make_scheduler(loaded)
+    run(scheduler, *jobs)
+    for prompt, job, (_, settings) in zip(prompts, jobs, LOGPROB_REQUESTS, strict=True):
+        events = drain(job)
+        scored = [event for event in events if isinstance(event, PromptLogprobs)]
+        text, entries, end = with_entries(events)[0]
+        top = settings.get("logprobs")
+        ids = [entry.token_id for entry in entries]
+        assert (len(ids), end.finish_reason) == (NEW_TOKENS if top is not None else 0, "length")
+        if top is None:
+            assert end.cumulative_logprob is None
+            ids = [int(t) for t in transformers_greedy(stock, prompt, NEW_TOKENS)]
+        assert text == decoded(loaded, prompt, ids)
+        reference = forward_logprobs(stock, prompt + ids)
+        for t, entry in enumerate(entries):
+            assert_entry(entry, ids[t], reference[len(prompt) + t - 1], top)
+            if settings["temperature"] == 0.0 and not set(settings) & PROCESSING and top:
+                assert entry.top[0] == (entry.token_id, entry.logprob)  # greedy: the best
+        if top is not None:
+            assert abs(end.cumulative_logprob - sum(e.logprob for e in entries)) < 1e-4
+        if settings.get("prompt_logprobs") is None:
+            assert scored == []
+            continue
+        assert isinstance(events[0], PromptLogprobs)  # before any text
+        (prompt_scores,) = scored
+        assert prompt_scores.index == 0 and len(prompt_scores.entries) == len(prompt)
+        assert prompt_scores.entries[0] is None
+        for t in range(1, len(prompt)):
+            assert_entry(
+                prompt_scores.entries[t], prompt[t], reference[t - 1], settings["prompt_logprobs"]
+            )
+    assert min(len(p) for p in prompts) == 1  # a one-token prompt: only the None entry
+
+
+def test_logprob_entries_of_tokens_cut_by_a_stop_string_are_not_sent(loaded, stock, prompts):
+    prompt = prompts[0]
+    reference = transformers_greedy(stock, prompt, NEW_TOKENS)
+    stop = boundary_stop(loaded, reference, 2)
+    before, n = stop_outcome(loaded, prompt, reference, stop)
+    # the tokens whose whole text lies before the stop string
+    whole = [
+        k for k in range(1, n + 1) if len(decoded(loaded, prompt, reference[:k])) <= len(before)
+    ]
+    scheduler, _ = make_scheduler(loaded)
+    job = greedy(prompt, NEW_TOKENS, stop=[stop], logprobs=1)
+    run(scheduler, job)
+    text, entries, end = with_entries(drain(job))[0]
+    assert (text, end.tokens_generated, end.finish_reason) == (before, n, "stop")
+    assert [entry.token_id for entry in entries] == reference[: max(whole, default=0)]
+    assert len(entries) < n
+    reference_scores = forward_logprobs(stock, prompt + reference)
+    cumulative = sum(float(reference_scores[len(prompt) + t - 1, reference[t]]) for t in range(n))
+    assert abs(end.cumulative_logprob - cumulative) < 1e-4  # every generated token counts
+
+
+def test_each_choice_gets_its_own_logprobs(loaded, stock, prompts):
+    job = GenerationJob(
+        prompts[2],
+        GenerationParams(6, temperature=1.0, seed=5, logprobs=2, prompt_logprobs=1),
+        n=3,
+        index=2,
+    )
+    scheduler, _ = make_scheduler(loaded)
+    run(scheduler, job)
+    events = drain(job)
+    assert [type(event) for event in events].count(PromptLogprobs) == 1
+    assert isinstance(events[0], PromptLogprobs) and events[0].index == 2
+    choices = with_entries(events)
+    assert sorted(choices) == [2, 3, 4]
+    for text, entries, end in choices.values():
+        ids = [entry.token_id for entry in entries]
+        assert len(ids) == end.tokens_generated == 6
+        assert text == decoded(loaded, prompts[2], ids)
+        reference = forward_logprobs(stock, prompts[2] + ids)
+        for t, entry in enumerate(entries):
+            assert_entry(entry, ids[t], reference[len(prompts[2]) + t - 1], 2)
+    assert len({text for text, _, _ in choices.values()}) == 3
