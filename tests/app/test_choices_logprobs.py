@@ -96,6 +96,13 @@ def close(a, b) -> bool:
     return a == b
 
 
+def token_bytes(token: str) -> bytes:
+    """A completions token's bytes: `bytes:\\xNN...` names part of a character."""
+    if token.startswith("bytes:"):
+        return bytes.fromhex(token[len("bytes:") :].replace("\\x", ""))
+    return token.encode()
+
+
 def assert_top(top: dict[str, float] | list, row: torch.Tensor, k: int) -> None:
     """The top alternatives (completions: a dict, plus the chosen token; else a list of
     objects) hold the model's k best logprobs, best first."""
@@ -130,7 +137,7 @@ def test_completion_logprobs_of_ten_prompts_equal_transformers(client, reference
         rows = raw_logprobs(model, ids)
         lists = choice["logprobs"]
         assert len(lists["tokens"]) == len(ids)
-        assert "".join(lists["tokens"]) == choice["text"]
+        assert b"".join(map(token_bytes, lists["tokens"])).decode() == choice["text"]
         assert choice["text"] == prompt + tokenizer.decode(ids[len(prompt_ids) :])
         assert lists["token_logprobs"][0] is None and lists["top_logprobs"][0] is None
         expected = [rows[i - 1, ids[i]].item() for i in range(1, len(ids))]
@@ -141,8 +148,8 @@ def test_completion_logprobs_of_ten_prompts_equal_transformers(client, reference
             assert lists["token_logprobs"][i] == pytest.approx(
                 max(lists["top_logprobs"][i].values())
             )
-        offsets = [len("".join(lists["tokens"][:i])) for i in range(len(ids))]
-        assert lists["text_offset"] == offsets
+        starts = [b"".join(map(token_bytes, lists["tokens"][:i])) for i in range(len(ids))]
+        assert lists["text_offset"] == [len(s.decode(errors="ignore")) for s in starts]
     assert body["usage"]["prompt_tokens"] == prompt_tokens
     assert body["usage"]["completion_tokens"] == 50
 
