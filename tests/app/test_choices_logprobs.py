@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import httpx2
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,6 +98,13 @@ def close(a, b) -> bool:
     return a == b
 
 
+def token_bytes(token: str) -> bytes:
+    """A completions token's bytes: `bytes:\\xNN...` names part of a character."""
+    if token.startswith("bytes:"):
+        return bytes.fromhex(token[len("bytes:") :].replace("\\x", ""))
+    return token.encode()
+
+
 def assert_top(top: dict[str, float] | list, row: torch.Tensor, k: int) -> None:
     """The top alternatives (completions: a dict, plus the chosen token; else a list of
     objects) hold the model's k best logprobs, best first."""
@@ -130,7 +139,7 @@ def test_completion_logprobs_of_ten_prompts_equal_transformers(client, reference
         rows = raw_logprobs(model, ids)
         lists = choice["logprobs"]
         assert len(lists["tokens"]) == len(ids)
-        assert "".join(lists["tokens"]) == choice["text"]
+        assert b"".join(map(token_bytes, lists["tokens"])).decode() == choice["text"]
         assert choice["text"] == prompt + tokenizer.decode(ids[len(prompt_ids) :])
         assert lists["token_logprobs"][0] is None and lists["top_logprobs"][0] is None
         expected = [rows[i - 1, ids[i]].item() for i in range(1, len(ids))]
@@ -141,8 +150,8 @@ def test_completion_logprobs_of_ten_prompts_equal_transformers(client, reference
             assert lists["token_logprobs"][i] == pytest.approx(
                 max(lists["top_logprobs"][i].values())
             )
-        offsets = [len("".join(lists["tokens"][:i])) for i in range(len(ids))]
-        assert lists["text_offset"] == offsets
+        starts = [b"".join(map(token_bytes, lists["tokens"][:i])) for i in range(len(ids))]
+        assert lists["text_offset"] == [len(s.decode(errors="ignore")) for s in starts]
     assert body["usage"]["prompt_tokens"] == prompt_tokens
     assert body["usage"]["completion_tokens"] == 50
 
@@ -358,3 +367,52 @@ def test_native_refuses_several_choices(client):
     response = client.post(f"{API}/generate", json={"model": "tiny", "prompt": "hi", "n": 2})
     error = assert_error(response, 400, "invalid_request")
     assert "n" in error["details"]["fields"]
+
+
+def test_the_openai_client_reads_choices_and_logprobs(client):
+    """The official client (over WSGI, in-process) parses every new shape into its types."""
+    http = httpx2.Client(
+        transport=httpx2.WSGITransport(app=client.application), base_url="http://t"
+    )
+    with openai.OpenAI(
+        base_url="http://t/v1", api_key="none", max_retries=0, http_client=http
+    ) as sdk:
+        chat = sdk.chat.completions.create(
+            model="chatty",
+            messages=[{"role": "user", "content": "lazy dog"}],
+            n=2,
+            max_tokens=4,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            extra_body={"ignore_eos": True},
+        )
+        assert [c.index for c in chat.choices] == [0, 1]
+        assert chat.choices[0].message.refusal is None
+        content = chat.choices[0].logprobs.content
+        assert len(content) == 4 and len(content[0].top_logprobs) == 2
+        assert (
+            bytes(b for t in content for b in t.bytes).decode() == chat.choices[0].message.content
+        )
+
+        echoed = sdk.completions.create(
+            model="tiny", prompt=[[72, 101], "lazy dog"], echo=True, logprobs=2, max_tokens=0
+        )
+        assert [c.index for c in echoed.choices] == [0, 1]
+        assert echoed.choices[1].text == "lazy dog"
+        assert echoed.choices[1].logprobs.token_logprobs[0] is None
+        assert echoed.usage.completion_tokens == 0
+
+        pieces: dict[int, str] = {}
+        for chunk in sdk.chat.completions.create(
+            model="chatty",
+            messages=[{"role": "user", "content": "lazy dog"}],
+            n=2,
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            logprobs=True,
+        ):
+            for choice in chunk.choices:
+                pieces[choice.index] = pieces.get(choice.index, "") + (choice.delta.content or "")
+        assert pieces == {0: chat.choices[0].message.content, 1: chat.choices[1].message.content}

@@ -108,6 +108,18 @@ class TextOffsets:
         return offset
 
 
+def completion_token(token_id: int, texts: TokenTexts) -> str:
+    """A token as /v1/completions names it: its text, or, when its bytes are not whole
+    UTF-8 characters (part of one), `bytes:` and their escapes (`bytes:\\xe2\\x80`), as
+    OpenAI names them, so that such tokens stay distinct keys of `top_logprobs`."""
+    raw = texts.bytes(token_id)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
+    return texts.text(token_id)
+
+
 def completion_logprobs(
     ids: Sequence[int],
     entries: Sequence[TokenLogprob | None],
@@ -117,12 +129,12 @@ def completion_logprobs(
     """/v1/completions' `logprobs` for tokens `ids` scored by `entries` (None: not scored,
     the prompt's first token): tokens, token_logprobs, top_logprobs ({text: logprob}: the
     top k, plus the chosen token, as OpenAI answers "up to logprobs + 1"; null where not
-    scored) and text_offset. Two tokens with the same text keep the better one's logprob."""
+    scored) and text_offset. Two tokens with the same name keep the better one's logprob."""
     texts.load(ids)
     texts.load_entries(entries)
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for token_id, entry in zip(ids, entries, strict=True):
-        tokens.append(texts.text(token_id))
+        tokens.append(completion_token(token_id, texts))
         text_offset.append(offsets.next(texts.bytes(token_id)))
         if entry is None:
             token_logprobs.append(None)
@@ -131,8 +143,8 @@ def completion_logprobs(
         token_logprobs.append(entry.logprob)
         top: dict[str, float] = {}
         for alt, logprob in entry.top:
-            top.setdefault(texts.text(alt), logprob)
-        top.setdefault(texts.text(token_id), entry.logprob)
+            top.setdefault(completion_token(alt, texts), logprob)
+        top.setdefault(tokens[-1], entry.logprob)
         top_logprobs.append(top)
     return {
         "tokens": tokens,
