@@ -95,7 +95,7 @@ def test_chat_on_a_model_without_chat_template(tiny_client):
         ("/v1/completions", {"model": "tiny", "prompt": ""}, "prompt"),
         ("/v1/completions", {"model": "tiny", "prompt": []}, "prompt"),
         ("/v1/completions", {"model": "tiny", "prompt": ["a", ""]}, "prompt"),
-        ("/v1/completions", {"model": "tiny", "prompt": ["a", [1]]}, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": ["a", 1]}, "prompt"),
         ("/v1/completions", {"model": "tiny", "prompt": [[1], []]}, "prompt"),
         ("/v1/completions", {"model": "tiny", "prompt": [-1]}, "prompt"),
         ("/v1/completions", {"model": "tiny", "prompt": [True]}, "prompt"),

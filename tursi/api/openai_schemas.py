@@ -127,7 +127,8 @@ class OpenAIRequestSchema(SamplingSchema):
 
 class Prompts(fields.Field):
     """OpenAI's completion `prompt`: a string, a list of strings, a list of token ids or a
-    list of lists of token ids; loads as the list of prompts, each a string or token ids."""
+    list of lists of token ids (a list may mix strings and token-id lists); loads as the
+    list of prompts, each a string or token ids."""
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list:
         if isinstance(value, str):
@@ -141,8 +142,6 @@ class Prompts(fields.Field):
             )
         if len(value) > MAX_PROMPTS:
             raise ValidationError(f"at most {MAX_PROMPTS} prompts")
-        if len({type(prompt) for prompt in value}) > 1:
-            raise ValidationError("mixes strings and token-id lists: send one kind")
         text = fields.String(validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
         ids = fields.List(token_id_field(), validate=validate.Length(min=1, max=MAX_PROMPT_TOKENS))
         prompts: list[str | list[int]] = []

@@ -581,8 +581,8 @@ def _field_extras(self: Any, field: ma_fields.Field, ret: dict, **_: Any) -> dic
 
 
 def _prompt_schemas() -> list[dict[str, Any]]:
-    """/v1/completions' prompt: a string, a list of strings, a list of token ids, or a list
-    of lists of token ids."""
+    """/v1/completions' prompt: a string, a list of token ids, or a list of prompts, each a
+    string or a list of token ids."""
     text = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
     ids = {
         "type": "array",
@@ -590,12 +590,8 @@ def _prompt_schemas() -> list[dict[str, Any]]:
         "minItems": 1,
         "maxItems": MAX_PROMPT_TOKENS,
     }
-    return [
-        text,
-        {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_PROMPTS},
-        ids,
-        {"type": "array", "items": ids, "minItems": 1, "maxItems": MAX_PROMPTS},
-    ]
+    prompts = {"anyOf": [text, ids]}
+    return [text, ids, {"type": "array", "items": prompts, "minItems": 1, "maxItems": MAX_PROMPTS}]
 
 
 def _strict_nullable_objects(node: Any) -> None:
