@@ -80,6 +80,7 @@ CONFIG = schemathesis.Config.from_dict(
         "parameters": {
             "body.model": {"dictionary": "models", "probability": 0.8},
             "path.name": {"dictionary": "models", "probability": 0.5},
+            "path.model_id": {"dictionary": "models", "probability": 0.5},
             "body.max_tokens": {"dictionary": "max_tokens", "probability": 0.5},
         },
         "phases": {"stateful": {"enabled": False}},
@@ -145,6 +146,7 @@ def frame_validators(fuzz_schema):
         name: validator(name)
         for name in (
             "GenerateTextEvent",
+            "GeneratePromptLogprobsEvent",
             "GenerateDone",
             "Error",
             "CompletionChunk",
@@ -203,12 +205,16 @@ def make_stream_check(validators):
         assert frames, "an empty stream"
         if case.operation.path == f"{API}/generate":
             names = [event for event, _ in frames]
-            assert set(names[:-1]) <= {"text"} and names[-1] in ("done", "error"), names
+            assert set(names[:-1]) <= {"text", "prompt_logprobs"}, names
+            assert names.count("prompt_logprobs") <= 1 and names[-1] in ("done", "error"), names
+            kinds = {
+                "text": "GenerateTextEvent",
+                "prompt_logprobs": "GeneratePromptLogprobsEvent",
+                "done": "GenerateDone",
+                "error": "Error",
+            }
             for event, data in frames:
-                kind = {"text": "GenerateTextEvent", "done": "GenerateDone", "error": "Error"}[
-                    event
-                ]
-                validators[kind].validate(json.loads(data))
+                validators[kinds[event]].validate(json.loads(data))
         else:
             chunk = (
                 "ChatCompletionChunk"
@@ -270,5 +276,5 @@ def test_fuzz_case_count():
         statuses = sorted((status, n) for (op, status), n in STATUSES.items() if op == label)
         print(f"  {label}: {count} cases, statuses {statuses}")
     assert total >= MIN_CASES
-    assert len(per_operation) == 13
+    assert len(per_operation) == 18
     assert {mode for _, mode in CASES} >= {"positive", "negative"}

@@ -56,11 +56,24 @@ def test_generate_on_an_unknown_model(tiny_client):
         ({"model": "tiny", "prompt": "hi", "stop": [1]}, "stop"),
         ({"model": "tiny", "prompt": "hi", "stop": ["x" * 257]}, "stop"),
         ({"model": "tiny", "prompt": "hi", "stream": "sometimes"}, "stream"),
-        ({"model": "tiny", "prompt": "hi", "seed": -1}, "seed"),
+        ({"model": "tiny", "prompt": "hi", "seed": 2**63}, "seed"),
+        ({"model": "tiny", "prompt": "hi", "seed": -(2**63) - 1}, "seed"),
+        ({"model": "tiny", "prompt": "hi", "min_p": -0.1}, "min_p"),
+        ({"model": "tiny", "prompt": "hi", "min_p": 1.1}, "min_p"),
+        ({"model": "tiny", "prompt": "hi", "presence_penalty": 2.1}, "presence_penalty"),
+        ({"model": "tiny", "prompt": "hi", "frequency_penalty": -2.1}, "frequency_penalty"),
+        ({"model": "tiny", "prompt": "hi", "logit_bias": [[1, 2]]}, "logit_bias"),
+        ({"model": "tiny", "prompt": "hi", "logit_bias": {"1.5": 2}}, "logit_bias"),
+        ({"model": "tiny", "prompt": "hi", "logit_bias": {"1": -101}}, "logit_bias"),
+        ({"model": "tiny", "prompt": "hi", "stop_token_ids": [1.0]}, "stop_token_ids"),
+        ({"model": "tiny", "prompt": "hi", "logprobs": 21}, "logprobs"),
+        ({"model": "tiny", "prompt": "hi", "logprobs": True}, "logprobs"),
+        ({"model": "tiny", "prompt": "hi", "prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"model": "tiny", "prompt": "hi", "n": 2}, "n"),
         ({"model": "tiny", "prompt": "hi", "seed": "7"}, "seed"),
         ({"model": "tiny", "prompt": "hi", "ignore_eos": "sometimes"}, "ignore_eos"),
         ({"model": "tiny", "prompt": "hi", "ignore_eos": 2}, "ignore_eos"),
-        ({"model": "tiny", "prompt": "hi", "ignore_eos": None}, "ignore_eos"),
+        ({"model": "tiny", "prompt": None}, "prompt"),  # null: the default, and it has none
         ({"model": "tiny", "prompt": "hi", "max_length": 5}, "max_length"),
     ],
 )
@@ -83,6 +96,21 @@ def test_generate_accepts_the_documented_limits(tiny_client):
         "ignore_eos": False,
     }
     assert generate(tiny_client, **body).status_code == 200
+    edges = {
+        "seed": -(2**63),
+        "min_p": 1,
+        "presence_penalty": -2,
+        "frequency_penalty": 2,
+        "logit_bias": {str(i): 100 if i == 5 else -100 for i in range(300)},
+        "stop_token_ids": list(range(64)),
+        "logprobs": 20,
+        "prompt_logprobs": 0,
+        "n": 1,
+        "ignore_eos": None,
+    }
+    response = generate(tiny_client, **{**body, **edges})
+    assert response.status_code == 200, response.get_json()
+    assert generate(tiny_client, **{**body, "seed": 2**63 - 1}).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -215,7 +215,9 @@ class ModelWorker:
         self._loaded()
         return self._token_texts(ids)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+    def chat_prompt(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """The prompt text for chat `messages` ({"role", "content"}), rendered with the
         model's chat template; a 400 when the model has none or the template refuses them."""
         tokenizer = self._loaded().tokenizer
@@ -226,13 +228,26 @@ class ModelWorker:
             )
         try:
             return tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # jinja2 errors: the template rejects these messages
             raise InvalidRequest(
                 f"The chat template of '{self.name}' rejected the messages: {exc}",
                 {"model": self.name},
             ) from None
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`text`'s token ids, as a prompt would be tokenized (tursi.api.tokenize)."""
+        return list(
+            self._loaded().tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        )
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids; a 400 for an id that is no token of the model (which
+        would decode to nothing, or raise)."""
+        tokenizer = self._loaded().tokenizer
+        self._check_token_ids("tokens", ids)
+        return tokenizer.decode(ids)
 
     def _loaded(self) -> LoadedModel:
         loaded = self.loaded
