@@ -80,7 +80,8 @@ class TokenLogprob:
 class TextChunk:
     """Text of choice `index`, with the logprobs of the tokens whose text it completes
     (when the request asked for logprobs): the entries of all chunks of a choice, in order,
-    are its output tokens, minus those of a stop string or an end-of-sequence token."""
+    are its output tokens, minus those cut by a stop string. An end-of-sequence or stop token
+    is listed (lm-eval reads its score) though it has no text."""
 
     text: str
     index: int = 0

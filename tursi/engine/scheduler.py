@@ -343,6 +343,8 @@ class Scheduler:
                 seq.cumulative_logprob += entry.logprob
             reason = None
             if self._is_stop_token(job, token):
+                if entry is not None:  # scored like any token (lm-eval reads it), no text
+                    seq.entries.append((seq.chars, entry))
                 reason = self._finish(seq, seq.decoder.flush(), "stop")
             else:
                 piece = seq.decoder.push(token)
