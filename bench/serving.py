@@ -136,14 +136,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: str):
+    """A gunicorn server of this repo on a free loopback port. `preload`: TURSI_PRELOAD (the
+    embedded model by default; "" to load it later with load(), e.g. with a dtype)."""
+
+    def __init__(self, home: str, preload: str = MODEL):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api/v1"
         env = {
             **os.environ,
             "TURSI_HOME": home,
             "TURSI_PORT": str(self.port),
-            "TURSI_PRELOAD": MODEL,
+            "TURSI_PRELOAD": preload,
             "TURSI_RATE_LIMIT": "1000000/minute",
             "TURSI_LOG_LEVEL": "warning",
             "TURSI_ACCESS_LOG": "/dev/null",
@@ -158,12 +161,32 @@ class Server:
             stderr=subprocess.STDOUT,
         )
 
+    def check_running(self) -> None:
+        if self.process.poll() is not None:
+            self.log.seek(0)
+            raise SystemExit("server exited:\n" + self.log.read().decode(errors="replace"))
+
+    def load(self, body: dict, timeout: float = 300) -> None:
+        """POST /models/{MODEL}/load with `body` as soon as the server answers, then wait
+        until the model is loaded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_running()
+            try:
+                response = requests.post(f"{self.url}/models/{MODEL}/load", json=body, timeout=10)
+                break
+            except requests.ConnectionError:  # still booting (imports torch)
+                if time.monotonic() > deadline:
+                    raise SystemExit("the server did not answer in time") from None
+                time.sleep(0.5)
+        if not response.ok:
+            raise SystemExit(f"load {body} failed: {response.status_code} {response.text}")
+        self.wait_loaded(max(1.0, deadline - time.monotonic()))
+
     def wait_loaded(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise SystemExit("server exited:\n" + self.log.read().decode(errors="replace"))
+            self.check_running()
             try:
                 models = requests.get(f"{self.url}/models", timeout=2).json()["models"]
                 if any(m["name"] == MODEL and m["status"] == "loaded" for m in models):
