@@ -246,6 +246,8 @@ def stream_one(url: str, prompt: str, max_tokens: int, extra: dict | None = None
     started = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
+    scored = 0  # output tokens that came with their logprob and top alternatives
+    top = (extra or {}).get("logprobs")
     with requests.post(f"{url}/generate", json=body, stream=True, timeout=600) as response:
         response.raise_for_status()
         event = None
@@ -254,6 +256,9 @@ def stream_one(url: str, prompt: str, max_tokens: int, extra: dict | None = None
                 event = line[7:]
             elif line.startswith("data: ") and event == "text":
                 arrivals.append(time.perf_counter())
+                if top:  # parsed only when asked for: the plain run's client does not pay
+                    entries = json.loads(line[6:])["logprobs"]
+                    scored += sum(len(entry["top_logprobs"]) == top for entry in entries)
             elif line.startswith("data: ") and event == "done":
                 tokens = json.loads(line[6:])["tokens_generated"]
             elif line.startswith("data: ") and event == "error":
@@ -263,6 +268,7 @@ def stream_one(url: str, prompt: str, max_tokens: int, extra: dict | None = None
         "ended": time.perf_counter(),
         "arrivals": arrivals,
         "tokens": tokens,
+        "scored": scored,
     }
 
 
@@ -310,6 +316,8 @@ def load_run(url: str, clients: int, max_tokens: int, extra: dict | None = None)
     gaps = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
     tokens = sum(r["tokens"] for r in results)
     assert tokens == clients * max_tokens, (tokens, clients * max_tokens)
+    if extra and extra.get("logprobs"):  # the penalized run did get its logprobs, all of them
+        assert sum(r["scored"] for r in results) == tokens
     return {
         "tok_s": tokens / wall,
         "ttft_p50": percentile(ttft, 50),
