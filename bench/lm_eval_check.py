@@ -138,10 +138,14 @@ def run_lm_eval(completions_url: str, tokenizer_dir: str, batch_size: int) -> tu
     return results, sent["payload"]
 
 
-def served_scores(results: dict, count: int) -> list[list[float]]:
-    """Per question (by doc_id), per choice: the loglikelihood lm-eval got from the server."""
-    scores: list[list[float] | None] = [None] * count
+def served_scores(results: dict, pairs: list[tuple[dict, str, list[str]]]) -> list[list[float]]:
+    """Per question (by doc_id), per choice: the loglikelihood lm-eval got from the server,
+    after checking that lm-eval scored the same (context, continuation) strings."""
+    scores: list[list[float] | None] = [None] * len(pairs)
     for sample in results["samples"][TASK]:
+        _, context, continuations = pairs[sample["doc_id"]]
+        asked = [tuple(arguments[:2]) for arguments in sample["arguments"]]
+        assert asked == [(context, c) for c in continuations], (asked, context, continuations)
         scores[sample["doc_id"]] = [float(resp[0]) for resp in sample["filtered_resps"]]
     assert all(row is not None for row in scores), "lm-eval skipped questions"
     return scores  # type: ignore[return-value]
@@ -214,7 +218,7 @@ def main() -> None:
     finally:
         server.stop()
 
-    served = served_scores(results, len(pairs))
+    served = served_scores(results, pairs)
     accuracy, differing, gap, close = compare(pairs, expected, served, args.tolerance)
     shown = {**payload, "prompt": [f"[{len(p)} token ids]" for p in payload["prompt"]]}
     print(f"request lm-eval sends (first one): {json.dumps(shown)}")
