@@ -24,12 +24,17 @@ from tursi.api.openai_schemas import (
     CompletionRequestSchema,
     ContentPartSchema,
     MessageSchema,
-    ResponseFormatSchema,
     StreamOptionsSchema,
 )
 from tursi.api.openapi import OPERATIONS, documented_rules
 from tursi.api.response_schemas import ERROR_CODES
 from tursi.api.schemas import GenerateRequestSchema, LoadRequestSchema
+from tursi.api.tokenize_schemas import (
+    CompatDetokenizeRequestSchema,
+    CompatTokenizeRequestSchema,
+    DetokenizeRequestSchema,
+    TokenizeRequestSchema,
+)
 from tursi.errors import TursiError
 
 API = "/api/v1"
@@ -115,37 +120,76 @@ def test_every_error_code_is_documented():
         ("Message", MessageSchema),
         ("ContentPart", ContentPartSchema),
         ("StreamOptions", StreamOptionsSchema),
-        ("ResponseFormat", ResponseFormatSchema),
+        ("TokenizeRequest", TokenizeRequestSchema),
+        ("DetokenizeRequest", DetokenizeRequestSchema),
+        ("CompatTokenizeRequest", CompatTokenizeRequestSchema),
+        ("CompatDetokenizeRequest", CompatDetokenizeRequestSchema),
     ],
 )
 def test_request_schemas_are_complete_and_strict(client, name, schema):
     documented = get_spec(client)["components"]["schemas"][name]
     fields = schema().fields
     assert set(documented["properties"]) == {f.data_key or key for key, f in fields.items()}
-    assert set(documented.get("required", [])) == {key for key, f in fields.items() if f.required}
+    required = {f.data_key or key for key, f in fields.items() if f.required}
+    assert set(documented.get("required", [])) == required
     assert documented["additionalProperties"] is False
+    for name, field in documented["properties"].items():  # null: every optional's default
+        options = [field, *field.get("anyOf", [])]
+        assert any(option.get("nullable") for option in options) is (name not in required), name
 
 
 def test_request_schema_details(client):
-    schemas = get_spec(client)["components"]["schemas"]
+    spec = get_spec(client)
+    schemas = spec["components"]["schemas"]
     top_p = schemas["GenerateRequest"]["properties"]["top_p"]
     assert (top_p["minimum"], top_p["exclusiveMinimum"], top_p["maximum"]) == (0, True, 1)
     assert "exclusiveMaximum" not in top_p
+    native = schemas["GenerateRequest"]["properties"]
+    for name, low, high, default in [
+        ("min_p", 0, 1, 0),
+        ("presence_penalty", -2, 2, 0),
+        ("frequency_penalty", -2, 2, 0),
+        ("logprobs", 0, 20, None),
+        ("prompt_logprobs", 0, 20, None),
+        ("n", 1, 16, 1),
+        ("seed", -(2**63), 2**63 - 1, None),
+    ]:
+        field = native[name]
+        assert (field["minimum"], field["maximum"], field["default"]) == (low, high, default)
     chat = schemas["ChatCompletionRequest"]["properties"]
-    assert chat["logit_bias"]["maxProperties"] == 0
+    assert chat["logit_bias"]["maxProperties"] == 1024
+    assert chat["logit_bias"]["additionalProperties"] == {
+        "type": "number",
+        "minimum": -100,
+        "maximum": 100,
+    }
+    assert (chat["top_logprobs"]["minimum"], chat["top_logprobs"]["maximum"]) == (0, 20)
+    assert chat["tool_choice"]["enum"] == ["none"]
+    assert chat["response_format"]["enum"] == [{"type": "text"}]
+    assert chat["audio"]["enum"] == [None]
+    assert "accepted, ignored" in chat["metadata"]["description"]
     assert [option.get("type") for option in chat["stop"]["anyOf"]] == ["string", "array"]
-    validator = body_validator(get_spec(client), {"$ref": "#/components/schemas/CompletionRequest"})
+    completion = schemas["CompletionRequest"]["properties"]
+    assert (completion["logprobs"]["maximum"], completion["max_tokens"]["minimum"]) == (5, 0)
+    validator = body_validator(spec, {"$ref": "#/components/schemas/CompletionRequest"})
     for ok in (
         {"model": "m", "prompt": "x"},
-        {"model": "m", "prompt": ["x"], "stop": None},
+        {"model": "m", "prompt": ["x", "y"], "stop": None, "n": None},
+        {"model": "m", "prompt": [1, 2, 3]},
+        {"model": "m", "prompt": [[1, 2], [3]], "echo": True, "logprobs": 5, "max_tokens": 0},
         {"model": "m", "prompt": "x", "stream_options": None, "stop": "a"},
+        {"model": "m", "prompt": "x", "logit_bias": {"50256": -100}, "seed": -1},
     ):
         validator.validate(ok)
     for bad in (
-        {"model": "m", "prompt": ["x", "y"]},
+        {"model": "m", "prompt": []},
         {"model": "m", "prompt": ""},
+        {"model": "m", "prompt": [[1], [-1]]},
         {"model": "m", "prompt": "x", "stream_options": {"other": 1}},
-        {"model": "m", "prompt": "x", "tools": []},
+        {"model": "m", "prompt": "x", "tools": []},  # a chat field
+        {"model": "m", "prompt": "x", "logprobs": 6},
+        {"model": "m", "prompt": "x", "suffix": "s"},
+        {"model": "m", "prompt": "x", "logit_bias": {"1": 101}},
     ):
         assert not validator.is_valid(bad), bad
 
@@ -289,7 +333,25 @@ def test_responses_match_the_document(make_app, catalog):
     check("get", f"{API}/models/nope/metrics", 404)
     check("get", f"{API}/models/chatty/metrics?x=1", 400)
     check("get", "/v1/models", 200)
+    check("get", "/v1/models/chatty", 200)
+    check("get", "/v1/models/other", 404, "model_not_found")  # in the catalog, not loaded
+    check("get", "/v1/models/chatty?x=1", 400)
     check("get", f"{API}/status", 200)
+
+    # Tokenizer routes.
+    for url, body in (
+        (f"{API}/tokenize", {"model": "chatty", "text": "Once upon"}),
+        (f"{API}/tokenize", {"model": "chatty", "messages": [{"role": "user", "content": "a"}]}),
+        (f"{API}/detokenize", {"model": "chatty", "tokens": [1, 2]}),
+        ("/tokenize", {"content": "Once upon", "with_pieces": True}),
+        ("/tokenize", {"model": "chatty", "prompt": "Once upon"}),
+        ("/detokenize", {"tokens": [1, 2]}),
+    ):
+        check("post", url, 200, json=body)
+        check("post", url, 400, json={**body, "made_up": 1})
+        check("post", url, 404, json={**body, "model": "nope"})
+        check("post", url, 409, json={**body, "model": "other"})
+    check("post", f"{API}/detokenize", 400, json={"model": "chatty", "tokens": [10**9]})
 
     # Native generation: whole, streamed, refused.
     gen = {"model": "chatty", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}
@@ -306,6 +368,22 @@ def test_responses_match_the_document(make_app, catalog):
     assert [kind for kind, _ in events][-1] == "done"
     for kind, payload in events:
         check.frames({"text": "GenerateTextEvent", "done": "GenerateDone"}[kind], payload)
+    scored = {**gen, "logprobs": 2, "prompt_logprobs": 1, "return_full_text": False}
+    body = check("post", f"{API}/generate", 200, json=scored).get_json()
+    assert len(body["logprobs"]) == 5 and body["prompt_logprobs"][0] is None
+    events = parse_sse(
+        check(
+            "post", f"{API}/generate", 200, json={**scored, "stream": True}
+        ).body_text.splitlines()
+    )
+    assert "prompt_logprobs" in [kind for kind, _ in events]
+    frames = {
+        "text": "GenerateTextEvent",
+        "done": "GenerateDone",
+        "prompt_logprobs": "GeneratePromptLogprobsEvent",
+    }
+    for kind, payload in events:
+        check.frames(frames[kind], payload)
     check("post", f"{API}/generate", 400, json={**gen, "temperature": 3})
     check(
         "post",
@@ -337,16 +415,29 @@ def test_responses_match_the_document(make_app, catalog):
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
     }
     check("post", "/v1/chat/completions", 200, json=chat)
+    scored_completion = {
+        **completion,
+        "prompt": [[1, 2, 3], "Once"],
+        "n": 2,
+        "logprobs": 3,
+        "echo": True,
+    }
+    check("post", "/v1/completions", 200, json={**scored_completion, "max_tokens": 0})
+    check("post", "/v1/completions", 200, json={**completion, "best_of": 2, "logprobs": None})
+    scored_chat = {**chat, "n": 2, "logprobs": True, "top_logprobs": 3, "seed": -1}
+    assert check("post", "/v1/chat/completions", 200, json=scored_chat).get_json()["choices"][1]
     for url, body, chunk in (
         ("/v1/completions", completion, "CompletionChunk"),
         ("/v1/chat/completions", chat, "ChatCompletionChunk"),
+        ("/v1/completions", scored_completion, "CompletionChunk"),
+        ("/v1/chat/completions", scored_chat, "ChatCompletionChunk"),
     ):
         stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
         payloads = openai_payloads(check("post", url, 200, json=stream).body_text)
         assert payloads[-1] == "[DONE]"
         for payload in payloads[:-1]:
             check.frames(chunk, json.loads(payload))
-        check("post", url, 400, json={**body, "n": 2})
+        check("post", url, 400, json={**body, "n": 17})
         check("post", url, 404, json={**body, "model": "nope"})
         check("post", url, 409, json={**body, "model": "other"})
         check("post", url, 413, json={**body, "user": "x" * 1_100_000})

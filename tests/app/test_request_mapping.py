@@ -16,17 +16,29 @@ from tursi.engine.jobs import GenerationParams, SamplingParams
 
 SAMPLING_FIELDS = {field.name for field in fields(SamplingParams)}
 
-# One value per field, none of them a default of either API.
+# One value per field, none of them a default of either API; the logprobs fields are each
+# API's own (OpenAI's map onto the engine's: OPENAI_LOGPROBS).
 VALUES = {
     "temperature": 0.5,
     "top_p": 0.8,
     "top_k": 5,
+    "min_p": 0.05,
     "repetition_penalty": 1.25,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
+    "logit_bias": {"5": -100, "7": 2.5},
     "stop": ["zzz"],
-    "seed": 7,
+    "stop_token_ids": [3, 4],
+    "seed": -(2**63),
     "ignore_eos": True,
+    "logprobs": 2,
+    "prompt_logprobs": 1,
 }
-EXPECTED = SamplingParams(**VALUES)
+EXPECTED = SamplingParams(
+    **{**VALUES, "logit_bias": {5: -100.0, 7: 2.5}, "logprobs": 2, "prompt_logprobs": None}
+)
+NATIVE_EXPECTED = SamplingParams(**{**VALUES, "logit_bias": {5: -100.0, 7: 2.5}})
+SHARED = {k: v for k, v in VALUES.items() if k not in ("logprobs", "prompt_logprobs")}
 
 MESSAGES = [{"role": "user", "content": "lazy dog"}]
 # Each route's schema and a body with everything but the sampling fields.
@@ -35,18 +47,76 @@ ROUTES = {
     "/v1/completions": (CompletionRequestSchema, {"prompt": "lazy dog"}),
     "/v1/chat/completions": (ChatCompletionRequestSchema, {"messages": MESSAGES}),
 }
+# Each route's way of asking for 2 top alternatives per output token (and, natively, 1 per
+# prompt token): the engine's logprobs = 2 for all three.
+LOGPROBS = {
+    f"{API}/generate": ({"logprobs": 2, "prompt_logprobs": 1}, NATIVE_EXPECTED),
+    "/v1/completions": ({"logprobs": 2}, EXPECTED),
+    "/v1/chat/completions": ({"logprobs": True, "top_logprobs": 2}, EXPECTED),
+}
 
 
 def test_the_sampling_schema_declares_exactly_the_dataclass_fields():
     assert set(VALUES) == SAMPLING_FIELDS  # the test's values cover every field
     assert set(SamplingSchema().fields) == SAMPLING_FIELDS
+    assert SAMPLING_FIELDS <= set(GenerateRequestSchema().fields)
 
 
 @pytest.mark.parametrize("path", ROUTES)
 def test_every_request_schema_maps_its_sampling_values_to_sampling_params(path):
     schema, body = ROUTES[path]
     assert issubclass(schema, SamplingSchema)
-    assert sampling_params(schema().load({"model": "m", **body, **VALUES})) == EXPECTED
+    logprobs, expected = LOGPROBS[path]
+    loaded = schema().load({"model": "m", **body, **SHARED, **logprobs})
+    assert SAMPLING_FIELDS <= set(loaded)  # every field, with the engine's meaning
+    assert sampling_params(loaded) == expected
+
+
+@pytest.mark.parametrize(
+    "body, logprobs, prompt_logprobs",
+    [
+        ({}, None, None),
+        ({"logprobs": 0}, 0, None),
+        ({"logprobs": 5, "echo": True}, 5, 5),  # echo scores the prompt too
+        ({"logprobs": None, "echo": True}, None, None),
+        ({"echo": True, "max_tokens": 0, "logprobs": 1}, 1, 1),  # lm-eval's loglikelihood
+    ],
+)
+def test_completion_logprobs_map_to_the_engine(body, logprobs, prompt_logprobs):
+    loaded = CompletionRequestSchema().load({"model": "m", "prompt": "x", **body})
+    params = sampling_params(loaded)
+    assert (params.logprobs, params.prompt_logprobs) == (logprobs, prompt_logprobs)
+
+
+@pytest.mark.parametrize(
+    "body, logprobs",
+    [
+        ({}, None),
+        ({"logprobs": False}, None),
+        ({"logprobs": True}, 0),  # the chosen token's logprob, no alternatives
+        ({"logprobs": True, "top_logprobs": 0}, 0),
+        ({"logprobs": True, "top_logprobs": 20}, 20),
+        ({"logprobs": True, "top_logprobs": None}, 0),
+        ({"logprobs": None, "top_logprobs": None}, None),
+    ],
+)
+def test_chat_logprobs_map_to_the_engine(body, logprobs):
+    loaded = ChatCompletionRequestSchema().load({"model": "m", "messages": MESSAGES, **body})
+    params = sampling_params(loaded)
+    assert (params.logprobs, params.prompt_logprobs) == (logprobs, None)
+    assert "top_logprobs" not in loaded
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_null_is_every_optional_fields_default(path):
+    """`null` for any optional field loads as if the field were absent (StrictSchema)."""
+    schema, body = ROUTES[path]
+    plain = schema().load({"model": "m", **body})
+    optional = [
+        field.data_key or name for name, field in schema().fields.items() if not field.required
+    ]
+    assert {"n", "stream", "seed", "top_k", "logprobs", "stop", "max_tokens"} <= set(optional)
+    assert schema().load({"model": "m", **body, **dict.fromkeys(optional)}) == plain
 
 
 @pytest.mark.parametrize(
@@ -92,10 +162,12 @@ def chatty_client(make_app, tiny_models_dir, tmp_path):
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path", ROUTES)
 def test_request_values_reach_the_token_chooser(chatty_client, chooser_params, path, stream):
-    body = {"model": "chatty", **ROUTES[path][1], **VALUES, "max_tokens": 3, "stream": stream}
+    logprobs, expected = LOGPROBS[path]
+    body = {"model": "chatty", **ROUTES[path][1], **SHARED, **logprobs}
+    body.update(max_tokens=3, stream=stream)
     response = chatty_client.post(path, json=body)
     assert response.status_code == 200, response.get_data(as_text=True)
     response.get_data()  # a stream runs to its end
     response.close()
     # ignore_eos: three tokens, three choices, each by a chooser built from the same params.
-    assert chooser_params == [GenerationParams.of(EXPECTED, 3)] * 3
+    assert chooser_params == [GenerationParams.of(expected, 3)] * 3

@@ -204,9 +204,10 @@ class RecordingScheduler(Scheduler):
         super().__init__(*args)
         self.sequences: dict[GenerationJob, scheduler_module.Sequence] = {}
 
-    def _sequence(self, job: GenerationJob) -> scheduler_module.Sequence:
-        self.sequences[job] = seq = super()._sequence(job)
-        return seq
+    def _live(self, job: GenerationJob) -> scheduler_module.Live:
+        live = super()._live(job)
+        (self.sequences[job],) = live.choices
+        return live
 
 
 def run_engine(loaded, prompts, max_batch, one_per_turn):

@@ -1,5 +1,7 @@
-"""top_k and repetition_penalty: the sampling code against transformers' reference
-processors (tests/app/test_sampling_params.py takes them through both APIs)."""
+"""The sampling parameters against their definitions: top_k, top_p, min_p, temperature,
+repetition_penalty and logit_bias against transformers' own logits processors, presence and
+frequency penalties against OpenAI's formula, each alone and in mixed batches; seeds over
+the int64 range (tests/app/test_sampling_params.py takes them through both APIs)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,16 @@ import collections
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
     TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from tursi.engine.jobs import SamplingParams
-from tursi.engine.sampling import TokenChooser, choose_tokens
+from tursi.engine.sampling import TokenChooser, adjusted_logits, choose_tokens, tempered_probs
 
 # Ten tokens; the three most likely are 7, 2 and 5, and the rest are close behind, so that a
 # draw without a cut lands outside the top three most of the time.
@@ -23,13 +29,18 @@ LOGITS = torch.tensor([1.0, 0.5, 2.6, 0.9, 1.1, 2.4, 0.8, 3.0, 1.2, 0.7])
 TOP3 = {7, 2, 5}
 
 
-def chooser(history=(), **settings):
-    return TokenChooser(SamplingParams(**settings), history)
+def chooser(history=(), choice=0, **settings):
+    return TokenChooser(SamplingParams(**settings), history, choice)
 
 
 def pick(logits, **settings):
     """The token a fresh chooser with `settings` picks from one logits vector."""
     return choose_tokens(logits[None], [chooser(**settings)])[0]
+
+
+def penalized(logits, chooser):
+    """One logits vector after `chooser`'s bias and penalties."""
+    return adjusted_logits(logits[None], [chooser])[0]
 
 
 def draws(seeds=range(400), **settings):
@@ -112,8 +123,7 @@ def test_repetition_penalty_matches_transformers(penalty):
     logits = torch.randn(64) * 4  # positive and negative logits
     history = [3, 7, 7, 12, 40, 63, 0, 12]
     penalizing = chooser(temperature=0, repetition_penalty=penalty, history=history)
-    ours = logits.clone()
-    penalizing.penalize(ours)
+    ours = penalized(logits, penalizing)
     reference = RepetitionPenaltyLogitsProcessor(penalty)(
         torch.tensor([history]), logits[None].clone()
     )[0]
@@ -152,15 +162,16 @@ def test_repetition_penalty_in_choose_tokens_matches_transformers():
 def test_repetition_penalty_1_keeps_no_history():
     unpenalized = chooser(temperature=0.0, repetition_penalty=1.0, history=[1, 2, 3])
     unpenalized.remember(4)
-    assert unpenalized.seen == set()
+    assert unpenalized.plain  # choose_tokens takes the plain argmax for it
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.0, 1.0])
+    assert torch.equal(penalized(logits, unpenalized), logits)
 
 
 def test_repetition_penalty_on_logits_between_0_and_1_matches_transformers():
     # Positive logits below 1 are divided like any other positive logit, not multiplied.
     logits = torch.tensor([-2.0, -0.5, 0.0, 0.25, 0.5, 0.99, 1.0, 3.0])
     history = list(range(8))
-    ours = logits.clone()
-    chooser(temperature=0, repetition_penalty=2.0, history=history).penalize(ours)
+    ours = penalized(logits, chooser(temperature=0, repetition_penalty=2.0, history=history))
     reference = RepetitionPenaltyLogitsProcessor(2.0)(
         torch.tensor([history]), logits[None].clone()
     )[0]
@@ -169,8 +180,7 @@ def test_repetition_penalty_on_logits_between_0_and_1_matches_transformers():
 
 def test_repetition_penalty_with_nothing_seen_leaves_logits_alone():
     logits = torch.tensor([-2.0, 0.5, 3.0])
-    ours = logits.clone()
-    chooser(temperature=0, repetition_penalty=2.0).penalize(ours)
+    ours = penalized(logits, chooser(temperature=0, repetition_penalty=2.0))
     reference = RepetitionPenaltyLogitsProcessor(2.0)(
         torch.zeros((1, 0), dtype=torch.long), logits[None].clone()
     )[0]
@@ -203,3 +213,179 @@ def test_top_k_1_with_top_p_is_greedy(top_p):
     best = torch.nonzero(torch.isfinite(TopKLogitsWarper(1)(None, logits[None].clone())[0]))
     for seed in range(5):
         assert pick(logits, temperature=1.0, seed=seed, top_k=1, top_p=top_p) == int(best)
+
+
+# --- the whole pipeline against transformers' processors ----------------------------------
+
+
+def openai_penalties(logits, output, presence, frequency):
+    """OpenAI's definition (its API reference, "Parameter details"): over the tokens
+    generated so far, logit[j] -= count[j] * frequency_penalty + (count[j] > 0) *
+    presence_penalty."""
+    counts = collections.Counter(output)
+    adjusted = logits.clone()
+    for token, count in counts.items():
+        adjusted[..., token] -= count * frequency + (count > 0) * presence
+    return adjusted
+
+
+def reference_distribution(logits, prompt, output, settings):
+    """The sampling distribution of one row as transformers builds it (SequenceBias,
+    RepetitionPenalty, then Temperature, TopK, TopP, MinP warpers, in generate's order), with
+    OpenAI's presence and frequency penalties after the repetition penalty."""
+    history = torch.tensor([prompt + output])
+    scores = logits[None].clone()
+    if settings.get("logit_bias"):
+        bias = [[[token], value] for token, value in settings["logit_bias"].items()]
+        scores = SequenceBiasLogitsProcessor(sequence_bias=bias)(history, scores)
+    if settings.get("repetition_penalty", 1.0) != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(settings["repetition_penalty"])(history, scores)
+    scores = openai_penalties(
+        scores,
+        output,
+        settings.get("presence_penalty", 0.0),
+        settings.get("frequency_penalty", 0.0),
+    )
+    scores = TemperatureLogitsWarper(settings["temperature"])(history, scores)
+    if settings.get("top_k", 0):
+        scores = TopKLogitsWarper(settings["top_k"])(history, scores)
+    if settings.get("top_p", 1.0) < 1.0:
+        scores = TopPLogitsWarper(settings["top_p"])(history, scores)
+    if settings.get("min_p", 0.0):
+        scores = MinPLogitsWarper(settings["min_p"])(history, scores)
+    return torch.softmax(scores, -1)[0]
+
+
+def our_distribution(logits, chooser):
+    """The distribution choose_tokens draws one row from, over the whole vocabulary."""
+    adjusted = adjusted_logits(logits[None], [chooser])
+    ids, weights = chooser.candidates(tempered_probs(adjusted, [chooser])[0])
+    full = torch.zeros(logits.shape[-1])
+    full[slice(None) if ids is None else ids] = weights
+    return full / full.sum()
+
+
+PIPELINES = {
+    "min_p": {"temperature": 1.0, "min_p": 0.1},
+    "min_p-hot": {"temperature": 1.7, "min_p": 0.05},
+    "top_p": {"temperature": 0.9, "top_p": 0.8},
+    "top_k-top_p-min_p": {"temperature": 1.2, "top_k": 20, "top_p": 0.9, "min_p": 0.02},
+    "repetition-min_p": {"temperature": 0.7, "repetition_penalty": 1.5, "min_p": 0.05},
+    "presence": {"temperature": 1.0, "presence_penalty": 1.5},
+    "frequency": {"temperature": 1.0, "frequency_penalty": 0.8},
+    "negative-penalties": {"temperature": 1.0, "presence_penalty": -1.0, "frequency_penalty": -0.5},
+    "everything": {
+        "temperature": 0.8,
+        "logit_bias": {3: 5.0, 17: -2.5, 40: 1.0},
+        "repetition_penalty": 1.3,
+        "presence_penalty": 0.6,
+        "frequency_penalty": 0.4,
+        "top_k": 30,
+        "top_p": 0.95,
+        "min_p": 0.03,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_the_sampling_distribution_equals_transformers_processors(name):
+    settings = PIPELINES[name]
+    torch.manual_seed(7)
+    logits = torch.randn(64) * 2.5
+    prompt, output = [3, 9, 9, 40, 2], [17, 17, 17, 3, 50, 61]  # 3 in both, 9 prompt only
+    ours = chooser(history=prompt, **settings)
+    for token in output:
+        ours.remember(token)
+    expected = reference_distribution(logits, prompt, output, settings)
+    got = our_distribution(logits, ours)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got, torch.softmax(logits, -1), rtol=0.01, atol=0)  # it acted
+
+
+def test_presence_and_frequency_penalties_count_only_the_output():
+    logits = torch.zeros(8)
+    penalizing = chooser(
+        history=[1, 1, 2], temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25
+    )
+    for token in (2, 3, 3, 3):
+        penalizing.remember(token)
+    got = penalized(logits, penalizing)
+    # 1: prompt only, untouched; 2: once in the output; 3: three times.
+    assert got.tolist() == [0.0, 0.0, -0.75, -1.25, 0.0, 0.0, 0.0, 0.0]
+    assert torch.equal(got, openai_penalties(logits, [2, 3, 3, 3], 0.5, 0.25))
+
+
+def test_a_negative_logit_bias_of_100_on_the_best_token_means_it_never_appears():
+    torch.manual_seed(8)
+    steps = [torch.randn(40) * 3 for _ in range(50)]
+    best = collections.Counter(int(logits.argmax()) for logits in steps).most_common(1)[0][0]
+    for settings in ({"temperature": 0.0}, {"temperature": 1.5, "seed": 1}):
+        banning = chooser(logit_bias={best: -100}, **settings)
+        picks = [choose_tokens(logits[None], [banning])[0] for logits in steps]
+        assert best not in picks
+    assert best in [int(logits.argmax()) for logits in steps]  # it would have appeared
+
+
+def test_a_logit_bias_of_100_forces_its_token():
+    torch.manual_seed(9)
+    for settings in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 2, "top_p": 0.9}):
+        forcing = chooser(logit_bias={11: 100}, **settings)
+        picks = [choose_tokens((torch.randn(40) * 3)[None], [forcing])[0] for _ in range(50)]
+        assert picks == [11] * 50
+
+
+def test_mixed_rows_in_one_batch_each_follow_their_own_settings():
+    """Plain greedy rows take the plain argmax; greedy rows with penalties or a bias take the
+    argmax of transformers' processed logits; sampled rows draw only from their reference
+    distribution's support, and a seeded row draws as it does alone."""
+    settings = [
+        {"temperature": 0.0},
+        {"temperature": 0.0, "repetition_penalty": 2.0, "presence_penalty": 1.0},
+        {"temperature": 0.9, "seed": 3, "min_p": 0.2},
+        {"temperature": 0.0, "logit_bias": {5: 3.0}, "frequency_penalty": 0.5},
+        {"temperature": 1.1, "seed": 4, "top_k": 5, "presence_penalty": 2.0},
+        {"temperature": 0.0},
+    ]
+    prompt = [1, 2, 3]
+    choosers = [chooser(history=prompt, **s) for s in settings]
+    alone = [chooser(history=prompt, **s) for s in settings]
+    outputs: list[list[int]] = [[] for _ in settings]
+    generator = torch.Generator().manual_seed(10)
+    for _ in range(40):
+        logits = torch.randn(len(settings), 30, generator=generator) * 2
+        tokens = choose_tokens(logits.clone(), choosers)
+        for row, (token, s) in enumerate(zip(tokens, settings, strict=True)):
+            if s["temperature"] == 0.0:  # greedy: the argmax of the processed logits
+                greedy = {**s, "temperature": 1.0}
+                expected = reference_distribution(logits[row], prompt, outputs[row], greedy)
+                assert token == int(expected.argmax())
+            else:
+                expected = reference_distribution(logits[row], prompt, outputs[row], s)
+                assert expected[token] > 0, (row, token)
+            assert choose_tokens(logits[row][None], [alone[row]]) == [token]
+            choosers[row].remember(token)
+            alone[row].remember(token)
+            outputs[row].append(token)
+        assert [tokens[0], tokens[5]] == logits[[0, 5]].argmax(-1).tolist()
+    assert outputs[1] != [int(row) for row in outputs[0]]  # the penalties changed the picks
+    assert len(set(outputs[2])) > 3 and len(set(outputs[4])) > 3  # really sampled
+
+
+def test_negative_and_int64_edge_seeds_draw_reproducibly_and_differ_per_choice():
+    logits = torch.zeros(50)
+    for seed in (-1, -(2**63), 2**63 - 1):
+        first = [chooser(temperature=1.0, seed=seed, choice=i) for i in range(3)]
+        again = [chooser(temperature=1.0, seed=seed, choice=i) for i in range(3)]
+        picks = [[pick_with(c, logits) for _ in range(20)] for c in first]
+        assert picks == [[pick_with(c, logits) for _ in range(20)] for c in again]
+        assert len({tuple(p) for p in picks}) == 3
+    # choice i of seed s draws as choice 0 of seed s + i (wrapped into int64)
+    wrapped = chooser(temperature=1.0, seed=2**63 - 1, choice=1)
+    lowest = chooser(temperature=1.0, seed=-(2**63))
+    assert [pick_with(wrapped, logits) for _ in range(20)] == [
+        pick_with(lowest, logits) for _ in range(20)
+    ]
+
+
+def pick_with(choose, logits):
+    return choose_tokens(logits[None], [choose])[0]

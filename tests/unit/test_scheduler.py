@@ -406,7 +406,7 @@ def test_a_request_whose_text_fails_to_decode_fails_alone(loaded, stock, prompts
     def push(token: int) -> str:
         raise RuntimeError("tokenizer broke")
 
-    (seq,) = [seq for seq in scheduler.live if seq.job is broken]
+    (seq,) = scheduler.live[broken].choices
     seq.decoder.push = push
     run(scheduler)
     _, error = failed(broken)

@@ -68,12 +68,23 @@ def no_query() -> None:
 
 
 def init_app(app: Flask) -> None:
-    from . import errors, generation, health, models, openai_compat, openapi, prometheus, status
+    from . import (
+        errors,
+        generation,
+        health,
+        models,
+        openai_compat,
+        openapi,
+        prometheus,
+        status,
+        tokenize,
+    )
 
     errors.init_app(app)
     for module in (health, prometheus):
         app.register_blueprint(module.bp)
-    for module in (models, generation, status):
+    app.register_blueprint(tokenize.compat_bp)
+    for module in (models, generation, status, tokenize):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     app.register_blueprint(openai_compat.bp, url_prefix=OPENAI_PREFIX)
     openapi.init_app(app)

@@ -20,6 +20,9 @@ OPENAI_PREFIX = "/v1"
 # Liveness and scraping: answered without an API key (/metrics checks for itself) and still
 # answered while a worker drains (tursi.api.lifecycle).
 OPEN_PATHS = ("/health", "/metrics")
+# Served at the root because vLLM's and llama.cpp's servers do (tursi.api.tokenize): API
+# routes all the same (key, rate limit, accounting).
+ROOT_API_PATHS = ("/tokenize", "/detokenize")
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -31,8 +34,9 @@ def is_openai_path(path: str) -> bool:
 
 
 def is_api_path(path: str) -> bool:
-    """A route of the native API (/api/v1) or the OpenAI-compatible one (/v1)."""
-    return _under(path, API_PREFIX) or is_openai_path(path)
+    """A route of the native API (/api/v1), the OpenAI-compatible one (/v1) or the
+    root tokenizer routes."""
+    return _under(path, API_PREFIX) or is_openai_path(path) or path in ROOT_API_PATHS
 
 
 def unauthorized() -> Unauthorized:

@@ -37,7 +37,26 @@ def error_response(
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value
+    if not retryable(status, code):
+        response.headers["x-should-retry"] = "false"
     return response
+
+
+# The 409 that goes away by itself: the load ends, then the unload can run.
+_RETRYABLE_CODES = {"load_in_progress"}
+# Server errors that a retry only repeats: the same generation runs past the same deadline,
+# the same model does not fit the same memory.
+_FINAL_SERVER_CODES = {"request_timeout", "insufficient_memory"}
+
+
+def retryable(status: int, code: str) -> bool:
+    """Whether the same request may succeed later. The openai SDK retries 408, 409, 429 and
+    5xx answers twice by default unless `x-should-retry: false` says otherwise: without it,
+    a 409 model_not_loaded or a 504 after a 300 s generation would run three times. 429s,
+    503s (loading, overloaded, shutting down) and load_in_progress stay retryable."""
+    if status < 500:
+        return status == 429 or code in _RETRYABLE_CODES
+    return code not in _FINAL_SERVER_CODES
 
 
 def openai_error_body(

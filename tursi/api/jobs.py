@@ -1,43 +1,102 @@
-"""From validated request data to a submitted job: the one path both APIs (/api/v1 and the
-OpenAI-compatible /v1) take into the engine."""
+"""From validated request data to submitted jobs: the one path both APIs (/api/v1 and the
+OpenAI-compatible /v1) take into the engine, and the request's handle on them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..engine.jobs import GenerationJob, SamplingParams
+from ..engine.jobs import Event, Failed, Finished, GenerationJob, SamplingParams
 from ..engine.worker import ModelWorker
+from ..errors import TursiError
+from ..threads import Channel
 from .state import current
 
 
-def sampling_params(data: Mapping[str, Any]) -> SamplingParams:
+def sampling_params(data: Mapping[str, Any], **overrides: Any) -> SamplingParams:
     """The SamplingParams of a validated request: its keys are the dataclass's field names
-    (every request schema derives from schemas.SamplingSchema, which declares them all)."""
-    return SamplingParams(**{field.name: data[field.name] for field in fields(SamplingParams)})
+    (every request schema derives from schemas.SamplingSchema, which declares them all).
+    `overrides` replace fields (best_of asks for logprobs the client may not want)."""
+    values = {field.name: data[field.name] for field in fields(SamplingParams)}
+    return SamplingParams(**{**values, **overrides})
 
 
-def submit_job(
+class Submission:
+    """One request's jobs (one per prompt, each with its n choices) and the channel they
+    share: what the request side reads (tursi.api.streaming), cancels and abandons. The
+    request is over when every choice has finished, or at the first Failed event (of any
+    job: the answer would be incomplete, so the others are cancelled)."""
+
+    def __init__(self, jobs: Sequence[GenerationJob]):
+        self.jobs = list(jobs)
+        self.events: Channel = self.jobs[0].events
+        self.unfinished = sum(job.n for job in self.jobs)
+        self.completion_tokens = 0  # over every finished choice
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(job.prompt_ids) for job in self.jobs)
+
+    def job_of(self, index: int) -> GenerationJob:
+        """The job that generates choice `index`."""
+        return next(job for job in self.jobs if job.index <= index < job.index + job.n)
+
+    def next_event(self, timeout: float | None = None) -> Event:
+        """The next event of any of the jobs (GenerationJob.next_event on the shared
+        channel: the jobs share one worker, so asking one of them whether the engine still
+        serves asks for all)."""
+        return self.jobs[0].next_event(timeout)
+
+    def finished(self, event: Finished) -> bool:
+        """Count a finished choice; True when it was the last one."""
+        self.unfinished -= 1
+        self.completion_tokens += event.tokens_generated
+        return self.unfinished == 0
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+
+    def abandon(self, error: TursiError) -> None:
+        """Cancel every job, and wake the reader with `error` (tursi.api.disconnect)."""
+        self.cancel()
+        self.events.put(Failed(error))
+
+
+def submit(
     worker: ModelWorker,
     data: Mapping[str, Any],
-    prompt: str,
+    prompts: Sequence[str | list[int]],
     max_tokens: int | None,
     *,
     chat: bool = False,
-) -> GenerationJob:
-    """Tokenize `prompt`, check it against the context window and the server's max_tokens cap
-    (400s), and queue it on `worker` (503 when full). A chat prompt comes from the model's
-    template, which already holds its special tokens; without max_tokens a chat reply runs to
-    its end (up to the context or the cap), any other request gets the engine's default."""
+    n: int | None = None,
+    sampling: SamplingParams | None = None,
+) -> Submission:
+    """Tokenize each prompt and check it against the context window and the server's
+    max_tokens cap (400s), then queue one job per prompt on `worker`, all or none (503 when
+    full). Prompt i's choices are numbered i*n .. i*n+n-1, as OpenAI numbers them; `n`
+    defaults to the request's. A chat prompt comes from the model's template, which already
+    holds its special tokens; without max_tokens a chat reply runs to its end (up to the
+    context or the cap), any other request gets the engine's default."""
     cap = current().settings.max_tokens
-    job = worker.new_job(
-        prompt,
-        sampling_params(data),
-        max_tokens=max_tokens,
-        max_tokens_cap=cap,
-        default_max_tokens=cap if chat else None,
-        add_special_tokens=not chat,
-    )
-    worker.submit(job)
-    return job
+    n = data.get("n", 1) if n is None else n
+    sampling = sampling_params(data) if sampling is None else sampling
+    events = Channel()  # made here: a channel belongs to the greenlet that reads it
+    jobs = [
+        worker.new_job(
+            prompt,
+            sampling,
+            max_tokens=max_tokens,
+            max_tokens_cap=cap,
+            default_max_tokens=cap if chat else None,
+            add_special_tokens=not chat,
+            n=n,
+            index=i * n,
+            events=events,
+        )
+        for i, prompt in enumerate(prompts)
+    ]
+    worker.submit_all(jobs)
+    return Submission(jobs)

@@ -27,20 +27,27 @@ from ..engine.catalog import NAME_PATTERN
 from . import no_query
 from .auth import API_PREFIX, OPEN_PATHS, is_api_path, is_openai_path
 from .openai_schemas import (
+    MAX_PROMPT_TOKENS,
+    MAX_PROMPTS,
     ChatCompletionRequestSchema,
     CompletionRequestSchema,
     ContentPartSchema,
     MessageContent,
+    Prompts,
     TextOrList,
 )
 from .response_schemas import (
     ERROR_CODES,
     ChatCompletionChunkSchema,
     ChatCompletionSchema,
+    CompatDetokenizeResponseSchema,
+    CompatTokenizeResponseSchema,
     CompletionChunkSchema,
     CompletionSchema,
+    DetokenizeResponseSchema,
     ErrorSchema,
     GenerateDoneSchema,
+    GeneratePromptLogprobsEventSchema,
     GenerateResponseSchema,
     GenerateTextEventSchema,
     HealthSchema,
@@ -49,11 +56,28 @@ from .response_schemas import (
     ModelMetricsSchema,
     OpenAIErrorSchema,
     OpenAIModelListSchema,
+    OpenAIModelSchema,
     ReadySchema,
     StatusSchema,
+    TokenizeResponseSchema,
+    TokenPieceSchema,
     UnloadResponseSchema,
 )
-from .schemas import MAX_PROMPT_CHARS, GenerateRequestSchema, LoadRequestSchema, UnloadRequestSchema
+from .schemas import (
+    MAX_LOGIT_BIAS,
+    MAX_PROMPT_CHARS,
+    GenerateRequestSchema,
+    LoadRequestSchema,
+    LogitBias,
+    StrictSchema,
+    UnloadRequestSchema,
+)
+from .tokenize_schemas import (
+    CompatDetokenizeRequestSchema,
+    CompatTokenizeRequestSchema,
+    DetokenizeRequestSchema,
+    TokenizeRequestSchema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +160,10 @@ def with_stream(response: dict, description: str, example: str) -> dict:
 
 NATIVE_STREAM = (
     "`event: text` frames (data: GenerateTextEvent; with return_full_text the first is the "
-    "prompt), then exactly one `event: done` (data: GenerateDone) or `event: error` "
-    "(data: Error); lines starting with `:` are keep-alive comments."
+    "prompt), with `prompt_logprobs` one `event: prompt_logprobs` frame (data: "
+    "GeneratePromptLogprobsEvent) before the generated text, then exactly one `event: done` "
+    "(data: GenerateDone) or `event: error` (data: Error); lines starting with `:` are "
+    "keep-alive comments."
 )
 NATIVE_STREAM_EXAMPLE = (
     'event: text\ndata: {"text": "Once upon a time", "finished": false}\n\n'
@@ -161,6 +187,12 @@ GENERATION_ERRORS = {
     500: ["generation_failed"],
     503: ["model_loading", "model_unloaded", "model_failed", "overloaded"],
     504: ["request_timeout"],
+}
+TOKENIZER_ERRORS = {
+    400: ["invalid_request"],
+    404: ["model_not_found"],
+    409: ["model_not_loaded"],
+    503: ["model_loading", "model_unloaded", "model_failed"],
 }
 
 # Endpoint -> Doc. Added to every operation: 401 unless open, 413 with a body, 429 on /api/v1
@@ -233,6 +265,39 @@ OPERATIONS: dict[str, Doc] = {
     "openai.list_models": Doc(
         "openai", {200: ok("The loaded models", OpenAIModelListSchema)}, {400: [QUERY]}
     ),
+    "openai.retrieve_model": Doc(
+        "openai",
+        {200: ok("The model, loaded", OpenAIModelSchema)},
+        {400: [QUERY], 404: ["model_not_found"]},
+    ),
+    "tokenize.tokenize": Doc(
+        "tokenize",
+        {200: ok("The token ids", TokenizeResponseSchema)},
+        TOKENIZER_ERRORS,
+        body=TokenizeRequestSchema,
+        example={"model": "smollm2-135m-instruct", "text": "Once upon a time"},
+    ),
+    "tokenize.detokenize": Doc(
+        "tokenize",
+        {200: ok("The text", DetokenizeResponseSchema)},
+        TOKENIZER_ERRORS,
+        body=DetokenizeRequestSchema,
+        example={"model": "smollm2-135m-instruct", "tokens": [9290, 2029, 253, 655]},
+    ),
+    "tokenize_compat.compat_tokenize": Doc(
+        "tokenize",
+        {200: ok("The token ids (vLLM's and llama.cpp's shape)", CompatTokenizeResponseSchema)},
+        TOKENIZER_ERRORS,
+        body=CompatTokenizeRequestSchema,
+        example={"content": "Once upon a time", "with_pieces": True},
+    ),
+    "tokenize_compat.compat_detokenize": Doc(
+        "tokenize",
+        {200: ok("The text (vLLM's and llama.cpp's names)", CompatDetokenizeResponseSchema)},
+        TOKENIZER_ERRORS,
+        body=CompatDetokenizeRequestSchema,
+        example={"tokens": [9290, 2029, 253, 655]},
+    ),
     "openai.completions": Doc(
         "openai",
         {
@@ -275,6 +340,11 @@ TAGS = [
     {"name": "models", "description": "The model catalog: list, load, unload, metrics"},
     {"name": "status", "description": "Server status and resource usage"},
     {
+        "name": "tokenize",
+        "description": "A model's tokenizer: text or chat messages to token ids and back "
+        "(under /api/v1, and at /tokenize and /detokenize with vLLM's and llama.cpp's names)",
+    },
+    {
         "name": "openai",
         "description": "OpenAI-compatible API (/v1); errors are OpenAI error objects",
     },
@@ -289,14 +359,21 @@ PATH_PARAMETERS = {
         "names answer 404 model_not_found",
         "schema": {"type": "string", "pattern": NAME_PATTERN.pattern},
     },
+    "model_id": {
+        "description": "A loaded model's name (GET /v1/models); other names answer 404 "
+        "model_not_found",
+        "schema": {"type": "string"},
+    },
 }
 
 # Schemas that no operation references directly: the stream frames.
 EXTRA_SCHEMAS = (
     GenerateTextEventSchema,
+    GeneratePromptLogprobsEventSchema,
     GenerateDoneSchema,
     CompletionChunkSchema,
     ChatCompletionChunkSchema,
+    TokenPieceSchema,
 )
 
 
@@ -406,8 +483,6 @@ def build_document(app: Flask) -> dict[str, Any]:
             ],
         )
     document = spec.to_dict()
-    schemas = document["components"]["schemas"]
-    schemas["CompletionRequest"]["properties"]["prompt"] = _prompt_schema()
     _strict_nullable_objects(document)
     return document
 
@@ -465,8 +540,11 @@ def _operation(rule: Any, view: Any, doc: Doc | None) -> dict[str, Any]:
 
 def _field_extras(self: Any, field: ma_fields.Field, ret: dict, **_: Any) -> dict:
     """apispec attribute function: what it leaves out of our fields (exclusive bounds,
-    object sizes) and the OpenAI fields that take a string or a list."""
+    object sizes, null as the default of every optional request field) and the fields that
+    take several shapes (OpenAI's string-or-list fields, logit_bias)."""
     extras: dict[str, Any] = {}
+    if isinstance(field.parent, StrictSchema) and not field.required:
+        extras["nullable"] = True  # StrictSchema: null means the default
     for validator in field.validators:
         if isinstance(validator, validate.Range):
             if validator.min is not None and not validator.min_inclusive:
@@ -478,11 +556,18 @@ def _field_extras(self: Any, field: ma_fields.Field, ret: dict, **_: Any) -> dic
             if length in ret:
                 extras[size] = ret.pop(length)
     if isinstance(field, TextOrList):
-        ret.pop("nullable", None)
-        text = self.field2property(field.items.inner)
-        if field.allow_none:
-            text["nullable"] = True
+        extras.pop("nullable", None)
+        text = {**self.field2property(field.items.inner), "nullable": True}
         extras["anyOf"] = [text, self.field2property(field.items)]
+    if isinstance(field, Prompts):
+        extras["anyOf"] = _prompt_schemas()
+    if isinstance(field, LogitBias):
+        extras.update(
+            type="object",
+            maxProperties=MAX_LOGIT_BIAS,
+            additionalProperties={"type": "number", "minimum": -100, "maximum": 100},
+            description="token id (a string of digits) -> bias added to its logit",
+        )
     if isinstance(field, MessageContent):
         extras["anyOf"] = [
             {"type": "string"},
@@ -495,10 +580,22 @@ def _field_extras(self: Any, field: ma_fields.Field, ret: dict, **_: Any) -> dic
     return extras
 
 
-def _prompt_schema() -> dict[str, Any]:
-    """/v1/completions' prompt: a string or a list of exactly one string."""
+def _prompt_schemas() -> list[dict[str, Any]]:
+    """/v1/completions' prompt: a string, a list of strings, a list of token ids, or a list
+    of lists of token ids."""
     text = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
-    return {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]}
+    ids = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0},
+        "minItems": 1,
+        "maxItems": MAX_PROMPT_TOKENS,
+    }
+    return [
+        text,
+        {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_PROMPTS},
+        ids,
+        {"type": "array", "items": ids, "minItems": 1, "maxItems": MAX_PROMPTS},
+    ]
 
 
 def _strict_nullable_objects(node: Any) -> None:

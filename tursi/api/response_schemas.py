@@ -202,6 +202,41 @@ class ModelMetricsSchema(Schema):
 # --- /api/v1/generate --------------------------------------------------------------------
 
 
+class NativeTopLogprobSchema(Schema):
+    """A token and its log probability under the model's raw distribution (log-softmax of
+    its logits, before temperature, penalties and the other filters)."""
+
+    token = _text(metadata={"description": "the token's text"})
+    token_id = _count()
+    logprob = fields.Float(required=True)
+    bytes = fields.List(
+        fields.Integer(validate=validate.Range(min=0, max=255)),
+        required=True,
+        metadata={"description": "the token's UTF-8 bytes (a token may hold part of a character)"},
+    )
+
+
+class NativeTokenLogprobSchema(NativeTopLogprobSchema):
+    top_logprobs = fields.List(
+        fields.Nested(NativeTopLogprobSchema),
+        required=True,
+        metadata={"description": "the `logprobs` most likely tokens at this position, best first"},
+    )
+
+
+def _native_logprobs(description: str) -> fields.Field:
+    return fields.List(
+        fields.Nested(NativeTokenLogprobSchema), metadata={"description": description}
+    )
+
+
+def _native_prompt_logprobs() -> fields.Field:
+    return fields.List(
+        fields.Nested(NativeTokenLogprobSchema, allow_none=True),
+        metadata={"description": "one per prompt token; the first is null (nothing precedes it)"},
+    )
+
+
 class GenerateDoneSchema(Schema):
     """The end of a generation; also the data of the stream's `event: done`."""
 
@@ -212,6 +247,8 @@ class GenerateDoneSchema(Schema):
 
 class GenerateResponseSchema(GenerateDoneSchema):
     text = _text()
+    logprobs = _native_logprobs("with `logprobs`: one per generated token")
+    prompt_logprobs = _native_prompt_logprobs()
 
 
 class GenerateTextEventSchema(Schema):
@@ -219,6 +256,14 @@ class GenerateTextEventSchema(Schema):
 
     text = _text()
     finished = fields.Boolean(required=True, validate=validate.Equal(False))
+    logprobs = _native_logprobs("with `logprobs`: the tokens whose text this chunk completes")
+
+
+class GeneratePromptLogprobsEventSchema(Schema):
+    """The data of the stream's `event: prompt_logprobs` (with `prompt_logprobs`), once,
+    before the generated text."""
+
+    prompt_logprobs = _native_prompt_logprobs()
 
 
 # --- /api/v1/status, /health, /ready -----------------------------------------------------
@@ -296,11 +341,50 @@ class UsageSchema(Schema):
     total_tokens = _count()
 
 
+class TopLogprobSchema(Schema):
+    token = _text()
+    logprob = fields.Float(required=True)
+    bytes = fields.List(
+        fields.Integer(validate=validate.Range(min=0, max=255)), required=True, allow_none=True
+    )
+
+
+class ChatTokenLogprobSchema(TopLogprobSchema):
+    top_logprobs = fields.List(fields.Nested(TopLogprobSchema), required=True)
+
+
+class ChatLogprobsSchema(Schema):
+    """With `logprobs: true`: the tokens of the message (or of the delta), each with its
+    `top_logprobs` most likely alternatives; raw log-softmax of the model's logits."""
+
+    content = fields.List(fields.Nested(ChatTokenLogprobSchema), required=True, allow_none=True)
+    refusal = _always_null()
+
+
+class CompletionLogprobsSchema(Schema):
+    """With `logprobs: k`: four lists over the tokens of the text (the prompt's first with
+    echo, its first entry null): their text, logprob, up to k + 1 alternatives (the k most
+    likely and the chosen token) and where each starts in the text."""
+
+    tokens = fields.List(fields.String(), required=True)
+    token_logprobs = fields.List(fields.Float(allow_none=True), required=True)
+    top_logprobs = fields.List(
+        fields.Dict(keys=fields.String(), values=fields.Float(), allow_none=True), required=True
+    )
+    text_offset = fields.List(fields.Integer(validate=validate.Range(min=0)), required=True)
+
+
+def _logprobs(schema: type[Schema]) -> fields.Field:
+    return fields.Nested(
+        schema, required=True, allow_none=True, metadata={"description": "null unless asked"}
+    )
+
+
 class CompletionChoiceSchema(Schema):
-    index = _count()
+    index = _count(metadata={"description": "prompt i's choices are i*n .. i*n+n-1"})
     text = _text()
     finish_reason = _one_of(FINISH_REASONS)
-    logprobs = _always_null()
+    logprobs = _logprobs(CompletionLogprobsSchema)
 
 
 class CompletionSchema(Schema):
@@ -315,13 +399,14 @@ class CompletionSchema(Schema):
 class ChatMessageSchema(Schema):
     role = _one_of(("assistant",))
     content = _text()
+    refusal = _always_null()
 
 
 class ChatChoiceSchema(Schema):
     index = _count()
     message = fields.Nested(ChatMessageSchema, required=True)
     finish_reason = _one_of(FINISH_REASONS)
-    logprobs = _always_null()
+    logprobs = _logprobs(ChatLogprobsSchema)
 
 
 class ChatCompletionSchema(Schema):
@@ -339,7 +424,7 @@ class CompletionChunkChoiceSchema(Schema):
     finish_reason = fields.String(
         required=True, allow_none=True, validate=validate.OneOf(FINISH_REASONS)
     )
-    logprobs = _always_null()
+    logprobs = _logprobs(CompletionLogprobsSchema)
 
 
 class CompletionChunkSchema(Schema):
@@ -367,7 +452,7 @@ class ChatChunkChoiceSchema(Schema):
     finish_reason = fields.String(
         required=True, allow_none=True, validate=validate.OneOf(FINISH_REASONS)
     )
-    logprobs = _always_null()
+    logprobs = _logprobs(ChatLogprobsSchema)
 
 
 class ChatCompletionChunkSchema(Schema):
@@ -379,3 +464,55 @@ class ChatCompletionChunkSchema(Schema):
     model = _text()
     choices = fields.List(fields.Nested(ChatChunkChoiceSchema), required=True)
     usage = fields.Nested(UsageSchema)
+
+
+# --- tokenizer routes (/api/v1/tokenize, /tokenize, ...) ---------------------------------
+
+
+class TokenizeResponseSchema(Schema):
+    tokens = fields.List(fields.Integer(validate=validate.Range(min=0)), required=True)
+    count = _count()
+    context_length = _count(metadata={"description": "the model's context, prompt + output"})
+
+
+class DetokenizeResponseSchema(Schema):
+    text = _text()
+
+
+class TokenPieceSchema(Schema):
+    id = _count()
+    piece = fields.Raw(
+        required=True,
+        metadata={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}},
+            ],
+            "description": "the token's text, or its bytes when they are not UTF-8 alone",
+        },
+    )
+
+
+class CompatTokenizeResponseSchema(Schema):
+    """vLLM's answer (tokens, count, max_model_len); llama.cpp reads `tokens`."""
+
+    tokens = fields.Raw(
+        required=True,
+        metadata={
+            "type": "array",
+            "items": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 0},
+                    {"$ref": "#/components/schemas/TokenPiece"},
+                ]
+            },
+            "description": "token ids; with with_pieces, {id, piece} objects",
+        },
+    )
+    count = _count()
+    max_model_len = _count(metadata={"description": "the model's context length"})
+
+
+class CompatDetokenizeResponseSchema(Schema):
+    prompt = _text(metadata={"description": "the text (vLLM's name)"})
+    content = _text(metadata={"description": "the same text (llama.cpp's name)"})

@@ -1,21 +1,43 @@
-"""Marshmallow schemas for every request body and query. Unknown fields are rejected (400)."""
+"""Marshmallow schemas for every request body and query. Unknown fields are rejected (400);
+`null` for an optional field means its default (StrictSchema)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
 
 from ..engine.catalog import DTYPES, QUANT_BITS, QUANT_MODES
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_PROMPT_CHARS = 200_000
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs bound)
+MAX_CHOICES = 16  # n, best_of
+INT64 = (-(2**63), 2**63 - 1)
 
 
 class StrictSchema(Schema):
+    """Every request schema (nested ones too): unknown fields are refused, and `null` for an
+    optional field means "its default", as OpenAI's clients mean it when they send null for
+    fields the caller did not set. One rule for every field, not a per-field allow_none: a
+    null is dropped before loading, so the field loads its default (or stays absent)."""
+
     class Meta:
         unknown = RAISE
+
+    @pre_load
+    def _null_is_default(self, data: Any, **_: Any) -> Any:
+        if not isinstance(data, dict):
+            return data  # marshmallow refuses it ("Invalid input type")
+        optional = {
+            field.data_key or name for name, field in self.fields.items() if not field.required
+        }
+        return {
+            key: value for key, value in data.items() if value is not None or key not in optional
+        }
 
 
 # JSON's own types, nothing coerced: marshmallow's Boolean also takes "yes" or 1, its Float
@@ -70,15 +92,13 @@ def model_field() -> fields.Field:
     return fields.String(required=True, validate=validate.Length(min=1, max=128))
 
 
-def temperature_field(default: float, **kwargs: Any) -> fields.Field:
-    return JsonNumber(validate=validate.Range(min=0.0, max=2.0), load_default=default, **kwargs)
+def temperature_field(default: float) -> fields.Field:
+    return JsonNumber(validate=validate.Range(min=0.0, max=2.0), load_default=default)
 
 
-def top_p_field(default: float, **kwargs: Any) -> fields.Field:
+def top_p_field(default: float) -> fields.Field:
     return JsonNumber(
-        validate=validate.Range(min=0.0, max=1.0, min_inclusive=False),
-        load_default=default,
-        **kwargs,
+        validate=validate.Range(min=0.0, max=1.0, min_inclusive=False), load_default=default
     )
 
 
@@ -90,29 +110,93 @@ def max_tokens_field() -> fields.Field:
     return JsonInteger(validate=validate.Range(min=1), load_default=None)
 
 
+def choices_field() -> fields.Field:
+    """`n`: choices per prompt, each its own row of the batch, all from one prefill."""
+    return JsonInteger(validate=validate.Range(min=1, max=MAX_CHOICES), load_default=1)
+
+
+def logprobs_field(top: int) -> fields.Field:
+    """None: no logprobs; k: each token's logprob and its k most likely alternatives."""
+    return JsonInteger(validate=validate.Range(min=0, max=top), load_default=None)
+
+
+def token_id_field() -> fields.Field:
+    """A token id; ids past the model's vocabulary are refused where the model is known."""
+    return JsonInteger(validate=validate.Range(min=0, max=INT64[1]))
+
+
+def token_ids_field(min_items: int, max_items: int, **kwargs: Any) -> fields.Field:
+    return fields.List(
+        token_id_field(), validate=validate.Length(min=min_items, max=max_items), **kwargs
+    )
+
+
+class LogitBias(fields.Field):
+    """OpenAI's logit_bias: an object from token ids to a bias added to their logits. JSON
+    keys are strings, so "50256" is token 50256 (an int key from a Python caller too);
+    loads as {token id: bias}."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dict[int, float]:
+        if not isinstance(value, dict):
+            raise ValidationError("must be an object of token ids to biases")
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValidationError(f"at most {MAX_LOGIT_BIAS} entries")
+        bias = JsonNumber(validate=validate.Range(min=-100.0, max=100.0))
+        loaded: dict[int, float] = {}
+        for key, number in value.items():
+            token = _token_key(key)
+            if token is None:
+                raise ValidationError(f"key {key!r} is not a token id (an integer >= 0)")
+            try:
+                loaded[token] = bias.deserialize(number)
+            except ValidationError as exc:
+                raise ValidationError({str(key): exc.messages}) from None
+        return loaded
+
+
+def _token_key(key: Any) -> int | None:
+    if isinstance(key, int) and not isinstance(key, bool):
+        token = key
+    elif isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 19:
+        token = int(key)
+    else:
+        return None
+    return token if 0 <= token <= INT64[1] else None
+
+
 class SamplingSchema(StrictSchema):
-    """The sampling parameters, one field per tursi.engine.jobs.SamplingParams field (the
-    request keys are that dataclass's field names: tursi.api.jobs.sampling_params). Both
-    APIs' request schemas derive from it; the OpenAI one overrides the defaults it differs on."""
+    """The sampling parameters, one field per tursi.engine.jobs.SamplingParams field, with
+    the engine's meaning (the request keys are that dataclass's field names:
+    tursi.api.jobs.sampling_params). Both APIs' request schemas derive from it; the OpenAI
+    ones override the defaults they differ on and map OpenAI's logprobs fields onto these."""
 
     temperature = temperature_field(0.7)
     top_p = top_p_field(0.9)
     top_k = JsonInteger(validate=validate.Range(min=0, max=1_000_000), load_default=0)  # 0: none
+    # 0: none; else drop the tokens less likely than min_p times the most likely one.
+    min_p = JsonNumber(validate=validate.Range(min=0.0, max=1.0), load_default=0.0)
     # 1 means none; above 1 discourages tokens already in the prompt or the output.
     repetition_penalty = JsonNumber(
         validate=validate.Range(min=0.0, max=10.0, min_inclusive=False), load_default=1.0
     )
+    presence_penalty = JsonNumber(validate=validate.Range(min=-2.0, max=2.0), load_default=0.0)
+    frequency_penalty = JsonNumber(validate=validate.Range(min=-2.0, max=2.0), load_default=0.0)
+    logit_bias = LogitBias(load_default=dict)
     stop = fields.List(
         stop_string_field(), validate=validate.Length(max=MAX_STOP_STRINGS), load_default=list
     )
-    seed = JsonInteger(validate=validate.Range(min=0, max=2**63 - 1), load_default=None)
+    stop_token_ids = token_ids_field(0, MAX_STOP_TOKEN_IDS, load_default=list)
+    seed = JsonInteger(validate=validate.Range(min=INT64[0], max=INT64[1]), load_default=None)
     ignore_eos = JsonBoolean(load_default=False)  # as vLLM: keep going past end of sequence
+    logprobs = logprobs_field(MAX_LOGPROBS)
+    prompt_logprobs = logprobs_field(MAX_LOGPROBS)  # the prompt's tokens (entry 0: null)
 
 
 class GenerateRequestSchema(SamplingSchema):
     model = model_field()
     prompt = fields.String(required=True, validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
     max_tokens = max_tokens_field()
+    n = choices_field()
     stream = JsonBoolean(load_default=False)
     return_full_text = JsonBoolean(load_default=True)
 

@@ -1,21 +1,25 @@
-"""Server-sent events: the generator that relays a job's events to the client, and the
-frames of the native API (/api/v1/generate). The OpenAI-compatible frames live with
-their routes (tursi.api.openai_compat)."""
+"""Reading a request's events (tursi.api.jobs.Submission): whole (`collect`), or relayed
+as server-sent events (`relay`), with the frames of the native API (/api/v1/generate).
+The OpenAI-compatible frames live with their responses (tursi.api.openai_responses)."""
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flask import Response, request
 
-from ..engine.jobs import Failed, Finished, GenerationJob, TextChunk
+from ..engine.jobs import Failed, Finished, PromptLogprobs, TextChunk, TokenLogprob
 from ..errors import TursiError
 from ..formatting import format_seconds
 from ..threads import Empty
 from .accounting import outcome
 from .disconnect import watch_client
+from .jobs import Submission
+from .logprobs import TokenTexts, prompt_entries, token_entries
 from .state import current
 
 HEARTBEAT = ": keep-alive\n\n"
@@ -34,90 +38,152 @@ def done_payload(done: Finished) -> dict[str, Any]:
 
 
 class Frames(Protocol):
-    """How one API writes a stream: what goes first, per text chunk, at the end, on error."""
+    """How one API writes a stream: what goes first, per event, at the end, on error."""
 
     def start(self) -> list[str]: ...
-    def text(self, text: str) -> str: ...
-    def done(self, done: Finished) -> list[str]: ...
+    def prompt(self, event: PromptLogprobs) -> list[str]: ...
+    def text(self, chunk: TextChunk) -> list[str]: ...
+    def finished(self, done: Finished) -> list[str]: ...
+    def end(self) -> list[str]: ...
     def error(self, error: TursiError) -> list[str]: ...
 
 
 class NativeFrames:
-    """/api/v1/generate: `event: text` chunks (the prompt first when return_full_text, so
-    the chunks concatenate to the non-stream text), one `event: done` or `event: error`."""
+    """/api/v1/generate (one choice): `event: text` chunks (the prompt first when
+    return_full_text, so the chunks concatenate to the non-stream text), each with the
+    `logprobs` of its tokens when asked; when prompt_logprobs is asked, one
+    `event: prompt_logprobs` frame before any generated text (after the echoed prompt);
+    one `event: done` or `event: error` at the end."""
 
-    def __init__(self, prefix: str):
-        self.prefix = prefix
+    def __init__(self, prefix: str, texts: TokenTexts, logprobs: bool):
+        self.prefix, self.texts, self.logprobs = prefix, texts, logprobs
 
     def start(self) -> list[str]:
-        return [sse("text", {"text": self.prefix, "finished": False})] if self.prefix else []
+        if not self.prefix:
+            return []
+        data: dict[str, Any] = {"text": self.prefix, "finished": False}
+        if self.logprobs:
+            data["logprobs"] = []  # the prompt's are in prompt_logprobs, when asked
+        return [sse("text", data)]
 
-    def text(self, text: str) -> str:
-        return sse("text", {"text": text, "finished": False})
+    def prompt(self, event: PromptLogprobs) -> list[str]:
+        entries = prompt_entries(event.entries, self.texts)
+        return [sse("prompt_logprobs", {"prompt_logprobs": entries})]
 
-    def done(self, done: Finished) -> list[str]:
+    def text(self, chunk: TextChunk) -> list[str]:
+        data: dict[str, Any] = {"text": chunk.text, "finished": False}
+        if self.logprobs:
+            data["logprobs"] = token_entries(chunk.logprobs, self.texts, with_id=True)
+        return [sse("text", data)]
+
+    def finished(self, done: Finished) -> list[str]:
         return [sse("done", done_payload(done))]
+
+    def end(self) -> list[str]:
+        return []
 
     def error(self, error: TursiError) -> list[str]:
         return [sse("error", error.body())]
 
 
 def relay(
-    job: GenerationJob, frames: Frames, heartbeat: float, environ: dict[str, Any]
+    submission: Submission, frames: Frames, heartbeat: float, environ: dict[str, Any]
 ) -> Iterator[str]:
-    """Yield SSE frames for `job` until it finishes. A comment heartbeat goes out when the
-    engine is quiet, so a vanished client is noticed (the write fails, the server closes
-    this generator) and the job is cancelled in `finally`; a client that closes its
-    connection is noticed at once (tursi.api.disconnect). How the stream ended goes into the
-    request's outcome, for the request counters (tursi.api.accounting)."""
+    """Yield SSE frames for the request until all its choices finish. A comment heartbeat
+    goes out when the engine is quiet, so a vanished client is noticed (the write fails,
+    the server closes this generator) and the jobs are cancelled in `finally`; a client that
+    closes its connection is noticed at once (tursi.api.disconnect). How the stream ended
+    goes into the request's outcome, for the request counters (tursi.api.accounting)."""
     ended = outcome(environ)
-    unwatch = watch_client(environ, job)
+    unwatch = watch_client(environ, submission)
     try:
         yield from frames.start()
         while True:
             try:
-                event = job.next_event(timeout=heartbeat)
+                event = submission.next_event(timeout=heartbeat)
             except Empty:
                 yield HEARTBEAT
                 continue
             if isinstance(event, TextChunk):
-                yield frames.text(event.text)
+                if event.text or event.logprobs:
+                    yield from frames.text(event)
+            elif isinstance(event, PromptLogprobs):
+                yield from frames.prompt(event)
             elif isinstance(event, Finished):
-                ended.stream_finished = True
-                yield from frames.done(event)
-                return
+                yield from frames.finished(event)
+                if submission.finished(event):
+                    ended.stream_finished = True
+                    yield from frames.end()
+                    return
             elif isinstance(event, Failed):
                 ended.error_code = event.error.code
                 yield from frames.error(event.error)
                 return
     finally:
         unwatch()
-        job.cancel()
+        submission.cancel()
 
 
-def stream_response(job: GenerationJob, frames: Frames) -> Response:
+def stream_response(submission: Submission, frames: Frames) -> Response:
     heartbeat = current().settings.heartbeat_seconds
     return Response(
-        relay(job, frames, heartbeat, request.environ),
+        relay(submission, frames, heartbeat, request.environ),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-def collect(job: GenerationJob) -> tuple[str, Finished]:
-    """Wait for a whole (non-streamed) generation; raise its error if it failed (also when
-    the client disconnects first: the job is then abandoned, tursi.api.disconnect)."""
-    pieces: list[str] = []
-    unwatch = watch_client(request.environ, job)
+@dataclass
+class Choice:
+    """One whole choice: which of the request's prompts it answers (their position), its
+    text, its tokens' logprobs (when asked), how it ended, the prompt's token ids and their
+    logprobs (when asked; entry 0 None)."""
+
+    index: int
+    prompt: int
+    text: str
+    tokens: list[TokenLogprob]
+    finished: Finished
+    prompt_ids: list[int]
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None
+
+
+def collect(submission: Submission) -> list[Choice]:
+    """Wait for every choice of a (non-streamed) request, in index order; raise the error
+    of the first job that failed (also when the client disconnects first: the jobs are then
+    abandoned, tursi.api.disconnect)."""
+    texts: dict[int, list[str]] = defaultdict(list)
+    tokens: dict[int, list[TokenLogprob]] = defaultdict(list)
+    prompts: dict[int, tuple[TokenLogprob | None, ...]] = {}
+    done: dict[int, Finished] = {}
+    unwatch = watch_client(request.environ, submission)
     try:
         while True:
-            event = job.next_event()
+            event = submission.next_event()
             if isinstance(event, TextChunk):
-                pieces.append(event.text)
+                texts[event.index].append(event.text)
+                tokens[event.index].extend(event.logprobs)
+            elif isinstance(event, PromptLogprobs):
+                prompts[event.index] = event.entries
             elif isinstance(event, Finished):
-                return "".join(pieces), event
+                done[event.index] = event
+                if submission.finished(event):
+                    break
             elif isinstance(event, Failed):
                 raise event.error
     finally:
         unwatch()
-        job.cancel()
+        submission.cancel()
+    return [
+        Choice(
+            index,
+            number,
+            "".join(texts[index]),
+            tokens[index],
+            done[index],
+            job.prompt_ids,
+            prompts.get(job.index),
+        )
+        for number, job in enumerate(submission.jobs)
+        for index in range(job.index, job.index + job.n)
+    ]

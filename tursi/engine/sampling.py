@@ -1,9 +1,18 @@
-"""Choosing the next token from logits: greedy, temperature, top-k and nucleus (top-p)
-sampling, with an optional repetition penalty.
+"""Choosing the next token from logits, and scoring tokens under the model's distribution.
 
-A decode step gives one logits row per running request; `choose_tokens` picks all of them
-with one argmax for the greedy rows and one softmax for the sampled rows, then draws each
-sampled row with its own settings and random generator.
+Each row of a batch is chosen with its own SamplingParams, in this order (transformers' order
+for the steps it has, docs/design.md "Sampling"):
+1. logit_bias added to the logits;
+2. repetition_penalty, transformers' definition, over the prompt and the output;
+3. presence and frequency penalties, OpenAI's definition, over the output only:
+   logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty;
+4. temperature, then top_k, top_p and min_p (transformers' warpers, in its order);
+5. the choice: argmax for greedy rows, else a draw with the row's own generator.
+Steps 1-3 run batched over the rows that use them; a batch of greedy rows that use none of
+them is one max over the logits as they are.
+
+Logprobs (`token_logprobs`, `score`) are of the model's raw distribution, log_softmax of its
+logits before any of the above, as vLLM reports by default.
 """
 
 from __future__ import annotations
@@ -12,52 +21,82 @@ from collections.abc import Sequence
 
 import torch
 
-from .jobs import SamplingParams
+from .jobs import SamplingParams, TokenLogprob
 
 _FIRST_NUCLEUS_GUESS = 64
 
 
-class TokenChooser:
-    """One request's sampling settings (its SamplingParams, taken whole) and random state.
-    temperature 0 means greedy (argmax); top_k 0 and top_p 1 mean no cut;
-    repetition_penalty 1 means none. `history` is the prompt's token ids."""
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` of a request: seed + choice, wrapped into the int64 range
+    (so that n choices differ under one seed, and each is reproducible)."""
+    return (seed + choice + 2**63) % 2**64 - 2**63
 
-    def __init__(self, params: SamplingParams, history: Sequence[int] = ()):
+
+class TokenChooser:
+    """One choice's sampling settings (its request's SamplingParams, taken whole) and state:
+    its random generator and the tokens its penalties count. temperature 0 means greedy;
+    top_k 0, top_p 1, min_p 0, penalties 0 (1 for repetition) and no logit_bias mean none.
+    `history` is the prompt's token ids; `choice` numbers the choices of one request."""
+
+    def __init__(self, params: SamplingParams, history: Sequence[int] = (), choice: int = 0):
         self.params = params
-        # Tokens seen so far (prompt and output), kept only when a penalty applies.
-        self.seen: set[int] = set(history) if params.repetition_penalty != 1.0 else set()
+        self.repetition = params.repetition_penalty != 1.0
+        self.output_penalty = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        # Tokens not yet marked in the dense per-vocabulary state below, which is made on the
+        # logits' device at the first step that needs it.
+        self._unseen: list[int] = list(history) if self.repetition else []
+        self._uncounted: list[int] = []
+        self._seen: torch.Tensor | None = None  # [vocab] bool: prompt + output tokens
+        self._counts: torch.Tensor | None = None  # [vocab] float: output token counts
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator()
             if params.seed is None:
                 self.generator.seed()
             else:
-                self.generator.manual_seed(params.seed)
+                self.generator.manual_seed(choice_seed(params.seed, choice))
 
     @property
     def greedy(self) -> bool:
         return self.params.temperature <= 0
 
+    @property
+    def plain(self) -> bool:
+        """No logit_bias and no penalty: the logits are used as the model gave them."""
+        return not (self.repetition or self.output_penalty or self.params.logit_bias)
+
     def remember(self, token: int) -> None:
-        """Note a generated token (for the repetition penalty)."""
-        if self.params.repetition_penalty != 1.0:
-            self.seen.add(token)
+        """Note a generated token (for the penalties)."""
+        if self.repetition:
+            self._unseen.append(token)
+        if self.output_penalty:
+            self._uncounted.append(token)
 
-    def penalize(self, logits: torch.Tensor) -> None:
-        """Apply the repetition penalty in place to a 1-D float logits vector, as
-        transformers does: a seen token's logit is divided by the penalty when positive,
-        multiplied when negative."""
-        penalty = self.params.repetition_penalty
-        if penalty == 1.0 or not self.seen:
-            return
-        ids = torch.tensor(sorted(self.seen), device=logits.device)
-        scores = logits[ids]
-        logits[ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    def seen(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """[vocab] bool: the tokens of the prompt and of the output so far."""
+        if self._seen is None:
+            self._seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        if self._unseen:
+            self._seen[torch.tensor(self._unseen, device=device)] = True
+            self._unseen = []
+        return self._seen
 
-    def draw(self, probs: torch.Tensor) -> int:
-        """Draw from a 1-D probability vector (temperature already applied), keeping only the
-        top_k most likely tokens, then the top_p nucleus of those."""
-        top_k, top_p = self.params.top_k, self.params.top_p
+    def counts(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """[vocab] float32: how often each token occurs in the output so far."""
+        if self._counts is None:
+            self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        if self._uncounted:
+            ids = torch.tensor(self._uncounted, device=device)
+            self._counts.index_add_(0, ids, torch.ones(len(ids), device=device))
+            self._uncounted = []
+        return self._counts
+
+    def candidates(self, probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The tokens a draw may pick from a 1-D probability vector (temperature applied):
+        (ids, their weights), ids None for the whole vocabulary. top_k keeps the k most
+        likely, top_p the nucleus of those (renormalized), min_p those at least min_p times
+        as likely as the most likely. The weights need not sum to 1."""
+        top_k, top_p, min_p = self.params.top_k, self.params.top_p, self.params.min_p
         ids = None
         if 0 < top_k < probs.shape[-1]:
             probs, ids = torch.topk(probs, top_k)
@@ -65,40 +104,117 @@ class TokenChooser:
         if top_p < 1.0:
             kept_ids, probs = nucleus(probs, top_p)
             ids = kept_ids if ids is None else ids[kept_ids]
-        choice = int(torch.multinomial(probs, 1, generator=self.generator))
+        if min_p > 0.0:
+            keep = probs >= min_p * probs.max()
+            ids = torch.nonzero(keep).flatten() if ids is None else ids[keep]
+            probs = probs[keep]
+        return ids, probs
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """Draw from a 1-D probability vector (temperature applied), after the cuts of
+        `candidates`; with no cut, one multinomial draw over the whole vector, as
+        transformers' sampling does."""
+        ids, weights = self.candidates(probs)
+        choice = int(torch.multinomial(weights, 1, generator=self.generator))
         return choice if ids is None else int(ids[choice])
 
 
 def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> list[int]:
     """One token per row of a [rows, vocab] logits batch, row i chosen by choosers[i]."""
-    if all(chooser.greedy and not chooser.seen for chooser in choosers):
+    if all(chooser.greedy and chooser.plain for chooser in choosers):
         # max over the logits as they are: the same index as argmax over a float32 copy
         # (the first of equal maxima), in half the time of that copy and argmax.
         return logits.max(-1).indices.tolist()
-    logits = logits.float()
-    penalized = [i for i, chooser in enumerate(choosers) if chooser.seen]
-    if penalized:
-        logits = logits.clone()
-        for i in penalized:
-            choosers[i].penalize(logits[i])
+    logits = adjusted_logits(logits, choosers)
     tokens = [0] * len(choosers)
     greedy = [i for i, chooser in enumerate(choosers) if chooser.greedy]
     if greedy:
         best = logits[greedy].argmax(-1).tolist()
-        for i, token in zip(greedy, best, strict=False):
+        for i, token in zip(greedy, best, strict=True):
             tokens[i] = token
     sampled = [i for i, chooser in enumerate(choosers) if not chooser.greedy]
     if sampled:
         # The draws use CPU random generators, so they happen on the CPU.
-        rows = logits[sampled].cpu()
-        temperatures = torch.tensor(
-            [choosers[i].params.temperature for i in sampled], dtype=torch.float32
-        )[:, None]
-        # Shift by the max first: a tiny temperature then sends the others to -inf, not NaN.
-        probs = torch.softmax((rows - rows.max(-1, keepdim=True).values) / temperatures, -1)
+        probs = tempered_probs(logits[sampled].cpu(), [choosers[i] for i in sampled])
         for row, i in enumerate(sampled):
             tokens[i] = choosers[i].draw(probs[row])
     return tokens
+
+
+def adjusted_logits(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> torch.Tensor:
+    """float32 logits after each row's logit_bias, repetition penalty and presence and
+    frequency penalties (steps 1-3 of the module docstring), each batched over the rows
+    that use it. The caller's tensor is left alone."""
+    logits = logits.to(torch.float32, copy=True)
+    vocab, device = logits.shape[-1], logits.device
+    biased = [
+        (row, token, bias)
+        for row, chooser in enumerate(choosers)
+        for token, bias in chooser.params.logit_bias
+    ]
+    if biased:
+        rows, tokens, biases = zip(*biased, strict=True)
+        where = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+        logits.index_put_(where, torch.tensor(biases, device=device), accumulate=True)
+    repeated = [i for i, chooser in enumerate(choosers) if chooser.repetition]
+    if repeated:
+        seen = torch.stack([choosers[i].seen(vocab, device) for i in repeated])
+        penalty = _column([choosers[i].params.repetition_penalty for i in repeated], device)
+        scores = logits[repeated]
+        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+        logits[repeated] = torch.where(seen, penalized, scores)
+    counted = [i for i, chooser in enumerate(choosers) if chooser.output_penalty]
+    if counted:
+        counts = torch.stack([choosers[i].counts(vocab, device) for i in counted])
+        frequency = _column([choosers[i].params.frequency_penalty for i in counted], device)
+        presence = _column([choosers[i].params.presence_penalty for i in counted], device)
+        logits[counted] -= counts * frequency + (counts > 0) * presence
+    return logits
+
+
+def tempered_probs(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> torch.Tensor:
+    """softmax(logits / temperature) of each row, with its chooser's temperature."""
+    temperatures = _column([chooser.params.temperature for chooser in choosers], logits.device)
+    # Shift by the max first: a tiny temperature then sends the others to -inf, not NaN.
+    return torch.softmax((logits - logits.max(-1, keepdim=True).values) / temperatures, -1)
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], choosers: Sequence[TokenChooser]
+) -> list[TokenLogprob | None]:
+    """Row i's chosen token scored under the raw logits of row i (with its top
+    params.logprobs alternatives), for the rows that ask for logprobs; None for the others."""
+    rows = [i for i, chooser in enumerate(choosers) if chooser.params.logprobs is not None]
+    entries: list[TokenLogprob | None] = [None] * len(choosers)
+    if rows:
+        tops = [choosers[i].params.logprobs or 0 for i in rows]
+        scored = score(logits[rows], [tokens[i] for i in rows], tops)
+        for i, entry in zip(rows, scored, strict=True):
+            entries[i] = entry
+    return entries
+
+
+def score(logits: torch.Tensor, ids: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
+    """For each row of [rows, vocab] logits: the log-probability of ids[row] under
+    log_softmax(logits[row]) in float32, and the tops[row] most likely tokens, best first."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    index = torch.tensor(list(ids), device=logprobs.device)[:, None]
+    chosen = logprobs.gather(-1, index)[:, 0].tolist()
+    k = min(max(tops, default=0), logprobs.shape[-1])
+    top_values, top_ids = logprobs.topk(k, -1) if k else (logprobs[:, :0], logprobs[:, :0])
+    top_values, top_ids = top_values.tolist(), top_ids.long().tolist()
+    return [
+        TokenLogprob(
+            int(ids[row]),
+            chosen[row],
+            tuple(zip(top_ids[row][:top], top_values[row][:top], strict=True)),
+        )
+        for row, top in enumerate(tops)
+    ]
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,12 +5,14 @@ Each turn of the loop:
 2. ends jobs that were cancelled (client gone) or ran past their deadline;
 3. runs one prefill chunk: waiting prompts, oldest first, are prefilled together as one
    left-padded batch of at most PREFILL_TOKENS (padded) tokens; a longer prompt is prefilled
-   alone, PREFILL_TOKENS columns per turn. When a prefill completes, each request samples
-   its first token and joins the running batch;
-4. runs one decode step for every running request: one token each, one forward pass,
+   alone, PREFILL_TOKENS columns per turn. When a prefill completes, each choice of each job
+   samples its first token and joins the running batch: a job of n choices is one prefill
+   row whose cache is copied into n rows of the batch;
+4. runs one decode step for every running choice: one token each, one forward pass,
    each row at its own position in the BatchCache, each with its own sampling settings.
-A request leaves the batch at the step where it finishes (end of sequence, stop string,
-max_tokens, cancel, deadline). So a running stream waits at most one prefill chunk per
+A choice leaves the batch at the step where it finishes (end of sequence, stop token, stop
+string, max_tokens); a job ends when all of its choices have, or at once when it is
+cancelled or runs past its deadline. So a running stream waits at most one prefill chunk per
 token, and a new request waits at most for the prefills queued before it.
 """
 
@@ -20,7 +22,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,10 +32,10 @@ from ..errors import GenerationFailed, RequestTimeout, TursiError
 from ..telemetry import ModelStats
 from .decode import decode_logits
 from .detokenize import IncrementalDecoder
-from .jobs import Failed, Finished, GenerationJob, TextChunk
+from .jobs import Failed, Finished, GenerationJob, PromptLogprobs, TextChunk, TokenLogprob
 from .kvcache import BatchCache
 from .loading import LoadedModel, num_layers
-from .sampling import TokenChooser, choose_tokens
+from .sampling import TokenChooser, choose_tokens, score, token_logprobs
 from .stopping import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -43,48 +45,86 @@ PREFILL_TOKENS = 512
 
 @dataclass(eq=False)
 class Sequence:
-    """A job's decoding state while it is being prefilled or decoded."""
+    """One choice of a job: its decoding state, and a row of the batch once prefilled."""
 
     job: GenerationJob
+    index: int  # the choice's index in the request's answer
     chooser: TokenChooser
     decoder: IncrementalDecoder
     matcher: StopMatcher
-    started: float
     next_token: int = -1
+    tokens: int = 0  # generated so far (max_tokens counts per choice)
+    last_token: float = 0.0  # time.monotonic() of its latest token
+    cumulative_logprob: float = 0.0
+    chars: int = 0  # characters of text the decoder has given so far
+    sent: int = 0  # characters of text sent
+    # (characters of text up to the token's end, its logprob entry), not yet sent: an entry
+    # goes with the chunk that completes its token's text
+    entries: collections.deque[tuple[int, TokenLogprob]] = field(default_factory=collections.deque)
+
+
+@dataclass(eq=False)
+class Live:
+    """A job taken from the queue and not yet ended: its choices, and when its prefill began."""
+
+    job: GenerationJob
+    choices: list[Sequence]
+    started: float
+    running: int  # choices not yet finished
 
 
 class _Prefill:
-    """A group of prompts prefilled together: left-padded, processed in column chunks."""
+    """A group of prompts prefilled together: left-padded, processed in column chunks. Rows
+    whose job asks for prompt_logprobs are scored chunk by chunk (the group's forward then
+    keeps the logits of every column, not just the last)."""
 
-    def __init__(self, seqs: list[Sequence], device: torch.device, pad_id: int):
-        self.seqs = seqs
-        lengths = [len(s.job.prompt_ids) for s in seqs]
+    def __init__(self, jobs: list[GenerationJob], device: torch.device, pad_id: int):
+        self.jobs = jobs
+        lengths = [len(job.prompt_ids) for job in jobs]
         self.width = max(lengths)
         self.starts = [self.width - n for n in lengths]
-        ids = torch.full((len(seqs), self.width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), self.width), dtype=torch.long)
-        for row, (seq, start) in enumerate(zip(seqs, self.starts, strict=False)):
-            ids[row, start:] = torch.tensor(seq.job.prompt_ids)
+        ids = torch.full((len(jobs), self.width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), self.width), dtype=torch.long)
+        for row, (job, start) in enumerate(zip(jobs, self.starts, strict=True)):
+            ids[row, start:] = torch.tensor(job.prompt_ids)
             mask[row, start:] = 1
         self.ids, self.mask = ids.to(device), mask.to(device)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.chunk = max(1, PREFILL_TOKENS // len(seqs))
+        self.chunk = max(1, PREFILL_TOKENS // len(jobs))
         self.done = 0
         self.cache = DynamicCache()
+        self.prompt_logprobs: list[list[TokenLogprob] | None] = [
+            [] if job.params.prompt_logprobs is not None else None for job in jobs
+        ]
 
     def step(self, model: Any) -> torch.Tensor | None:
         """Run the next chunk; returns the last column's logits once the prompts are done."""
         end = min(self.done + self.chunk, self.width)
+        scoring = any(entries is not None for entries in self.prompt_logprobs)
         out = model(
             input_ids=self.ids[:, self.done : end],
             attention_mask=self.mask[:, :end],
             position_ids=self.positions[:, self.done : end],
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if scoring else 1,  # 0: all columns
         )
+        for row, entries in enumerate(self.prompt_logprobs):
+            if entries is not None:
+                entries.extend(self._score(row, out.logits[row], end))
         self.done = end
         return out.logits[:, -1] if end == self.width else None
+
+    def _score(self, row: int, logits: torch.Tensor, end: int) -> list[TokenLogprob]:
+        """The prompt tokens that this chunk's columns [done, end) of `row` predict: the
+        logits at column c score the token at c + 1 (the last column's predict the first
+        new token, not a prompt token)."""
+        first, last = max(self.done, self.starts[row]), min(end, self.width - 1)
+        if first >= last:
+            return []
+        targets = self.ids[row, first + 1 : last + 1].tolist()
+        top = self.jobs[row].params.prompt_logprobs or 0
+        return score(logits[first - self.done : last - self.done], targets, [top] * len(targets))
 
 
 class Scheduler:
@@ -109,7 +149,7 @@ class Scheduler:
         self.prefill: _Prefill | None = None
         # Every job taken from `waiting` and not yet ended (prefilling, being handed to the
         # batch, or decoding), in one place, so that whatever raises, fail_all ends them all.
-        self.live: dict[Sequence, None] = {}
+        self.live: dict[GenerationJob, Live] = {}
         attention = getattr(loaded.model.config, "_attn_implementation", "sdpa")
         self.cache = BatchCache(
             num_layers(loaded.model.config), loaded.context_length, boolean_mask=attention == "sdpa"
@@ -132,7 +172,7 @@ class Scheduler:
         """One turn of the loop (steps 2-4 in the module docstring)."""
         self._drop_ended_waiting()
         with torch.inference_mode():
-            if self.prefill is None and self.waiting and len(self.rows) < self.max_batch:
+            if self.prefill is None and self.waiting and self.waiting[0].n <= self._free_rows():
                 self.prefill = self._start_prefill()
             if self.prefill is not None:
                 self._prefill_step()
@@ -144,8 +184,8 @@ class Scheduler:
         """End every job this scheduler holds with `error` (unload, engine failure)."""
         self.rows, self.prefill = [], None
         self.cache.clear()
-        for seq in list(self.live):
-            self._fail(seq, error)
+        for live in list(self.live.values()):
+            self._fail(live, error)
         while self.waiting:
             job = self.waiting.popleft()
             job.events.put(Failed(error))
@@ -159,6 +199,11 @@ class Scheduler:
             self.loaded = None
 
     # --- admission and ending ---------------------------------------------------------------
+
+    def _free_rows(self) -> int:
+        """Rows of the batch not taken by running choices (a prefill runs only when none is
+        in progress, so nothing else holds rows)."""
+        return self.max_batch - len(self.rows)
 
     def _drop_ended_waiting(self) -> None:
         keep: collections.deque[GenerationJob] = collections.deque()
@@ -174,13 +219,22 @@ class Scheduler:
             self.waiting = keep
 
     def _drop_ended_rows(self) -> None:
+        """End the running jobs that were cancelled or ran past their deadline, all of their
+        choices at once."""
+        ended: dict[GenerationJob, str] = {}
+        for seq in self.rows:
+            reason = ended.get(seq.job) or _ended(seq.job)
+            if reason is not None:
+                ended[seq.job] = reason
+        if ended:
+            self._remove_rows(lambda seq: seq.job in ended)
+            for job, reason in ended.items():
+                self._end(self.live[job], reason)
+
+    def _remove_rows(self, leaving: Callable[[Sequence], bool]) -> None:
         for row in range(len(self.rows) - 1, -1, -1):
-            seq = self.rows[row]
-            reason = _ended(seq.job)
-            if reason is None:
-                continue
-            self._remove_row(row)
-            self._end(seq, reason)
+            if leaving(self.rows[row]):
+                self._remove_row(row)
 
     def _remove_row(self, row: int) -> None:
         self.cache.remove_row(row)
@@ -191,30 +245,36 @@ class Scheduler:
     # --- prefill --------------------------------------------------------------------------
 
     def _start_prefill(self) -> _Prefill:
-        room = self.max_batch - len(self.rows)
-        seqs: list[Sequence] = []
+        """The next prefill group: waiting jobs, oldest first, while their choices fit the
+        free rows and their padded prompts fit PREFILL_TOKENS."""
+        room = self._free_rows()
+        jobs: list[GenerationJob] = []
         width = 0
-        while self.waiting and len(seqs) < room:
+        while self.waiting and self.waiting[0].n <= room:
             job = self.waiting[0]
             new_width = max(width, len(job.prompt_ids))
-            if seqs and new_width * (len(seqs) + 1) > PREFILL_TOKENS:
+            if jobs and new_width * (len(jobs) + 1) > PREFILL_TOKENS:
                 break
-            seq = self._sequence(job)  # before the job leaves `waiting`: it may raise
+            live = self._live(job)  # before the job leaves `waiting`: it may raise
             self.waiting.popleft()
-            self.live[seq] = None
-            width = new_width
-            seqs.append(seq)
-        return _Prefill(seqs, self.loaded.device, self.pad_id)
+            self.live[job] = live
+            width, room = new_width, room - job.n
+            jobs.append(job)
+        return _Prefill(jobs, self.loaded.device, self.pad_id)
 
-    def _sequence(self, job: GenerationJob) -> Sequence:
-        params = job.params
-        return Sequence(
-            job,
-            TokenChooser(params, job.prompt_ids),
-            IncrementalDecoder(self.loaded.tokenizer, job.prompt_ids),
-            StopMatcher(list(params.stop)),
-            time.perf_counter(),
-        )
+    def _live(self, job: GenerationJob) -> Live:
+        params, tokenizer = job.params, self.loaded.tokenizer
+        choices = [
+            Sequence(
+                job,
+                job.index + choice,
+                TokenChooser(params, job.prompt_ids, choice),
+                IncrementalDecoder(tokenizer, job.prompt_ids),
+                StopMatcher(list(params.stop)),
+            )
+            for choice in range(job.n)
+        ]
+        return Live(job, choices, time.perf_counter(), job.n)
 
     def _prefill_step(self) -> None:
         prefill = self.prefill
@@ -222,15 +282,32 @@ class Scheduler:
         logits = prefill.step(self.loaded.model)
         if logits is None:
             return
-        tokens = choose_tokens(logits, [seq.chooser for seq in prefill.seqs])
         # If anything below raises (add_row allocates), the jobs not yet in the batch are
         # still in self.live: the worker's fail_all ends them with the rest.
         self.prefill = None
-        for row, seq in enumerate(prefill.seqs):
-            reason = _ended(seq.job)
+        starting: list[tuple[int, Sequence]] = []  # (prefill row, choice)
+        for row, job in enumerate(prefill.jobs):
+            live = self.live[job]
+            reason = _ended(job)
             if reason is not None:
-                self._end(seq, reason)
-            elif not self._accept(seq, tokens[row]):
+                self._end(live, reason)
+                continue
+            entries = prefill.prompt_logprobs[row]
+            if entries is not None:
+                job.events.put(PromptLogprobs((None, *entries), job.index))
+            if job.params.max_tokens == 0:  # the prompt was to be scored, nothing generated
+                for seq in live.choices:
+                    self._choice_done(seq, "length")
+                continue
+            starting.extend((row, seq) for seq in live.choices)
+        if not starting:
+            return
+        first = logits[[row for row, _ in starting]]  # each job's row once per choice
+        choosers = [seq.chooser for _, seq in starting]
+        tokens = choose_tokens(first, choosers)
+        logprobs = token_logprobs(first, tokens, choosers)
+        for (row, seq), token, entry in zip(starting, tokens, logprobs, strict=True):
+            if seq.job in self.live and not self._accept(seq, token, entry):
                 length = len(seq.job.prompt_ids)
                 self.cache.add_row(prefill.cache, row, prefill.starts[row], length)
                 self.rows.append(seq)
@@ -241,76 +318,124 @@ class Scheduler:
         device = self.loaded.device
         ids = torch.tensor([[seq.next_token] for seq in self.rows], device=device)
         logits = decode_logits(self.loaded.model, ids, self.cache)
-        tokens = choose_tokens(logits, [seq.chooser for seq in self.rows])
+        choosers = [seq.chooser for seq in self.rows]
+        tokens = choose_tokens(logits, choosers)
+        logprobs = token_logprobs(logits, tokens, choosers)
         for row in range(len(self.rows) - 1, -1, -1):
-            if self._accept(self.rows[row], tokens[row]):
+            seq = self.rows[row]
+            if seq.job in self.live and self._accept(seq, tokens[row], logprobs[row]):
                 self._remove_row(row)
+        self._remove_rows(lambda seq: seq.job not in self.live)  # a sibling choice failed
 
-    def _accept(self, seq: Sequence, token: int) -> bool:
-        """Take the next token of `seq` and send its text; True when the job has ended."""
+    def _accept(self, seq: Sequence, token: int, entry: TokenLogprob | None) -> bool:
+        """Take the next token of choice `seq` and send its text; True when it has ended."""
         job = seq.job
         now = time.monotonic()
         if job.tokens_generated == 0:
             self.stats.first_token(now - job.submitted)
-        else:
-            self.stats.inter_token(now - job.last_token)
-        job.last_token = now
+        elif seq.tokens:  # a sibling's first token came at the same moment as this one
+            self.stats.inter_token(now - seq.last_token)
+        seq.last_token = job.last_token = now
         try:
             job.tokens_generated += 1
+            seq.tokens += 1
+            if entry is not None:
+                seq.cumulative_logprob += entry.logprob
             reason = None
-            if token in self.loaded.eos_ids and not job.params.ignore_eos:
+            if self._is_stop_token(job, token):
                 reason = self._finish(seq, seq.decoder.flush(), "stop")
-            elif self._emit(seq, seq.decoder.push(token)):
-                reason = "stop"
-            elif job.tokens_generated >= job.params.max_tokens:
-                reason = self._finish(seq, seq.decoder.flush(), "length")
+            else:
+                piece = seq.decoder.push(token)
+                seq.chars += len(piece)
+                if entry is not None:
+                    seq.entries.append((seq.chars, entry))
+                if self._emit(seq, piece):
+                    reason = "stop"
+                elif seq.tokens >= job.params.max_tokens:
+                    reason = self._finish(seq, seq.decoder.flush(), "length")
         except Exception as exc:  # one request's failure must not end the batch
             log.exception("detokenizing failed on %s", self.name)
-            self._fail(seq, GenerationFailed(f"Generation failed: {type(exc).__name__}"))
+            self._fail(self.live[job], GenerationFailed(f"Generation failed: {type(exc).__name__}"))
             return True
         if reason is None:
             seq.next_token = token
             seq.chooser.remember(token)
             return False
-        finished = Finished(job.tokens_generated, time.perf_counter() - seq.started, reason)
-        self._done(seq, True)  # counted before the client hears of it
-        job.events.put(finished)
+        self._choice_done(seq, reason)
         return True
 
-    @staticmethod
-    def _emit(seq: Sequence, piece: str) -> bool:
+    def _is_stop_token(self, job: GenerationJob, token: int) -> bool:
+        """End of sequence (unless ignore_eos) or one of the request's stop_token_ids: the
+        choice ends with "stop", the token counted but its text never sent."""
+        params = job.params
+        eos = token in self.loaded.eos_ids and not params.ignore_eos
+        return eos or token in params.stop_token_ids
+
+    def _emit(self, seq: Sequence, piece: str) -> bool:
         """Send what the stop matcher releases; True when a stop string was hit."""
         check = seq.matcher.feed(piece)
-        if check.text:
-            seq.job.events.put(TextChunk(check.text))
+        self._send(seq, check.text, last=check.stopped)
         return check.stopped
 
     def _finish(self, seq: Sequence, tail: str, reason: str) -> str:
-        """End of generation: release the decoder's and the matcher's held-back text."""
-        if self._emit(seq, tail):
+        """End of the choice: release the decoder's and the matcher's held-back text."""
+        check = seq.matcher.feed(tail)
+        if check.stopped:
+            self._send(seq, check.text, last=True)
             return "stop"
-        rest = seq.matcher.flush()
-        if rest:
-            seq.job.events.put(TextChunk(rest))
+        self._send(seq, check.text + seq.matcher.flush(), last=True)
         return reason
 
-    def _end(self, seq: Sequence, reason: str) -> None:
+    @staticmethod
+    def _send(seq: Sequence, text: str, last: bool) -> None:
+        """Send released text with the logprob entries of the tokens it completes. The last
+        send of a choice takes every entry whose text was sent, even without text of its
+        own (tokens with no text, such as special ones), and drops the rest (a stop string's
+        tokens)."""
+        seq.sent += len(text)
+        if not text and not last:
+            return
+        entries = []
+        while seq.entries and seq.entries[0][0] <= seq.sent:
+            entries.append(seq.entries.popleft()[1])
+        if last:
+            seq.entries.clear()
+        if text or entries:
+            seq.job.events.put(TextChunk(text, seq.index, tuple(entries)))
+
+    def _choice_done(self, seq: Sequence, reason: str) -> None:
+        """A choice finished; the job ends with its last choice."""
+        live = self.live[seq.job]
+        params = seq.job.params
+        finished = Finished(
+            seq.tokens,
+            time.perf_counter() - live.started,
+            reason,
+            seq.index,
+            seq.cumulative_logprob if params.logprobs is not None else None,
+        )
+        live.running -= 1
+        if live.running == 0:
+            self._done(live, True)  # counted before the client hears of it
+        seq.job.events.put(finished)
+
+    def _end(self, live: Live, reason: str) -> None:
         """A started job ended from outside: its deadline passed or it was cancelled."""
         if reason == "timeout":
-            self._fail(seq, _timeout(seq.job))
+            self._fail(live, _timeout(live.job))
         else:
-            self._done(seq, True)
+            self._done(live, True)
 
-    def _fail(self, seq: Sequence, error: TursiError) -> None:
-        seq.job.events.put(Failed(error))
-        self._done(seq, False)
+    def _fail(self, live: Live, error: TursiError) -> None:
+        live.job.events.put(Failed(error))
+        self._done(live, False)
 
-    def _done(self, seq: Sequence, ok: bool) -> None:
+    def _done(self, live: Live, ok: bool) -> None:
         """A job left (a client that went away counts as ok: nothing failed here). The
         worker's admitted count drops before `running` does, so that no reader ever sees the
         job as waiting."""
-        self.on_done(seq.job, time.perf_counter() - seq.started, ok)
-        del self.live[seq]
+        self.on_done(live.job, time.perf_counter() - live.started, ok)
+        del self.live[live.job]
 
 
 def _ended(job: GenerationJob) -> str | None:

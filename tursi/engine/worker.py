@@ -33,6 +33,7 @@ from ..threads import Channel, Empty, SimpleQueue, native_lock, start_native_thr
 from .jobs import GenerationJob, GenerationParams, SamplingParams
 from .loading import LoadedModel
 from .scheduler import Scheduler
+from .tokens import TokenTexts, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class ModelWorker:
         self.request_timeout = limits.request_timeout
         self.step_timeout = limits.step_timeout
         self._scheduler = Scheduler(name, loaded, limits.max_batch, self._job_done, stats)
+        self.vocab_size = vocab_size(loaded.tokenizer, loaded.model)
+        self._token_texts = TokenTexts(loaded.tokenizer)
         self._inbox: SimpleQueue = SimpleQueue()
         self._lock = native_lock()
         # jobs submitted and not yet ended (running + waiting): the worker's own list, so
@@ -113,29 +116,43 @@ class ModelWorker:
 
     def new_job(
         self,
-        prompt: str,
+        prompt: str | list[int],
         sampling: SamplingParams,
         *,
         max_tokens: int | None,
         max_tokens_cap: int,
         default_max_tokens: int | None = None,
         add_special_tokens: bool = True,
+        n: int = 1,
+        index: int = 0,
+        events: Channel | None = None,
     ) -> GenerationJob:
-        """Tokenize and check a request against the context window; raise 400s here.
-        Without max_tokens a job gets default_max_tokens (DEFAULT_MAX_TOKENS when None),
-        within the cap and the context. A prompt rendered by a chat template already holds
-        its special tokens."""
+        """Tokenize and check a request against the vocabulary, the batch and the context
+        window; raise 400s here. `prompt` is text, or token ids used as they are. Without
+        max_tokens a job gets default_max_tokens (DEFAULT_MAX_TOKENS when None), within the
+        cap and the context; max_tokens counts per choice, and 0 is for scoring the prompt
+        (prompt_logprobs) only. A prompt rendered by a chat template already holds its
+        special tokens. The `n` choices are numbered from `index`; the jobs of one request
+        may share one `events` channel (None: a channel of the job's own)."""
         loaded = self._loaded()
-        prompt_ids = loaded.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        if isinstance(prompt, str):
+            prompt_ids = loaded.tokenizer(prompt, add_special_tokens=add_special_tokens)[
+                "input_ids"
+            ]
+        else:
+            prompt_ids = list(prompt)
+            self._check_token_ids("prompt", prompt_ids)
         if not prompt_ids:
             raise InvalidRequest("The prompt is empty once tokenized", {"field": "prompt"})
+        self._check_sampling(sampling, n, max_tokens)
+        scoring_only = max_tokens == 0
         room = self.context_length - len(prompt_ids)
         numbers = {
             "prompt_tokens": len(prompt_ids),
             "context_length": self.context_length,
             "max_tokens_limit": max_tokens_cap,
         }
-        if room < 1:
+        if room < (0 if scoring_only else 1):
             raise ContextLengthExceeded(
                 f"The prompt ({len(prompt_ids)} tokens) fills the context length of "
                 f"'{self.name}' ({self.context_length} tokens)",
@@ -154,9 +171,53 @@ class ModelWorker:
                 f"the context length of '{self.name}' ({self.context_length} tokens)",
                 {**numbers, "max_tokens": max_tokens},
             )
-        return GenerationJob(prompt_ids, GenerationParams.of(sampling, max_tokens))
+        return GenerationJob(
+            prompt_ids,
+            GenerationParams.of(sampling, max_tokens),
+            events if events is not None else Channel(),
+            n=n,
+            index=index,
+        )
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+    def _check_sampling(self, sampling: SamplingParams, n: int, max_tokens: int | None) -> None:
+        """400s for what the engine cannot do: token ids outside the vocabulary, more
+        choices than the batch has rows, nothing to generate and nothing to score."""
+        self._check_token_ids("logit_bias", [token for token, _ in sampling.logit_bias])
+        self._check_token_ids("stop_token_ids", list(sampling.stop_token_ids))
+        if not 1 <= n <= self.max_batch:
+            raise InvalidRequest(
+                f"n={n} choices do not fit: this server runs at most {self.max_batch} "
+                "sequences at once (TURSI_MAX_BATCH)",
+                {"field": "n", "n": n, "max_batch": self.max_batch},
+            )
+        if max_tokens == 0 and sampling.prompt_logprobs is None:
+            raise InvalidRequest(
+                "max_tokens=0 generates nothing: it is allowed only to score the prompt "
+                "(echo with logprobs, or prompt_logprobs)",
+                {"field": "max_tokens", "max_tokens": 0},
+            )
+
+    def _check_token_ids(self, name: str, ids: list[int]) -> None:
+        """A 400 naming the field unless every id is a token of the model."""
+        vocab = self.vocab_size
+        for token in ids:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise InvalidRequest(
+                    f"{name}: {token!r} is not a token id of '{self.name}' "
+                    f"(ids run from 0 to {vocab - 1})",
+                    {"field": name, "token_id": token, "vocab_size": vocab},
+                )
+
+    def token_texts(self, ids: list[int]) -> list[tuple[str, bytes]]:
+        """Each token's own text and raw bytes (logprobs' `token` and `bytes`): for
+        byte-level BPE tokenizers the true bytes, even of half a UTF-8 character
+        (tursi.engine.tokens)."""
+        self._loaded()
+        return self._token_texts(ids)
+
+    def chat_prompt(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """The prompt text for chat `messages` ({"role", "content"}), rendered with the
         model's chat template; a 400 when the model has none or the template refuses them."""
         tokenizer = self._loaded().tokenizer
@@ -167,13 +228,26 @@ class ModelWorker:
             )
         try:
             return tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # jinja2 errors: the template rejects these messages
             raise InvalidRequest(
                 f"The chat template of '{self.name}' rejected the messages: {exc}",
                 {"model": self.name},
             ) from None
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`text`'s token ids, as a prompt would be tokenized (tursi.api.tokenize)."""
+        return list(
+            self._loaded().tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        )
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids; a 400 for an id that is no token of the model (which
+        would decode to nothing, or raise)."""
+        tokenizer = self._loaded().tokenizer
+        self._check_token_ids("tokens", ids)
+        return tokenizer.decode(ids)
 
     def _loaded(self) -> LoadedModel:
         loaded = self.loaded
@@ -185,24 +259,40 @@ class ModelWorker:
         return self._failure or ModelUnloaded(f"Model '{self.name}' was unloaded")
 
     def submit(self, job: GenerationJob) -> None:
-        """Queue a job, or refuse it when max_batch running + max_queue waiting are taken."""
+        """Queue a job, or refuse it when the batch and the queue are full (submit_all)."""
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[GenerationJob]) -> None:
+        """Queue the jobs of one request together, or refuse them all: each choice takes a
+        row, and max_batch rows running + max_queue waiting are all there is (a 503 when
+        they are taken now, a 400 when the request needs more than that)."""
+        capacity = self.max_batch + self.max_queue
+        rows = sum(job.n for job in jobs)
+        if rows > capacity:
+            raise InvalidRequest(
+                f"The request needs {rows} sequences; '{self.name}' admits at most "
+                f"{capacity} ({self.max_batch} running, {self.max_queue} waiting)",
+                {"sequences": rows, "max_batch": self.max_batch, "max_queue": self.max_queue},
+            )
         with self._lock:
             if self._stopping:
                 raise self._refusal()
-            if len(self._admitted) >= self.max_batch + self.max_queue:
+            if sum(job.n for job in self._admitted) + rows > capacity:
                 raise Overloaded(
                     f"Model '{self.name}' is at capacity ({self.max_batch} running, "
                     f"{self.max_queue} waiting); retry shortly",
                     {"max_batch": self.max_batch, "max_queue": self.max_queue},
                     {"Retry-After": str(OVERLOAD_RETRY_SECONDS)},
                 )
-            self._admitted[job] = None
-            job.engine_failure = self.failure
-            job.submitted = time.monotonic()
-            if self.request_timeout is not None:
-                job.timeout = self.request_timeout
-                job.deadline = job.submitted + self.request_timeout
-            self._inbox.put(job)
+            now = time.monotonic()
+            for job in jobs:
+                self._admitted[job] = None
+                job.engine_failure = self.failure
+                job.submitted = now
+                if self.request_timeout is not None:
+                    job.timeout = self.request_timeout
+                    job.deadline = now + self.request_timeout
+                self._inbox.put(job)
 
     def stop(self, exited: Channel | None = None) -> None:
         """Ask the thread to finish: jobs in flight or queued end with `model_unloaded`, and

@@ -1,0 +1,116 @@
+"""Tokenizer routes: text or chat messages to token ids, and back, with a loaded model's
+tokenizer; so that a client can count a prompt against the context before it sends it.
+
+Under /api/v1 with Tursi's names; at the root, /tokenize and /detokenize with the names
+vLLM's and llama.cpp's servers use (tools call those paths). All of them need the API key
+and share the rate limit of the other API routes (tursi.api.auth.is_api_path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from ..engine.worker import ModelWorker
+from ..errors import InvalidRequest
+from . import json_body
+from .state import current
+from .tokenize_schemas import (
+    CompatDetokenizeRequestSchema,
+    CompatTokenizeRequestSchema,
+    DetokenizeRequestSchema,
+    TokenizeRequestSchema,
+)
+
+bp = Blueprint("tokenize", __name__)  # /api/v1
+compat_bp = Blueprint("tokenize_compat", __name__)  # the root: vLLM's and llama.cpp's paths
+
+
+@bp.post("/tokenize")
+def tokenize():
+    """Tokenize text, or chat messages through the model's chat template.
+
+    `text` is tokenized as a prompt is (special tokens added unless add_special_tokens is
+    false); `messages` are rendered with the chat template first (with the assistant's
+    generation prompt unless add_generation_prompt is false). The answer has the ids, their
+    count and the model's context length."""
+    data = TokenizeRequestSchema().load(json_body())
+    worker = current().manager.worker(data["model"])
+    ids = _token_ids(worker, data)
+    return jsonify({"tokens": ids, "count": len(ids), "context_length": worker.context_length})
+
+
+@bp.post("/detokenize")
+def detokenize():
+    """The text of token ids.
+
+    Ids outside the model's vocabulary are a 400."""
+    data = DetokenizeRequestSchema().load(json_body())
+    worker = current().manager.worker(data["model"])
+    return jsonify({"text": worker.detokenize(data["tokens"])})
+
+
+@compat_bp.post("/tokenize")
+def compat_tokenize():
+    """Tokenize, with vLLM's and llama.cpp's field names.
+
+    vLLM's {model, prompt | messages, add_special_tokens, add_generation_prompt} or
+    llama.cpp's {content, add_special, with_pieces}; `model` may be left out when exactly
+    one model is loaded. Answers {tokens, count, max_model_len}; with `with_pieces` each
+    token is {id, piece}."""
+    data = CompatTokenizeRequestSchema().load(json_body())
+    worker = _worker(data["model"])
+    ids = _token_ids(worker, data)
+    tokens: list[Any] = ids
+    if data["with_pieces"]:
+        tokens = [
+            {"id": i, "piece": _piece(raw)}
+            for i, (_, raw) in zip(ids, worker.token_texts(ids), strict=True)
+        ]
+    return jsonify({"tokens": tokens, "count": len(ids), "max_model_len": worker.context_length})
+
+
+@compat_bp.post("/detokenize")
+def compat_detokenize():
+    """The text of token ids, with vLLM's and llama.cpp's field names.
+
+    {model?, tokens}: the text is both `prompt` (vLLM's name) and `content` (llama.cpp's)."""
+    data = CompatDetokenizeRequestSchema().load(json_body())
+    text = _worker(data["model"]).detokenize(data["tokens"])
+    return jsonify({"prompt": text, "content": text})
+
+
+def _token_ids(worker: ModelWorker, data: dict[str, Any]) -> list[int]:
+    special = data["add_special_tokens"]
+    if data["messages"] is not None:
+        text = worker.chat_prompt(data["messages"], data["add_generation_prompt"])
+        return worker.tokenize(text, add_special_tokens=bool(special))
+    return worker.tokenize(data["text"], add_special_tokens=special is not False)
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    """A token's text as llama.cpp gives it: a string, or its bytes when they are not UTF-8
+    on their own (half of a character)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
+
+
+def _worker(name: str | None) -> ModelWorker:
+    """The named model's worker; without a name, the one loaded model's (a 400 unless
+    exactly one is loaded)."""
+    manager = current().manager
+    if name is None:
+        loaded = [state.name for state in manager.snapshots() if state.status == "loaded"]
+        if len(loaded) != 1:
+            raise InvalidRequest(
+                f"Name the model: {len(loaded)} models are loaded",
+                {
+                    "fields": {"model": ["required unless exactly one model is loaded"]},
+                    "loaded_models": loaded,
+                },
+            )
+        name = loaded[0]
+    return manager.worker(name)
