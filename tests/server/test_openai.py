@@ -564,7 +564,16 @@ def test_echo(oai, greedy_completion):
     assert scored.usage.completion_tokens == 0
     assert choice.logprobs.token_logprobs[0] is None
     assert all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
-    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs[1:])
+    for token, logprob, top in zip(
+        choice.logprobs.tokens[1:],
+        choice.logprobs.token_logprobs[1:],
+        choice.logprobs.top_logprobs[1:],
+        strict=True,
+    ):
+        # The top 2, plus the prompt's own token when it is not among them ("up to
+        # logprobs + 1", as OpenAI answers), then the lowest of the three.
+        assert top[token] == pytest.approx(logprob, abs=1e-6)
+        assert len(top) == 2 or (len(top) == 3 and logprob == min(top.values()))
 
     echoed = oai.completions.create(
         model=MODEL, prompt=PROMPT, temperature=0, max_tokens=4, echo=True, logprobs=1
@@ -578,7 +587,10 @@ def test_echo(oai, greedy_completion):
         pytest.approx(choice.logprobs.token_logprobs[1:], abs=1e-4)
     )
 
-    # The generated tokens scored as a prompt get the logprobs they were generated with.
+    # The generated tokens scored as a prompt get the logprobs they were generated with, up
+    # to the dtype's rounding: the server runs bf16 where the CPU has it, and a prefill and
+    # a decode step round differently there (0.02 seen; an off-by-one position is off by
+    # whole units). In fp32 they agree to 1e-3: bench/lm_eval_check.py.
     generated = oai.completions.create(
         model=MODEL, prompt=PROMPT, temperature=0, max_tokens=4, logprobs=1
     ).choices[0]
@@ -587,7 +599,7 @@ def test_echo(oai, greedy_completion):
     ).choices[0]
     assert rescored.logprobs.tokens[-4:] == generated.logprobs.tokens
     assert rescored.logprobs.token_logprobs[-4:] == pytest.approx(
-        generated.logprobs.token_logprobs, abs=1e-4
+        generated.logprobs.token_logprobs, abs=0.1
     )
 
 
