@@ -99,22 +99,32 @@ def reference(source: str, pairs: list[tuple[dict, str, list[str]]]) -> list[lis
     return scores
 
 
-def run_lm_eval(completions_url: str, tokenizer_dir: str, batch_size: int) -> tuple[dict, dict]:
-    """simple_evaluate with local-completions on the task; returns the results and the first
-    request body lm-eval sent (recorded to show what the server has to accept)."""
+def run_lm_eval(
+    completions_url: str, tokenizer_dir: str, batch_size: int
+) -> tuple[dict, dict, list[str]]:
+    """simple_evaluate with local-completions on the task; returns the results, the first
+    request body lm-eval sent (recorded to show what the server has to accept) and the
+    answers that break lm-eval's reading of them (short_answers)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.tasks import TaskManager
 
     sent: dict = {}
+    broken: list[str] = []
     create_payload = LocalCompletionsAPI._create_payload
+    parse_logprobs = LocalCompletionsAPI.parse_logprobs
 
     def recording(self, *args, **kwargs):
         payload = create_payload(self, *args, **kwargs)
         sent.setdefault("payload", payload)
         return payload
 
+    def checking(outputs, tokens=None, ctxlens=None, **kwargs):
+        broken.extend(short_answers(outputs, tokens))
+        return parse_logprobs(outputs, tokens=tokens, ctxlens=ctxlens, **kwargs)
+
     LocalCompletionsAPI._create_payload = recording
+    LocalCompletionsAPI.parse_logprobs = staticmethod(checking)
     try:
         results = simple_evaluate(
             model="local-completions",
@@ -135,7 +145,25 @@ def run_lm_eval(completions_url: str, tokenizer_dir: str, batch_size: int) -> tu
         )
     finally:
         LocalCompletionsAPI._create_payload = create_payload
-    return results, sent["payload"]
+        LocalCompletionsAPI.parse_logprobs = staticmethod(parse_logprobs)
+    return results, sent["payload"], broken
+
+
+def short_answers(outputs: dict | list[dict], prompts: list[list[int]]) -> list[str]:
+    """lm-eval reads token_logprobs[ctxlen:-1]: it takes the last entry for the one generated
+    token (max_tokens 1) and drops it. A choice whose logprobs do not hold exactly the
+    prompt's tokens + 1 (e.g. an end-of-sequence token left out) loses a continuation token
+    instead: each such choice, described."""
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    choices = sorted(
+        (choice for out in outputs for choice in out["choices"]), key=lambda c: c["index"]
+    )
+    return [
+        f"choice {choice['index']}: {len(choice['logprobs']['token_logprobs'])} token_logprobs "
+        f"for a {len(prompt)}-token prompt + 1 (finish_reason {choice.get('finish_reason')!r})"
+        for choice, prompt in zip(choices, prompts, strict=True)
+        if len(choice["logprobs"]["token_logprobs"]) != len(prompt) + 1
+    ]
 
 
 def served_scores(results: dict, pairs: list[tuple[dict, str, list[str]]]) -> list[list[float]]:
@@ -211,7 +239,7 @@ def main() -> None:
     try:
         server.load({"dtype": "float32"})
         started = time.perf_counter()
-        results, payload = run_lm_eval(
+        results, payload, broken = run_lm_eval(
             f"http://127.0.0.1:{server.port}/v1/completions", source, args.batch_size
         )
         print(f"lm-eval: {time.perf_counter() - started:.1f} s", flush=True)
@@ -228,10 +256,24 @@ def main() -> None:
         f"in-process reference {accuracy['reference']:.4f}"
     )
     print(f"largest loglikelihood difference: {gap:.2e} (tolerance {args.tolerance:.0e})")
-    ok = accuracy["server"] == accuracy["reference"] and not differing and close
+    if broken:
+        print(f"{len(broken)} answers lm-eval misreads (it needs prompt + 1 entries):")
+        for line in broken[:5]:
+            print(f"  {line}")
+    ok = accuracy["server"] == accuracy["reference"] and not differing and close and not broken
     ok = ok and results["results"][TASK]["acc,none"] == accuracy["server"]
     if differing:
         print(f"questions answered differently: {differing}")
+    far = [
+        (abs(a - b), question, choice, a, b)
+        for question, (row_a, row_b) in enumerate(zip(expected, served, strict=True))
+        for choice, (a, b) in enumerate(zip(row_a, row_b, strict=True))
+        if abs(a - b) > args.tolerance
+    ]
+    for _, question, choice, a, b in sorted(far, reverse=True)[:10]:
+        print(f"  question {question} choice {choice}: reference {a:.5f}, server {b:.5f}")
+    if far:
+        print(f"  ({len(far)} of {sum(map(len, expected))} choices past the tolerance)")
     print("OK: lm-eval through the server agrees with the model's logits" if ok else "FAILED")
     sys.exit(0 if ok else 1)
 
