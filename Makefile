@@ -7,7 +7,7 @@ NATIVE := $(VENV)/.native-kernels
 export TURSI_HOST ?= 127.0.0.1
 export TURSI_PORT ?= 8000
 
-.PHONY: install serve lint test test-fast mutation clean
+.PHONY: install serve lint test test-fast mutation lm-eval clean
 
 $(STAMP): requirements.txt setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -50,5 +50,22 @@ mutation: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run
 	$(PY) -m tests.mutation.report
 
+# lm-evaluation-harness through the server's /v1/completions against the model's own logits
+# (bench/lm_eval_check.py; a few minutes). lm_eval is heavy (datasets, pandas, scikit-learn):
+# not in requirements.txt, but in its own venv, which sees $(VENV)'s packages through a .pth
+# file, so torch, transformers and the server's deps are not installed twice.
+LMEVAL_VENV := .venv-lmeval
+LMEVAL_STAMP := $(LMEVAL_VENV)/.installed
+SITE_PACKAGES := import sysconfig; print(sysconfig.get_paths()["purelib"])
+
+$(LMEVAL_STAMP): $(STAMP)
+	$(PY) -m venv $(LMEVAL_VENV)
+	$(PY) -c '$(SITE_PACKAGES)' > "$$($(LMEVAL_VENV)/bin/python -c '$(SITE_PACKAGES)')/tursi-venv.pth"
+	$(LMEVAL_VENV)/bin/python -m pip install -q "lm_eval[api]==0.4.13"
+	touch $(LMEVAL_STAMP)
+
+lm-eval: $(LMEVAL_STAMP) $(NATIVE)
+	$(LMEVAL_VENV)/bin/python bench/lm_eval_check.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info tursi/engine/native/build mutants
+	rm -rf $(VENV) $(LMEVAL_VENV) build *.egg-info tursi/engine/native/build mutants

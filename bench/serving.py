@@ -10,6 +10,10 @@
    port, serving the embedded model; for each client count, that many threads each stream one
    request (greedy, ignore_eos, --max-tokens); in the runs with 16 or more clients another
    thread polls GET /status every 0.1 s (the poll costs server CPU, so not in smaller runs).
+3. The penalized run (--penalized-clients, 16 by default): that many streams where every row
+   uses presence, frequency and repetition penalties and asks for top-5 logprobs (PENALIZED),
+   alternated run by run with plain runs of the same count; its aggregate tok/s over the
+   plain one's is printed (issue 14's target: at least 0.85x).
 
 Every figure is the median over --runs runs. Printed: aggregate tok/s (all tokens / wall time
 of the run), time to first token p50/p95, inter-token latency p50/p95 (gaps between SSE text
@@ -136,14 +140,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: str):
+    """A gunicorn server of this repo on a free loopback port. `preload`: TURSI_PRELOAD (the
+    embedded model by default; "" to load it later with load(), e.g. with a dtype)."""
+
+    def __init__(self, home: str, preload: str = MODEL):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api/v1"
         env = {
             **os.environ,
             "TURSI_HOME": home,
             "TURSI_PORT": str(self.port),
-            "TURSI_PRELOAD": MODEL,
+            "TURSI_PRELOAD": preload,
             "TURSI_RATE_LIMIT": "1000000/minute",
             "TURSI_LOG_LEVEL": "warning",
             "TURSI_ACCESS_LOG": "/dev/null",
@@ -158,12 +165,32 @@ class Server:
             stderr=subprocess.STDOUT,
         )
 
+    def check_running(self) -> None:
+        if self.process.poll() is not None:
+            self.log.seek(0)
+            raise SystemExit("server exited:\n" + self.log.read().decode(errors="replace"))
+
+    def load(self, body: dict, timeout: float = 300) -> None:
+        """POST /models/{MODEL}/load with `body` as soon as the server answers, then wait
+        until the model is loaded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_running()
+            try:
+                response = requests.post(f"{self.url}/models/{MODEL}/load", json=body, timeout=10)
+                break
+            except requests.ConnectionError:  # still booting (imports torch)
+                if time.monotonic() > deadline:
+                    raise SystemExit("the server did not answer in time") from None
+                time.sleep(0.5)
+        if not response.ok:
+            raise SystemExit(f"load {body} failed: {response.status_code} {response.text}")
+        self.wait_loaded(max(1.0, deadline - time.monotonic()))
+
     def wait_loaded(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise SystemExit("server exited:\n" + self.log.read().decode(errors="replace"))
+            self.check_running()
             try:
                 models = requests.get(f"{self.url}/models", timeout=2).json()["models"]
                 if any(m["name"] == MODEL and m["status"] == "loaded" for m in models):
@@ -192,7 +219,20 @@ class Server:
 # --- the load --------------------------------------------------------------------------------
 
 
-def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
+# The penalized run (issue 14's benchmark): every row pays for the penalties (per-row counts
+# of the output, and of the prompt for repetition_penalty) and for top-5 logprobs (a
+# log-softmax and a top-k per step), still greedy with ignore_eos so that its token count is
+# the plain run's.
+PENALIZED = {
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.5,
+    "repetition_penalty": 1.1,
+    "logprobs": 5,
+}
+
+
+def stream_one(url: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
+    """One streamed greedy generation; `extra`: more request fields (PENALIZED)."""
     body = {
         "model": MODEL,
         "prompt": prompt,
@@ -201,10 +241,13 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
         "ignore_eos": True,
         "stream": True,
         "return_full_text": False,
+        **(extra or {}),
     }
     started = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
+    scored = 0  # output tokens that came with their logprob and top alternatives
+    top = (extra or {}).get("logprobs")
     with requests.post(f"{url}/generate", json=body, stream=True, timeout=600) as response:
         response.raise_for_status()
         event = None
@@ -213,6 +256,9 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
                 event = line[7:]
             elif line.startswith("data: ") and event == "text":
                 arrivals.append(time.perf_counter())
+                if top:  # parsed only when asked for: the plain run's client does not pay
+                    entries = json.loads(line[6:])["logprobs"]
+                    scored += sum(len(entry["top_logprobs"]) == top for entry in entries)
             elif line.startswith("data: ") and event == "done":
                 tokens = json.loads(line[6:])["tokens_generated"]
             elif line.startswith("data: ") and event == "error":
@@ -222,6 +268,7 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
         "ended": time.perf_counter(),
         "arrivals": arrivals,
         "tokens": tokens,
+        "scored": scored,
     }
 
 
@@ -238,13 +285,13 @@ def poll_status(url: str, stop: threading.Event, latencies: list[float]) -> None
             stop.wait(STATUS_INTERVAL)
 
 
-def load_run(url: str, clients: int, max_tokens: int) -> dict:
+def load_run(url: str, clients: int, max_tokens: int, extra: dict | None = None) -> dict:
     results: list[dict] = [None] * clients  # type: ignore[list-item]
     errors: list[BaseException] = []
 
     def client(index: int) -> None:
         try:
-            results[index] = stream_one(url, PROMPTS[index % len(PROMPTS)], max_tokens)
+            results[index] = stream_one(url, PROMPTS[index % len(PROMPTS)], max_tokens, extra)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -269,6 +316,8 @@ def load_run(url: str, clients: int, max_tokens: int) -> dict:
     gaps = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
     tokens = sum(r["tokens"] for r in results)
     assert tokens == clients * max_tokens, (tokens, clients * max_tokens)
+    if extra and extra.get("logprobs"):  # the penalized run did get its logprobs, all of them
+        assert sum(r["scored"] for r in results) == tokens
     return {
         "tok_s": tokens / wall,
         "ttft_p50": percentile(ttft, 50),
@@ -310,6 +359,38 @@ def print_table(base: dict, rows: dict) -> None:
         )
 
 
+def penalized_run(url: str, clients: int, args: argparse.Namespace) -> dict:
+    """Median plain and PENALIZED runs at `clients` streams, alternated (a drift in the
+    machine's speed hits both alike)."""
+    plain, penalized = [], []
+    for _ in range(args.runs):
+        plain.append(load_run(url, clients, args.max_tokens))
+        penalized.append(load_run(url, clients, args.max_tokens, PENALIZED))
+    result = {
+        "clients": clients,
+        "fields": PENALIZED,
+        "plain": median_of(plain),
+        "penalized": median_of(penalized),
+    }
+    print(
+        f"  {clients} clients with penalties + top-5 logprobs: "
+        f"{result['penalized']['tok_s']:.1f} tok/s (plain {result['plain']['tok_s']:.1f})",
+        flush=True,
+    )
+    return result
+
+
+def print_penalized(result: dict) -> None:
+    plain, penalized = result["plain"]["tok_s"], result["penalized"]["tok_s"]
+    fields = ", ".join(f"{key} {value}" for key, value in result["fields"].items())
+    print(
+        f"\n{result['clients']} streams, every row with {fields}: {penalized:.1f} tok/s against "
+        f"{plain:.1f} tok/s plain (alternated runs): {penalized / plain:.2f}x (target >= 0.85x); "
+        f"inter-token p50 {result['penalized']['itl_p50'] * 1000:.0f} ms "
+        f"(plain {result['plain']['itl_p50'] * 1000:.0f} ms)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -321,12 +402,20 @@ def main() -> None:
             "TURSI_HOME", os.path.join(os.path.expanduser("~"), ".cache", "tursi")
         ),
     )
+    parser.add_argument(
+        "--penalized-clients",
+        type=int,
+        default=16,
+        help="streams of the run with penalties and top-5 logprobs on every row (0: none)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--table-from", help="only print the table of a --json file")
     args = parser.parse_args()
     if args.table_from:
         saved = json.loads(Path(args.table_from).read_text())
         print_table(saved["baselines"], saved["rows"])
+        if saved.get("penalized"):
+            print_penalized(saved["penalized"])
         return
     counts = [int(c) for c in args.clients.split(",")]
 
@@ -355,15 +444,26 @@ def main() -> None:
                 [load_run(server.url, clients, args.max_tokens) for _ in range(args.runs)]
             )
             print(f"  {clients} clients: {rows[clients]['tok_s']:.1f} tok/s", flush=True)
+        penalized = None
+        if args.penalized_clients:
+            penalized = penalized_run(server.url, args.penalized_clients, args)
     finally:
         server.stop()
 
     print()
     print_table(base, rows)
+    if penalized:
+        print_penalized(penalized)
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"baselines": base, "rows": rows, "max_tokens": args.max_tokens, "runs": args.runs},
+                {
+                    "baselines": base,
+                    "rows": rows,
+                    "penalized": penalized,
+                    "max_tokens": args.max_tokens,
+                    "runs": args.runs,
+                },
                 indent=2,
             )
         )
