@@ -872,7 +872,9 @@ def test_a_deadline_fails_a_job_of_n_choices_once(loaded, prompts, clock):
 # --- stop_token_ids and max_tokens 0 ----------------------------------------------------------
 
 
-def test_a_stop_token_id_ends_the_choice_with_stop_without_its_text_but_with_its_score(loaded, stock, prompts):
+def test_a_stop_token_id_ends_the_choice_with_stop_without_its_text_but_with_its_score(
+    loaded, stock, prompts
+):
     reference = transformers_greedy(stock, prompts[0], NEW_TOKENS)
     k = first_new_token(reference, 3)  # the token at k is the stop token
     scheduler, _ = make_scheduler(loaded)
