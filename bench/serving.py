@@ -177,7 +177,10 @@ class Server:
         while True:
             self.check_running()
             try:
-                response = requests.post(f"{self.url}/models/{MODEL}/load", json=body, timeout=10)
+                # A busy machine may take a while to answer the first request (workers still
+                # importing torch): wait for the answer as long as the deadline allows.
+                wait = max(10.0, deadline - time.monotonic())
+                response = requests.post(f"{self.url}/models/{MODEL}/load", json=body, timeout=wait)
                 break
             except requests.ConnectionError:  # still booting (imports torch)
                 if time.monotonic() > deadline:
