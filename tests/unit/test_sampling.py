@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tursi.engine.jobs import SamplingParams
-from tursi.engine.sampling import TokenChooser, choose_tokens, nucleus
+from tursi.engine.sampling import TokenChooser, choose_tokens, nucleus, score
 
 
 def chooser(temperature=1.0, top_p=1.0, seed=None, **settings):
@@ -181,3 +181,7 @@ def test_nucleus_of_a_single_token():
 
 
 LAYERS, HEADS, DIM = 2, 2, 4
+
+
+def test_scoring_no_rows_gives_no_entries():
+    assert score(torch.zeros(0, 10), [], []) == []

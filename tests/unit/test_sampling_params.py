@@ -6,6 +6,7 @@ the int64 range (tests/app/test_sampling_params.py takes them through both APIs)
 from __future__ import annotations
 
 import collections
+import ctypes
 
 import pytest
 import torch
@@ -17,9 +18,16 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.modeling_utils import local_torch_dtype
 
 from tursi.engine.jobs import SamplingParams
-from tursi.engine.sampling import TokenChooser, adjusted_logits, choose_tokens, tempered_probs
+from tursi.engine.sampling import (
+    TokenChooser,
+    adjusted_logits,
+    choice_seed,
+    choose_tokens,
+    tempered_probs,
+)
 
 # Ten tokens; the three most likely are 7, 2 and 5, and the rest are close behind, so that a
 # draw without a cut lands outside the top three most of the time.
@@ -389,3 +397,86 @@ def test_negative_and_int64_edge_seeds_draw_reproducibly_and_differ_per_choice()
 
 def pick_with(choose, logits):
     return choose_tokens(logits[None], [choose])[0]
+
+
+@pytest.mark.parametrize(
+    ("seed", "choice"), [(0, 0), (5, 2), (-1, 1), (-(2**63), 0), (2**63 - 1, 1), (2**63 - 2, 3)]
+)
+def test_choice_seeds_add_in_int64_and_seed_the_generator_as_torch_reads_them(seed, choice):
+    wrapped = ctypes.c_int64(seed + choice).value  # int64 addition, two's complement wrap
+    assert choice_seed(seed, choice) == wrapped
+    generator = chooser(temperature=1.0, seed=seed, choice=choice).generator
+    # torch keeps a generator's seed as a uint64 (-1 reads as 2**64 - 1)
+    assert generator.initial_seed() == torch.Generator().manual_seed(wrapped).initial_seed()
+    assert generator.initial_seed() == wrapped % 2**64
+
+
+def test_min_p_1_keeps_exactly_the_most_likely_tokens_as_transformers_does():
+    logits = torch.tensor([1.0, 3.0, 0.5, 3.0, 2.9])  # two tokens tie at the top
+    kept = torch.isfinite(MinPLogitsWarper(1.0)(None, logits[None].clone())[0])
+    allowed = set(torch.nonzero(kept).flatten().tolist())
+    assert allowed == {1, 3}
+    drawn = {pick(logits.clone(), temperature=1.0, min_p=1.0, seed=seed) for seed in range(100)}
+    assert drawn == allowed
+
+
+def test_half_precision_logits_are_penalized_in_float32_as_transformers_generate_does():
+    # generate() takes each step's logits .to(copy=True, dtype=torch.float32) before its
+    # processors; bfloat16 arithmetic would round the penalized logits to 3 digits.
+    torch.manual_seed(12)
+    logits = (torch.randn(64) * 4).bfloat16()
+    history = [3, 7, 12, 40, 63, 0]
+    ours = penalized(logits, chooser(temperature=0, repetition_penalty=1.3, history=history))
+    reference = RepetitionPenaltyLogitsProcessor(1.3)(
+        torch.tensor([history]), logits[None].float()
+    )[0]
+    torch.testing.assert_close(ours, reference)  # float32, and the same values
+
+
+def test_the_penalties_state_and_the_probabilities_stay_on_the_logits_device():
+    """In production the logits live on the model's device (a GPU). The meta device stands
+    in for it: a tensor made on the CPU by mistake meets a meta one and raises, or comes
+    back on the wrong device."""
+    meta = torch.device("meta")
+    everything = PIPELINES["everything"]
+    penalizing = chooser(history=[1, 2, 3], seed=0, **everything)
+    for token in (4, 4, 6):
+        penalizing.remember(token)
+    logits = adjusted_logits(torch.zeros(2, 64, device=meta), [penalizing, penalizing])
+    penalizing.remember(9)  # more state, added to the tensors made above
+    penalizing.remember(9)
+    assert penalizing.seen(64, meta).device == penalizing.counts(64, meta).device == meta
+    assert logits.device == meta
+    assert tempered_probs(logits, [penalizing, penalizing]).device == meta
+
+
+def test_the_penalties_do_not_take_torchs_default_dtype():
+    """transformers' from_pretrained sets torch's process-wide default dtype to the model's
+    while it builds the model (transformers.modeling_utils.local_torch_dtype), and the
+    server loads a model in a background thread while the others generate: the logit_bias
+    and the penalties must come out as they do under float32, as transformers' processors
+    and OpenAI's formula give them. A token generated 300 times passes bfloat16's range of
+    exact integers (256)."""
+    torch.manual_seed(13)
+    logits = torch.randn(64) * 2.5
+    prompt, output = [3, 9, 40], [17] * 300 + [3, 50]
+    bias = {3: 5.0, 17: -2.5, 40: 1.0}
+    penalizing = chooser(
+        history=prompt,
+        temperature=0.0,
+        logit_bias=bias,
+        repetition_penalty=1.3,
+        presence_penalty=0.6,
+        frequency_penalty=0.01,
+    )
+    for token in output:
+        penalizing.remember(token)
+    with local_torch_dtype(torch.bfloat16):
+        got = penalized(logits, penalizing)
+    history = torch.tensor([prompt + output])
+    expected = SequenceBiasLogitsProcessor(
+        sequence_bias=[[[token], value] for token, value in bias.items()]
+    )(history, logits[None].clone())
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(history, expected)
+    expected = openai_penalties(expected, output, 0.6, 0.01)[0]
+    torch.testing.assert_close(got, expected)

@@ -87,7 +87,8 @@ class TokenChooser:
             self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
         if self._uncounted:
             ids = torch.tensor(self._uncounted, device=device)
-            self._counts.index_add_(0, ids, torch.ones(len(ids), device=device))
+            ones = torch.ones(len(ids), dtype=torch.float32, device=device)
+            self._counts.index_add_(0, ids, ones)
             self._uncounted = []
         return self._counts
 
@@ -144,7 +145,9 @@ def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> lis
 def adjusted_logits(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> torch.Tensor:
     """float32 logits after each row's logit_bias, repetition penalty and presence and
     frequency penalties (steps 1-3 of the module docstring), each batched over the rows
-    that use it. The caller's tensor is left alone."""
+    that use it. The caller's tensor is left alone. Float tensors name their dtype: while
+    transformers builds a model it sets torch's process-wide default dtype to the model's,
+    and the server loads models in a background thread while others generate."""
     logits = logits.to(torch.float32, copy=True)
     vocab, device = logits.shape[-1], logits.device
     biased = [
@@ -155,7 +158,8 @@ def adjusted_logits(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> t
     if biased:
         rows, tokens, biases = zip(*biased, strict=True)
         where = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-        logits.index_put_(where, torch.tensor(biases, device=device), accumulate=True)
+        values = torch.tensor(biases, dtype=torch.float32, device=device)
+        logits.index_put_(where, values, accumulate=True)
     repeated = [i for i, chooser in enumerate(choosers) if chooser.repetition]
     if repeated:
         seen = torch.stack([choosers[i].seen(vocab, device) for i in repeated])
