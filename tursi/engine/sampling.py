@@ -42,12 +42,12 @@ class TokenChooser:
         self.params = params
         self.repetition = params.repetition_penalty != 1.0
         self.output_penalty = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-        # Tokens not yet marked in the dense per-vocabulary state below, which is made on the
-        # logits' device at the first step that needs it.
-        self._unseen: list[int] = list(history) if self.repetition else []
-        self._uncounted: list[int] = []
-        self._seen: torch.Tensor | None = None  # [vocab] bool: prompt + output tokens
-        self._counts: torch.Tensor | None = None  # [vocab] float: output token counts
+        # The penalties' state, sparse: a few hundred tokens, not the whole vocabulary (dense
+        # [rows, vocab] tensors cost 16 ms a step at 16 rows on 2 cores; these, under 1 ms).
+        # seen: the distinct tokens of the prompt and the output (repetition_penalty);
+        # counts: how often each token occurs in the output (presence and frequency).
+        self.seen: dict[int, None] = dict.fromkeys(history) if self.repetition else {}
+        self.counts: dict[int, int] = {}
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator()
@@ -68,29 +68,9 @@ class TokenChooser:
     def remember(self, token: int) -> None:
         """Note a generated token (for the penalties)."""
         if self.repetition:
-            self._unseen.append(token)
+            self.seen[token] = None
         if self.output_penalty:
-            self._uncounted.append(token)
-
-    def seen(self, vocab: int, device: torch.device) -> torch.Tensor:
-        """[vocab] bool: the tokens of the prompt and of the output so far."""
-        if self._seen is None:
-            self._seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        if self._unseen:
-            self._seen[torch.tensor(self._unseen, device=device)] = True
-            self._unseen = []
-        return self._seen
-
-    def counts(self, vocab: int, device: torch.device) -> torch.Tensor:
-        """[vocab] float32: how often each token occurs in the output so far."""
-        if self._counts is None:
-            self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
-        if self._uncounted:
-            ids = torch.tensor(self._uncounted, device=device)
-            ones = torch.ones(len(ids), dtype=torch.float32, device=device)
-            self._counts.index_add_(0, ids, ones)
-            self._uncounted = []
-        return self._counts
+            self.counts[token] = self.counts.get(token, 0) + 1
 
     def candidates(self, probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The tokens a draw may pick from a 1-D probability vector (temperature applied):
@@ -144,35 +124,43 @@ def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> lis
 
 def adjusted_logits(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> torch.Tensor:
     """float32 logits after each row's logit_bias, repetition penalty and presence and
-    frequency penalties (steps 1-3 of the module docstring), each batched over the rows
-    that use it. The caller's tensor is left alone. Float tensors name their dtype: while
-    transformers builds a model it sets torch's process-wide default dtype to the model's,
-    and the server loads models in a background thread while others generate."""
+    frequency penalties (steps 1-3 of the module docstring), each batched over the (row,
+    token) pairs it touches. The caller's tensor is left alone. Every float tensor names
+    float32: transformers sets torch's default dtype to a model's while it loads one, and
+    the server loads models in a background thread while the others generate."""
     logits = logits.to(torch.float32, copy=True)
-    vocab, device = logits.shape[-1], logits.device
+    device = logits.device
+
+    def pairs(entries: list[tuple[int, int, float]]) -> tuple[tuple, torch.Tensor]:
+        rows, tokens, values = zip(*entries, strict=True)
+        where = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+        return where, torch.tensor(values, dtype=torch.float32, device=device)
+
     biased = [
         (row, token, bias)
         for row, chooser in enumerate(choosers)
         for token, bias in chooser.params.logit_bias
     ]
     if biased:
-        rows, tokens, biases = zip(*biased, strict=True)
-        where = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-        values = torch.tensor(biases, dtype=torch.float32, device=device)
-        logits.index_put_(where, values, accumulate=True)
-    repeated = [i for i, chooser in enumerate(choosers) if chooser.repetition]
+        where, biases = pairs(biased)
+        logits.index_put_(where, biases, accumulate=True)  # a token may be listed twice
+    repeated = [
+        (row, token, chooser.params.repetition_penalty)
+        for row, chooser in enumerate(choosers)
+        for token in chooser.seen
+    ]
     if repeated:
-        seen = torch.stack([choosers[i].seen(vocab, device) for i in repeated])
-        penalty = _column([choosers[i].params.repetition_penalty for i in repeated], device)
-        scores = logits[repeated]
-        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-        logits[repeated] = torch.where(seen, penalized, scores)
-    counted = [i for i, chooser in enumerate(choosers) if chooser.output_penalty]
+        where, penalty = pairs(repeated)
+        scores = logits[where]
+        logits[where] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    counted = [
+        (row, token, count * chooser.params.frequency_penalty + chooser.params.presence_penalty)
+        for row, chooser in enumerate(choosers)
+        for token, count in chooser.counts.items()
+    ]
     if counted:
-        counts = torch.stack([choosers[i].counts(vocab, device) for i in counted])
-        frequency = _column([choosers[i].params.frequency_penalty for i in counted], device)
-        presence = _column([choosers[i].params.presence_penalty for i in counted], device)
-        logits[counted] -= counts * frequency + (counts > 0) * presence
+        where, penalty = pairs(counted)
+        logits[where] -= penalty
     return logits
 
 
@@ -205,12 +193,15 @@ def token_logprobs(
 def score(logits: torch.Tensor, ids: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
     """For each row of [rows, vocab] logits: the log-probability of ids[row] under
     log_softmax(logits[row]) in float32, and the tops[row] most likely tokens, best first."""
-    logprobs = torch.log_softmax(logits.float(), -1)
-    index = torch.tensor(list(ids), device=logprobs.device)[:, None]
-    chosen = logprobs.gather(-1, index)[:, 0].tolist()
-    k = min(max(tops, default=0), logprobs.shape[-1])
-    top_values, top_ids = logprobs.topk(k, -1) if k else (logprobs[:, :0], logprobs[:, :0])
-    top_values, top_ids = top_values.tolist(), top_ids.long().tolist()
+    # logit - logsumexp(logits) is log_softmax, without writing out the whole [rows, vocab]
+    # result: only the chosen and the top tokens are read (a fifth of a 16-row step's cost).
+    logits = logits.float()
+    normalizer = torch.logsumexp(logits, -1, keepdim=True)
+    index = torch.tensor(list(ids), device=logits.device)[:, None]
+    chosen = (logits.gather(-1, index) - normalizer)[:, 0].tolist()
+    k = min(max(tops, default=0), logits.shape[-1])
+    top_values, top_ids = logits.topk(k, -1) if k else (logits[:, :0], logits[:, :0])
+    top_values, top_ids = (top_values - normalizer).tolist(), top_ids.long().tolist()
     return [
         TokenLogprob(
             int(ids[row]),
