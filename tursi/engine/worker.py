@@ -134,11 +134,9 @@ class ModelWorker:
         (prompt_logprobs) only. A prompt rendered by a chat template already holds its
         special tokens. The `n` choices are numbered from `index`; the jobs of one request
         may share one `events` channel (None: a channel of the job's own)."""
-        loaded = self._loaded()
+        self._loaded()  # refused once unloaded or failed, token-id prompts included
         if isinstance(prompt, str):
-            prompt_ids = loaded.tokenizer(prompt, add_special_tokens=add_special_tokens)[
-                "input_ids"
-            ]
+            prompt_ids = self.tokenize(prompt, add_special_tokens)
         else:
             prompt_ids = list(prompt)
             self._check_token_ids("prompt", prompt_ids)
