@@ -368,7 +368,7 @@ class Scheduler:
 
     def _is_stop_token(self, job: GenerationJob, token: int) -> bool:
         """End of sequence (unless ignore_eos) or one of the request's stop_token_ids: the
-        choice ends with "stop", the token counted but its text never sent."""
+        choice ends with "stop", the token counted and its logprob listed, its text never sent."""
         params = job.params
         eos = token in self.loaded.eos_ids and not params.ignore_eos
         return eos or token in params.stop_token_ids
