@@ -366,14 +366,20 @@ def penalized_run(url: str, clients: int, args: argparse.Namespace) -> dict:
     """Median plain and PENALIZED runs at `clients` streams, alternated (a drift in the
     machine's speed hits both alike)."""
     plain, penalized = [], []
-    for _ in range(args.runs):
+    for run in range(args.runs):
         plain.append(load_run(url, clients, args.max_tokens))
         penalized.append(load_run(url, clients, args.max_tokens, PENALIZED))
+        print(
+            f"    run {run + 1}: plain {plain[-1]['tok_s']:.1f}, "
+            f"penalized {penalized[-1]['tok_s']:.1f} tok/s",
+            flush=True,
+        )
     result = {
         "clients": clients,
         "fields": PENALIZED,
         "plain": median_of(plain),
         "penalized": median_of(penalized),
+        "every_run": [[p["tok_s"], q["tok_s"]] for p, q in zip(plain, penalized, strict=True)],
     }
     print(
         f"  {clients} clients with penalties + top-5 logprobs: "

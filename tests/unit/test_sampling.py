@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from tursi.engine.jobs import SamplingParams
-from tursi.engine.sampling import TokenChooser, choose_tokens, nucleus, score
+from tursi.engine.sampling import (
+    TokenChooser,
+    best_tokens,
+    choose_tokens,
+    nucleus,
+    score,
+    top_tokens,
+)
 
 
 def chooser(temperature=1.0, top_p=1.0, seed=None, **settings):
@@ -185,3 +192,34 @@ LAYERS, HEADS, DIM = 2, 2, 4
 
 def test_scoring_no_rows_gives_no_entries():
     assert score(torch.zeros(0, 10), [], []) == []
+
+
+# Vocabularies of a whole number of blocks (49152, SmolLM2's), of a part block (50257,
+# GPT-2's) and of less than one block; in bfloat16, the models' dtype, many logits are equal.
+@pytest.mark.parametrize("vocab", [49152, 50257, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_best_tokens_is_argmax_first_of_equal_maxima(vocab, dtype):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(16, vocab, generator=generator) * 4).to(dtype)
+    logits[3, 7] = logits[3, vocab - 5] = logits[3].max() + 1  # equal maxima: the first wins
+    logits[5, vocab - 1] = logits[5].max() + 1  # in the part block (padding must not win)
+    logits[6] = -1e30  # all equal
+    assert best_tokens(logits).tolist() == logits.float().argmax(-1).tolist()
+    assert best_tokens(logits)[3] == 7
+
+
+@pytest.mark.parametrize("vocab", [49152, 50257, 300])
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_top_tokens_are_topk(vocab, k):
+    generator = torch.Generator().manual_seed(vocab + k)
+    logits = torch.randn(16, vocab, generator=generator) * 4
+    # the k best of a row in one block, of another row spread over k blocks, and the last
+    # token among a row's best (the part block)
+    start = 1000 % vocab
+    logits[0, start : start + k] = 20 + torch.arange(k, dtype=torch.float32)
+    logits[1, torch.arange(k) * 599 % vocab] = 30 - torch.arange(k, dtype=torch.float32)
+    logits[2, vocab - 1] = 50
+    values, ids = top_tokens(logits, k)
+    expected_values, expected_ids = logits.topk(k, -1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(ids, expected_ids)

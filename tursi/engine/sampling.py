@@ -17,6 +17,7 @@ logits before any of the above, as vLLM reports by default.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from .jobs import SamplingParams, TokenLogprob
 
 _FIRST_NUCLEUS_GUESS = 64
+_BLOCK = 512  # tokens per block of best_tokens and top_tokens
 
 
 def choice_seed(seed: int, choice: int) -> int:
@@ -103,14 +105,12 @@ class TokenChooser:
 def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> list[int]:
     """One token per row of a [rows, vocab] logits batch, row i chosen by choosers[i]."""
     if all(chooser.greedy and chooser.plain for chooser in choosers):
-        # max over the logits as they are: the same index as argmax over a float32 copy
-        # (the first of equal maxima), in half the time of that copy and argmax.
-        return logits.max(-1).indices.tolist()
+        return best_tokens(logits).tolist()
     logits = adjusted_logits(logits, choosers)
     tokens = [0] * len(choosers)
     greedy = [i for i, chooser in enumerate(choosers) if chooser.greedy]
     if greedy:
-        best = logits[greedy].argmax(-1).tolist()
+        best = best_tokens(logits[greedy]).tolist()
         for i, token in zip(greedy, best, strict=True):
             tokens[i] = token
     sampled = [i for i, chooser in enumerate(choosers) if not chooser.greedy]
@@ -131,36 +131,37 @@ def adjusted_logits(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> t
     logits = logits.to(torch.float32, copy=True)
     device = logits.device
 
-    def pairs(entries: list[tuple[int, int, float]]) -> tuple[tuple, torch.Tensor]:
-        rows, tokens, values = zip(*entries, strict=True)
-        where = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-        return where, torch.tensor(values, dtype=torch.float32, device=device)
+    def floats(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
 
-    biased = [
-        (row, token, bias)
-        for row, chooser in enumerate(choosers)
-        for token, bias in chooser.params.logit_bias
-    ]
-    if biased:
-        where, biases = pairs(biased)
-        logits.index_put_(where, biases, accumulate=True)  # a token may be listed twice
-    repeated = [
-        (row, token, chooser.params.repetition_penalty)
-        for row, chooser in enumerate(choosers)
-        for token in chooser.seen
-    ]
-    if repeated:
-        where, penalty = pairs(repeated)
-        scores = logits[where]
-        logits[where] = torch.where(scores < 0, scores * penalty, scores / penalty)
-    counted = [
-        (row, token, count * chooser.params.frequency_penalty + chooser.params.presence_penalty)
-        for row, chooser in enumerate(choosers)
-        for token, count in chooser.counts.items()
-    ]
-    if counted:
-        where, penalty = pairs(counted)
-        logits[where] -= penalty
+    def pairs(per_row: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (rows, tokens) index of the tokens listed per row (row i: per_row[i])."""
+        lengths = [len(tokens) for tokens in per_row]
+        rows = torch.repeat_interleave(
+            torch.arange(len(per_row), device=device),
+            torch.tensor(lengths, device=device),
+            output_size=sum(lengths),  # known here: no wait on the device to learn it
+        )
+        return rows, torch.tensor([t for tokens in per_row for t in tokens], device=device)
+
+    biases = [chooser.params.logit_bias for chooser in choosers]
+    if any(biases):
+        where = pairs([[token for token, _ in bias] for bias in biases])
+        values = floats([value for bias in biases for _, value in bias])
+        logits.index_put_(where, values, accumulate=True)  # a token may be listed twice
+    seen = [chooser.seen for chooser in choosers]
+    if any(seen):
+        rows, tokens = pairs(seen)
+        penalty = floats([chooser.params.repetition_penalty for chooser in choosers])[rows]
+        scores = logits[rows, tokens]
+        logits[rows, tokens] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    counts = [chooser.counts for chooser in choosers]
+    if any(counts):
+        rows, tokens = pairs(counts)
+        frequency = floats([chooser.params.frequency_penalty for chooser in choosers])[rows]
+        presence = floats([chooser.params.presence_penalty for chooser in choosers])[rows]
+        times = floats([count for row in counts for count in row.values()])
+        logits[rows, tokens] -= times * frequency + presence
     return logits
 
 
@@ -200,7 +201,7 @@ def score(logits: torch.Tensor, ids: Sequence[int], tops: Sequence[int]) -> list
     index = torch.tensor(list(ids), device=logits.device)[:, None]
     chosen = (logits.gather(-1, index) - normalizer)[:, 0].tolist()
     k = min(max(tops, default=0), logits.shape[-1])
-    top_values, top_ids = logits.topk(k, -1) if k else (logits[:, :0], logits[:, :0])
+    top_values, top_ids = top_tokens(logits, k) if k else (logits[:, :0], logits[:, :0])
     top_values, top_ids = (top_values - normalizer).tolist(), top_ids.long().tolist()
     return [
         TokenLogprob(
@@ -210,6 +211,44 @@ def score(logits: torch.Tensor, ids: Sequence[int], tops: Sequence[int]) -> list
         )
         for row, top in enumerate(tops)
     ]
+
+
+def _blocks(logits: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] logits as [rows, blocks, _BLOCK], the last block padded with -inf."""
+    rows, vocab = logits.shape
+    count = -(-vocab // _BLOCK)
+    if count * _BLOCK != vocab:
+        logits = torch.nn.functional.pad(logits, (0, count * _BLOCK - vocab), value=-math.inf)
+    return logits.view(rows, count, _BLOCK)
+
+
+def best_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest logit, the first of equal ones (argmax's answer).
+
+    Two-level: the block holding the row's maximum, then the maximum inside it. torch's
+    amax is vectorized where argmax and max-with-indices are not: 0.3 ms instead of 0.9 ms
+    for 16 rows of a 49k vocabulary on 2 cores (bf16 or float32)."""
+    blocks = _blocks(logits)
+    block = blocks.amax(-1).argmax(-1)  # the first block holding the maximum
+    inside = blocks[torch.arange(len(blocks), device=logits.device), block].argmax(-1)
+    return block * _BLOCK + inside
+
+
+def top_tokens(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of each row's k largest logits, best first: torch.topk's values.
+
+    The k largest lie in the k blocks with the largest maxima (a block holding one of them
+    has a maximum at least the k-th largest value), so topk runs over k blocks, not the
+    vocabulary: 0.35 ms instead of 1.3 ms for 16 rows x 49k, k=5. Equal logits may come in
+    another order than topk's (whose order among equals is unspecified too)."""
+    blocks = _blocks(logits)
+    rows, count, _ = blocks.shape
+    if k * 4 > count:  # most of the vocabulary: no gain
+        return logits.topk(k, -1)
+    chosen = blocks.amax(-1).topk(k, -1).indices  # [rows, k]
+    candidates = blocks.gather(1, chosen[:, :, None].expand(-1, -1, _BLOCK)).view(rows, -1)
+    values, where = candidates.topk(k, -1)
+    return values, chosen.gather(1, where // _BLOCK) * _BLOCK + where % _BLOCK
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
