@@ -430,6 +430,31 @@ def test_a_request_whose_text_fails_to_decode_fails_alone(loaded, stock, prompts
     assert_idle(scheduler)
 
 
+def test_a_choice_that_fails_takes_its_sibling_choices_out_of_the_batch(loaded, stock, prompts):
+    scheduler, on_done = make_scheduler(loaded)
+    broken = GenerationJob(prompts[0], GenerationParams(NEW_TOKENS, temperature=0.0), n=2)
+    other = greedy(prompts[1], NEW_TOKENS)
+    scheduler.add(broken)
+    scheduler.add(other)
+    scheduler.turn()
+    assert len(scheduler.rows) == 3
+
+    def push(token: int) -> str:
+        raise RuntimeError("tokenizer broke")
+
+    scheduler.live[broken].choices[0].decoder.push = push
+    scheduler.turn()
+    # both choices' rows left in the step that failed one of them, the other job's stayed
+    assert [seq.job for seq in scheduler.rows] == [other]
+    _, error = failed(broken)
+    assert isinstance(error, GenerationFailed) and on_done.of(broken) == [(0.0, False)]
+    run(scheduler)
+    text, end = finished(other)
+    expected = decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], NEW_TOKENS))
+    assert (text, end.finish_reason) == (expected, "length")
+    assert_idle(scheduler)
+
+
 # --- cancel and deadline --------------------------------------------------------------------
 
 
@@ -474,6 +499,32 @@ def test_a_job_cancelled_while_running_stops_at_once_and_the_others_go_on(
     assert streamed(drain(cancelled)) == expected
     for prompt, job in zip(prompts, jobs, strict=True):
         if job is not cancelled:
+            text, end = finished(job)
+            reference = transformers_greedy(stock, prompt, NEW_TOKENS)
+            assert (text, end.finish_reason) == (decoded(loaded, prompt, reference), "length")
+    assert_idle(scheduler)
+
+
+def test_jobs_cancelled_together_all_leave_the_batch_at_the_next_turn(loaded, stock, prompts):
+    scheduler, on_done = make_scheduler(loaded)
+    jobs = [greedy(prompt, NEW_TOKENS) for prompt in prompts]
+    for job in jobs:
+        scheduler.add(job)
+    scheduler.turn()
+    scheduler.turn()
+    assert len(scheduler.rows) == len(jobs) >= 4
+    cancelled = [seq.job for seq in scheduler.rows[-3:]]  # three neighbouring rows
+    for job in cancelled:
+        job.cancel()
+    scheduler.turn()
+    assert sorted(jobs.index(seq.job) for seq in scheduler.rows) == sorted(
+        jobs.index(job) for job in jobs if job not in cancelled
+    )
+    run(scheduler)
+    for prompt, job in zip(prompts, jobs, strict=True):
+        if job in cancelled:
+            assert on_done.of(job) == [(0.0, True)]
+        else:
             text, end = finished(job)
             reference = transformers_greedy(stock, prompt, NEW_TOKENS)
             assert (text, end.finish_reason) == (decoded(loaded, prompt, reference), "length")
