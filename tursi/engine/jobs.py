@@ -14,6 +14,31 @@ from ..threads import Channel, Empty
 ENGINE_CHECK_SECONDS = 1.0
 
 
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a choice's output must match, by construction: each token is drawn from those
+    the grammar allows next (tursi.engine.constraints compiles it with llguidance;
+    docs/structured-output.md). `kind` is one of CONSTRAINT_KINDS; `value`:
+    - json_schema: the JSON schema as canonical JSON text (sorted keys, no spaces), so that
+      equal schemas are one compiled grammar;
+    - json_object: "" (any JSON object);
+    - regex: the pattern the whole output matches;
+    - choice: the alternatives, a tuple of strings (the output is exactly one of them);
+    - grammar: a grammar in llguidance's Lark dialect (or GBNF, converted)."""
+
+    kind: str
+    value: str | tuple[str, ...] = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise ValueError(f"unknown constraint kind {self.kind!r}")
+        if isinstance(self.value, list):
+            object.__setattr__(self, "value", tuple(self.value))
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How a request's tokens are chosen, what it reports and when it may stop. These
@@ -41,6 +66,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
     logprobs: int | None = None  # None: none; k: each output token's logprob + top k
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo)
+    constraint: Constraint | None = None  # structured output: JSON schema, regex, grammar...
 
     def __post_init__(self) -> None:
         # Requests give lists and dicts; tuples keep the frozen object hashable.
