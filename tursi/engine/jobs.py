@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ..errors import TursiError
 from ..threads import Channel, Empty
@@ -130,7 +131,9 @@ class Finished:
 
     tokens_generated: int
     generation_seconds: float
-    finish_reason: str  # "stop" (end of sequence, stop token or stop string) | "length"
+    # "stop" (end of sequence, stop token, stop string, a constraint's grammar complete)
+    # | "length" (max_tokens: a constrained output may be cut inside its structure)
+    finish_reason: str
     index: int = 0
     cumulative_logprob: float | None = None
 
@@ -169,6 +172,9 @@ class GenerationJob:
     last_token: float = 0.0  # time.monotonic() when its latest token was chosen
     # set when submitted: why the worker that has the job can no longer serve, or None
     engine_failure: Callable[[], TursiError | None] = _alive
+    # structured output: one grammar matcher per choice (constraints.Matcher, made by the
+    # worker's new_job from params.constraint); None when unconstrained
+    matchers: list[Any] | None = None
 
     def cancel(self) -> None:
         """Stop generating at the next step (client gone). Safe from any thread, idempotent."""
