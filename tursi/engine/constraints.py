@@ -84,7 +84,12 @@ class Matcher:
     def advance(self, token: int) -> None:
         """Consume the chosen token; GrammarError when the grammar refuses it."""
         if not self._matcher.consume_token(token):
-            raise GrammarError(_short(self._matcher.get_error()) or "token refused")
+            raise GrammarError(self.error or "token refused")
+
+    @property
+    def error(self) -> str:
+        """Why the matcher failed ("" while it has not)."""
+        return _short(self._matcher.get_error()) if self._matcher.is_error() else ""
 
     @property
     def complete(self) -> bool:
@@ -151,14 +156,26 @@ class Constraints:
         compiled = Matcher(matcher, frozenset(tokenizer.eos_tokens), words)
         # The first mask now, off the engine thread: part of the work is lazy (a pattern's
         # lexer), and a grammar that fails or allows nothing is a 400 here, not a failure
-        # at the choice's first step.
-        if not matcher.is_error():
-            compiled.fill(torch.empty(words, dtype=torch.int32))
+        # at the choice's first step. Then one step further on a copy (the allowed token of
+        # the highest id, often the longest): a pattern whose lexer explodes, such as
+        # a{1000}{1000}, exceeds its limits there.
+        name = _NAMES[constraint.kind]
         if matcher.is_error():
             error = _short(matcher.get_error())
-            raise invalid(constraint, f"{_NAMES[constraint.kind]} is not usable: {error}", error)
-        if matcher.is_stopped() and not matcher.is_accepting():
-            raise invalid(constraint, f"{_NAMES[constraint.kind]} matches no text")
+            raise invalid(constraint, f"{name} is not usable: {error}", error)
+        mask = torch.zeros(words, dtype=torch.int32)
+        if not compiled.fill(mask) or (matcher.is_stopped() and not matcher.is_accepting()):
+            error = _short(matcher.get_error()) or None
+            raise invalid(constraint, f"{name} matches no text", error)
+        if not matcher.is_stopped():
+            probe = compiled.copy()
+            try:
+                probe.advance(_last_allowed(mask))
+                probe.fill(mask)
+            except GrammarError:
+                pass
+            if probe.error:
+                raise invalid(constraint, f"{name} is too complex: {probe.error}", probe.error)
         return compiled
 
     def _llg_tokenizer(self) -> Any:
@@ -220,14 +237,20 @@ def grammar_text(constraint: Constraint) -> str:
             schema = json.loads(value)
         except (ValueError, RecursionError) as exc:
             raise invalid(constraint, f"the JSON schema is not JSON: {exc}") from None
-        if not isinstance(schema, dict | bool):
-            raise invalid(constraint, "the JSON schema must be an object (or true/false)")
-        return LLMatcher.grammar_from_json_schema(value, overrides=_JSON_OPTIONS)
+        if schema is True:  # JSON Schema's "anything"
+            schema = {}
+        if not isinstance(schema, dict):
+            raise invalid(constraint, "the JSON schema must be an object (or true)")
+        try:
+            return LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+        except ValueError as exc:
+            error = _short(str(exc))
+            raise invalid(constraint, f"the JSON schema is not usable: {error}", error) from None
     if kind == "regex":
         return LLMatcher.grammar_from_regex(value)
-    if "::=" in value:  # GBNF (llama.cpp's grammars): llguidance converts it to Lark
-        from llguidance.gbnf_to_lark import gbnf_to_lark
+    from llguidance.gbnf_to_lark import gbnf_to_lark, is_lark_syntax
 
+    if "::=" in value and not is_lark_syntax(value):  # GBNF (llama.cpp's): made Lark
         try:
             value = gbnf_to_lark(value)
         except Exception as exc:  # GbnfToLarkError, and whatever else a bad text raises
@@ -256,7 +279,14 @@ def _choice_lark(constraint: Constraint) -> str:
     return "start: " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
 
 
+def _last_allowed(mask: torch.Tensor) -> int:
+    """The highest token id a bitmask allows (it allows one)."""
+    word = int(torch.nonzero(mask).max())
+    return word * 32 + int(mask[word]).bit_length() - 1 if mask[word] > 0 else word * 32 + 31
+
+
 def _short(error: str) -> str:
-    """llguidance's error message, trimmed for a response."""
-    error = error.strip()
+    """llguidance's error message, trimmed for a response (without its marker of the
+    parser's state left out: verbose_errors is off)."""
+    error = error.replace("<non-verbose/>", "").strip()
     return error if len(error) <= _MAX_MESSAGE else error[: _MAX_MESSAGE - 3] + "..."
