@@ -148,8 +148,8 @@ class Constraints:
     def _compile(self, constraint: Constraint) -> Matcher:
         import llguidance
 
+        grammar = grammar_text(constraint)  # sizes first: no tokenizer built to refuse them
         tokenizer = self._llg_tokenizer()
-        grammar = grammar_text(constraint)
         limits = llguidance.LLParserLimits(**_LIMITS)
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=limits)
         words = -(-tokenizer.vocab_size // 32)
