@@ -14,6 +14,12 @@
    uses presence, frequency and repetition penalties and asks for top-5 logprobs (PENALIZED),
    alternated run by run with plain runs of the same count; its aggregate tok/s over the
    plain one's is printed (issue 14's target: at least 0.85x).
+4. The constrained run (--constrained-clients, 16 by default): the same, every stream's
+   output held to a JSON schema (structured_outputs, constrained_schema) that cannot complete
+   within --max-tokens (issue 15's target: at least 0.85x). Then one more constrained run
+   while this process compiles a fresh schema every 0.1 s for the same tokenizer
+   (tursi.engine.constraints, as the server does on a cache miss): the compile time p50/p95
+   under that load is printed (that run's tok/s is not used).
 
 Every figure is the median over --runs runs. Printed: aggregate tok/s (all tokens / wall time
 of the run), time to first token p50/p95, inter-token latency p50/p95 (gaps between SSE text
@@ -234,8 +240,91 @@ PENALIZED = {
 }
 
 
+def constrained_schema(max_tokens: int, key: str = "notes") -> dict:
+    """A JSON schema of a list of notes (bounded strings, numbers, booleans) that asks for
+    more items than max_tokens tokens can hold, so that a constrained stream generates
+    exactly max_tokens tokens, as the plain run does, every one of them masked; `key`
+    names the list (a fresh key: a schema the server has not compiled)."""
+    note = {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 40},
+            "score": {"type": "integer", "minimum": 0, "maximum": 100},
+            "done": {"type": "boolean"},
+        },
+        "required": ["title", "score", "done"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {key: {"type": "array", "items": note, "minItems": max_tokens}},
+        "required": [key],
+        "additionalProperties": False,
+    }
+
+
+def constrained_fields(max_tokens: int) -> dict:
+    """The request fields of the constrained run (the native API's structured_outputs)."""
+    return {"structured_outputs": {"json": constrained_schema(max_tokens)}}
+
+
+COMPILE_INTERVAL = 0.1
+
+
+class CompileProbe:
+    """Compiles fresh JSON schemas for the embedded model's tokenizer in this process, as
+    the server does for a schema it has not cached (tursi.engine.constraints: grammar, first
+    mask, one probe step). Run during a constrained load, it measures what a new schema
+    costs while the machine serves 16 constrained streams: it shares their CPUs, not the
+    server's GIL (llguidance drops the GIL while it compiles)."""
+
+    def __init__(self, home: str):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from tursi.engine.catalog import Catalog
+        from tursi.engine.constraints import Constraints
+        from tursi.engine.loading import locate
+
+        path = locate(Catalog.load(None).get(MODEL), home, False)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        width = AutoConfig.from_pretrained(path, local_files_only=True).vocab_size
+        self.constraints = Constraints(tokenizer, width, [tokenizer.eos_token_id])
+        self.count = 0
+        self.compile()  # builds llguidance's view of the tokenizer once (~1 s): not counted
+
+    def compile(self) -> float:
+        """Seconds to compile one schema never seen before."""
+        from tursi.engine.jobs import Constraint
+
+        self.count += 1
+        schema = constrained_schema(128, key=f"notes_{self.count}")
+        constraint = Constraint("json_schema", json.dumps(schema, separators=(",", ":")))
+        started = time.perf_counter()
+        self.constraints.compiled(constraint)
+        return time.perf_counter() - started
+
+    def during(self, run) -> tuple[dict, list[float]]:
+        """run()'s result, and the compile times measured while it ran."""
+        stop, times = threading.Event(), []
+
+        def loop() -> None:
+            while not stop.is_set():
+                times.append(self.compile())
+                stop.wait(COMPILE_INTERVAL)
+
+        thread = threading.Thread(target=loop)
+        thread.start()
+        try:
+            result = run()
+        finally:
+            stop.set()
+            thread.join()
+        return result, times
+
+
 def stream_one(url: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
-    """One streamed greedy generation; `extra`: more request fields (PENALIZED)."""
+    """One streamed greedy generation; `extra`: more request fields (PENALIZED, the
+    constrained run's)."""
     body = {
         "model": MODEL,
         "prompt": prompt,
@@ -362,25 +451,32 @@ def print_table(base: dict, rows: dict) -> None:
         )
 
 
-def penalized_run(url: str, clients: int, args: argparse.Namespace) -> dict:
-    """Median plain and PENALIZED runs at `clients` streams, alternated (a drift in the
-    machine's speed hits both alike)."""
-    plain, penalized = [], []
+def alternated_runs(
+    url: str, clients: int, args: argparse.Namespace, name: str, extra: dict
+) -> dict:
+    """Median plain runs and runs with the request fields `extra` (labelled `name`) at
+    `clients` streams, alternated (a drift in the machine's speed hits both alike), every
+    run printed."""
+    plain, other = [], []
     for run in range(args.runs):
         plain.append(load_run(url, clients, args.max_tokens))
-        penalized.append(load_run(url, clients, args.max_tokens, PENALIZED))
+        other.append(load_run(url, clients, args.max_tokens, extra))
         print(
             f"    run {run + 1}: plain {plain[-1]['tok_s']:.1f}, "
-            f"penalized {penalized[-1]['tok_s']:.1f} tok/s",
+            f"{name} {other[-1]['tok_s']:.1f} tok/s",
             flush=True,
         )
-    result = {
+    return {
         "clients": clients,
-        "fields": PENALIZED,
+        "fields": extra,
         "plain": median_of(plain),
-        "penalized": median_of(penalized),
-        "every_run": [[p["tok_s"], q["tok_s"]] for p, q in zip(plain, penalized, strict=True)],
+        name: median_of(other),
+        "every_run": [[p["tok_s"], q["tok_s"]] for p, q in zip(plain, other, strict=True)],
     }
+
+
+def penalized_run(url: str, clients: int, args: argparse.Namespace) -> dict:
+    result = alternated_runs(url, clients, args, "penalized", PENALIZED)
     print(
         f"  {clients} clients with penalties + top-5 logprobs: "
         f"{result['penalized']['tok_s']:.1f} tok/s (plain {result['plain']['tok_s']:.1f})",
@@ -389,15 +485,57 @@ def penalized_run(url: str, clients: int, args: argparse.Namespace) -> dict:
     return result
 
 
-def print_penalized(result: dict) -> None:
-    plain, penalized = result["plain"]["tok_s"], result["penalized"]["tok_s"]
-    fields = ", ".join(f"{key} {value}" for key, value in result["fields"].items())
+def constrained_run(url: str, clients: int, args: argparse.Namespace) -> dict:
+    """The alternated plain and constrained runs, then one constrained run with the
+    CompileProbe compiling fresh schemas in this process."""
+    fields = constrained_fields(args.max_tokens)
+    load_run(url, 1, 8, fields)  # the server builds llguidance's tokenizer once (~1 s)
+    result = alternated_runs(url, clients, args, "constrained", fields)
     print(
-        f"\n{result['clients']} streams, every row with {fields}: {penalized:.1f} tok/s against "
-        f"{plain:.1f} tok/s plain (alternated runs): {penalized / plain:.2f}x (target >= 0.85x); "
-        f"inter-token p50 {result['penalized']['itl_p50'] * 1000:.0f} ms "
-        f"(plain {result['plain']['itl_p50'] * 1000:.0f} ms)"
+        f"  {clients} clients, each constrained by a JSON schema: "
+        f"{result['constrained']['tok_s']:.1f} tok/s (plain {result['plain']['tok_s']:.1f})",
+        flush=True,
     )
+    probe = CompileProbe(args.home)
+    loaded_run, times = probe.during(lambda: load_run(url, clients, args.max_tokens, fields))
+    result["compile_ms"] = {
+        "p50": percentile(times, 50) * 1000,
+        "p95": percentile(times, 95) * 1000,
+        "samples": len(times),
+        "run_tok_s": loaded_run["tok_s"],
+    }
+    print(
+        f"  fresh schema compile under that load: p50 {result['compile_ms']['p50']:.1f} ms, "
+        f"p95 {result['compile_ms']['p95']:.1f} ms ({len(times)} schemas)",
+        flush=True,
+    )
+    return result
+
+
+def print_compared(result: dict, name: str, what: str) -> None:
+    plain, other = result["plain"]["tok_s"], result[name]["tok_s"]
+    runs = ", ".join(f"{p:.1f} / {q:.1f}" for p, q in result.get("every_run", []))
+    print(
+        f"\n{result['clients']} streams, every row {what}: {other:.1f} tok/s against "
+        f"{plain:.1f} tok/s plain (alternated runs): {other / plain:.2f}x (target >= 0.85x); "
+        f"inter-token p50 {result[name]['itl_p50'] * 1000:.0f} ms "
+        f"(plain {result['plain']['itl_p50'] * 1000:.0f} ms); every run, plain / {name}: {runs}"
+    )
+
+
+def print_penalized(result: dict) -> None:
+    fields = ", ".join(f"{key} {value}" for key, value in result["fields"].items())
+    print_compared(result, "penalized", f"with {fields}")
+
+
+def print_constrained(result: dict) -> None:
+    print_compared(result, "constrained", "constrained by a JSON schema (structured_outputs)")
+    if "compile_ms" in result:
+        cost = result["compile_ms"]
+        print(
+            f"a fresh schema's compile during a {result['clients']}-stream constrained run: "
+            f"p50 {cost['p50']:.1f} ms, p95 {cost['p95']:.1f} ms ({cost['samples']} schemas)"
+        )
 
 
 def main() -> None:
@@ -417,6 +555,12 @@ def main() -> None:
         default=16,
         help="streams of the run with penalties and top-5 logprobs on every row (0: none)",
     )
+    parser.add_argument(
+        "--constrained-clients",
+        type=int,
+        default=16,
+        help="streams of the run with a JSON schema constraint on every row (0: none)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--table-from", help="only print the table of a --json file")
     args = parser.parse_args()
@@ -425,6 +569,8 @@ def main() -> None:
         print_table(saved["baselines"], saved["rows"])
         if saved.get("penalized"):
             print_penalized(saved["penalized"])
+        if saved.get("constrained"):
+            print_constrained(saved["constrained"])
         return
     counts = [int(c) for c in args.clients.split(",")]
 
@@ -453,9 +599,11 @@ def main() -> None:
                 [load_run(server.url, clients, args.max_tokens) for _ in range(args.runs)]
             )
             print(f"  {clients} clients: {rows[clients]['tok_s']:.1f} tok/s", flush=True)
-        penalized = None
+        penalized = constrained = None
         if args.penalized_clients:
             penalized = penalized_run(server.url, args.penalized_clients, args)
+        if args.constrained_clients:
+            constrained = constrained_run(server.url, args.constrained_clients, args)
     finally:
         server.stop()
 
@@ -463,6 +611,8 @@ def main() -> None:
     print_table(base, rows)
     if penalized:
         print_penalized(penalized)
+    if constrained:
+        print_constrained(constrained)
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -470,6 +620,7 @@ def main() -> None:
                     "baselines": base,
                     "rows": rows,
                     "penalized": penalized,
+                    "constrained": constrained,
                     "max_tokens": args.max_tokens,
                     "runs": args.runs,
                 },

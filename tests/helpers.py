@@ -104,6 +104,19 @@ def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     return out
 
 
+def choice_continuations(tokenizer, done: str, choices: tuple[str, ...]) -> set[int]:
+    """The token ids whose text, after the output `done`, still begins (or is) one of
+    `choices`: what a choice constraint must allow next, read from the tokenizer's own
+    decoding (the outside reference of the structured output tests; ASCII choices)."""
+    special = set(tokenizer.all_special_ids)
+    return {
+        token
+        for token in range(len(tokenizer))
+        if token not in special
+        and any(choice.startswith(done + tokenizer.decode([token])) for choice in choices)
+    }
+
+
 def build_gpt2(target: Path, seed: int = 0, **overrides) -> Path:
     """`overrides` change the GPT2Config (e.g. initializer_range=0.2)."""
 

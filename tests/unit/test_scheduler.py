@@ -11,8 +11,14 @@ deadlines and durations are exact.
 
 from __future__ import annotations
 
+import json
+import re
+import struct
 from typing import Any
 
+import jsonschema
+import llguidance
+import llguidance.hf
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -20,7 +26,9 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import tursi.engine.scheduler as scheduler_module
 from tests.helpers import CORPUS, build_llama, transformers_greedy
 from tursi.engine.catalog import CatalogEntry
+from tursi.engine.constraints import Constraints, GrammarError, grammar_text
 from tursi.engine.jobs import (
+    Constraint,
     Failed,
     Finished,
     GenerationJob,
@@ -30,6 +38,7 @@ from tursi.engine.jobs import (
 )
 from tursi.engine.loading import LoadedModel, LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
+from tursi.engine.tokens import logits_width
 from tursi.errors import GenerationFailed, RequestTimeout
 from tursi.telemetry import ModelStats
 from tursi.threads import Empty
@@ -1127,3 +1136,300 @@ def test_a_tokenizer_without_a_pad_token_still_prefills_prompts_of_different_len
         text, _ = finished(job)
         expected = transformers_greedy(stock, job.prompt_ids, 4)
         assert text == decoded(loaded, job.prompt_ids, expected)
+
+
+# --- structured output ----------------------------------------------------------------------
+
+# JSON schemas a random model completes within STRUCTURED_TOKENS (bounded strings, numbers
+# and arrays, no extra properties): nested objects, arrays, enums, bounded numbers, optional
+# fields, anyOf.
+SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["name", "age", "ok"],
+        "additionalProperties": False,
+    },
+    {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 4},
+    {
+        "type": "object",
+        "properties": {
+            "point": {
+                "type": "object",
+                "properties": {
+                    "x": {"type": "integer", "minimum": -9, "maximum": 9},
+                    "y": {"type": "integer", "minimum": -9, "maximum": 9},
+                },
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            },
+            "label": {"enum": ["a", "b", None]},
+        },
+        "required": ["point", "label"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "a": {"type": "integer", "minimum": 0, "maximum": 9},
+            "b": {"type": "string", "maxLength": 3},
+        },
+        "required": ["a"],
+        "additionalProperties": False,
+    },
+    {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": 999},
+            {"type": "string", "maxLength": 5},
+        ]
+    },
+]
+STRUCTURED_TOKENS = 120
+CHOICES = ("Once upon", "The quick", "Models load")  # none a prefix of another
+PATTERN = "[0-9]{3}-[a-z]{2,5}"
+
+
+@pytest.fixture(scope="module")
+def grammars(loaded) -> Constraints:
+    """The model's constraint compiler, as its worker makes it (end of sequence: the
+    tokenizer's, since each test here decides about eos_ids)."""
+    width = logits_width(loaded.model)
+    return Constraints(loaded.tokenizer, width, [loaded.tokenizer.eos_token_id])
+
+
+def json_constraint(schema: dict) -> Constraint:
+    return Constraint("json_schema", json.dumps(schema, separators=(",", ":")))
+
+
+def constrained(
+    grammars: Constraints, prompt: list[int], constraint: Constraint, max_tokens: int, **params
+) -> GenerationJob:
+    """A job whose choices are constrained, each with its own matcher (as new_job makes it)."""
+    n = params.pop("n", 1)
+    params = {"temperature": 0.0, "constraint": constraint, **params}
+    return GenerationJob(
+        prompt,
+        GenerationParams(max_tokens, **params),
+        n=n,
+        matchers=grammars.matchers(constraint, n),
+    )
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "seed": 5}], ids=["greedy", "seed"])
+def test_constrained_json_of_a_random_model_parses_and_validates(
+    loaded, grammars, prompts, sampling
+):
+    scheduler, _ = make_scheduler(loaded, max_batch=len(SCHEMAS) * len(prompts))
+    jobs = [
+        (schema, constrained(grammars, p, json_constraint(schema), STRUCTURED_TOKENS, **sampling))
+        for schema in SCHEMAS
+        for p in prompts
+    ]
+    run(scheduler, *(job for _, job in jobs))
+    for schema, job in jobs:
+        text, end = finished(job)
+        assert end.finish_reason == "stop", (schema, text)
+        jsonschema.validate(json.loads(text), schema)
+    assert_idle(scheduler)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.3, "seed": 2}], ids=["greedy", "seed"])
+def test_regex_and_choice_outputs_match(loaded, grammars, prompts, sampling):
+    scheduler, _ = make_scheduler(loaded)
+    pattern, choices = Constraint("regex", PATTERN), Constraint("choice", CHOICES)
+    regex = [constrained(grammars, p, pattern, 30, **sampling) for p in prompts]
+    choice = [constrained(grammars, p, choices, 30, **sampling) for p in prompts]
+    run(scheduler, *regex, *choice)
+    for job in regex:
+        text, end = finished(job)
+        assert re.fullmatch(PATTERN, text) and end.finish_reason == "stop", text
+    for job in choice:
+        text, end = finished(job)
+        assert text in CHOICES and end.finish_reason == "stop", text
+
+
+def transformers_constrained(
+    stock: Any, tokenizer: Any, prompt: list[int], constraint: Constraint, max_tokens: int, **kw
+) -> list[int]:
+    """transformers' generate on one prompt alone, constrained through its own hook
+    (prefix_allowed_tokens_fn) by an llguidance matcher of the constraint's grammar, the
+    bitmask read bit by bit: the grammar library's answer applied by transformers, not by
+    Tursi's sampler. The output ends where the grammar does (end of sequence not listed)."""
+    width = stock.config.vocab_size
+    matcher = llguidance.LLMatcher(
+        llguidance.hf.from_tokenizer(tokenizer, n_vocab=width), grammar_text(constraint)
+    )
+    consumed: list[int] = []
+
+    def allowed(_: int, ids: torch.Tensor) -> list[int]:
+        for token in ids[len(prompt) + len(consumed) :].tolist():
+            assert matcher.consume_token(token)
+            consumed.append(token)
+        bits = matcher.compute_bitmask()
+        words = struct.unpack(f"<{len(bits) // 4}I", bits)
+        return [i for i in range(width) if words[i // 32] >> (i % 32) & 1]
+
+    eos = tokenizer.eos_token_id
+    with torch.random.fork_rng(), torch.inference_mode():
+        torch.manual_seed(kw.pop("seed", 0))
+        out = stock.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_tokens,
+            eos_token_id=eos,
+            pad_token_id=0,
+            prefix_allowed_tokens_fn=allowed,
+            top_k=0,
+            **kw,
+        )[0, len(prompt) :].tolist()
+    return out[: out.index(eos)] if eos in out else out
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_constrained_rows_in_a_batch_equal_transformers_with_the_grammar_alone(
+    loaded, stock, grammars, prompts, ignore_eos
+):
+    """Greedy and seeded rows of several constraints in one batch (prefills included) choose
+    what transformers chooses for each alone under the same grammar. A row ends with stop at
+    the token that completes its grammar (no end-of-sequence step), with ignore_eos too."""
+    cases = [
+        (Constraint("choice", CHOICES), {"do_sample": False}),
+        (Constraint("choice", CHOICES), {"do_sample": True, "temperature": 1.0, "seed": 3}),
+        (json_constraint(SCHEMAS[0]), {"do_sample": False}),
+        (json_constraint(SCHEMAS[2]), {"do_sample": True, "temperature": 0.7, "seed": 8}),
+        (Constraint("regex", PATTERN), {"do_sample": True, "temperature": 1.2, "seed": 1}),
+    ]
+    jobs = []
+    for i, (constraint, kw) in enumerate(cases):
+        params = {"temperature": kw.get("temperature", 0.0), "seed": kw.get("seed")}
+        job = constrained(
+            grammars, prompts[i % 4], constraint, STRUCTURED_TOKENS, ignore_eos=ignore_eos, **params
+        )
+        jobs.append(job)
+    scheduler, _ = make_scheduler(loaded)
+    run(scheduler, *jobs)
+    for i, ((constraint, kw), job) in enumerate(zip(cases, jobs, strict=True)):
+        prompt = prompts[i % 4]
+        reference = transformers_constrained(
+            stock, loaded.tokenizer, prompt, constraint, STRUCTURED_TOKENS, **dict(kw)
+        )
+        text, end = finished(job)
+        assert text == decoded(loaded, prompt, reference), (constraint, kw)
+        assert (end.tokens_generated, end.finish_reason) == (len(reference), "stop")
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_an_end_of_sequence_the_grammar_allows_ends_the_output_without_text(
+    loaded, grammars, prompts, ignore_eos
+):
+    """[0-9]{1,5}: after one digit the grammar accepts, so it allows end of sequence; the
+    bias makes the model take it. It ends the choice (with ignore_eos too: the grammar
+    ends there), counted, its text never sent."""
+    eos = loaded.tokenizer.eos_token_id
+    job = constrained(
+        grammars,
+        prompts[1],
+        Constraint("regex", "[0-9]{1,5}"),
+        10,
+        logit_bias={eos: 100.0},
+        ignore_eos=ignore_eos,
+    )
+    scheduler, _ = make_scheduler(loaded)
+    run(scheduler, job)
+    text, end = finished(job)
+    assert re.fullmatch("[0-9]", text)
+    assert (end.finish_reason, end.tokens_generated) == ("stop", 2)
+
+
+def test_max_tokens_inside_the_structure_ends_with_length(loaded, grammars, prompts):
+    scheduler, _ = make_scheduler(loaded)
+    job = constrained(grammars, prompts[0], json_constraint(SCHEMAS[0]), 3)
+    run(scheduler, job)
+    text, end = finished(job)
+    assert (end.finish_reason, end.tokens_generated) == ("length", 3)
+    assert text.startswith('{"')
+    with pytest.raises(ValueError):
+        json.loads(text)
+
+
+def test_n_constrained_choices_each_follow_the_grammar_with_their_own_matcher(
+    loaded, grammars, prompts
+):
+    scheduler, _ = make_scheduler(loaded)
+    job = constrained(
+        grammars,
+        prompts[2],
+        json_constraint(SCHEMAS[0]),
+        STRUCTURED_TOKENS,
+        n=3,
+        temperature=1.0,
+        seed=4,
+    )
+    run(scheduler, job)
+    choices = choices_of(job)
+    assert sorted(choices) == [0, 1, 2]
+    for text, end in choices.values():
+        assert end.finish_reason == "stop"
+        jsonschema.validate(json.loads(text), SCHEMAS[0])
+    assert len({text for text, _ in choices.values()}) > 1  # seed + i: different draws
+
+
+def test_unconstrained_greedy_rows_are_the_same_alone_and_beside_eight_constrained_rows(
+    loaded, stock, grammars, prompts
+):
+    """Issue 15's batch correctness: the masks of constrained rows change nothing in the
+    rows beside them (fp32; the reference is transformers' own greedy decoding)."""
+    tokens = 24
+    plain_prompts = [prompts[0], prompts[3]]
+    references = [transformers_greedy(stock, p, tokens) for p in plain_prompts]
+    for prompt, reference in zip(plain_prompts, references, strict=True):  # alone
+        scheduler, _ = make_scheduler(loaded)
+        job = greedy(prompt, tokens)
+        run(scheduler, job)
+        assert finished(job)[0] == decoded(loaded, prompt, reference)
+    kinds = [
+        json_constraint(SCHEMAS[0]),
+        json_constraint(SCHEMAS[2]),
+        Constraint("regex", PATTERN),
+        Constraint("choice", CHOICES),
+    ]
+    beside = [
+        constrained(grammars, prompts[i % 4], kind, tokens, **sampling)
+        for i, kind in enumerate(kinds)
+        for sampling in ({}, {"temperature": 1.0, "seed": i})
+    ]
+    assert len(beside) == 8
+    plain = [greedy(p, tokens) for p in plain_prompts]
+    scheduler, _ = make_scheduler(loaded, max_batch=10)
+    run(scheduler, beside[0], plain[0], *beside[1:5], plain[1], *beside[5:])
+    for prompt, reference, job in zip(plain_prompts, references, plain, strict=True):
+        text, end = finished(job)
+        assert (text, end.finish_reason) == (decoded(loaded, prompt, reference), "length")
+    for job in beside:
+        assert finished(job)[1].tokens_generated <= tokens
+
+
+def test_a_choice_whose_grammar_fails_fails_alone(loaded, stock, grammars, prompts, caplog):
+    """A matcher that fails mid-generation (a work limit in a step; here a refused token fed
+    to it) fails its request with generation_failed; the batch goes on."""
+    scheduler, on_done = make_scheduler(loaded)
+    broken = constrained(grammars, prompts[0], Constraint("choice", CHOICES), 20)
+    other = greedy(prompts[1], NEW_TOKENS)
+    scheduler.add(broken)
+    scheduler.add(other)
+    scheduler.turn()
+    with pytest.raises(GrammarError):
+        broken.matchers[0].advance(loaded.tokenizer("zzz")["input_ids"][0])
+    run(scheduler)
+    _, error = failed(broken)
+    assert isinstance(error, GenerationFailed)
+    assert error.message.startswith("Structured output failed: ")
+    assert error.details == {"field": "structured_outputs"}
+    assert on_done.of(broken) == [(0.0, False)]
+    text, end = finished(other)
+    expected = decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], NEW_TOKENS))
+    assert (text, end.finish_reason) == (expected, "length")
+    assert_idle(scheduler)

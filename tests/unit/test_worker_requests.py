@@ -1,22 +1,26 @@
 """The request side of a ModelWorker, without its thread: new_job's token-id prompts and its
 400s (ids outside the vocabulary, n over the batch, max_tokens 0 without prompt scoring, the
-context per choice), submit_all's all-or-none admission counted in rows, and token_texts
-against the tokenizer's own byte-level alphabet and decoding."""
+context per choice), submit_all's all-or-none admission counted in rows, token_texts
+against the tokenizer's own byte-level alphabet and decoding, and structured output's
+constraints compiled (or refused) by new_job, one matcher per choice."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from tests.helpers import CORPUS, build_llama
 from tursi.engine.catalog import CatalogEntry
-from tursi.engine.jobs import SamplingParams
+from tursi.engine.jobs import Constraint, SamplingParams, TextChunk
 from tursi.engine.loading import LoadOptions, load_model
+from tursi.engine.scheduler import Scheduler
 from tursi.engine.tokens import byte_decoder
 from tursi.engine.worker import BatchLimits, ModelWorker
 from tursi.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 from tursi.telemetry import ModelStats
-from tursi.threads import Channel
+from tursi.threads import Channel, Empty
 
 # build_llama's tokenizer has 400 tokens; this model's table has 16 rows of padding more.
 TOKENIZER_SIZE, TABLE_ROWS = 400, 416
@@ -158,3 +162,59 @@ def test_token_texts_give_each_tokens_true_bytes(loaded):
     eos = tokenizer.eos_token_id
     assert worker.token_texts([eos]) == [(tokenizer.eos_token, tokenizer.eos_token.encode())]
     assert worker.token_texts([5, 5]) == [worker.token_texts([5])[0]] * 2
+
+
+# --- structured output ----------------------------------------------------------------------
+
+POINT = {
+    "type": "object",
+    "properties": {
+        "x": {"type": "integer", "minimum": 0, "maximum": 9},
+        "tag": {"enum": ["a", "b"]},
+    },
+    "required": ["x", "tag"],
+    "additionalProperties": False,
+}
+
+
+def constraint_of(schema: dict) -> Constraint:
+    return Constraint("json_schema", json.dumps(schema, separators=(",", ":")))
+
+
+def test_a_constraint_is_compiled_once_into_one_matcher_per_choice(loaded):
+    worker = make_worker(loaded)
+    sampling = {"constraint": constraint_of(POINT), "temperature": 1.0, "seed": 1}
+    job = new_job(worker, n=2, sampling=sampling, max_tokens=40)
+    assert len(job.matchers) == 2 and job.matchers[0] is not job.matchers[1]
+    again = new_job(worker, sampling=sampling)
+    assert (worker.constraints.misses, worker.constraints.hits) == (1, 1)
+    assert again.matchers[0] not in job.matchers
+    assert new_job(worker).matchers is None
+    # both choices run on the model whose logits are 16 ids wider than its tokenizer
+    scheduler = Scheduler("test", loaded, 4, lambda *_: None)
+    scheduler.add(job)
+    while not scheduler.idle:
+        scheduler.turn()
+    texts: dict[int, str] = {0: "", 1: ""}
+    ends = []
+    while True:
+        try:
+            event = job.events.get(timeout=0)
+        except Empty:
+            break
+        if isinstance(event, TextChunk):
+            texts[event.index] += event.text
+        else:
+            ends.append(event)
+    assert [end.finish_reason for end in ends] == ["stop", "stop"], ends
+    for text in texts.values():
+        value = json.loads(text)
+        assert set(value) == {"x", "tag"} and 0 <= value["x"] <= 9 and value["tag"] in "ab"
+
+
+def test_an_unusable_constraint_is_a_400_from_new_job(loaded):
+    worker = make_worker(loaded)
+    bad = {"constraint": Constraint("regex", "(unclosed")}
+    details = refusal(lambda: new_job(worker, sampling=bad))
+    assert details["field"] == "structured_outputs" and details["kind"] == "regex"
+    assert "unclosed group" in details["error"]

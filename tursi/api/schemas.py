@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    pre_load,
+    validate,
+    validates_schema,
+)
 
 from ..engine.catalog import DTYPES, QUANT_BITS, QUANT_MODES
 
@@ -190,6 +199,11 @@ class SamplingSchema(StrictSchema):
     ignore_eos = JsonBoolean(load_default=False)  # as vLLM: keep going past end of sequence
     logprobs = logprobs_field(MAX_LOGPROBS)
     prompt_logprobs = logprobs_field(MAX_LOGPROBS)  # the prompt's tokens (entry 0: null)
+
+    @post_load
+    def _constraint(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        data.setdefault("constraint", None)  # structured output: issue 15 adds its field
+        return data
 
 
 class GenerateRequestSchema(SamplingSchema):

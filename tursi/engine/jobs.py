@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ..errors import TursiError
 from ..threads import Channel, Empty
@@ -12,6 +13,31 @@ from ..threads import Channel, Empty
 # How often a waiting request asks whether the job's engine is still alive: a client never
 # waits longer than this for the news that the engine died or is stuck.
 ENGINE_CHECK_SECONDS = 1.0
+
+
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a choice's output must match, by construction: each token is drawn from those
+    the grammar allows next (tursi.engine.constraints compiles it with llguidance;
+    docs/structured-output.md). `kind` is one of CONSTRAINT_KINDS; `value`:
+    - json_schema: the JSON schema as canonical JSON text (sorted keys, no spaces), so that
+      equal schemas are one compiled grammar;
+    - json_object: "" (any JSON object);
+    - regex: the pattern the whole output matches;
+    - choice: the alternatives, a tuple of strings (the output is exactly one of them);
+    - grammar: a grammar in llguidance's Lark dialect (or GBNF, converted)."""
+
+    kind: str
+    value: str | tuple[str, ...] = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise ValueError(f"unknown constraint kind {self.kind!r}")
+        if isinstance(self.value, list):
+            object.__setattr__(self, "value", tuple(self.value))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +67,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
     logprobs: int | None = None  # None: none; k: each output token's logprob + top k
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo)
+    constraint: Constraint | None = None  # structured output: JSON schema, regex, grammar...
 
     def __post_init__(self) -> None:
         # Requests give lists and dicts; tuples keep the frozen object hashable.
@@ -104,7 +131,9 @@ class Finished:
 
     tokens_generated: int
     generation_seconds: float
-    finish_reason: str  # "stop" (end of sequence, stop token or stop string) | "length"
+    # "stop" (end of sequence, stop token, stop string, a constraint's grammar complete)
+    # | "length" (max_tokens: a constrained output may be cut inside its structure)
+    finish_reason: str
     index: int = 0
     cumulative_logprob: float | None = None
 
@@ -143,6 +172,9 @@ class GenerationJob:
     last_token: float = 0.0  # time.monotonic() when its latest token was chosen
     # set when submitted: why the worker that has the job can no longer serve, or None
     engine_failure: Callable[[], TursiError | None] = _alive
+    # structured output: one grammar matcher per choice (constraints.Matcher, made by the
+    # worker's new_job from params.constraint); None when unconstrained
+    matchers: list[Any] | None = None
 
     def cancel(self) -> None:
         """Stop generating at the next step (client gone). Safe from any thread, idempotent."""

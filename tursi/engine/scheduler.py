@@ -11,9 +11,10 @@ Each turn of the loop:
 4. runs one decode step for every running choice: one token each, one forward pass,
    each row at its own position in the BatchCache, each with its own sampling settings.
 A choice leaves the batch at the step where it finishes (end of sequence, stop token, stop
-string, max_tokens); a job ends when all of its choices have, or at once when it is
-cancelled or runs past its deadline. So a running stream waits at most one prefill chunk per
-token, and a new request waits at most for the prefills queued before it.
+string, max_tokens, or its grammar complete for structured output); a job ends when all of
+its choices have, or at once when it is cancelled or runs past its deadline. So a running
+stream waits at most one prefill chunk per token, and a new request waits at most for the
+prefills queued before it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers import DynamicCache
 
 from ..errors import GenerationFailed, RequestTimeout, TursiError
 from ..telemetry import ModelStats
+from .constraints import GrammarError
 from .decode import decode_logits
 from .detokenize import IncrementalDecoder
 from .jobs import Failed, Finished, GenerationJob, PromptLogprobs, TextChunk, TokenLogprob
@@ -268,7 +270,9 @@ class Scheduler:
             Sequence(
                 job,
                 job.index + choice,
-                TokenChooser(params, job.prompt_ids, choice),
+                TokenChooser(
+                    params, job.prompt_ids, choice, job.matchers[choice] if job.matchers else None
+                ),
                 IncrementalDecoder(tokenizer, job.prompt_ids),
                 StopMatcher(list(params.stop)),
             )
@@ -328,7 +332,10 @@ class Scheduler:
         self._remove_rows(lambda seq: seq.job not in self.live)  # a sibling choice failed
 
     def _accept(self, seq: Sequence, token: int, entry: TokenLogprob | None) -> bool:
-        """Take the next token of choice `seq` and send its text; True when it has ended."""
+        """Take the next token of choice `seq` and send its text; True when it has ended.
+        A constrained choice also ends with "stop" once its grammar is complete (even with
+        ignore_eos: nothing but end of sequence could follow); max_tokens reached before
+        that ends it with "length", its output cut inside the structure."""
         job = seq.job
         now = time.monotonic()
         if job.tokens_generated == 0:
@@ -341,8 +348,9 @@ class Scheduler:
             seq.tokens += 1
             if entry is not None:
                 seq.cumulative_logprob += entry.logprob
+            seq.chooser.remember(token)  # penalties and grammar: raises if the grammar refuses
             reason = None
-            if self._is_stop_token(job, token):
+            if self._is_stop_token(job, token) or seq.chooser.ends_output(token):
                 if entry is not None:  # scored like any token (lm-eval reads it), no text
                     seq.entries.append((seq.chars, entry))
                 reason = self._finish(seq, seq.decoder.flush(), "stop")
@@ -353,15 +361,25 @@ class Scheduler:
                     seq.entries.append((seq.chars, entry))
                 if self._emit(seq, piece):
                     reason = "stop"
+                elif seq.chooser.complete:
+                    reason = self._finish(seq, seq.decoder.flush(), "stop")
                 elif seq.tokens >= job.params.max_tokens:
                     reason = self._finish(seq, seq.decoder.flush(), "length")
+        except GrammarError as exc:  # this request's grammar failed (its work limits)
+            log.warning("structured output failed on %s: %s", self.name, exc)
+            self._fail(
+                self.live[job],
+                GenerationFailed(
+                    f"Structured output failed: {exc}", {"field": "structured_outputs"}
+                ),
+            )
+            return True
         except Exception as exc:  # one request's failure must not end the batch
             log.exception("detokenizing failed on %s", self.name)
             self._fail(self.live[job], GenerationFailed(f"Generation failed: {type(exc).__name__}"))
             return True
         if reason is None:
             seq.next_token = token
-            seq.chooser.remember(token)
             return False
         self._choice_done(seq, reason)
         return True

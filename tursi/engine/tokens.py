@@ -35,9 +35,14 @@ def vocab_size(tokenizer: Any, model: Any) -> int:
     """How many token ids a request may name: those the tokenizer knows that are also rows
     of the model's logits (a model's table is often padded past its tokenizer, and a
     tokenizer's added tokens may lie past an embedding table never resized for them)."""
+    return min(len(tokenizer), logits_width(model))
+
+
+def logits_width(model: Any) -> int:
+    """How many token ids the model's logits score (its output table's rows)."""
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return min(len(tokenizer), text.vocab_size)
+    return text.vocab_size
 
 
 def _byte_level(tokenizer: Any) -> bool:

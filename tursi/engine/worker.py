@@ -29,11 +29,12 @@ from ..errors import (
     TursiError,
 )
 from ..telemetry import ModelStats
-from ..threads import Channel, Empty, SimpleQueue, native_lock, start_native_thread
+from ..threads import Channel, Empty, SimpleQueue, native_lock, off_hub, start_native_thread
+from .constraints import Constraints
 from .jobs import GenerationJob, GenerationParams, SamplingParams
 from .loading import LoadedModel
 from .scheduler import Scheduler
-from .tokens import TokenTexts, vocab_size
+from .tokens import TokenTexts, logits_width, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class ModelWorker:
         self._scheduler = Scheduler(name, loaded, limits.max_batch, self._job_done, stats)
         self.vocab_size = vocab_size(loaded.tokenizer, loaded.model)
         self._token_texts = TokenTexts(loaded.tokenizer)
+        self.constraints = Constraints(loaded.tokenizer, logits_width(loaded.model), loaded.eos_ids)
         self._inbox: SimpleQueue = SimpleQueue()
         self._lock = native_lock()
         # jobs submitted and not yet ended (running + waiting): the worker's own list, so
@@ -133,7 +135,9 @@ class ModelWorker:
         cap and the context; max_tokens counts per choice, and 0 is for scoring the prompt
         (prompt_logprobs) only. A prompt rendered by a chat template already holds its
         special tokens. The `n` choices are numbered from `index`; the jobs of one request
-        may share one `events` channel (None: a channel of the job's own)."""
+        may share one `events` channel (None: a channel of the job's own). A constraint
+        (structured output) is compiled here, off the gevent hub, into one matcher per
+        choice: an unusable one is a 400 (tursi.engine.constraints)."""
         self._loaded()  # refused once unloaded or failed, token-id prompts included
         if isinstance(prompt, str):
             prompt_ids = self.tokenize(prompt, add_special_tokens)
@@ -169,12 +173,16 @@ class ModelWorker:
                 f"the context length of '{self.name}' ({self.context_length} tokens)",
                 {**numbers, "max_tokens": max_tokens},
             )
+        matchers = None
+        if sampling.constraint is not None:
+            matchers = off_hub(self.constraints.matchers, sampling.constraint, n)
         return GenerationJob(
             prompt_ids,
             GenerationParams.of(sampling, max_tokens),
             events if events is not None else Channel(),
             n=n,
             index=index,
+            matchers=matchers,
         )
 
     def _check_sampling(self, sampling: SamplingParams, n: int, max_tokens: int | None) -> None:

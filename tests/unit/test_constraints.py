@@ -1,0 +1,240 @@
+"""Structured output below the scheduler: compiling Constraints (tursi.engine.constraints:
+the 400s for unusable inputs, the LRU cache, one matcher per choice) and the sampler's mask
+(choose_tokens with matchers: only tokens the grammar allows, ids past the tokenizer never,
+after logit_bias and before temperature, logprobs of the raw distribution).
+
+What a grammar allows is checked against the tokenizer's own texts (the tokens whose text
+continues a choice), not against llguidance's view of them. No model: logits are made up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from tests.helpers import build_tokenizer, choice_continuations
+from tursi.engine.constraints import (
+    MAX_CHOICE_CHARS,
+    MAX_CHOICES,
+    MAX_REGEX_CHARS,
+    MAX_SCHEMA_CHARS,
+    Constraints,
+    GrammarError,
+)
+from tursi.engine.jobs import Constraint, SamplingParams
+from tursi.engine.sampling import TokenChooser, choose_tokens, token_logprobs
+from tursi.errors import InvalidRequest
+
+WIDTH = 416  # logits width: the tokenizer's 400 ids and 16 rows of padding
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def constraints(tokenizer) -> Constraints:
+    return Constraints(tokenizer, WIDTH, [tokenizer.eos_token_id])
+
+
+def schema(value: dict) -> Constraint:
+    return Constraint("json_schema", json.dumps(value, separators=(",", ":")))
+
+
+def refusal(constraints: Constraints, constraint: Constraint) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as raised:
+        constraints.matchers(constraint)
+    assert raised.value.status == 400
+    assert raised.value.details["field"] == "structured_outputs"
+    assert raised.value.details["kind"] == constraint.kind
+    return raised.value
+
+
+def deep_schema(levels: int) -> dict:
+    value: dict = {"type": "integer"}
+    for _ in range(levels):
+        value = {"type": "object", "properties": {"x": value}, "required": ["x"]}
+    return value
+
+
+# (constraint, a piece of the 400's message)
+UNUSABLE = [
+    (Constraint("json_schema", "{"), "the JSON schema is not JSON"),
+    (Constraint("json_schema", "[1, 2]"), "must be an object"),
+    (Constraint("json_schema", "false"), "must be an object"),
+    (schema({"type": "foo"}), "Invalid type: foo"),
+    (schema({"type": "object", "dependentRequired": {"a": ["b"]}}), "dependentRequired"),
+    (schema({"$ref": "#/$defs/missing"}), "not usable"),
+    (schema({"type": "string", "pattern": "(a"}), "unclosed group"),
+    (schema(deep_schema(200)), "recursion limit"),
+    (Constraint("json_schema", "{" + " " * MAX_SCHEMA_CHARS + "}"), "the limit is 32768"),
+    (Constraint("regex", "(a"), "unclosed group"),
+    (Constraint("regex", "[^\\x00-\\x{10FFFF}]"), "matches no text"),
+    (Constraint("regex", "a{1000}{1000}"), "too complex"),
+    (Constraint("regex", "((a{100}){100}){100}"), "too complex"),
+    (Constraint("regex", "a" * (MAX_REGEX_CHARS + 1)), "the limit is 4096"),
+    (Constraint("choice", ()), "the choice list is empty"),
+    (Constraint("choice", ("a",) * (MAX_CHOICES + 1)), "the limit is 1024"),
+    (Constraint("choice", ("a", "b" * (MAX_CHOICE_CHARS + 1))), "choice 1 is 1025 characters"),
+    (Constraint("choice", ("a", 3)), "choice 1 is not a string"),  # type: ignore[arg-type]
+    (Constraint("grammar", ""), "Empty grammar"),
+    (Constraint("grammar", "start: foo"), 'unknown name: "foo"'),
+    (Constraint("grammar", 'root ::= ( "yes" '), "the GBNF grammar cannot be read"),
+    (Constraint("grammar", "root ::= missing"), "the GBNF grammar cannot be read"),
+]
+
+
+@pytest.mark.parametrize(("constraint", "message"), UNUSABLE)
+def test_an_unusable_constraint_is_a_400_naming_the_problem(constraints, constraint, message):
+    error = refusal(constraints, constraint)
+    assert error.message.startswith("structured_outputs: ")
+    assert message in error.message
+
+
+def test_the_json_schemas_of_real_tasks_compile(constraints):
+    """What clients send: pydantic-style $defs and $ref, enums, bounds, formats, anyOf."""
+    person = {
+        "$defs": {"Pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}}},
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "title": "Name", "minLength": 1, "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "height": {"type": "number", "exclusiveMinimum": 0},
+            "email": {"type": "string", "format": "email"},
+            "pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"}, "maxItems": 3},
+            "nick": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    anything = Constraint("json_schema", "true")
+    for constraint in [schema(person), anything, Constraint("json_object")]:
+        (matcher,) = constraints.matchers(constraint)
+        assert not matcher.complete and not matcher.error
+
+
+def test_compiled_matchers_are_cached_per_constraint_and_copied_per_choice(tokenizer):
+    constraints = Constraints(tokenizer, WIDTH, [tokenizer.eos_token_id], capacity=2)
+    a, b, c = (Constraint("choice", (word,)) for word in ("a", "b", "c"))
+    first = constraints.compiled(a)
+    assert constraints.compiled(Constraint("choice", ["a"])) is first  # equal constraint: a hit
+    assert (constraints.hits, constraints.misses) == (1, 1)
+    matchers = constraints.matchers(a, 3)
+    assert len({id(m) for m in matchers} | {id(first)}) == 4  # n copies, none the cached one
+    assert (constraints.hits, constraints.misses) == (2, 1)
+    constraints.compiled(b)
+    constraints.compiled(a)  # a is now the most recently used
+    constraints.compiled(c)  # evicts b, the least recently used
+    assert constraints.compiled(a) is first
+    assert constraints.misses == 3
+    constraints.compiled(b)
+    assert constraints.misses == 4
+    with pytest.raises(InvalidRequest):  # refusals are not cached matchers
+        constraints.compiled(Constraint("regex", "(a"))
+
+
+def test_a_choice_advances_its_own_matcher_and_refuses_tokens_outside_the_grammar(
+    constraints, tokenizer
+):
+    yes, other = constraints.matchers(Constraint("choice", ("yes", "no")), 2)
+    for token in tokenizer("yes")["input_ids"]:
+        yes.advance(token)
+    assert yes.complete and not other.complete  # copies do not share state
+    with pytest.raises(GrammarError):
+        other.advance(tokenizer("x")["input_ids"][0])
+    assert other.error
+
+
+# --- the mask in choose_tokens --------------------------------------------------------------
+
+
+CHOICES = ("Once upon", "The quick", "Models load")
+
+
+def constrained(constraints, **params) -> TokenChooser:
+    (matcher,) = constraints.matchers(Constraint("choice", CHOICES))
+    return TokenChooser(SamplingParams(**params), matcher=matcher)
+
+
+def test_greedy_and_sampled_rows_pick_only_allowed_tokens_never_ids_past_the_tokenizer(
+    constraints, tokenizer
+):
+    allowed = choice_continuations(tokenizer, "", CHOICES)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, WIDTH, generator=generator)
+    logits[:, len(tokenizer) :] += 1000.0  # the padding rows would win every choice
+    rows = [
+        constrained(constraints, temperature=0.0),
+        TokenChooser(SamplingParams(temperature=0.0)),
+        constrained(constraints, temperature=1.5, seed=3, top_k=50),
+        constrained(constraints, temperature=1.0, seed=4),
+    ]
+    for _ in range(20):
+        tokens = choose_tokens(logits, rows)
+        assert tokens[1] >= len(tokenizer)  # the unconstrained row takes the padding
+        assert {tokens[0], tokens[2], tokens[3]} <= allowed
+    best = max(allowed, key=lambda token: logits[0, token])
+    assert tokens[0] == best
+
+
+def test_the_mask_comes_after_logit_bias_and_before_the_cuts(constraints, tokenizer):
+    """logit_bias cannot lift a refused token past the mask, and top_k, top_p and min_p cut
+    among the allowed tokens (after the mask): a cut to the single best token keeps the best
+    allowed one, not a refused one that the bias made the best overall."""
+    allowed = choice_continuations(tokenizer, "", CHOICES)
+    refused = next(t for t in range(len(tokenizer)) if t not in allowed)
+    favourite, other = sorted(allowed)[:2]
+    logits = torch.zeros(1, WIDTH)
+    logits[0, other] = 1.0
+    bias = {refused: 100.0, favourite: 5.0}
+    assert choose_tokens(logits, [constrained(constraints, temperature=0.0, logit_bias=bias)]) == [
+        favourite
+    ]
+    for cut in ({"top_k": 1}, {"top_p": 0.01}, {"min_p": 0.99}):
+        for seed in range(5):
+            row = constrained(constraints, seed=seed, logit_bias={refused: 100.0}, **cut)
+            assert choose_tokens(logits, [row]) == [other], cut
+
+
+def test_logprobs_stay_those_of_the_raw_distribution(constraints, tokenizer):
+    logits = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(5))
+    rows = [constrained(constraints, temperature=0.0, logprobs=2), constrained(constraints)]
+    tokens = choose_tokens(logits, rows)
+    (entry, none) = token_logprobs(logits, tokens, rows)
+    raw = torch.log_softmax(logits[0], -1)
+    assert none is None
+    assert math.isclose(entry.logprob, float(raw[tokens[0]]), abs_tol=1e-5)
+    assert [t for t, _ in entry.top] == raw.topk(2).indices.tolist()  # refused tokens too
+
+
+def test_a_row_whose_grammar_allows_nothing_more_is_left_to_fail_alone(constraints, tokenizer):
+    """A matcher that failed (here: a token refused) gets no mask: the batch's draw goes on,
+    and the row's next token fails its own request in remember."""
+    broken = constrained(constraints, temperature=1.0, seed=2)
+    with pytest.raises(GrammarError):
+        broken.remember(tokenizer("zzz")["input_ids"][0])
+    fine = constrained(constraints, temperature=1.0, seed=2)
+    logits = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(1))
+    tokens = choose_tokens(logits, [broken, fine])
+    assert tokens[1] in choice_continuations(tokenizer, "", CHOICES)
+    with pytest.raises(GrammarError):
+        broken.remember(tokens[0])
+
+
+def test_a_regex_row_follows_its_pattern_token_by_token(constraints, tokenizer):
+    (matcher,) = constraints.matchers(Constraint("regex", "[0-9]{3}-[a-z]{2,5}"))
+    row = TokenChooser(SamplingParams(temperature=1.0, seed=9), matcher=matcher)
+    generator = torch.Generator().manual_seed(2)
+    out: list[int] = []
+    while not row.complete and len(out) < 20:
+        (token,) = choose_tokens(torch.randn(1, WIDTH, generator=generator), [row])
+        row.remember(token)
+        if row.ends_output(token):
+            break
+        out.append(token)
+    assert re.fullmatch("[0-9]{3}-[a-z]{2,5}", tokenizer.decode(out))
