@@ -128,7 +128,11 @@ class OpenAIRequestSchema(SamplingSchema):
     n = choices_field()
     user = ignored(fields.String())
     # Structured output besides structured_outputs: OpenAI's field and vLLM's older ones.
-    response_format = fields.Nested(ResponseFormatSchema)
+    response_format = fields.Nested(
+        ResponseFormatSchema,
+        load_default=None,
+        metadata={"description": "OpenAI's: text, json_object, json_schema"},
+    )
     guided_json = json_schema_field()
     guided_regex = regex_field()
     guided_choice = choice_field()

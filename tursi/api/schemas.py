@@ -142,7 +142,10 @@ class SamplingSchema(StrictSchema):
     # Structured output (vLLM's name): a JSON schema, any JSON object, a regex, a choice
     # list or a grammar, loaded as a tursi.engine.jobs.Constraint (tursi.api.structured_schemas).
     constraint = fields.Nested(
-        StructuredOutputsSchema, data_key="structured_outputs", load_default=None
+        StructuredOutputsSchema,
+        data_key="structured_outputs",
+        load_default=None,
+        metadata={"description": "constrain the output: a JSON schema, regex, choice..."},
     )
 
 

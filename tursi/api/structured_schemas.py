@@ -181,18 +181,18 @@ class ResponseFormatSchema(StrictSchema):
     without `schema` asks for a JSON object, as json_object does."""
 
     type = fields.String(required=True, validate=validate.OneOf(RESPONSE_FORMATS))
-    json_schema = fields.Nested(JsonSchemaFormatSchema)
+    json_schema = fields.Nested(JsonSchemaFormatSchema, load_default=None)
 
     @validates_schema
     def _schema_with_its_type(self, data: dict[str, Any], **_: Any) -> None:
-        if (data["type"] == "json_schema") != ("json_schema" in data):
+        if (data["type"] == "json_schema") != (data["json_schema"] is not None):
             raise ValidationError('needed with type "json_schema", and only with it', "json_schema")
 
     @post_load
     def _constraint(self, data: dict[str, Any], **_: Any) -> Constraint | None:
         if data["type"] == "text":
             return None
-        schema = data.get("json_schema", {}).get("schema")
+        schema = (data["json_schema"] or {}).get("schema")
         return Constraint("json_object") if schema is None else Constraint("json_schema", schema)
 
 
