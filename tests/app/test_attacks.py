@@ -207,6 +207,87 @@ def test_stop_lists(client, route):
         assert "stop" in error["details"]["fields"]
 
 
+def deep_schema(depth):
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+# Hostile `structured_outputs` (every route takes them), each a 400: refused by the
+# request's schema (shape, size, depth: the message names the field), or only by compiling
+# it (tursi.engine.constraints: malformed, unsupported, unsatisfiable).
+SHAPE_ATTACKS = {
+    "schema nested 100 deep": {"json": deep_schema(100)},
+    "schema text nested 6000 deep": {"json": "[" * 6000 + "]" * 6000},
+    "schema text with NaN": {"json": '{"type": "number", "maximum": NaN}'},
+    "schema text with a 5000-digit integer": {"json": '{"maximum": ' + "9" * 5000 + "}"},
+    "schema text truncated": {"json": '{"type": "object", "properties": {'},
+    "regex of 9000 characters": {"regex": "a" * 9000},
+    "2000 choices": {"choice": ["a"] * 2000},
+    "an empty choice": {"choice": ["yes", ""]},
+    "two constraints": {"regex": "a", "grammar": "start: 'a'"},
+    "json_object false": {"json_object": False},
+}
+COMPILE_ATTACKS = {
+    "regex that does not parse": {"regex": "(a|b"},
+    "regex with a backreference": {"regex": "(a)\\1"},
+    "regex with a lookahead": {"regex": "(?=a)a"},
+    "schema of an unknown type": {"json": {"type": "nonsense"}},
+    "schema with a remote $ref": {"json": {"$ref": "http://169.254.169.254/latest/meta-data"}},
+    "schema with a missing $ref": {"json": {"$ref": "#/$defs/nope"}},
+    "schema with an unsupported keyword (not)": {"json": {"not": {"type": "string"}}},
+    "schema with an unknown format": {"json": {"type": "string", "format": "weird"}},
+    "unsatisfiable schema (minimum > maximum)": {
+        "json": {"type": "integer", "minimum": 5, "maximum": 1}
+    },
+    "unsatisfiable schema (string and integer)": {
+        "json": {"allOf": [{"type": "string"}, {"type": "integer"}]}
+    },
+    "schema with a pattern that does not parse": {"json": {"type": "string", "pattern": "("}},
+    "Lark with an undefined rule": {"grammar": "start: foo"},
+    "Lark that does not parse": {"grammar": "start: )("},
+    "GBNF with an undefined rule": {"grammar": "root ::= foo"},
+    "GBNF that does not parse": {"grammar": 'root ::= "abc'},
+    "GBNF without a root rule": {"grammar": 'answer ::= "yes"'},
+}
+
+
+@pytest.mark.parametrize("attack", [*SHAPE_ATTACKS, *COMPILE_ATTACKS])
+def test_structured_output_attacks(client, attack):
+    for route, body in ROUTES.items():
+        constraint = {**SHAPE_ATTACKS, **COMPILE_ATTACKS}[attack]
+        response = client.post(route, json={**body, "structured_outputs": constraint}, headers=AUTH)
+        error = refused(response, 400, "invalid_request")
+        if attack in SHAPE_ATTACKS:
+            assert "structured_outputs" in error["details"]["fields"], (route, error)
+    still_serving(client)
+
+
+# Constraints that compile but could make each step's mask expensive, or never let the
+# output end: each gets an answer (cut by max_tokens) or a 400, never a 500 or a hang.
+HEAVY_CONSTRAINTS = {
+    "nested counted repetition": {"regex": "a{1000}{1000}"},
+    "100000 of anything": {"regex": "[\\s\\S]{100000}"},
+    "catastrophic-backtracking shape": {"regex": "(x+x+)+y"},
+    "a schema that refers to itself": {"json": {"$ref": "#"}},
+    "an enum of 1000 strings": {"json": {"enum": [f"value {i}" for i in range(1000)]}},
+    "left-recursive GBNF": {"grammar": 'root ::= root "a" | "a"'},
+}
+
+
+@pytest.mark.parametrize("attack", list(HEAVY_CONSTRAINTS))
+def test_heavy_constraints_answer_or_refuse(client, attack):
+    for route, body in ROUTES.items():
+        response = client.post(
+            route, json={**body, "structured_outputs": HEAVY_CONSTRAINTS[attack]}, headers=AUTH
+        )
+        text = response.get_data(as_text=True)
+        assert response.status_code in (200, 400), (route, text[:500])
+        assert "Traceback" not in text
+    still_serving(client)
+
+
 @pytest.mark.parametrize(
     "name, status, code",
     [

@@ -15,6 +15,10 @@ content types) from the document, in its three phases: the documented examples, 
 - never contain a Python traceback;
 - and a route that needs the API key must refuse a request without it (`ignored_auth`).
 
+test_fuzz_structured_outputs adds generated constraints (JSON schemas, regexes, choices,
+grammars) that pass validation and reach the engine's compiler: each is answered or refused
+with a 400.
+
 The app runs the tiny models of conftest.py: "tiny" (a Llama with a chat template, so chat
 completions succeed, preloaded) and "tiny-gpt2" (for load/unload). The built-in catalog
 models are kept out of load/unload (see `steer`): a first load of the embedded model
@@ -30,6 +34,8 @@ from collections import Counter
 
 import pytest
 import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openapi_schema_validator import OAS30Validator
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -278,3 +284,80 @@ def test_fuzz_case_count():
     assert total >= MIN_CASES
     assert len(per_operation) == 18
     assert {mode for _, mode in CASES} >= {"positive", "negative"}
+
+
+# --- structured output: constraints that reach the engine ---------------------------------
+# The document says what shape a constraint has, not what makes one compile, so few of the
+# cases above get past validation into the engine. These do: random JSON schemas (as
+# objects and as text), regexes, choice lists and grammars, sent to every generation route.
+# Each must be answered (200) or refused (400), whatever the compiler makes of it.
+
+SCHEMA_KEYWORDS = st.sampled_from(
+    [
+        "type", "properties", "items", "enum", "const", "minimum", "maximum", "pattern",
+        "required", "anyOf", "allOf", "oneOf", "$ref", "$defs", "minLength", "maxLength",
+        "minItems", "maxItems", "additionalProperties", "format", "not", "multipleOf",
+    ]
+)  # fmt: skip
+JSON_TYPES = st.sampled_from(["string", "integer", "number", "object", "array", "boolean", "null"])
+JSON_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+    | JSON_TYPES
+)
+SCHEMAS = st.recursive(
+    st.dictionaries(SCHEMA_KEYWORDS, JSON_LEAVES, max_size=4),
+    lambda inner: st.dictionaries(
+        SCHEMA_KEYWORDS,
+        inner
+        | st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_size=4,
+    ),
+    max_leaves=10,
+)
+REGEXES = st.text(alphabet="ab01.*+?|()[]{}^$\\-,3 \n", max_size=30)
+RULE_PARTS = st.sampled_from(
+    ['"a"', '"b"', "x", "start", "/[0-9]+/", "%json {}", '"a"*', '(x | "b")', "x?", "("]
+)
+LARK = st.lists(RULE_PARTS, min_size=1, max_size=4).map(
+    lambda parts: "start: " + " ".join(parts) + '\nx: "c" | start\n'
+)
+GBNF = st.lists(RULE_PARTS, min_size=1, max_size=4).map(
+    lambda parts: "root ::= " + " ".join(parts).replace("start", "root") + '\nx ::= "c" | root\n'
+)
+CONSTRAINTS = st.one_of(
+    SCHEMAS.map(lambda schema: {"json": schema}),
+    SCHEMAS.map(lambda schema: {"json": json.dumps(schema)}),
+    st.just({"json_object": True}),
+    REGEXES.map(lambda regex: {"regex": regex}),
+    st.lists(st.text(max_size=10), max_size=5).map(lambda choice: {"choice": choice}),
+    (LARK | GBNF | st.text(max_size=40)).map(lambda grammar: {"grammar": grammar}),
+)
+GENERATION_BODIES = {
+    f"{API}/generate": {"prompt": "hi"},
+    "/v1/completions": {"prompt": "hi"},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+}
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,  # the same cases on every run
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(route=st.sampled_from(sorted(GENERATION_BODIES)), constraint=CONSTRAINTS)
+def test_fuzz_structured_outputs(fuzz_app, route, constraint):
+    body = {"model": "tiny", "max_tokens": 2, "structured_outputs": constraint}
+    response = fuzz_app.test_client().post(
+        route, json={**body, **GENERATION_BODIES[route]}, headers=AUTH
+    )
+    text = response.get_data(as_text=True)
+    assert response.status_code in (200, 400), text[:1000]
+    assert not TRACE.search(text), text[:1000]
+    if response.status_code == 400:
+        assert response.get_json()["error"]["code"] == "invalid_request"

@@ -194,7 +194,7 @@ def test_chat_on_a_model_without_chat_template(tiny_client):
         ),
         (
             "/v1/chat/completions",
-            {"model": "tiny", "messages": CHAT, "response_format": {"type": "json_object"}},
+            {"model": "tiny", "messages": CHAT, "response_format": {"type": "json"}},
             "response_format",
         ),
         ("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "echo": True}, "echo"),

@@ -33,6 +33,7 @@ IGNORED_CHAT = {
     "prompt_cache_options": {"ttl": "1h"},
     "safety_identifier": "s-1",
     "parallel_tool_calls": False,
+    "guided_decoding_backend": "xgrammar",
     "stream_options": {"include_usage": False, "include_obfuscation": True},
 }
 # The fields the server cannot honour, at their neutral values.
@@ -41,7 +42,6 @@ NEUTRAL_CHAT = {
     "tool_choice": "none",
     "functions": [],
     "function_call": "none",
-    "response_format": {"type": "text"},
     "modalities": ["text"],
     "reasoning_effort": "none",
     "verbosity": "medium",
@@ -49,6 +49,7 @@ NEUTRAL_CHAT = {
     "prediction": None,
     "web_search_options": None,
     "moderation": None,
+    "guided_whitespace_pattern": None,
 }
 # ... and a value each that would change the answer: refused by name.
 REFUSED_CHAT = {
@@ -56,7 +57,6 @@ REFUSED_CHAT = {
     "tool_choice": "auto",
     "functions": [{"name": "f"}],
     "function_call": "auto",
-    "response_format": {"type": "json_object"},
     "modalities": ["text", "audio"],
     "reasoning_effort": "high",
     "verbosity": "low",
@@ -64,6 +64,7 @@ REFUSED_CHAT = {
     "prediction": {"type": "content", "content": "x"},
     "web_search_options": {},
     "moderation": {"model": "omni-moderation-latest"},
+    "guided_whitespace_pattern": "[ ]?",
 }
 
 
@@ -99,8 +100,11 @@ def test_the_lists_are_the_schemas():
     )
     assert field_names(ChatCompletionRequestSchema, "neutral") == sorted(NEUTRAL_CHAT)
     assert set(REFUSED_CHAT) == set(NEUTRAL_CHAT)
-    assert field_names(CompletionRequestSchema, "ignored") == ["user"]
-    assert field_names(CompletionRequestSchema, "neutral") == ["suffix"]
+    assert field_names(CompletionRequestSchema, "ignored") == ["guided_decoding_backend", "user"]
+    assert field_names(CompletionRequestSchema, "neutral") == [
+        "guided_whitespace_pattern",
+        "suffix",
+    ]
 
 
 def test_fields_that_change_nothing_are_accepted_and_change_nothing(chatty):

@@ -29,6 +29,11 @@ from tursi.api.openai_schemas import (
 from tursi.api.openapi import OPERATIONS, documented_rules
 from tursi.api.response_schemas import ERROR_CODES
 from tursi.api.schemas import GenerateRequestSchema, LoadRequestSchema
+from tursi.api.structured_schemas import (
+    JsonSchemaFormatSchema,
+    ResponseFormatSchema,
+    StructuredOutputsSchema,
+)
 from tursi.api.tokenize_schemas import (
     CompatDetokenizeRequestSchema,
     CompatTokenizeRequestSchema,
@@ -120,6 +125,9 @@ def test_every_error_code_is_documented():
         ("Message", MessageSchema),
         ("ContentPart", ContentPartSchema),
         ("StreamOptions", StreamOptionsSchema),
+        ("StructuredOutputs", StructuredOutputsSchema),
+        ("ResponseFormat", ResponseFormatSchema),
+        ("JsonSchemaFormat", JsonSchemaFormatSchema),
         ("TokenizeRequest", TokenizeRequestSchema),
         ("DetokenizeRequest", DetokenizeRequestSchema),
         ("CompatTokenizeRequest", CompatTokenizeRequestSchema),
@@ -165,7 +173,6 @@ def test_request_schema_details(client):
     }
     assert (chat["top_logprobs"]["minimum"], chat["top_logprobs"]["maximum"]) == (0, 20)
     assert chat["tool_choice"]["enum"] == ["none"]
-    assert chat["response_format"]["enum"] == [{"type": "text"}]
     assert chat["audio"]["enum"] == [None]
     assert "accepted, ignored" in chat["metadata"]["description"]
     assert [option.get("type") for option in chat["stop"]["anyOf"]] == ["string", "array"]
@@ -180,6 +187,19 @@ def test_request_schema_details(client):
         {"model": "m", "prompt": [[1, 2], [3]], "echo": True, "logprobs": 5, "max_tokens": 0},
         {"model": "m", "prompt": "x", "stream_options": None, "stop": "a"},
         {"model": "m", "prompt": "x", "logit_bias": {"50256": -100}, "seed": -1},
+        {"model": "m", "prompt": "x", "structured_outputs": {"json": {"type": "object"}}},
+        {"model": "m", "prompt": "x", "structured_outputs": {"json": '{"type": "object"}'}},
+        {"model": "m", "prompt": "x", "structured_outputs": {"choice": ["a", "b"]}},
+        {"model": "m", "prompt": "x", "response_format": {"type": "json_object"}},
+        {"model": "m", "prompt": "x", "guided_regex": "[0-9]+", "response_format": None},
+        {
+            "model": "m",
+            "prompt": "x",
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": {"type": "object"}, "strict": True},
+            },
+        },
     ):
         validator.validate(ok)
     for bad in (
@@ -191,6 +211,13 @@ def test_request_schema_details(client):
         {"model": "m", "prompt": "x", "logprobs": 6},
         {"model": "m", "prompt": "x", "suffix": "s"},
         {"model": "m", "prompt": "x", "logit_bias": {"1": 101}},
+        {"model": "m", "prompt": "x", "structured_outputs": {}},
+        {"model": "m", "prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}},
+        {"model": "m", "prompt": "x", "structured_outputs": {"json_object": False}},
+        {"model": "m", "prompt": "x", "structured_outputs": {"choice": []}},
+        {"model": "m", "prompt": "x", "structured_outputs": {"json": 5}},
+        {"model": "m", "prompt": "x", "response_format": {"type": "xml"}},
+        {"model": "m", "prompt": "x", "guided_whitespace_pattern": " "},
     ):
         assert not validator.is_valid(bad), bad
 

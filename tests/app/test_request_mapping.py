@@ -12,12 +12,13 @@ from tests.helpers import API, load_and_wait, with_chat_template, write_catalog
 from tursi.api.jobs import sampling_params
 from tursi.api.openai_schemas import ChatCompletionRequestSchema, CompletionRequestSchema
 from tursi.api.schemas import GenerateRequestSchema, SamplingSchema
-from tursi.engine.jobs import GenerationParams, SamplingParams
+from tursi.engine.jobs import Constraint, GenerationParams, SamplingParams
 
 SAMPLING_FIELDS = {field.name for field in fields(SamplingParams)}
 
 # One value per field, none of them a default of either API; the logprobs fields are each
-# API's own (OpenAI's map onto the engine's: OPENAI_LOGPROBS).
+# API's own (OpenAI's map onto the engine's: OPENAI_LOGPROBS). `constraint` is sent as
+# `structured_outputs` (REQUEST_KEYS); its regex never writes the stop string "zzz".
 VALUES = {
     "temperature": 0.5,
     "top_p": 0.8,
@@ -33,12 +34,15 @@ VALUES = {
     "ignore_eos": True,
     "logprobs": 2,
     "prompt_logprobs": 1,
+    "constraint": {"regex": "[a-y ]+"},
 }
-EXPECTED = SamplingParams(
-    **{**VALUES, "logit_bias": {5: -100.0, 7: 2.5}, "logprobs": 2, "prompt_logprobs": None}
-)
-NATIVE_EXPECTED = SamplingParams(**{**VALUES, "logit_bias": {5: -100.0, 7: 2.5}})
-SHARED = {k: v for k, v in VALUES.items() if k not in ("logprobs", "prompt_logprobs")}
+REQUEST_KEYS = {"constraint": "structured_outputs"}
+LOADED = {"logit_bias": {5: -100.0, 7: 2.5}, "constraint": Constraint("regex", "[a-y ]+")}
+EXPECTED = SamplingParams(**{**VALUES, **LOADED, "logprobs": 2, "prompt_logprobs": None})
+NATIVE_EXPECTED = SamplingParams(**{**VALUES, **LOADED})
+SHARED = {
+    REQUEST_KEYS.get(k, k): v for k, v in VALUES.items() if k not in ("logprobs", "prompt_logprobs")
+}
 
 MESSAGES = [{"role": "user", "content": "lazy dog"}]
 # Each route's schema and a body with everything but the sampling fields.

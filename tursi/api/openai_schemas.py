@@ -8,10 +8,13 @@ They accept what OpenAI's API reference documents for /v1/completions and
   `logprobs` = k);
 - fields that do not change the output (`user`, `metadata`, `store`, ...): accepted and
   dropped (IGNORED);
-- fields that would change it and that the server cannot honour (tools, structured output,
-  audio, ...): accepted at their neutral value only (`tool_choice: "none"`, `modalities:
-  ["text"]`), any other value is a 400 that names the field, not a silently different
-  answer (NEUTRAL).
+- fields that would change it and that the server cannot honour (tools, audio, ...):
+  accepted at their neutral value only (`tool_choice: "none"`, `modalities: ["text"]`), any
+  other value is a 400 that names the field, not a silently different answer (NEUTRAL).
+
+Structured output comes in three spellings, one per request: `structured_outputs`
+(SamplingSchema's, as on /api/v1), OpenAI's `response_format` and vLLM's `guided_*`
+(tursi.api.structured_schemas); all load as the engine's `constraint`.
 
 Unknown fields are a 400, as OpenAI answers them, and `null` is the default everywhere
 (schemas.StrictSchema).
@@ -39,6 +42,15 @@ from .schemas import (
     temperature_field,
     token_id_field,
     top_p_field,
+)
+from .structured_schemas import (
+    ResponseFormatSchema,
+    check_one_source,
+    choice_field,
+    grammar_field,
+    json_schema_field,
+    pop_constraint,
+    regex_field,
 )
 
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -115,6 +127,29 @@ class OpenAIRequestSchema(SamplingSchema):
     stream_options = fields.Nested(StreamOptionsSchema, load_default=None)
     n = choices_field()
     user = ignored(fields.String())
+    # Structured output besides structured_outputs: OpenAI's field and vLLM's older ones.
+    response_format = fields.Nested(
+        ResponseFormatSchema,
+        load_default=None,
+        metadata={"description": "OpenAI's: text, json_object, json_schema"},
+    )
+    guided_json = json_schema_field()
+    guided_regex = regex_field()
+    guided_choice = choice_field()
+    guided_grammar = grammar_field()
+    # One backend here (llguidance), whichever is named; a whitespace pattern would change
+    # the JSON written, which has no whitespace between its tokens.
+    guided_decoding_backend = ignored(fields.String(validate=validate.Length(max=64)))
+    guided_whitespace_pattern = neutral(why="a whitespace pattern is not supported")
+
+    @validates_schema
+    def _one_constraint(self, data: dict[str, Any], **_: Any) -> None:
+        check_one_source(data)
+
+    @post_load
+    def _constraint_of_any_source(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        data["constraint"] = pop_constraint(data)
+        return data
 
     @post_load
     def _drop_what_changes_nothing(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
@@ -271,9 +306,6 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
     tool_choice = neutral("none", why=TOOLS)
     functions = neutral([], why=TOOLS)
     function_call = neutral("none", why=TOOLS)
-    response_format = neutral(
-        {"type": "text"}, why="structured output (json_object, json_schema) is not supported yet"
-    )
     modalities = neutral(["text"], why="output other than text is not supported by this server")
     audio = neutral(why="audio output is not supported by this server")
     prediction = neutral(why="predicted outputs are not supported by this server")

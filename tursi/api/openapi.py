@@ -72,6 +72,7 @@ from .schemas import (
     StrictSchema,
     UnloadRequestSchema,
 )
+from .structured_schemas import JsonSchemaText, StructuredOutputsSchema
 from .tokenize_schemas import (
     CompatDetokenizeRequestSchema,
     CompatTokenizeRequestSchema,
@@ -484,7 +485,19 @@ def build_document(app: Flask) -> dict[str, Any]:
         )
     document = spec.to_dict()
     _strict_nullable_objects(document)
+    for name, extras in SCHEMA_EXTRAS.items():
+        document["components"]["schemas"][name].update(extras)
     return document
+
+
+# What apispec cannot say of a whole schema (named as apispec names them).
+SCHEMA_EXTRAS = {
+    StructuredOutputsSchema.__name__.removesuffix("Schema"): {
+        "description": "Exactly one way to constrain the output (docs/structured-output.md)",
+        "minProperties": 1,
+        "maxProperties": 1,
+    },
+}
 
 
 def _operation(rule: Any, view: Any, doc: Doc | None) -> dict[str, Any]:
@@ -561,6 +574,12 @@ def _field_extras(self: Any, field: ma_fields.Field, ret: dict, **_: Any) -> dic
         extras["anyOf"] = [text, self.field2property(field.items)]
     if isinstance(field, Prompts):
         extras["anyOf"] = _prompt_schemas()
+    if isinstance(field, JsonSchemaText):  # null is the string branch's, as for TextOrList
+        nullable = extras.pop("nullable", False)
+        extras["anyOf"] = [
+            {"type": "object", "description": "a JSON schema"},
+            {"type": "string", "nullable": nullable, "description": "a JSON schema as text"},
+        ]
     if isinstance(field, LogitBias):
         extras.update(
             type="object",

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import (
-    RAISE,
-    Schema,
-    ValidationError,
-    fields,
-    post_load,
-    pre_load,
-    validate,
-    validates_schema,
-)
+from marshmallow import ValidationError, fields, validate, validates_schema
 
 from ..engine.catalog import DTYPES, QUANT_BITS, QUANT_MODES
+from .schema_base import JsonBoolean, JsonInteger, JsonNumber, StrictSchema
+from .structured_schemas import StructuredOutputsSchema
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -26,59 +19,6 @@ MAX_LOGIT_BIAS = 1024
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs bound)
 MAX_CHOICES = 16  # n, best_of
 INT64 = (-(2**63), 2**63 - 1)
-
-
-class StrictSchema(Schema):
-    """Every request schema (nested ones too): unknown fields are refused, and `null` for an
-    optional field means "its default", as OpenAI's clients mean it when they send null for
-    fields the caller did not set. One rule for every field, not a per-field allow_none: a
-    null is dropped before loading, so the field loads its default (or stays absent)."""
-
-    class Meta:
-        unknown = RAISE
-
-    @pre_load
-    def _null_is_default(self, data: Any, **_: Any) -> Any:
-        if not isinstance(data, dict):
-            return data  # marshmallow refuses it ("Invalid input type")
-        optional = {
-            field.data_key or name for name, field in self.fields.items() if not field.required
-        }
-        return {
-            key: value for key, value in data.items() if value is not None or key not in optional
-        }
-
-
-# JSON's own types, nothing coerced: marshmallow's Boolean also takes "yes" or 1, its Float
-# takes "0.7", and its strict Integer takes true; a typed client never sends those.
-class JsonBoolean(fields.Boolean):
-    """true or false."""
-
-    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
-        if not isinstance(value, bool):
-            raise self.make_error("invalid")
-        return value
-
-
-class JsonNumber(fields.Float):
-    """A finite JSON number (an integer or a float)."""
-
-    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.make_error("invalid")
-        return super()._deserialize(value, attr, data, **kwargs)
-
-
-class JsonInteger(fields.Integer):
-    """A JSON integer (not 5.0, not "5", not true)."""
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(strict=True, **kwargs)
-
-    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
-        if isinstance(value, bool):
-            raise self.make_error("invalid")
-        return super()._deserialize(value, attr, data, **kwargs)
 
 
 class LoadRequestSchema(StrictSchema):
@@ -199,11 +139,14 @@ class SamplingSchema(StrictSchema):
     ignore_eos = JsonBoolean(load_default=False)  # as vLLM: keep going past end of sequence
     logprobs = logprobs_field(MAX_LOGPROBS)
     prompt_logprobs = logprobs_field(MAX_LOGPROBS)  # the prompt's tokens (entry 0: null)
-
-    @post_load
-    def _constraint(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
-        data.setdefault("constraint", None)  # structured output: issue 15 adds its field
-        return data
+    # Structured output (vLLM's name): a JSON schema, any JSON object, a regex, a choice
+    # list or a grammar, loaded as a tursi.engine.jobs.Constraint (tursi.api.structured_schemas).
+    constraint = fields.Nested(
+        StructuredOutputsSchema,
+        data_key="structured_outputs",
+        load_default=None,
+        metadata={"description": "constrain the output: a JSON schema, regex, choice..."},
+    )
 
 
 class GenerateRequestSchema(SamplingSchema):

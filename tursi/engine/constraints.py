@@ -33,10 +33,10 @@ from .jobs import Constraint
 # Sizes of what a request may ask for: each well above what a schema, a pattern or a
 # grammar written for a real task needs, and well below what makes a compile slow (a
 # 2,000-property schema, ~60 KB, takes half a second). The API checks them too, earlier.
-MAX_SCHEMA_CHARS = 32_768  # a JSON schema, as canonical JSON text
-MAX_REGEX_CHARS = 4_096
+MAX_SCHEMA_CHARS = 65_536  # a JSON schema, as compact JSON text
+MAX_REGEX_CHARS = 8_192
 MAX_GRAMMAR_CHARS = 32_768
-MAX_CHOICES = 1_024
+MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1_024  # each choice
 CACHE_SIZE = 256  # compiled matchers kept per model
 

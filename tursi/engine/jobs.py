@@ -23,8 +23,9 @@ class Constraint:
     """What a choice's output must match, by construction: each token is drawn from those
     the grammar allows next (tursi.engine.constraints compiles it with llguidance;
     docs/structured-output.md). `kind` is one of CONSTRAINT_KINDS; `value`:
-    - json_schema: the JSON schema as canonical JSON text (sorted keys, no spaces), so that
-      equal schemas are one compiled grammar;
+    - json_schema: the JSON schema as compact JSON text (no spaces), so that equal schemas
+      are one compiled grammar; its keys keep the client's order (the order of `properties`
+      is the order the output writes them in);
     - json_object: "" (any JSON object);
     - regex: the pattern the whole output matches;
     - choice: the alternatives, a tuple of strings (the output is exactly one of them);
