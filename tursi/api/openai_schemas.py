@@ -8,10 +8,13 @@ They accept what OpenAI's API reference documents for /v1/completions and
   `logprobs` = k);
 - fields that do not change the output (`user`, `metadata`, `store`, ...): accepted and
   dropped (IGNORED);
-- fields that would change it and that the server cannot honour (tools, structured output,
-  audio, ...): accepted at their neutral value only (`tool_choice: "none"`, `modalities:
-  ["text"]`), any other value is a 400 that names the field, not a silently different
-  answer (NEUTRAL).
+- fields that would change it and that the server cannot honour (structured output,
+  audio, the deprecated `functions`, ...): accepted at their neutral value only
+  (`function_call: "none"`, `modalities: ["text"]`), any other value is a 400 that names the
+  field, not a silently different answer (NEUTRAL).
+
+Tools (`tools`, `tool_choice`, `parallel_tool_calls`, tool calls and results in messages)
+load as a tursi.api.tools.Tools, or None when the model is offered none.
 
 Unknown fields are a 400, as OpenAI answers them, and `null` is the default everywhere
 (schemas.StrictSchema).
@@ -40,13 +43,19 @@ from .schemas import (
     token_id_field,
     top_p_field,
 )
+from .tools import Tools
 
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_PROMPT_TOKENS = MAX_PROMPT_CHARS  # token ids in one prompt (the context is the real cap)
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on /v1/completions' logprobs
-CHAT_ROLES = ("system", "developer", "user", "assistant")
-TOOLS = "tool calling is not supported by this server yet"
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+FUNCTIONS = "functions and function_call (deprecated by OpenAI) are not supported: use tools"
+MAX_TOOLS = 128  # OpenAI's bound
+MAX_TOOL_CALLS = 128  # calls in one assistant message
+MAX_PARAMETERS_CHARS = 65_536  # all functions' parameters, as JSON text: they become a grammar
+TOOL_CHOICES = ("none", "auto", "required")
+NO_PARAMETERS = {"type": "object", "properties": {}}  # OpenAI: no parameters, no arguments
 
 
 def ignored(field: fields.Field) -> fields.Field:
@@ -214,37 +223,178 @@ class MessageContent(fields.Field):
 
 
 class Role(fields.String):
-    """A chat role; tool and function results belong to tool calling (not supported)."""
+    """A chat role; "function" (the deprecated functions' results) is refused by name."""
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
         role = super()._deserialize(value, attr, data, **kwargs)
-        if role in ("tool", "function"):
-            raise ValidationError(f'role "{role}": {TOOLS}')
+        if role == "function":
+            raise ValidationError(f'role "function": {FUNCTIONS} (results: role "tool")')
         if role not in CHAT_ROLES:
             raise ValidationError(f"must be one of: {', '.join(CHAT_ROLES)}")
         return role
 
 
+def function_name_field(**kwargs: Any) -> fields.Field:
+    """A function's name, as OpenAI bounds it (it goes into prompts and grammars as is)."""
+    return fields.String(
+        validate=validate.Regexp(
+            r"^[a-zA-Z0-9_-]{1,64}$", error="must be 1 to 64 letters, digits, _ or -"
+        ),
+        **kwargs,
+    )
+
+
+def function_type_field() -> fields.Field:
+    return fields.String(
+        required=True,
+        validate=validate.Equal("function", error='only "function" tools are supported'),
+    )
+
+
+class CalledFunctionSchema(StrictSchema):
+    name = function_name_field(required=True)
+    arguments = fields.String(required=True, validate=validate.Length(max=MAX_PROMPT_CHARS))
+
+
+class ToolCallSchema(StrictSchema):
+    """A call an earlier assistant message made (as this API answered it)."""
+
+    id = fields.String(required=True, validate=validate.Length(min=1, max=256))
+    type = function_type_field()
+    function = fields.Nested(CalledFunctionSchema, required=True)
+
+
 class MessageSchema(StrictSchema):
     role = Role(required=True, metadata={"enum": list(CHAT_ROLES)})
-    content = MessageContent(required=True)
+    # Required, but for an assistant message with tool_calls (null or absent there).
+    content = MessageContent(
+        metadata={"description": "required; null only on an assistant message with tool_calls"}
+    )
     name = fields.String()  # the speaker's name: templates have no place for it, so unused
-    # An assistant turn that called tools, spoke audio or refused: none of it is text the
-    # template can replay.
-    tool_calls = neutral([], why=TOOLS)
-    function_call = neutral(why=TOOLS)
+    tool_calls = fields.List(
+        fields.Nested(ToolCallSchema),
+        validate=validate.Length(max=MAX_TOOL_CALLS),
+        metadata={"description": "assistant messages only"},
+    )
+    tool_call_id = fields.String(
+        validate=validate.Length(min=1, max=256),
+        metadata={"description": "tool messages only (required there): the call answered"},
+    )
+    # An assistant turn that spoke audio or refused: none of it is text the template can
+    # replay; function_call belongs to the deprecated functions.
+    function_call = neutral(why=FUNCTIONS)
     audio = neutral(why="audio is not supported by this server")
     refusal = neutral(why="refusal turns are not supported: send the text as content")
 
+    @validates_schema
+    def _consistent(self, data: dict[str, Any], **_: Any) -> None:
+        role = data.get("role")
+        if data.get("tool_calls") and role != "assistant":
+            raise ValidationError("only assistant messages carry tool calls", "tool_calls")
+        if data.get("content") is None and not (role == "assistant" and data.get("tool_calls")):
+            raise ValidationError(
+                "Missing data for required field (null only with tool_calls).", "content"
+            )
+        if role == "tool" and data.get("tool_call_id") is None:
+            raise ValidationError("Missing data for required field.", "tool_call_id")
+        if role != "tool" and data.get("tool_call_id") is not None:
+            raise ValidationError("only tool messages answer a call", "tool_call_id")
+
     @post_load
-    def _text_only(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
-        return {"role": data["role"], "content": data["content"]}
+    def _shape(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        """{"role", "content"} (content "" for calls without text), with "tool_calls" on an
+        assistant message that made calls, "tool_call_id" on a tool message."""
+        message = {"role": data["role"], "content": data.get("content") or ""}
+        if data.get("tool_calls"):
+            message["tool_calls"] = [
+                {**call, "function": dict(call["function"])} for call in data["tool_calls"]
+            ]
+        if data["role"] == "tool":
+            message["tool_call_id"] = data["tool_call_id"]
+        return message
+
+
+class ChatMessages(fields.List):
+    """The messages of a chat: 1..1000, and every tool result answers a call an earlier
+    assistant message made (as OpenAI checks)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(
+            fields.Nested(MessageSchema), validate=validate.Length(min=1, max=1000), **kwargs
+        )
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list:
+        messages = super()._deserialize(value, attr, data, **kwargs)
+        called: set[str] = set()
+        for index, message in enumerate(messages):
+            called.update(call["id"] for call in message.get("tool_calls", ()))
+            if message["role"] == "tool" and message["tool_call_id"] not in called:
+                raise ValidationError(
+                    {index: {"tool_call_id": ["answers no tool call of an earlier message"]}}
+                )
+        return messages
+
+
+class Parameters(fields.Dict):
+    """A function's `parameters`: a JSON schema of an object (OpenAI's rule: the arguments
+    are an object; "type": "object" is added when absent); absent or {}: no parameters
+    (the arguments are {})."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dict:
+        schema = super()._deserialize(value, attr, data, **kwargs)
+        if schema.get("type", "object") != "object":
+            raise ValidationError('must be a JSON schema of "type": "object"')
+        try:
+            json.dumps(schema, allow_nan=False)
+        except ValueError:
+            raise ValidationError("must be JSON (NaN and Infinity are not)") from None
+        return {"type": "object", **schema} if schema else dict(NO_PARAMETERS)
+
+
+class FunctionSchema(StrictSchema):
+    name = function_name_field(required=True)
+    description = fields.String(validate=validate.Length(max=MAX_PROMPT_CHARS))
+    parameters = Parameters(load_default=lambda: dict(NO_PARAMETERS))
+    # Calls always follow `parameters` (the grammar), strict or not.
+    strict = JsonBoolean(metadata={"description": "accepted: calls always follow parameters"})
+
+    @post_load
+    def _defined(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        return {key: value for key, value in data.items() if key != "strict"}
+
+
+class ToolSchema(StrictSchema):
+    type = function_type_field()
+    function = fields.Nested(FunctionSchema, required=True)
+
+
+class FunctionNameSchema(StrictSchema):
+    name = function_name_field(required=True)
+
+
+class NamedToolChoiceSchema(StrictSchema):
+    type = function_type_field()
+    function = fields.Nested(FunctionNameSchema, required=True)
+
+
+class ToolChoice(fields.Field):
+    """ "none", "auto", "required", or {"type": "function", "function": {"name"}}; loads as
+    the string or the function's name in a 1-tuple."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            if value not in TOOL_CHOICES:
+                raise ValidationError(f"must be one of: {', '.join(TOOL_CHOICES)}, or a function")
+            return value
+        if isinstance(value, dict):
+            if value.get("type") in ("allowed_tools", "custom"):
+                raise ValidationError(f'"{value["type"]}" tool choices are not supported')
+            return (NamedToolChoiceSchema().load(value)["function"]["name"],)
+        raise ValidationError('must be "none", "auto", "required" or a function')
 
 
 class ChatCompletionRequestSchema(OpenAIRequestSchema):
-    messages = fields.List(
-        fields.Nested(MessageSchema), required=True, validate=validate.Length(min=1, max=1000)
-    )
+    messages = ChatMessages(required=True)
     max_tokens = max_tokens_field()
     max_completion_tokens = JsonInteger(validate=validate.Range(min=1), load_default=None)
     logprobs = JsonBoolean(load_default=False)
@@ -264,13 +414,20 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
     prompt_cache_retention = ignored(fields.String())
     prompt_cache_options = ignored(fields.Dict())
     safety_identifier = ignored(fields.String(validate=validate.Length(max=64)))
-    parallel_tool_calls = ignored(JsonBoolean())
+
+    # Tool calling (tursi.api.tools).
+    tools = fields.List(fields.Nested(ToolSchema), validate=validate.Length(max=MAX_TOOLS))
+    tool_choice = ToolChoice(
+        metadata={
+            "description": '"none", "auto" (the default with tools), "required", or '
+            '{"type": "function", "function": {"name"}}'
+        }
+    )
+    parallel_tool_calls = JsonBoolean(load_default=True)
 
     # Accepted at their neutral value only.
-    tools = neutral([], why=TOOLS)
-    tool_choice = neutral("none", why=TOOLS)
-    functions = neutral([], why=TOOLS)
-    function_call = neutral("none", why=TOOLS)
+    functions = neutral([], why=FUNCTIONS)
+    function_call = neutral("none", why=FUNCTIONS)
     response_format = neutral(
         {"type": "text"}, why="structured output (json_object, json_schema) is not supported yet"
     )
@@ -288,6 +445,41 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
     def _top_logprobs_needs_logprobs(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("top_logprobs") is not None and not data.get("logprobs"):
             raise ValidationError("needs logprobs: true (as OpenAI)", "top_logprobs")
+
+    @validates_schema
+    def _tools_consistent(self, data: dict[str, Any], **_: Any) -> None:
+        functions = [tool["function"] for tool in data.get("tools") or ()]
+        names = [function["name"] for function in functions]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValidationError(f"function names must be unique: {', '.join(repeated)}", "tools")
+        size = sum(len(json.dumps(function["parameters"])) for function in functions)
+        if size > MAX_PARAMETERS_CHARS:
+            raise ValidationError(
+                f"the functions' parameters take {size} characters as JSON; at most "
+                f"{MAX_PARAMETERS_CHARS}",
+                "tools",
+            )
+        choice = data.get("tool_choice")
+        if choice not in (None, "none") and not functions:
+            raise ValidationError("needs tools (as OpenAI)", "tool_choice")
+        if isinstance(choice, tuple) and choice[0] not in names:
+            raise ValidationError(f'"{choice[0]}" is none of the tools\' functions', "tool_choice")
+
+    @post_load
+    def _tools(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        """tools, tool_choice and parallel_tool_calls as one Tools, or None when none are
+        offered (no tools, or tool_choice "none")."""
+        functions = [tool["function"] for tool in data.pop("tools", None) or ()]
+        choice = data.pop("tool_choice", None) or "auto"
+        parallel = data.pop("parallel_tool_calls")
+        if not functions or choice == "none":
+            data["tools"] = None
+        elif isinstance(choice, tuple):
+            data["tools"] = Tools(functions, "function", choice[0], parallel)
+        else:
+            data["tools"] = Tools(functions, choice, None, parallel)
+        return data
 
     @post_load
     def _engine_fields(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
