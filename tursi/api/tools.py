@@ -275,32 +275,80 @@ def grammar(tools: Tools) -> str:
 
 # Where a JSON schema holds schemas: one (`items`...), a list (`anyOf`...) or a map of them.
 _ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
-_LIST = ("anyOf", "oneOf", "prefixItems", "items")
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# Keywords that add properties to an object from elsewhere: such an object stays open.
+_MERGING = ("allOf", "anyOf", "oneOf", "$ref", "if", "dependentSchemas", "unevaluatedProperties")
 
 
-def closed(schema: Any, *, merged: bool = False) -> Any:
+def closed(schema: Any) -> Any:
     """`schema` with every object that lists its properties closed to others
     (`additionalProperties: false`) unless it says otherwise, as OpenAI's strict mode and
     vLLM's grammars have it: JSON Schema's default lets a model add keys, and a small one
     fills its arguments with made-up keys (copies of the schema's own words) until
-    max_tokens. Every value valid against the result is valid against `schema`. The
-    branches of `allOf` stay open (closing each would refuse the other's properties)."""
+    max_tokens. Every value valid against the result is valid against `schema`. An object
+    whose properties may come from elsewhere stays open: one beside allOf, anyOf, oneOf,
+    $ref or if; a branch of an allOf of several, or of allOf/anyOf/oneOf beside properties;
+    and what a $ref in such a place points to."""
+    merged: set[str] = set()  # JSON pointers of the schemas merged with others
+    while True:
+        found: set[str] = set()
+        _merged_refs(schema, "#", False, merged, found)
+        if found <= merged:
+            return _closed(schema, "#", False, merged)
+        merged |= found
+
+
+def _subschemas(schema: dict[str, Any]) -> Any:
+    """(key, index or name or None, subschema, merged with its siblings) of each subschema."""
+    for key in _ONE:
+        if isinstance(schema.get(key), dict):
+            yield key, None, schema[key], False
+    for key in _LIST:
+        if isinstance(schema.get(key), list):
+            # allOf's branches are merged with each other, any branch with properties beside
+            joined = "properties" in schema and key in ("allOf", "anyOf", "oneOf")
+            joined = joined or (key == "allOf" and len(schema[key]) > 1)
+            for index, item in enumerate(schema[key]):
+                yield key, index, item, joined
+    for key in _MAP:
+        if isinstance(schema.get(key), dict):
+            for name, value in schema[key].items():
+                yield key, name, value, False
+
+
+def _pointer(pointer: str, key: str, step: Any) -> str:
+    pointer += "/" + key
+    if step is not None:
+        pointer += "/" + str(step).replace("~", "~0").replace("/", "~1")
+    return pointer
+
+
+def _merged_refs(schema: Any, pointer: str, merged: bool, known: set[str], found: set[str]):
+    if not isinstance(schema, dict):
+        return
+    merged = merged or pointer in known
+    if isinstance(schema.get("$ref"), str) and (merged or "properties" in schema):
+        found.add(schema["$ref"])
+    for key, step, child, joined in _subschemas(schema):
+        _merged_refs(child, _pointer(pointer, key, step), joined, known, found)
+
+
+def _closed(schema: Any, pointer: str, merged: bool, known: set[str]) -> Any:
     if not isinstance(schema, dict):
         return schema
+    merged = merged or pointer in known
     shaped = dict(schema)
-    for key in _ONE:
-        if isinstance(shaped.get(key), dict):
-            shaped[key] = closed(shaped[key])
-    for key in _LIST:
-        if isinstance(shaped.get(key), list):
-            shaped[key] = [closed(item) for item in shaped[key]]
-    for key in _MAP:
-        if isinstance(shaped.get(key), dict):
-            shaped[key] = {name: closed(value) for name, value in shaped[key].items()}
-    if isinstance(shaped.get("allOf"), list):
-        shaped["allOf"] = [closed(item, merged=True) for item in shaped["allOf"]]
-    if "properties" in shaped and not merged:
+    for key in (*_LIST, *_MAP):
+        if isinstance(shaped.get(key), (list, dict)):
+            shaped[key] = type(shaped[key])(shaped[key])  # a copy to change
+    for key, step, child, joined in _subschemas(schema):
+        value = _closed(child, _pointer(pointer, key, step), joined, known)
+        if step is None:
+            shaped[key] = value
+        else:
+            shaped[key][step] = value
+    if "properties" in shaped and not merged and not any(key in shaped for key in _MERGING):
         shaped.setdefault("additionalProperties", False)
     return shaped
 
