@@ -21,7 +21,7 @@ from .openai_schemas import (
 )
 from .state import current
 from .streaming import collect, stream_response
-from .tools import chat_prompt, constraint
+from .tools import chat_prompt, constraint, tools_refused
 
 bp = Blueprint("openai", __name__)
 
@@ -118,9 +118,14 @@ def chat_completions():
             )
         # required or a named function: the answer is calls, held to their own grammar
         sampling = sampling_params(params, constraint=constraint(tools))
-    submission = submit(
-        worker, params, [prompt], params["max_tokens"], chat=True, sampling=sampling
-    )
+    try:
+        submission = submit(
+            worker, params, [prompt], params["max_tokens"], chat=True, sampling=sampling
+        )
+    except InvalidRequest as exc:
+        if tools is not None and exc.details.get("kind") == "grammar":
+            raise tools_refused(exc) from None
+        raise
     completion = Completion(
         params, submission, TokenTexts(worker), chat=True, tools=tools is not None
     )

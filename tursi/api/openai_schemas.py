@@ -43,7 +43,7 @@ from .schemas import (
     token_id_field,
     top_p_field,
 )
-from .tools import Tools
+from .tools import MAX_GRAMMAR_CHARS, Tools
 
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -53,8 +53,8 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 FUNCTIONS = "functions and function_call (deprecated by OpenAI) are not supported: use tools"
 MAX_TOOLS = 128  # OpenAI's bound
 MAX_TOOL_CALLS = 128  # calls in one assistant message
-MAX_PARAMETERS_CHARS = 65_536  # all functions' parameters, as JSON text: they become a grammar
 TOOL_CHOICES = ("none", "auto", "required")
+MAX_PARAMETERS_DEPTH = 64  # JSON nesting of one function's parameters (schemas are walked)
 NO_PARAMETERS = {"type": "object", "properties": {}}  # OpenAI: no parameters, no arguments
 
 
@@ -342,6 +342,8 @@ class Parameters(fields.Dict):
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dict:
         schema = super()._deserialize(value, attr, data, **kwargs)
+        if _depth(schema) > MAX_PARAMETERS_DEPTH:
+            raise ValidationError(f"must be nested at most {MAX_PARAMETERS_DEPTH} deep")
         if schema.get("type", "object") != "object":
             raise ValidationError('must be a JSON schema of "type": "object"')
         try:
@@ -349,6 +351,20 @@ class Parameters(fields.Dict):
         except ValueError:
             raise ValidationError("must be JSON (NaN and Infinity are not)") from None
         return {"type": "object", **schema} if schema else dict(NO_PARAMETERS)
+
+
+def _depth(value: Any) -> int:
+    """How deep JSON `value` nests (a scalar: 0), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend(
+                (item, depth) for item in (value.values() if isinstance(value, dict) else value)
+            )
+    return deepest
 
 
 class FunctionSchema(StrictSchema):
@@ -453,13 +469,6 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValidationError(f"function names must be unique: {', '.join(repeated)}", "tools")
-        size = sum(len(json.dumps(function["parameters"])) for function in functions)
-        if size > MAX_PARAMETERS_CHARS:
-            raise ValidationError(
-                f"the functions' parameters take {size} characters as JSON; at most "
-                f"{MAX_PARAMETERS_CHARS}",
-                "tools",
-            )
         choice = data.get("tool_choice")
         if choice not in (None, "none") and not functions:
             raise ValidationError("needs tools (as OpenAI)", "tool_choice")
@@ -473,12 +482,17 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
         functions = [tool["function"] for tool in data.pop("tools", None) or ()]
         choice = data.pop("tool_choice", None) or "auto"
         parallel = data.pop("parallel_tool_calls")
-        if not functions or choice == "none":
-            data["tools"] = None
-        elif isinstance(choice, tuple):
-            data["tools"] = Tools(functions, "function", choice[0], parallel)
-        else:
-            data["tools"] = Tools(functions, choice, None, parallel)
+        tools = None
+        if functions and choice != "none":
+            named = choice[0] if isinstance(choice, tuple) else None
+            tools = Tools(functions, "function" if named else choice, named, parallel)
+            if len(tools.grammar) > MAX_GRAMMAR_CHARS:
+                raise ValidationError(
+                    f"the grammar of these functions' calls would take {len(tools.grammar)} "
+                    f"characters; at most {MAX_GRAMMAR_CHARS} (fewer or smaller parameters)",
+                    "tools",
+                )
+        data["tools"] = tools
         return data
 
     @post_load

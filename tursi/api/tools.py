@@ -21,6 +21,7 @@ functions whose arguments validate against its `parameters`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -39,6 +40,9 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 # The auto grammar's text alternative: any text in which `<tool_call>` does not occur, so
 # that every `<tool_call>` the model writes opens a constrained call.
 TEXT_RULE = r"TEXT: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/"
+# The longest grammar a request's tools may make: the engine's bound on a grammar
+# (tursi.engine.constraints.MAX_GRAMMAR_CHARS), checked here to name `tools` in the 400.
+MAX_GRAMMAR_CHARS = 32_768
 
 
 @dataclass
@@ -54,6 +58,10 @@ class Tools:
     choice: str = "auto"
     name: str | None = None
     parallel: bool = True
+
+    @functools.cached_property
+    def grammar(self) -> str:
+        return grammar(self)
 
     def callable(self) -> list[dict[str, Any]]:
         """The functions the model may call (the named one, or all)."""
@@ -237,7 +245,7 @@ def fallback_prompt(tools: Tools) -> str:
 
 def constraint(tools: Tools | None) -> Constraint | None:
     """The constraint of a request that offers tools (none without)."""
-    return None if tools is None else Constraint("grammar", grammar(tools))
+    return None if tools is None else Constraint("grammar", tools.grammar)
 
 
 def grammar(tools: Tools) -> str:
@@ -351,6 +359,15 @@ def _closed(schema: Any, pointer: str, merged: bool, known: set[str]) -> Any:
     if "properties" in shaped and not merged and not any(key in shaped for key in _MERGING):
         shaped.setdefault("additionalProperties", False)
     return shaped
+
+
+def tools_refused(error: InvalidRequest) -> InvalidRequest:
+    """The engine's 400 for a grammar it cannot use (a parameters schema llguidance does not
+    support, too complex...), said of `tools`: the client sent no grammar."""
+    message = error.message.partition(": ")[2] or error.message
+    message = message.replace("the grammar", "the grammar of the tools' calls", 1)
+    details = {key: value for key, value in error.details.items() if key != "field"}
+    return InvalidRequest(f"tools: {message}", {**details, "fields": {"tools": [message]}})
 
 
 # --- reading the output back ---------------------------------------------------------------
