@@ -264,23 +264,19 @@ def test_required_and_named_answers_are_valid_calls(client, model, choice, paral
             n=4,
             temperature=1.0,
             seed=15,
-            max_tokens=120,
+            max_tokens=300,  # a call is up to ~90 tokens of the tiny tokenizer
         )
     )
-    finished = 0
     for answer in body["choices"]:
         message = answer["message"]
         assert message["content"] is None
-        calls = message.get("tool_calls", [])
+        calls = message["tool_calls"]
         for call in calls:
             assert_valid(call, [choice] if named else tuple(SCHEMAS))
-        assert parallel or len(calls) <= 1
-        if answer["finish_reason"] == "tool_calls":
-            finished += 1
-            assert calls
+        if parallel:  # the random model may go on calling until max_tokens
+            assert calls and answer["finish_reason"] in ("tool_calls", "length")
         else:
-            assert answer["finish_reason"] == "length"
-    assert finished >= 2
+            assert len(calls) == 1 and answer["finish_reason"] == "tool_calls"
 
 
 @constrained
@@ -339,7 +335,7 @@ def test_a_streamed_answer_rebuilds_the_whole_one(client, model, tool_choice):
         "model": model,
         "tools": TOOLS,
         "tool_choice": tool_choice,
-        "max_tokens": 60,
+        "max_tokens": 200,
         "logprobs": True,
     }
     whole = ok(chat(client, **body))["choices"][0]
@@ -373,7 +369,7 @@ def test_the_openai_sdk_reads_the_calls_whole_and_streamed(app):
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
             "parallel_tool_calls": False,
             "temperature": 0,
-            "max_tokens": 60,
+            "max_tokens": 200,
         }
         whole = sdk.chat.completions.create(**asked).choices[0]
         assert whole.finish_reason == "tool_calls" and whole.message.content is None
@@ -384,7 +380,10 @@ def test_the_openai_sdk_reads_the_calls_whole_and_streamed(app):
             final = stream.get_final_completion().choices[0]
         assert final.finish_reason == "tool_calls"
         (again,) = final.message.tool_calls
-        assert again.function.model_dump() == call.function.model_dump()
+        assert (again.function.name, again.function.arguments) == (
+            call.function.name,
+            call.function.arguments,
+        )
         # The round trip: the call and its result sent back, the model answers.
         history = [
             *USER,
