@@ -23,6 +23,7 @@ Unknown fields are a 400, as OpenAI answers them, and `null` is the default ever
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from marshmallow import ValidationError, fields, post_load, validate, validates_schema
@@ -234,12 +235,19 @@ class Role(fields.String):
         return role
 
 
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def _function_name(name: str) -> None:
+    if FUNCTION_NAME.fullmatch(name) is None:  # fullmatch: `$` would let "f\n" through
+        raise ValidationError("must be 1 to 64 letters, digits, _ or -")
+
+
 def function_name_field(**kwargs: Any) -> fields.Field:
     """A function's name, as OpenAI bounds it (it goes into prompts and grammars as is)."""
     return fields.String(
-        validate=validate.Regexp(
-            r"^[a-zA-Z0-9_-]{1,64}$", error="must be 1 to 64 letters, digits, _ or -"
-        ),
+        validate=_function_name,
+        metadata={"pattern": f"^{FUNCTION_NAME.pattern}$"},
         **kwargs,
     )
 
