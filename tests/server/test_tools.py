@@ -1,0 +1,243 @@
+"""Tool calling end to end (docs/tools.md): the official `openai` client against a real
+gunicorn serving the embedded SmolLM2, whose chat template ignores `tools` (the fallback
+prompt tells it the call format; the grammar holds its calls to their functions' schemas).
+
+Acceptance of issue 15: with tool_choice required or a named function, 20 prompts give calls
+whose arguments validate (jsonschema) against the function's parameters; a whole round trip
+(call -> tool message -> final answer) works, streamed and not; with auto, any call the model
+makes is valid. Cheap: short max_tokens, requests sent together (the engine batches them)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import jsonschema
+import openai
+import pydantic
+import pytest
+
+from tests.server.test_openai import MODEL, base_url, oai, server  # noqa: F401 (fixtures)
+
+DATE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+FUNCTIONS = [
+    {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+        },
+    },
+    {
+        "name": "get_time",
+        "description": "The current time in a time zone",
+        "parameters": {
+            "type": "object",
+            "properties": {"timezone": {"type": "string", "maxLength": 40}},
+            "required": ["timezone"],
+        },
+    },
+    {
+        "name": "convert_currency",
+        "description": "Convert an amount of money from one currency to another",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "amount": {"type": "integer", "minimum": 0, "maximum": 1000000},
+                "from_currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                "to_currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            },
+            "required": ["amount", "from_currency", "to_currency"],
+        },
+    },
+    {
+        "name": "search_web",
+        "description": "Search the web",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "maxLength": 60},
+                "max_results": {"type": "integer", "minimum": 1, "maximum": 10},
+            },
+            "required": ["query"],
+        },
+    },
+    {
+        "name": "create_event",
+        "description": "Put an event in the calendar",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "title": {"type": "string", "maxLength": 40},
+                "date": {"type": "string", "pattern": DATE},
+                "attendees": {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": 20},
+                    "maxItems": 4,
+                },
+            },
+            "required": ["title", "date"],
+        },
+    },
+    {
+        "name": "set_thermostat",
+        "description": "Set the home thermostat",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "temperature": {"type": "integer", "minimum": 10, "maximum": 30},
+                "mode": {"type": "string", "enum": ["heat", "cool", "off"]},
+            },
+            "required": ["temperature", "mode"],
+        },
+    },
+]
+TOOLS = [{"type": "function", "function": function} for function in FUNCTIONS]
+SCHEMAS = {function["name"]: function["parameters"] for function in FUNCTIONS}
+
+# 20 prompts: tool_choice "required" (None) or the function named.
+PROMPTS = [
+    ("What's the weather like in Paris?", None),
+    ("Is it raining in London right now?", "get_weather"),
+    ("What time is it in Tokyo?", None),
+    ("Tell me the current time in New York.", "get_time"),
+    ("How much is 100 US dollars in euros?", None),
+    ("Convert 250 GBP to JPY.", "convert_currency"),
+    ("Find recent news about electric cars.", None),
+    ("Search for the best pasta recipes.", "search_web"),
+    ("Schedule a meeting with Anna on 2025-03-14.", None),
+    ("Add 'dentist' to my calendar for 2025-06-01.", "create_event"),
+    ("Set the heating to 21 degrees.", None),
+    ("Turn the air conditioning on at 19 degrees.", "set_thermostat"),
+    ("Should I take an umbrella in Berlin today?", "get_weather"),
+    ("What is the temperature in Rome in fahrenheit?", None),
+    ("Which time zone is Sydney in, and what time is it there?", "get_time"),
+    ("I have 40 CHF, how many dollars is that?", "convert_currency"),
+    ("Look up who won the last football world cup.", "search_web"),
+    ("Plan a birthday party on 2025-09-30 with Tom and Lea.", "create_event"),
+    ("It's too cold in here.", "set_thermostat"),
+    ("Tell me a joke.", None),  # no tool fits: still a valid call
+]
+
+
+def assert_valid(call, names=tuple(SCHEMAS)):
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in names
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def ask(oai, question, choice, **extra):  # noqa: F811
+    tool_choice = (
+        "required" if choice is None else {"type": "function", "function": {"name": choice}}
+    )
+    return oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        tools=TOOLS,
+        tool_choice=tool_choice,
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=80,
+        **extra,
+    ).choices[0]
+
+
+def test_required_and_named_choices_give_valid_calls(oai):  # noqa: F811
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: ask(oai, *p), PROMPTS))
+    for (question, choice), answer in zip(PROMPTS, answers):
+        assert answer.finish_reason == "tool_calls", (question, answer)
+        assert answer.message.content is None
+        (call,) = answer.message.tool_calls  # parallel_tool_calls false: exactly one
+        assert_valid(call, [choice] if choice else tuple(SCHEMAS))
+
+
+def test_parallel_calls_are_each_valid(oai):  # noqa: F811
+    answer = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather in Oslo and the time in Lima?"}],
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=120,
+    ).choices[0]
+    assert answer.message.tool_calls and answer.finish_reason in ("tool_calls", "length")
+    for call in answer.message.tool_calls:
+        assert_valid(call)
+
+
+def test_auto_calls_are_valid(oai):  # noqa: F811
+    answers = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What's the weather in Madrid?"}],
+        tools=TOOLS,
+        n=6,
+        seed=15,
+        temperature=1.0,
+        max_tokens=60,
+    ).choices
+    for answer in answers:
+        if answer.message.content is not None:
+            assert "<tool_call>" not in answer.message.content
+        for call in answer.message.tool_calls or []:
+            assert_valid(call)
+
+
+def streamed(oai, **request):  # noqa: F811
+    """A streamed answer as the client rebuilds it (its stream helper)."""
+    with oai.chat.completions.stream(**request) as stream:
+        return stream.get_final_completion().choices[0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_round_trip(oai, stream):  # noqa: F811
+    """The model calls get_weather; the caller runs it and sends the result back; the model
+    answers from it."""
+    send = streamed if stream else (lambda oai, **r: oai.chat.completions.create(**r).choices[0])
+    asked = [{"role": "user", "content": "What's the weather in Paris?"}]
+    request = {"model": MODEL, "tools": TOOLS, "temperature": 0, "max_tokens": 60}
+    called = send(oai, messages=asked, tool_choice="required", **request)
+    assert called.finish_reason == "tool_calls"
+    (call,) = called.message.tool_calls[:1]
+    assert_valid(call)
+    result = {"temperature": 21, "unit": "celsius", "sky": "sunny"}
+    history = [
+        *asked,
+        called.message.model_dump(exclude_none=True, exclude={"parsed"}),
+        *[
+            {"role": "tool", "tool_call_id": made.id, "content": json.dumps(result)}
+            for made in called.message.tool_calls
+        ],
+    ]
+    answer = send(oai, messages=history, **request)  # tool_choice auto
+    assert answer.finish_reason in ("stop", "length") and not answer.message.tool_calls
+    assert answer.message.content.strip() and "<tool_call>" not in answer.message.content
+
+
+class Reminder(pydantic.BaseModel):
+    """Set a reminder."""
+
+    text: str = pydantic.Field(max_length=40)
+    minutes: int = pydantic.Field(ge=1, le=600)
+    priority: Literal["low", "high"]
+
+
+def test_pydantic_tools_parse(oai):  # noqa: F811
+    """openai.pydantic_function_tool: a strict function from a pydantic model; parse() reads
+    the call's arguments back into the model."""
+    answer = oai.chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Remind me to call mum in an hour."}],
+        tools=[openai.pydantic_function_tool(Reminder)],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=60,
+    ).choices[0]
+    (call,) = answer.message.tool_calls[:1]
+    assert isinstance(call.function.parsed_arguments, Reminder)
