@@ -20,32 +20,32 @@ import pytest
 
 from tests.server.test_openai import MODEL, base_url, oai, server  # noqa: F401 (fixtures)
 
-DATE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
-FUNCTIONS = [
-    {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 40},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city"],
+WEATHER = {
+    "name": "get_weather",
+    "description": "The current weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
         },
+        "required": ["city"],
     },
+}
+FUNCTIONS = [
+    WEATHER,
     {
         "name": "get_time",
         "description": "The current time in a time zone",
         "parameters": {
             "type": "object",
-            "properties": {"timezone": {"type": "string", "maxLength": 40}},
+            "properties": {"timezone": {"type": "string", "maxLength": 30}},
             "required": ["timezone"],
         },
     },
     {
         "name": "convert_currency",
-        "description": "Convert an amount of money from one currency to another",
+        "description": "Convert money between currencies",
         "parameters": {
             "type": "object",
             "properties": {
@@ -54,35 +54,6 @@ FUNCTIONS = [
                 "to_currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
             },
             "required": ["amount", "from_currency", "to_currency"],
-        },
-    },
-    {
-        "name": "search_web",
-        "description": "Search the web",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "query": {"type": "string", "maxLength": 60},
-                "max_results": {"type": "integer", "minimum": 1, "maximum": 10},
-            },
-            "required": ["query"],
-        },
-    },
-    {
-        "name": "create_event",
-        "description": "Put an event in the calendar",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "title": {"type": "string", "maxLength": 40},
-                "date": {"type": "string", "pattern": DATE},
-                "attendees": {
-                    "type": "array",
-                    "items": {"type": "string", "maxLength": 20},
-                    "maxItems": 4,
-                },
-            },
-            "required": ["title", "date"],
         },
     },
     {
@@ -109,20 +80,20 @@ PROMPTS = [
     ("Tell me the current time in New York.", "get_time"),
     ("How much is 100 US dollars in euros?", None),
     ("Convert 250 GBP to JPY.", "convert_currency"),
-    ("Find recent news about electric cars.", None),
-    ("Search for the best pasta recipes.", "search_web"),
-    ("Schedule a meeting with Anna on 2025-03-14.", None),
-    ("Add 'dentist' to my calendar for 2025-06-01.", "create_event"),
     ("Set the heating to 21 degrees.", None),
     ("Turn the air conditioning on at 19 degrees.", "set_thermostat"),
     ("Should I take an umbrella in Berlin today?", "get_weather"),
     ("What is the temperature in Rome in fahrenheit?", None),
-    ("Which time zone is Sydney in, and what time is it there?", "get_time"),
+    ("What time is it in Sydney?", "get_time"),
     ("I have 40 CHF, how many dollars is that?", "convert_currency"),
-    ("Look up who won the last football world cup.", "search_web"),
-    ("Plan a birthday party on 2025-09-30 with Tom and Lea.", "create_event"),
     ("It's too cold in here.", "set_thermostat"),
-    ("Tell me a joke.", None),  # no tool fits: still a valid call
+    ("Is it sunny in Madrid?", None),
+    ("Is it late in Moscow now?", None),
+    ("Change 5000 yen into euros.", None),
+    ("Switch the thermostat off.", None),
+    ("Weather forecast for Lisbon, please.", "get_weather"),
+    ("Tell me a joke.", "get_time"),  # no tool fits: still a valid call
+    ("Hello!", None),
 ]
 
 
@@ -143,7 +114,7 @@ def ask(oai, question, choice, **extra):  # noqa: F811
         tool_choice=tool_choice,
         parallel_tool_calls=False,
         temperature=0,
-        max_tokens=80,
+        max_tokens=60,
         **extra,
     ).choices[0]
 
@@ -151,7 +122,7 @@ def ask(oai, question, choice, **extra):  # noqa: F811
 def test_required_and_named_choices_give_valid_calls(oai):  # noqa: F811
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda p: ask(oai, *p), PROMPTS))
-    for (question, choice), answer in zip(PROMPTS, answers):
+    for (question, choice), answer in zip(PROMPTS, answers, strict=True):
         assert answer.finish_reason == "tool_calls", (question, answer)
         assert answer.message.content is None
         (call,) = answer.message.tool_calls  # parallel_tool_calls false: exactly one
@@ -162,10 +133,10 @@ def test_parallel_calls_are_each_valid(oai):  # noqa: F811
     answer = oai.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Weather in Oslo and the time in Lima?"}],
-        tools=TOOLS,
+        tools=TOOLS[:2],
         tool_choice="required",
         temperature=0,
-        max_tokens=120,
+        max_tokens=80,
     ).choices[0]
     assert answer.message.tool_calls and answer.finish_reason in ("tool_calls", "length")
     for call in answer.message.tool_calls:
@@ -176,11 +147,11 @@ def test_auto_calls_are_valid(oai):  # noqa: F811
     answers = oai.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "What's the weather in Madrid?"}],
-        tools=TOOLS,
+        tools=TOOLS[:2],
         n=6,
         seed=15,
         temperature=1.0,
-        max_tokens=60,
+        max_tokens=40,
     ).choices
     for answer in answers:
         if answer.message.content is not None:
@@ -197,19 +168,20 @@ def streamed(oai, **request):  # noqa: F811
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_round_trip(oai, stream):  # noqa: F811
-    """The model calls get_weather; the caller runs it and sends the result back; the model
-    answers from it."""
+    """The model calls get_weather; the caller runs it and sends the result back (the
+    assistant message as the client rebuilt it, streamed or not); the model answers from
+    it."""
     send = streamed if stream else (lambda oai, **r: oai.chat.completions.create(**r).choices[0])
     asked = [{"role": "user", "content": "What's the weather in Paris?"}]
-    request = {"model": MODEL, "tools": TOOLS, "temperature": 0, "max_tokens": 60}
+    request = {"model": MODEL, "tools": TOOLS[:2], "temperature": 0, "max_tokens": 40}
     called = send(oai, messages=asked, tool_choice="required", **request)
     assert called.finish_reason == "tool_calls"
-    (call,) = called.message.tool_calls[:1]
-    assert_valid(call)
+    for call in called.message.tool_calls:
+        assert_valid(call)
     result = {"temperature": 21, "unit": "celsius", "sky": "sunny"}
     history = [
         *asked,
-        called.message.model_dump(exclude_none=True, exclude={"parsed"}),
+        called.message.model_dump(exclude_none=True),
         *[
             {"role": "tool", "tool_call_id": made.id, "content": json.dumps(result)}
             for made in called.message.tool_calls
@@ -223,7 +195,7 @@ def test_a_round_trip(oai, stream):  # noqa: F811
 class Reminder(pydantic.BaseModel):
     """Set a reminder."""
 
-    text: str = pydantic.Field(max_length=40)
+    text: str = pydantic.Field(max_length=30)
     minutes: int = pydantic.Field(ge=1, le=600)
     priority: Literal["low", "high"]
 
@@ -237,7 +209,7 @@ def test_pydantic_tools_parse(oai):  # noqa: F811
         tools=[openai.pydantic_function_tool(Reminder)],
         tool_choice="required",
         temperature=0,
-        max_tokens=60,
+        max_tokens=80,
     ).choices[0]
     (call,) = answer.message.tool_calls[:1]
     assert isinstance(call.function.parsed_arguments, Reminder)

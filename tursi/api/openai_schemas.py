@@ -270,6 +270,9 @@ class ToolCallSchema(StrictSchema):
     id = fields.String(required=True, validate=validate.Length(min=1, max=256))
     type = function_type_field()
     function = fields.Nested(CalledFunctionSchema, required=True)
+    # The call's place in a streamed answer: the openai SDK's stream helper leaves it in the
+    # message it rebuilds, which callers send back as is.
+    index = ignored(JsonInteger())
 
 
 class MessageSchema(StrictSchema):
@@ -315,7 +318,8 @@ class MessageSchema(StrictSchema):
         message = {"role": data["role"], "content": data.get("content") or ""}
         if data.get("tool_calls"):
             message["tool_calls"] = [
-                {**call, "function": dict(call["function"])} for call in data["tool_calls"]
+                {"id": call["id"], "type": "function", "function": dict(call["function"])}
+                for call in data["tool_calls"]
             ]
         if data["role"] == "tool":
             message["tool_call_id"] = data["tool_call_id"]
