@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from tests.helpers import API, CHAT_TEMPLATE, build_llama, load_and_wait, sse_data, write_catalog
+from tests.openai_spec import validator
 from tursi import create_app
 
 # Renders tools and tool turns, as the templates of models trained on calls do.
@@ -338,8 +339,12 @@ def test_a_streamed_answer_rebuilds_the_whole_one(client, model, tool_choice):
         "max_tokens": 200,
         "logprobs": True,
     }
-    whole = ok(chat(client, **body))["choices"][0]
+    answered = ok(chat(client, **body))
+    validator("CreateChatCompletionResponse").validate(answered)  # OpenAI's own schema
+    whole = answered["choices"][0]
     chunks = streamed(client, **body)
+    for chunk in chunks:
+        validator("CreateChatCompletionStreamResponse").validate(chunk)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}  # no content yet
     content, calls, finish, logprobs = rebuilt(chunks)
     assert content == whole["message"]["content"]
