@@ -73,6 +73,11 @@ constrained = pytest.mark.skipif(
     reason="needs the engine's constrained decoding (tursi.engine.constraints)",
 )
 
+structured = pytest.mark.skipif(
+    importlib.util.find_spec("tursi.api.structured_schemas") is None,
+    reason="needs the structured output request fields (tursi.api.structured_schemas)",
+)
+
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
@@ -399,3 +404,33 @@ def test_the_openai_sdk_reads_the_calls_whole_and_streamed(app):
             **{**asked, "messages": history, "tool_choice": "none"}
         ).choices[0]
         assert answer.message.tool_calls is None and isinstance(answer.message.content, str)
+
+
+@structured
+def test_auto_tools_and_a_structured_output_are_one_or_the_other(client):
+    for asked in (
+        {"response_format": {"type": "json_object"}},
+        {"structured_outputs": {"regex": "[a-z]+"}},
+    ):
+        response = chat(client, tools=TOOLS, **asked)
+        assert response.status_code == 400, response.get_data(as_text=True)
+        assert response.get_json()["error"]["param"] == "tool_choice"
+
+
+@structured
+@constrained
+def test_required_tools_answer_calls_whatever_the_response_format(client):
+    body = ok(
+        chat(
+            client,
+            tools=TOOLS,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            response_format={"type": "json_object"},
+            max_tokens=300,
+        )
+    )
+    (answer,) = body["choices"]
+    assert answer["finish_reason"] == "tool_calls"
+    (call,) = answer["message"]["tool_calls"]
+    assert_valid(call)
