@@ -148,6 +148,55 @@ CHAT_ATTACKS = {
     ),
     "unknown role": (CHAT.replace(b'"user"', b'"root"') + b"}", 400, "invalid_request"),
     "content not a string": (CHAT.replace(b'"hi"', b'{"$gt": ""}') + b"}", 400, "invalid_request"),
+    # tools (tursi.api.tools): what reaches the prompt and the grammar is bounded and checked
+    "tool parameters nested 500 deep": (
+        CHAT
+        + b', "tools": [{"type": "function", "function": {"name": "f", "parameters": '
+        + b'{"a": ' * 500
+        + b"1"
+        + b"}" * 500
+        + b"}}]}",
+        400,
+        "invalid_request",
+    ),
+    "NaN in tool parameters": (
+        CHAT + b', "tools": [{"type": "function", "function": {"name": "f", "parameters": '
+        b'{"type": "object", "properties": {"a": {"maximum": NaN}}}}}]}',
+        400,
+        "invalid_request",
+    ),
+    "a tool name that would close the grammar's string": (
+        CHAT + b', "tools": [{"type": "function", "function": {"name": "f\\" | /.*/"}}]}',
+        400,
+        "invalid_request",
+    ),
+    "a tool name with a newline": (
+        CHAT + b', "tools": [{"type": "function", "function": {"name": "f\\nstart: x"}}]}',
+        400,
+        "invalid_request",
+    ),
+    "a tool name ending in a newline": (
+        CHAT + b', "tools": [{"type": "function", "function": {"name": "f\\n"}}]}',
+        400,
+        "invalid_request",
+    ),
+    "tools not a list": (CHAT + b', "tools": {"type": "function"}}', 400, "invalid_request"),
+    "tool_choice a number": (CHAT + b', "tool_choice": 1}', 400, "invalid_request"),
+    "a tool result that answers no call": (
+        CHAT.replace(b"}]", b'}, {"role": "tool", "tool_call_id": "x", "content": "y"}]') + b"}",
+        400,
+        "invalid_request",
+    ),
+    "a 1000-character tool call id": (
+        CHAT.replace(
+            b"}]",
+            b'}, {"role": "assistant", "tool_calls": [{"id": "' + b"i" * 1000 + b'", "type": '
+            b'"function", "function": {"name": "f", "arguments": "{}"}}]}]',
+        )
+        + b"}",
+        400,
+        "invalid_request",
+    ),
 }
 
 

@@ -1,8 +1,8 @@
 """What the OpenAI-compatible routes accept of OpenAI's documented request fields: those that
 change nothing are accepted and ignored, those the server cannot honour only at their
 neutral value (else a 400 naming the field), `null` is every optional field's default,
-chat messages carry text only; GET /v1/models/{id}; `x-should-retry: false` on the errors a
-retry cannot fix, as the openai SDK reads it."""
+chat messages carry text (and tool turns: tests/app/test_tools.py); GET /v1/models/{id};
+`x-should-retry: false` on the errors a retry cannot fix, as the openai SDK reads it."""
 
 from __future__ import annotations
 
@@ -32,14 +32,11 @@ IGNORED_CHAT = {
     "prompt_cache_retention": "24h",
     "prompt_cache_options": {"ttl": "1h"},
     "safety_identifier": "s-1",
-    "parallel_tool_calls": False,
     "guided_decoding_backend": "xgrammar",
     "stream_options": {"include_usage": False, "include_obfuscation": True},
 }
 # The fields the server cannot honour, at their neutral values.
 NEUTRAL_CHAT = {
-    "tools": [],
-    "tool_choice": "none",
     "functions": [],
     "function_call": "none",
     "modalities": ["text"],
@@ -53,8 +50,6 @@ NEUTRAL_CHAT = {
 }
 # ... and a value each that would change the answer: refused by name.
 REFUSED_CHAT = {
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "auto",
     "functions": [{"name": "f"}],
     "function_call": "auto",
     "modalities": ["text", "audio"],
@@ -173,15 +168,10 @@ def test_text_messages_in_every_shape_the_spec_gives_them(chatty, message):
 @pytest.mark.parametrize(
     "message, words",
     [
-        ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "tool calling"),
-        ({"role": "function", "content": "42", "name": "f"}, "tool calling"),
+        ({"role": "function", "content": "42", "name": "f"}, "use tools"),
         (
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
             '"image_url"',
-        ),
-        (
-            {"role": "assistant", "content": "x", "tool_calls": [{"id": "c1"}]},
-            "tool calling",
         ),
         ({"role": "assistant", "content": "x", "refusal": "no"}, "refusal"),
     ],

@@ -172,7 +172,11 @@ def test_request_schema_details(client):
         "maximum": 100,
     }
     assert (chat["top_logprobs"]["minimum"], chat["top_logprobs"]["maximum"]) == (0, 20)
-    assert chat["tool_choice"]["enum"] == ["none"]
+    assert chat["function_call"]["enum"] == ["none"]
+    assert [option.get("enum") for option in chat["tool_choice"]["anyOf"]] == [
+        ["none", "auto", "required"],
+        None,  # {"type": "function", "function": {"name"}}
+    ]
     assert chat["audio"]["enum"] == [None]
     assert "accepted, ignored" in chat["metadata"]["description"]
     assert [option.get("type") for option in chat["stop"]["anyOf"]] == ["string", "array"]

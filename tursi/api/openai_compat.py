@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from ..errors import ModelNotFound
+from ..errors import InvalidRequest, ModelNotFound
 from . import json_body, no_query
 from .jobs import Submission, sampling_params, submit
 from .logprobs import TokenTexts
@@ -21,6 +21,7 @@ from .openai_schemas import (
 )
 from .state import current
 from .streaming import collect, stream_response
+from .tools import chat_prompt, constraint, tools_refused
 
 bp = Blueprint("openai", __name__)
 
@@ -100,12 +101,34 @@ def chat_completions():
     """OpenAI-compatible chat completion.
 
     The messages go through the model's chat template (a model without one answers 400);
-    `n` choices; `stream: true` answers OpenAI's SSE chunks."""
+    `n` choices; `stream: true` answers OpenAI's SSE chunks. With `tools`, the model may call
+    them (tool_choice), its calls held valid by a grammar and answered as `tool_calls`
+    (tursi.api.tools, docs/tools.md)."""
     params = ChatCompletionRequestSchema().load(json_body())
     worker = current().manager.worker(params["model"])
-    prompt = worker.chat_prompt(params["messages"])
-    submission = submit(worker, params, [prompt], params["max_tokens"], chat=True)
-    completion = Completion(params, submission, TokenTexts(worker), chat=True)
+    tools = params["tools"]
+    prompt = chat_prompt(worker, params["messages"], tools)
+    sampling = None
+    if tools is not None:
+        if tools.choice == "auto" and params["constraint"] is not None:
+            raise InvalidRequest(
+                'tool_choice "auto" cannot be combined with a structured output constraint '
+                "(response_format, structured_outputs, guided_*): send one or the other",
+                {"fields": {"tool_choice": ["cannot be combined with structured output"]}},
+            )
+        # required or a named function: the answer is calls, held to their own grammar
+        sampling = sampling_params(params, constraint=constraint(tools))
+    try:
+        submission = submit(
+            worker, params, [prompt], params["max_tokens"], chat=True, sampling=sampling
+        )
+    except InvalidRequest as exc:
+        if tools is not None and exc.details.get("kind") == "grammar":
+            raise tools_refused(exc) from None
+        raise
+    completion = Completion(
+        params, submission, TokenTexts(worker), chat=True, tools=tools is not None
+    )
     return _respond(submission, completion)
 
 

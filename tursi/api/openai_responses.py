@@ -3,7 +3,8 @@
 CreateChatCompletionResponse, CreateChatCompletionStreamResponse of its openapi.yaml).
 
 Choices are numbered as OpenAI numbers them: prompt i's n choices are i*n .. i*n+n-1. A
-stream interleaves the choices, each chunk holding one."""
+stream interleaves the choices, each chunk holding one. A chat that offered tools reads each
+choice for calls (tursi.api.tools.CallReader): `message.tool_calls`, `delta.tool_calls`."""
 
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..engine.jobs import Finished, PromptLogprobs, TextChunk
+from ..engine.jobs import Finished, PromptLogprobs, TextChunk, TokenLogprob
 from ..errors import TursiError
 from .errors import openai_error_body
 from .jobs import Submission
 from .logprobs import TextOffsets, TokenTexts, chat_logprobs, completion_logprobs
 from .streaming import Choice
+from .tools import CallReader, read
 
 
 class Completion:
     """The response objects of one request (chat or not), whole or as stream chunks.
-    `echoes`: per prompt, the text echoed before its choices (completions' echo), or None."""
+    `echoes`: per prompt, the text echoed before its choices (completions' echo), or None;
+    `tools`: the choices are read for tool calls (a chat that offered tools)."""
 
     def __init__(
         self,
@@ -36,8 +39,9 @@ class Completion:
         *,
         chat: bool,
         echoes: Sequence[str] | None = None,
+        tools: bool = False,
     ):
-        self.chat = chat
+        self.chat, self.tools = chat, tools
         self.submission, self.texts, self.echoes = submission, texts, echoes
         self.model = params["model"]
         self.stream = params["stream"]
@@ -79,14 +83,20 @@ class Completion:
 
     def _choice(self, choice: Choice) -> dict[str, Any]:
         body: dict[str, Any] = {"index": choice.index}
+        finish_reason = choice.finished.finish_reason
         if self.chat:
-            body["message"] = {"role": "assistant", "content": choice.text, "refusal": None}
+            content, calls = read(choice.text) if self.tools else (choice.text, [])
+            message = {"role": "assistant", "content": content, "refusal": None}
+            if calls:
+                message["tool_calls"] = calls
+                finish_reason = calls_finish(finish_reason)
+            body["message"] = message
             logprobs = chat_logprobs(choice.tokens, self.texts) if self.logprobs else None
         else:
             echo = "" if self.echoes is None else self.echoes[choice.prompt]
             body["text"] = echo + choice.text
             logprobs = self._completion_logprobs(choice) if self.logprobs else None
-        body.update({"logprobs": logprobs, "finish_reason": choice.finished.finish_reason})
+        body.update({"logprobs": logprobs, "finish_reason": finish_reason})
         return body
 
     def _completion_logprobs(self, choice: Choice) -> dict[str, Any]:
@@ -116,12 +126,15 @@ class Completion:
         role: bool = False,
         finish_reason: str | None = None,
         logprobs: dict[str, Any] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index}
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice["delta"] = delta
         else:
             choice["text"] = text or ""
@@ -131,6 +144,12 @@ class Completion:
     def usage_chunk(self) -> dict[str, Any]:
         """The last chunk when stream_options.include_usage: no choices, the usage."""
         return {**self._envelope([], whole=False), "usage": self.usage()}
+
+
+def calls_finish(finish_reason: str) -> str:
+    """A choice that made calls ends with "tool_calls", as OpenAI's do, unless max_tokens
+    cut it ("length": a call may have been left out)."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def best_of(choices: list[Choice], n: int, best: int) -> list[Choice]:
@@ -169,6 +188,9 @@ class CompletionFrames:
     def __init__(self, completion: Completion):
         self.completion = completion
         self.offsets: dict[int, TextOffsets] = defaultdict(TextOffsets)  # per choice
+        # With tools, per choice: its reader, and the logprobs of the text it holds back.
+        self.readers: dict[int, CallReader] = defaultdict(CallReader)
+        self.held: dict[int, list[TokenLogprob]] = defaultdict(list)
 
     def _indexes(self, job_number: int) -> range:
         job = self.completion.submission.jobs[job_number]
@@ -193,8 +215,10 @@ class CompletionFrames:
         completion = self.completion
         numbers = range(len(completion.submission.jobs))
         if completion.chat:
+            # With tools the answer may be calls only: its content is not known to be "".
+            first = None if completion.tools else ""
             return [
-                data(completion.chunk(index, "", role=True))
+                data(completion.chunk(index, first, role=True))
                 for number in numbers
                 for index in self._indexes(number)
             ]
@@ -211,6 +235,8 @@ class CompletionFrames:
 
     def text(self, chunk: TextChunk) -> list[str]:
         completion = self.completion
+        if completion.tools:
+            return self._read(chunk.index, chunk.text, chunk.logprobs)
         logprobs = None
         if completion.logprobs and completion.chat:
             logprobs = chat_logprobs(chunk.logprobs, completion.texts)
@@ -221,8 +247,47 @@ class CompletionFrames:
             )
         return [data(completion.chunk(chunk.index, chunk.text, logprobs=logprobs))]
 
+    def _read(self, index: int, text: str, entries: Sequence[TokenLogprob]) -> list[str]:
+        """A chat with tools: the text goes through the choice's reader, which holds it back
+        until it knows whether it is content, and each call until it is whole; the held
+        tokens' logprobs go out with what they became."""
+        completion, reader = self.completion, self.readers[index]
+        self.held[index].extend(entries)
+        content, calls = reader.feed(text)
+        if not content and not calls:
+            return []
+        logprobs = chat_logprobs(self.held.pop(index), completion.texts)
+        if calls:
+            first = reader.calls - len(calls)
+            calls = [{"index": first + i, **call} for i, call in enumerate(calls)]
+        return [
+            data(
+                completion.chunk(
+                    index,
+                    content or None,
+                    logprobs=logprobs if completion.logprobs else None,
+                    tool_calls=calls,
+                )
+            )
+        ]
+
     def finished(self, done: Finished) -> list[str]:
-        return [data(self.completion.chunk(done.index, finish_reason=done.finish_reason))]
+        """The choice's last chunk. With tools: first the content its reader still held
+        (an answer too short to tell from a call); the logprobs of a call left unfinished
+        (max_tokens) go with the last chunk."""
+        completion, index = self.completion, done.index
+        if not completion.tools:
+            return [data(completion.chunk(index, finish_reason=done.finish_reason))]
+        reader, held = self.readers.pop(index, None) or CallReader(), self.held.pop(index, [])
+        logprobs = chat_logprobs(held, completion.texts) if completion.logprobs and held else None
+        finish_reason = calls_finish(done.finish_reason) if reader.calls else done.finish_reason
+        frames = []
+        rest = reader.close()
+        if rest:
+            frames.append(data(completion.chunk(index, rest, logprobs=logprobs)))
+            logprobs = None
+        last = completion.chunk(index, finish_reason=finish_reason, logprobs=logprobs)
+        return frames + [data(last)]
 
     def end(self) -> list[str]:
         usage = [data(self.completion.usage_chunk())] if self.completion.include_usage else []

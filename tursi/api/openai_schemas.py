@@ -8,13 +8,17 @@ They accept what OpenAI's API reference documents for /v1/completions and
   `logprobs` = k);
 - fields that do not change the output (`user`, `metadata`, `store`, ...): accepted and
   dropped (IGNORED);
-- fields that would change it and that the server cannot honour (tools, audio, ...):
-  accepted at their neutral value only (`tool_choice: "none"`, `modalities: ["text"]`), any
-  other value is a 400 that names the field, not a silently different answer (NEUTRAL).
+- fields that would change it and that the server cannot honour (audio, the deprecated
+  `functions`, ...): accepted at their neutral value only (`function_call: "none"`,
+  `modalities: ["text"]`), any other value is a 400 that names the field, not a silently
+  different answer (NEUTRAL).
 
 Structured output comes in three spellings, one per request: `structured_outputs`
 (SamplingSchema's, as on /api/v1), OpenAI's `response_format` and vLLM's `guided_*`
 (tursi.api.structured_schemas); all load as the engine's `constraint`.
+
+Tools (`tools`, `tool_choice`, `parallel_tool_calls`, tool calls and results in messages)
+load as a tursi.api.tools.Tools, or None when the model is offered none.
 
 Unknown fields are a 400, as OpenAI answers them, and `null` is the default everywhere
 (schemas.StrictSchema).
@@ -23,6 +27,7 @@ Unknown fields are a 400, as OpenAI answers them, and `null` is the default ever
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from marshmallow import ValidationError, fields, post_load, validate, validates_schema
@@ -52,13 +57,19 @@ from .structured_schemas import (
     pop_constraint,
     regex_field,
 )
+from .tools import MAX_GRAMMAR_CHARS, Tools
 
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_PROMPT_TOKENS = MAX_PROMPT_CHARS  # token ids in one prompt (the context is the real cap)
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on /v1/completions' logprobs
-CHAT_ROLES = ("system", "developer", "user", "assistant")
-TOOLS = "tool calling is not supported by this server yet"
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+FUNCTIONS = "functions and function_call (deprecated by OpenAI) are not supported: use tools"
+MAX_TOOLS = 128  # OpenAI's bound
+MAX_TOOL_CALLS = 128  # calls in one assistant message
+TOOL_CHOICES = ("none", "auto", "required")
+MAX_PARAMETERS_DEPTH = 64  # JSON nesting of one function's parameters (schemas are walked)
+NO_PARAMETERS = {"type": "object", "properties": {}}  # OpenAI: no parameters, no arguments
 
 
 def ignored(field: fields.Field) -> fields.Field:
@@ -249,37 +260,205 @@ class MessageContent(fields.Field):
 
 
 class Role(fields.String):
-    """A chat role; tool and function results belong to tool calling (not supported)."""
+    """A chat role; "function" (the deprecated functions' results) is refused by name."""
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
         role = super()._deserialize(value, attr, data, **kwargs)
-        if role in ("tool", "function"):
-            raise ValidationError(f'role "{role}": {TOOLS}')
+        if role == "function":
+            raise ValidationError(f'role "function": {FUNCTIONS} (results: role "tool")')
         if role not in CHAT_ROLES:
             raise ValidationError(f"must be one of: {', '.join(CHAT_ROLES)}")
         return role
 
 
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def _function_name(name: str) -> None:
+    if FUNCTION_NAME.fullmatch(name) is None:  # fullmatch: `$` would let "f\n" through
+        raise ValidationError("must be 1 to 64 letters, digits, _ or -")
+
+
+def function_name_field(**kwargs: Any) -> fields.Field:
+    """A function's name, as OpenAI bounds it (it goes into prompts and grammars as is)."""
+    return fields.String(
+        validate=_function_name,
+        metadata={"pattern": f"^{FUNCTION_NAME.pattern}$"},
+        **kwargs,
+    )
+
+
+def function_type_field() -> fields.Field:
+    return fields.String(
+        required=True,
+        validate=validate.Equal("function", error='only "function" tools are supported'),
+    )
+
+
+class CalledFunctionSchema(StrictSchema):
+    name = function_name_field(required=True)
+    arguments = fields.String(required=True, validate=validate.Length(max=MAX_PROMPT_CHARS))
+
+
+class ToolCallSchema(StrictSchema):
+    """A call an earlier assistant message made (as this API answered it)."""
+
+    id = fields.String(required=True, validate=validate.Length(min=1, max=256))
+    type = function_type_field()
+    function = fields.Nested(CalledFunctionSchema, required=True)
+    # The call's place in a streamed answer: the openai SDK's stream helper leaves it in the
+    # message it rebuilds, which callers send back as is.
+    index = ignored(JsonInteger())
+
+
 class MessageSchema(StrictSchema):
     role = Role(required=True, metadata={"enum": list(CHAT_ROLES)})
-    content = MessageContent(required=True)
+    # Required, but for an assistant message with tool_calls (null or absent there).
+    content = MessageContent(
+        metadata={"description": "required; null only on an assistant message with tool_calls"}
+    )
     name = fields.String()  # the speaker's name: templates have no place for it, so unused
-    # An assistant turn that called tools, spoke audio or refused: none of it is text the
-    # template can replay.
-    tool_calls = neutral([], why=TOOLS)
-    function_call = neutral(why=TOOLS)
+    tool_calls = fields.List(
+        fields.Nested(ToolCallSchema),
+        validate=validate.Length(max=MAX_TOOL_CALLS),
+        metadata={"description": "assistant messages only"},
+    )
+    tool_call_id = fields.String(
+        validate=validate.Length(min=1, max=256),
+        metadata={"description": "tool messages only (required there): the call answered"},
+    )
+    # An assistant turn that spoke audio or refused: none of it is text the template can
+    # replay; function_call belongs to the deprecated functions.
+    function_call = neutral(why=FUNCTIONS)
     audio = neutral(why="audio is not supported by this server")
     refusal = neutral(why="refusal turns are not supported: send the text as content")
 
+    @validates_schema
+    def _consistent(self, data: dict[str, Any], **_: Any) -> None:
+        role = data.get("role")
+        if data.get("tool_calls") and role != "assistant":
+            raise ValidationError("only assistant messages carry tool calls", "tool_calls")
+        if data.get("content") is None and not (role == "assistant" and data.get("tool_calls")):
+            raise ValidationError(
+                "Missing data for required field (null only with tool_calls).", "content"
+            )
+        if role == "tool" and data.get("tool_call_id") is None:
+            raise ValidationError("Missing data for required field.", "tool_call_id")
+        if role != "tool" and data.get("tool_call_id") is not None:
+            raise ValidationError("only tool messages answer a call", "tool_call_id")
+
     @post_load
-    def _text_only(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
-        return {"role": data["role"], "content": data["content"]}
+    def _shape(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        """{"role", "content"} (content "" for calls without text), with "tool_calls" on an
+        assistant message that made calls, "tool_call_id" on a tool message."""
+        message = {"role": data["role"], "content": data.get("content") or ""}
+        if data.get("tool_calls"):
+            message["tool_calls"] = [
+                {"id": call["id"], "type": "function", "function": dict(call["function"])}
+                for call in data["tool_calls"]
+            ]
+        if data["role"] == "tool":
+            message["tool_call_id"] = data["tool_call_id"]
+        return message
+
+
+class ChatMessages(fields.List):
+    """The messages of a chat: 1..1000, and every tool result answers a call an earlier
+    assistant message made (as OpenAI checks)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(
+            fields.Nested(MessageSchema), validate=validate.Length(min=1, max=1000), **kwargs
+        )
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list:
+        messages = super()._deserialize(value, attr, data, **kwargs)
+        called: set[str] = set()
+        for index, message in enumerate(messages):
+            called.update(call["id"] for call in message.get("tool_calls", ()))
+            if message["role"] == "tool" and message["tool_call_id"] not in called:
+                raise ValidationError(
+                    {index: {"tool_call_id": ["answers no tool call of an earlier message"]}}
+                )
+        return messages
+
+
+class Parameters(fields.Dict):
+    """A function's `parameters`: a JSON schema of an object (OpenAI's rule: the arguments
+    are an object; "type": "object" is added when absent); absent or {}: no parameters
+    (the arguments are {})."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dict:
+        schema = super()._deserialize(value, attr, data, **kwargs)
+        if _depth(schema) > MAX_PARAMETERS_DEPTH:
+            raise ValidationError(f"must be nested at most {MAX_PARAMETERS_DEPTH} deep")
+        if schema.get("type", "object") != "object":
+            raise ValidationError('must be a JSON schema of "type": "object"')
+        try:
+            json.dumps(schema, allow_nan=False)
+        except ValueError:
+            raise ValidationError("must be JSON (NaN and Infinity are not)") from None
+        return {"type": "object", **schema} if schema else dict(NO_PARAMETERS)
+
+
+def _depth(value: Any) -> int:
+    """How deep JSON `value` nests (a scalar: 0), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend(
+                (item, depth) for item in (value.values() if isinstance(value, dict) else value)
+            )
+    return deepest
+
+
+class FunctionSchema(StrictSchema):
+    name = function_name_field(required=True)
+    description = fields.String(validate=validate.Length(max=MAX_PROMPT_CHARS))
+    parameters = Parameters(load_default=lambda: dict(NO_PARAMETERS))
+    # Calls always follow `parameters` (the grammar), strict or not.
+    strict = JsonBoolean(metadata={"description": "accepted: calls always follow parameters"})
+
+    @post_load
+    def _defined(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        return {key: value for key, value in data.items() if key != "strict"}
+
+
+class ToolSchema(StrictSchema):
+    type = function_type_field()
+    function = fields.Nested(FunctionSchema, required=True)
+
+
+class FunctionNameSchema(StrictSchema):
+    name = function_name_field(required=True)
+
+
+class NamedToolChoiceSchema(StrictSchema):
+    type = function_type_field()
+    function = fields.Nested(FunctionNameSchema, required=True)
+
+
+class ToolChoice(fields.Field):
+    """ "none", "auto", "required", or {"type": "function", "function": {"name"}}; loads as
+    the string or the function's name in a 1-tuple."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            if value not in TOOL_CHOICES:
+                raise ValidationError(f"must be one of: {', '.join(TOOL_CHOICES)}, or a function")
+            return value
+        if isinstance(value, dict):
+            if value.get("type") in ("allowed_tools", "custom"):
+                raise ValidationError(f'"{value["type"]}" tool choices are not supported')
+            return (NamedToolChoiceSchema().load(value)["function"]["name"],)
+        raise ValidationError('must be "none", "auto", "required" or a function')
 
 
 class ChatCompletionRequestSchema(OpenAIRequestSchema):
-    messages = fields.List(
-        fields.Nested(MessageSchema), required=True, validate=validate.Length(min=1, max=1000)
-    )
+    messages = ChatMessages(required=True)
     max_tokens = max_tokens_field()
     max_completion_tokens = JsonInteger(validate=validate.Range(min=1), load_default=None)
     logprobs = JsonBoolean(load_default=False)
@@ -299,13 +478,20 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
     prompt_cache_retention = ignored(fields.String())
     prompt_cache_options = ignored(fields.Dict())
     safety_identifier = ignored(fields.String(validate=validate.Length(max=64)))
-    parallel_tool_calls = ignored(JsonBoolean())
+
+    # Tool calling (tursi.api.tools).
+    tools = fields.List(fields.Nested(ToolSchema), validate=validate.Length(max=MAX_TOOLS))
+    tool_choice = ToolChoice(
+        metadata={
+            "description": '"none", "auto" (the default with tools), "required", or '
+            '{"type": "function", "function": {"name"}}'
+        }
+    )
+    parallel_tool_calls = JsonBoolean(load_default=True)
 
     # Accepted at their neutral value only.
-    tools = neutral([], why=TOOLS)
-    tool_choice = neutral("none", why=TOOLS)
-    functions = neutral([], why=TOOLS)
-    function_call = neutral("none", why=TOOLS)
+    functions = neutral([], why=FUNCTIONS)
+    function_call = neutral("none", why=FUNCTIONS)
     modalities = neutral(["text"], why="output other than text is not supported by this server")
     audio = neutral(why="audio output is not supported by this server")
     prediction = neutral(why="predicted outputs are not supported by this server")
@@ -320,6 +506,39 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
     def _top_logprobs_needs_logprobs(self, data: dict[str, Any], **_: Any) -> None:
         if data.get("top_logprobs") is not None and not data.get("logprobs"):
             raise ValidationError("needs logprobs: true (as OpenAI)", "top_logprobs")
+
+    @validates_schema
+    def _tools_consistent(self, data: dict[str, Any], **_: Any) -> None:
+        functions = [tool["function"] for tool in data.get("tools") or ()]
+        names = [function["name"] for function in functions]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValidationError(f"function names must be unique: {', '.join(repeated)}", "tools")
+        choice = data.get("tool_choice")
+        if choice not in (None, "none") and not functions:
+            raise ValidationError("needs tools (as OpenAI)", "tool_choice")
+        if isinstance(choice, tuple) and choice[0] not in names:
+            raise ValidationError(f'"{choice[0]}" is none of the tools\' functions', "tool_choice")
+
+    @post_load
+    def _tools(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        """tools, tool_choice and parallel_tool_calls as one Tools, or None when none are
+        offered (no tools, or tool_choice "none")."""
+        functions = [tool["function"] for tool in data.pop("tools", None) or ()]
+        choice = data.pop("tool_choice", None) or "auto"
+        parallel = data.pop("parallel_tool_calls")
+        tools = None
+        if functions and choice != "none":
+            named = choice[0] if isinstance(choice, tuple) else None
+            tools = Tools(functions, "function" if named else choice, named, parallel)
+            if len(tools.grammar) > MAX_GRAMMAR_CHARS:
+                raise ValidationError(
+                    f"the grammar of these functions' calls would take {len(tools.grammar)} "
+                    f"characters; at most {MAX_GRAMMAR_CHARS} (fewer or smaller parameters)",
+                    "tools",
+                )
+        data["tools"] = tools
+        return data
 
     @post_load
     def _engine_fields(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:

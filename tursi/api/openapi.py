@@ -29,12 +29,15 @@ from .auth import API_PREFIX, OPEN_PATHS, is_api_path, is_openai_path
 from .openai_schemas import (
     MAX_PROMPT_TOKENS,
     MAX_PROMPTS,
+    TOOL_CHOICES,
     ChatCompletionRequestSchema,
     CompletionRequestSchema,
     ContentPartSchema,
     MessageContent,
+    NamedToolChoiceSchema,
     Prompts,
     TextOrList,
+    ToolChoice,
 )
 from .response_schemas import (
     ERROR_CODES,
@@ -587,6 +590,11 @@ def _field_extras(self: Any, field: ma_fields.Field, ret: dict, **_: Any) -> dic
             additionalProperties={"type": "number", "minimum": -100, "maximum": 100},
             description="token id (a string of digits) -> bias added to its logit",
         )
+    if isinstance(field, ToolChoice):
+        extras["anyOf"] = [
+            {"type": "string", "enum": list(TOOL_CHOICES)},
+            self.resolve_nested_schema(NamedToolChoiceSchema),
+        ]
     if isinstance(field, MessageContent):
         extras["anyOf"] = [
             {"type": "string"},

@@ -56,6 +56,7 @@ ERROR_CODES = {
 
 MODEL_STATUSES = ("not_loaded", "loading", "loaded", "failed")
 FINISH_REASONS = ("stop", "length")
+CHAT_FINISH_REASONS = (*FINISH_REASONS, "tool_calls")  # a chat that offered tools
 
 
 def _text(**kwargs) -> fields.Field:
@@ -396,16 +397,33 @@ class CompletionSchema(Schema):
     usage = fields.Nested(UsageSchema, required=True)
 
 
+class ChatCalledFunctionSchema(Schema):
+    name = _text()
+    arguments = _text(metadata={"description": "a JSON object, as text"})
+
+
+class ChatToolCallSchema(Schema):
+    id = _text()
+    type = _one_of(("function",))
+    function = fields.Nested(ChatCalledFunctionSchema, required=True)
+
+
 class ChatMessageSchema(Schema):
     role = _one_of(("assistant",))
-    content = _text()
+    content = fields.String(
+        required=True, allow_none=True, metadata={"description": "null when the answer is calls"}
+    )
     refusal = _always_null()
+    tool_calls = fields.List(
+        fields.Nested(ChatToolCallSchema),
+        metadata={"description": "the calls the model made (docs/tools.md); absent if none"},
+    )
 
 
 class ChatChoiceSchema(Schema):
     index = _count()
     message = fields.Nested(ChatMessageSchema, required=True)
-    finish_reason = _one_of(FINISH_REASONS)
+    finish_reason = _one_of(CHAT_FINISH_REASONS)
     logprobs = _logprobs(ChatLogprobsSchema)
 
 
@@ -439,18 +457,26 @@ class CompletionChunkSchema(Schema):
     usage = fields.Nested(UsageSchema)
 
 
+class ChatToolCallDeltaSchema(ChatToolCallSchema):
+    index = _count(metadata={"description": "the call's place in the message's tool_calls"})
+
+
 class ChatDeltaSchema(Schema):
     role = fields.String(
         validate=validate.OneOf(("assistant",)), metadata={"description": "in the first chunk only"}
     )
     content = fields.String()
+    tool_calls = fields.List(
+        fields.Nested(ChatToolCallDeltaSchema),
+        metadata={"description": "each call whole, in one chunk, once the model has written it"},
+    )
 
 
 class ChatChunkChoiceSchema(Schema):
     index = _count()
     delta = fields.Nested(ChatDeltaSchema, required=True)
     finish_reason = fields.String(
-        required=True, allow_none=True, validate=validate.OneOf(FINISH_REASONS)
+        required=True, allow_none=True, validate=validate.OneOf(CHAT_FINISH_REASONS)
     )
     logprobs = _logprobs(ChatLogprobsSchema)
 

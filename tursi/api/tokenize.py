@@ -22,6 +22,7 @@ from .tokenize_schemas import (
     DetokenizeRequestSchema,
     TokenizeRequestSchema,
 )
+from .tools import chat_prompt
 
 bp = Blueprint("tokenize", __name__)  # /api/v1
 compat_bp = Blueprint("tokenize_compat", __name__)  # the root: vLLM's and llama.cpp's paths
@@ -84,7 +85,7 @@ def compat_detokenize():
 def _token_ids(worker: ModelWorker, data: dict[str, Any]) -> list[int]:
     special = data["add_special_tokens"]
     if data["messages"] is not None:
-        text = worker.chat_prompt(data["messages"], data["add_generation_prompt"])
+        text = chat_prompt(worker, data["messages"], None, data["add_generation_prompt"])
         return worker.tokenize(text, add_special_tokens=bool(special))
     return worker.tokenize(data["text"], add_special_tokens=special is not False)
 

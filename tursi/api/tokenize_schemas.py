@@ -11,7 +11,7 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, post_load, validate, validates_schema
 
-from .openai_schemas import MAX_PROMPT_TOKENS, MessageSchema
+from .openai_schemas import MAX_PROMPT_TOKENS, ChatMessages
 from .schemas import MAX_PROMPT_CHARS, JsonBoolean, StrictSchema, model_field, token_ids_field
 
 
@@ -20,7 +20,7 @@ def _text() -> fields.Field:
 
 
 def _messages() -> fields.Field:
-    return fields.List(fields.Nested(MessageSchema), validate=validate.Length(min=1, max=1000))
+    return ChatMessages()
 
 
 def _special() -> fields.Field:

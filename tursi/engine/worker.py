@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import (
     ContextLengthExceeded,
@@ -222,10 +223,15 @@ class ModelWorker:
         return self._token_texts(ids)
 
     def chat_prompt(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The prompt text for chat `messages` ({"role", "content"}), rendered with the
-        model's chat template; a 400 when the model has none or the template refuses them."""
+        """The prompt text for chat `messages` ({"role", "content"}, plus tool calls and
+        results: tursi.api.tools), rendered with the model's chat template, with `tools`
+        (OpenAI's function definitions) when given; a 400 when the model has none or the
+        template refuses them."""
         tokenizer = self._loaded().tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequest(
@@ -234,7 +240,10 @@ class ModelWorker:
             )
         try:
             return tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages,
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
         except Exception as exc:  # jinja2 errors: the template rejects these messages
             raise InvalidRequest(
