@@ -192,10 +192,11 @@ class Settings:
         return replace(self, **overrides)
 
     def all_api_keys(self) -> list[str]:
-        """Keys from TURSI_API_KEYS plus one key per non-empty, non-comment line of the key file."""
+        """Keys from TURSI_API_KEYS plus one key per non-empty, non-comment line of the key
+        file (UTF-8, whatever the locale: clients send keys as UTF-8)."""
         keys = list(self.api_keys)
         if self.api_key_file:
-            for line in Path(self.api_key_file).read_text().splitlines():
+            for line in Path(self.api_key_file).read_text(encoding="utf-8").splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     keys.append(line)

@@ -63,7 +63,7 @@ def build_app(settings: Settings) -> Flask:
             ],
             max_age=600,
         )
-    auth.init_app(app, settings.all_api_keys())
+    auth.init_app(app, settings.all_api_keys(), settings.cors_origins)
     init_blueprints(app)
     manager.start(settings.preload)
     return app

@@ -19,7 +19,7 @@ def rate_limit_key() -> str:
     key = authenticated_key(current_app)
     if key is not None:
         # The key itself never goes to the limiter's storage (Redis etc.), only a digest.
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+        return "key:" + hashlib.sha256(key).hexdigest()[:32]
     return "addr:" + (request.remote_addr or "unknown")
 
 
