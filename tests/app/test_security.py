@@ -195,3 +195,33 @@ def test_remote_code_never_runs_unless_the_catalog_entry_allows_it(
         f"{API}/generate", json={"model": "trusted", "prompt": "hi", "max_tokens": 2}
     )
     assert response.status_code == 200
+
+
+def test_a_chat_templates_own_words_reach_the_client_a_python_error_only_its_type(
+    make_app, tiny_models_dir, tmp_path
+):
+    """A template's raise_exception is its message to the client; any other exception
+    inside the template is named by its type only (its text is the log's)."""
+    folder = tmp_path / "templated"
+    shutil.copytree(tiny_models_dir / "llama", folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% if messages[0]['content'] == 'refuse' %}"
+        "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+        "{{ messages[0]['content'] + 1 }}"
+    )
+    config_path.write_text(json.dumps(config))
+    catalog = write_catalog(
+        tmp_path / "models.json", {"templated": {"path": str(folder), "dtype": "float32"}}
+    )
+    client = make_app(models_file=str(catalog)).test_client()
+    assert load_and_wait(client, "templated")["status"] == "loaded"
+
+    def refusal(content):
+        body = {"model": "templated", "messages": [{"role": "user", "content": content}]}
+        return client.post("/v1/chat/completions", json=body).get_json()["error"]["message"]
+
+    assert "Conversation roles must alternate" in refusal("refuse")
+    python_error = refusal("hello")
+    assert "TypeError" in python_error and "concatenate" not in python_error
