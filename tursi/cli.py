@@ -57,7 +57,8 @@ def api(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> requ
     """One request to ``<url>/api/v1<path>``; raises CliError for connection failures and for
     error responses (``<code>: <message>`` from the JSON error body)."""
     key = args.api_key or os.environ.get("TURSI_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    # As UTF-8 bytes, as the server reads keys (http.client would send text as latin-1).
+    headers = {"Authorization": f"Bearer {key}".encode()} if key else {}
     url = base_url(args)
     try:
         response = requests.request(

@@ -114,6 +114,20 @@ def _rate_limit(value: str) -> str:
     return value
 
 
+def _token_rate_limit(value: str) -> str:
+    """One limit in flask-limiter's notation ("100000/minute"), or empty for none."""
+    from limits import parse_many
+
+    if not value.strip():
+        return ""
+    items = parse_many(value)
+    if len(items) != 1:
+        raise ValueError("one limit only, like '100000/minute'")
+    if items[0].amount < 1:
+        raise ValueError("must allow at least 1 token")
+    return value.strip()
+
+
 def _default_home() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "tursi")
 
@@ -129,6 +143,7 @@ class Settings:
     api_key_file: str | None = None
     rate_limit: str = "60/minute"
     ratelimit_storage_uri: str = "memory://"
+    token_rate_limit: str = ""  # tokens per client and window (tursi.api.token_budget); off
     max_tokens: int = 2048
     max_batch: int = 32
     max_queue: int = 128
@@ -158,6 +173,7 @@ class Settings:
             "TURSI_API_KEY_FILE": ("api_key_file", str),
             "TURSI_RATE_LIMIT": ("rate_limit", _rate_limit),
             "TURSI_RATELIMIT_STORAGE_URI": ("ratelimit_storage_uri", str),
+            "TURSI_TOKEN_RATE_LIMIT": ("token_rate_limit", _token_rate_limit),
             "TURSI_MAX_TOKENS": ("max_tokens", _positive_int),
             "TURSI_MAX_BATCH": ("max_batch", _positive_int),
             "TURSI_MAX_QUEUE": ("max_queue", _count),
@@ -192,10 +208,11 @@ class Settings:
         return replace(self, **overrides)
 
     def all_api_keys(self) -> list[str]:
-        """Keys from TURSI_API_KEYS plus one key per non-empty, non-comment line of the key file."""
+        """Keys from TURSI_API_KEYS plus one key per non-empty, non-comment line of the key
+        file (UTF-8, whatever the locale: clients send keys as UTF-8)."""
         keys = list(self.api_keys)
         if self.api_key_file:
-            for line in Path(self.api_key_file).read_text().splitlines():
+            for line in Path(self.api_key_file).read_text(encoding="utf-8").splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     keys.append(line)

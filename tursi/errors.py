@@ -90,6 +90,18 @@ class ModelFailed(TursiError):
     status, code = 503, "model_failed"
 
 
+class TokenRateLimitExceeded(TursiError):
+    """The client's token budget left in this window does not cover the request."""
+
+    status, code = 429, "token_rate_limit_exceeded"
+
+
+class RequestOverTokenLimit(TursiError):
+    """The request alone needs more tokens than the whole budget of a window: no wait helps."""
+
+    status, code = 429, "request_exceeds_token_limit"
+
+
 class NotReady(TursiError):
     status, code = 503, "not_ready"
 

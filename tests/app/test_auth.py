@@ -66,3 +66,40 @@ def test_auth_key_file(make_app, tmp_path):
 def test_auth_off_without_keys(client):
     assert client.get(f"{API}/status").status_code == 200
     assert client.get(f"{API}/status", headers={"Authorization": "Bearer x"}).status_code == 200
+
+
+# Keys whose UTF-8 bytes end in \xa0 or \x85 (which str.strip() would eat from the latin-1
+# text a WSGI server hands over), a Cyrillic one, an emoji.
+UTF8_KEYS = ["clé-à", "ключ-Ņ", "🔑-key"]
+
+
+def as_sent(text: str) -> str:
+    """A header value as a WSGI server hands it over when the client sent `text` as UTF-8:
+    each byte one latin-1 character (PEP 3333; gunicorn does this)."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+def test_utf8_keys_work(make_app):
+    client = make_app(api_keys=UTF8_KEYS).test_client()
+    for key in UTF8_KEYS:
+        response = client.get(f"{API}/status", headers={"Authorization": as_sent(f"Bearer {key}")})
+        assert response.status_code == 200, key
+    # Not the key: sent as latin-1 bytes, cut inside a character, or another key's bytes.
+    for value in ("Bearer clé-à", as_sent("Bearer clé-")[:-1], as_sent("Bearer ключ")):
+        assert_error(
+            client.get(f"{API}/status", headers={"Authorization": value}), 401, "unauthorized"
+        )
+
+
+def test_a_utf8_key_file_whatever_the_locale(make_app, tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_bytes("# clés\nclé-à\n".encode())
+    client = make_app(api_key_file=str(key_file)).test_client()
+    headers = {"Authorization": as_sent("Bearer clé-à")}
+    assert client.get(f"{API}/status", headers=headers).status_code == 200
+
+
+def test_a_key_no_client_can_send_is_refused_at_start(make_app):
+    with pytest.raises(ValueError, match="API key #2 .* control character") as refused:
+        make_app(api_keys=["fine", "bad\x01key"])
+    assert "bad" not in str(refused.value)

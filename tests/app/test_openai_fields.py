@@ -249,9 +249,11 @@ FINAL = {
 @pytest.mark.parametrize("cls", every_error_class(), ids=lambda cls: cls.code)
 @pytest.mark.parametrize("prefix", ["/v1", API])
 def test_should_retry_follows_whether_a_retry_can_help(make_app, cls, prefix):
-    """Every error a retry cannot fix says so, on both APIs; 429, 503s, 500s and
-    load_in_progress do not."""
-    expected_final = cls.status in FINAL and cls.code != "load_in_progress"
+    """Every error a retry cannot fix says so, on both APIs; 429s (but a request over the
+    whole token budget), 503s, 500s and load_in_progress do not."""
+    expected_final = (
+        cls.status in FINAL and cls.code != "load_in_progress"
+    ) or cls.code == "request_exceeds_token_limit"
     assert retryable(cls.status, cls.code) is not expected_final
     app = make_app()
 

@@ -24,32 +24,36 @@ REMOTE = {"REMOTE_ADDR": "203.0.113.9"}  # a client that is not on loopback
 
 
 def every_route(app):
-    """(method, URL) for every route the app serves, path variables filled in."""
+    """(method, URL) for every route the app serves, path variables filled in; OPTIONS
+    included (its Allow header would tell which routes exist)."""
     for rule in app.url_map.iter_rules():
         url = rule.rule.replace("<name>", "tiny").replace("<path:path>", "swagger-ui.css")
         url = url.replace("<path:model_id>", "tiny")
         assert "<" not in url, f"a path variable this test does not know: {rule.rule}"
-        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+        for method in sorted(rule.methods - {"HEAD"}):
             yield method, url
 
 
 def test_with_keys_only_health_is_open(make_app):
-    """Every route answers 401 without a key but /health; /metrics also answers loopback
-    scrapers (docs/prometheus.md) and 401s anyone else."""
+    """Every route answers 401 without a key but /health, OPTIONS included; /metrics also
+    answers loopback scrapers (docs/prometheus.md) and 401s anyone else."""
     app = make_app(api_keys=[KEY])
     client = app.test_client()
     routes = sorted(set(every_route(app)))
-    assert len(routes) >= 15
+    assert len(routes) >= 15 and ("OPTIONS", f"{API}/generate") in routes
     for method, url in routes:
         for headers in ({}, {"Authorization": f"Bearer {WRONG}"}):
             response = client.open(url, method=method, headers=headers, environ_base=REMOTE)
-            if url == "/health":
+            if url == "/health" or (url == "/metrics" and method == "OPTIONS"):
                 assert response.status_code == 200
             else:
                 assert response.status_code == 401, (method, url, response.status_code)
             response.close()
     assert client.get("/metrics").status_code == 200  # loopback
     assert client.get("/metrics", headers=AUTH, environ_base=REMOTE).status_code == 200
+    # With the key, OPTIONS answers as before: the methods the route allows.
+    allowed = client.options(f"{API}/generate", headers=AUTH)
+    assert allowed.status_code == 200 and "POST" in allowed.headers["Allow"]
 
 
 def test_keys_are_never_logged_or_echoed_in_process(make_app, caplog, tiny_models_dir):
@@ -107,6 +111,21 @@ def test_cors_allows_only_the_configured_origins(make_app):
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
     assert b"models" not in preflight.get_data()
+    # Only a preflight of a configured origin goes without a key: not another origin's,
+    # not a plain OPTIONS from the configured one.
+    for headers in (
+        {"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+        {"Origin": "https://app.example"},
+        {"Access-Control-Request-Method": "GET"},
+    ):
+        refused = client.options(f"{API}/models", headers=headers)
+        assert_error(refused, 401, "unauthorized")
+        assert "Allow" not in refused.headers
+    upper = client.options(
+        f"{API}/models",
+        headers={"Origin": "https://APP.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert upper.status_code == 200  # origins compare without case, as flask-cors does
 
 
 CUSTOM_CODE = """
@@ -176,3 +195,33 @@ def test_remote_code_never_runs_unless_the_catalog_entry_allows_it(
         f"{API}/generate", json={"model": "trusted", "prompt": "hi", "max_tokens": 2}
     )
     assert response.status_code == 200
+
+
+def test_a_chat_templates_own_words_reach_the_client_a_python_error_only_its_type(
+    make_app, tiny_models_dir, tmp_path
+):
+    """A template's raise_exception is its message to the client; any other exception
+    inside the template is named by its type only (its text is the log's)."""
+    folder = tmp_path / "templated"
+    shutil.copytree(tiny_models_dir / "llama", folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% if messages[0]['content'] == 'refuse' %}"
+        "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+        "{{ messages[0]['content'] + 1 }}"
+    )
+    config_path.write_text(json.dumps(config))
+    catalog = write_catalog(
+        tmp_path / "models.json", {"templated": {"path": str(folder), "dtype": "float32"}}
+    )
+    client = make_app(models_file=str(catalog)).test_client()
+    assert load_and_wait(client, "templated")["status"] == "loaded"
+
+    def refusal(content):
+        body = {"model": "templated", "messages": [{"role": "user", "content": content}]}
+        return client.post("/v1/chat/completions", json=body).get_json()["error"]["message"]
+
+    assert "Conversation roles must alternate" in refusal("refuse")
+    python_error = refusal("hello")
+    assert "TypeError" in python_error and "concatenate" not in python_error

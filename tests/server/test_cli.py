@@ -19,6 +19,7 @@ import requests
 from tests.helpers import GATED_APP, Server, StepGate, free_port
 
 KEY = "secret"
+UTF8_KEY = "ключ-clé"  # a second key: non-ASCII, sent as UTF-8
 
 
 COMMANDS = ("serve", "models", "load", "unload", "generate", "status")
@@ -90,7 +91,7 @@ def server(tiny_models_dir, tmp_path_factory, gate):
             "TURSI_PRELOAD": "",
             "TURSI_HOME": str(home),
             "TURSI_RATE_LIMIT": "1000/minute",
-            "TURSI_API_KEYS": KEY,
+            "TURSI_API_KEYS": f"{KEY},{UTF8_KEY}",
             **gate.env,
         },
         home / "gunicorn.log",
@@ -293,5 +294,7 @@ def test_api_key_from_the_flag_or_the_environment(server):
     fails(tursi("models", "--api-key", "wrong", server=server, key=None), "unauthorized")
     ok(tursi("models", "--api-key", KEY, server=server, key=None))
     ok(tursi("models", server=server, key=KEY))  # TURSI_API_KEY
+    ok(tursi("models", "--api-key", UTF8_KEY, server=server, key=None))  # sent as UTF-8
+    ok(tursi("models", server=server, key=UTF8_KEY))
     # --url / --api-key also work before the command, and the flag wins over the environment
     ok(tursi("--url", root_url(server), "--api-key", KEY, "status", key="wrong"))

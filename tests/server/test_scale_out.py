@@ -4,7 +4,8 @@
 Two gunicorn masters with two gevent workers each stand for two hosts behind a load
 balancer; each request opens a new connection, so the kernel hands them to either worker.
 With Redis the four workers share one budget exactly; with the default memory:// storage
-each worker has its own (the control case)."""
+each worker has its own (the control case). The token budget (TURSI_TOKEN_RATE_LIMIT) is
+shared the same way, by the two workers of one server serving the tiny model."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ try:
 except ImportError:  # an optional extra (tursi[redis]); only the redis tests need it
     redis = None
 
-from tests.helpers import Server, free_port
+from tests.helpers import Server, free_port, wait_for
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -130,9 +131,9 @@ def spread_requests(
     return responses
 
 
-def workers_seen(srv: Server, round_: int) -> set[str]:
+def workers_seen(srv: Server, round_: int, path: str = "/api/v1/status") -> set[str]:
     """The worker pids of `srv` that served requests of this round."""
-    pattern = re.compile(rf"<(\d+)> \d+ /api/v1/status {round_}$")
+    pattern = re.compile(rf"<(\d+)> \d+ {path} {round_}$")
     return {m[1] for m in map(pattern.match, srv.log_path.read_text().splitlines()) if m}
 
 
@@ -180,3 +181,85 @@ def test_without_redis_each_worker_has_its_own_budget(tmp_path):
     finally:
         for srv in servers:
             srv.stop()
+
+
+TOKEN_LIMIT = 100
+PROMPT = [5] * 10  # token ids: exactly 10 prompt tokens
+EARLY = {"logit_bias": {"7": 100}, "stop_token_ids": [7]}  # stops at its first token
+FULL = {"ignore_eos": True}  # generates all of max_tokens
+# Each needs 10 + 10 = 20 tokens left; FULL costs 20, EARLY 10 + the token it generated.
+TOKEN_ROUND = [EARLY, FULL, EARLY, FULL, FULL, FULL, FULL, EARLY]
+ADMIN_KEY = "scale-out-admin"  # polls the load
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@needs_redis
+def test_two_workers_share_one_token_budget_exactly(tmp_path, redis_url, tiny_models_dir):
+    """TOKEN_LIMIT tokens per key and window (a year's: no round straddles two): each
+    round spends a fresh key's budget with TOKEN_ROUND, one request per new connection.
+    Exactly the requests whose prompt + max_tokens fit what is left pass, each charged its
+    prompt and what it generated (its `usage`), and X-RateLimit-Remaining-Tokens counts
+    that down whichever worker answered. Rounds go on until one was served by both."""
+    srv = Server(
+        {
+            "TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
+            "TURSI_PRELOAD": "tiny",
+            "TURSI_HOME": str(tmp_path / "home"),
+            "TURSI_WORKERS": "2",
+            "TURSI_RATE_LIMIT": "100000/hour",
+            "TURSI_TOKEN_RATE_LIMIT": f"{TOKEN_LIMIT}/year",
+            "TURSI_RATELIMIT_STORAGE_URI": redis_url,
+            "TURSI_API_KEYS": ",".join([*KEYS, ADMIN_KEY]),
+            "GUNICORN_CMD_ARGS": ACCESS_FORMAT,
+        },
+        tmp_path / "server.log",
+    )
+    root = srv.url.removesuffix("/api/v1")
+    try:
+        srv.wait_healthy()
+        wait_for_both_workers(srv)
+
+        def loaded() -> bool:  # on the server: on both workers (the keys' own budgets)
+            models = requests.get(f"{srv.url}/models", headers=ADMIN, timeout=10).json()
+            return {m["name"]: m["status"] for m in models["models"]}["tiny"] == "loaded"
+
+        wait_for(loaded, timeout=300, interval=0.25)
+        for round_, key in enumerate(KEYS):
+            left, statuses, expected, remaining = TOKEN_LIMIT, [], [], []
+            for extra in TOKEN_ROUND:
+                response = requests.post(
+                    f"{root}/v1/completions",
+                    json={"model": "tiny", "prompt": PROMPT, "max_tokens": 10, **extra},
+                    headers={
+                        "Authorization": f"Bearer {key}",
+                        "Connection": "close",
+                        "X-Round": str(round_),
+                    },
+                    timeout=60,
+                )
+                fits = len(PROMPT) + 10 <= left
+                expected.append(200 if fits else 429)
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    usage = response.json()["usage"]
+                    left -= usage["prompt_tokens"] + usage["completion_tokens"]
+                else:
+                    error = response.json()["error"]
+                    assert error["code"] == "token_rate_limit_exceeded"
+                    assert int(response.headers["Retry-After"]) > 0
+                remaining.append(int(response.headers["X-RateLimit-Remaining-Tokens"]))
+                assert remaining[-1] == left, (round_, statuses, remaining)
+            assert statuses == expected, (round_, statuses)
+            assert 429 in statuses and statuses.count(200) >= 5
+            if len(workers_seen(srv, round_, "/v1/completions")) == 2:
+                break
+        else:
+            pytest.fail(f"no round reached both workers in {len(KEYS)} rounds")
+        print(
+            f"\ntoken budget: round {round_ + 1}: statuses {statuses}, remaining tokens "
+            f"{remaining}, served by workers {workers_seen(srv, round_, '/v1/completions')}"
+        )
+        stored = redis.Redis.from_url(redis_url).keys("*")
+        assert stored and not any(key.encode() in name for name in stored for key in KEYS)
+    finally:
+        srv.stop()

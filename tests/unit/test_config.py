@@ -14,6 +14,7 @@ FULL_ENV = {
     "TURSI_API_KEY_FILE": "/etc/tursi/keys",
     "TURSI_RATE_LIMIT": "10/second",
     "TURSI_RATELIMIT_STORAGE_URI": "redis://localhost:6379",
+    "TURSI_TOKEN_RATE_LIMIT": " 5000/minute ",
     "TURSI_MAX_TOKENS": "512",
     "TURSI_MAX_BATCH": "8",
     "TURSI_MAX_QUEUE": "0",
@@ -32,6 +33,7 @@ def test_settings_defaults():
     assert settings.port == 8000
     assert settings.preload == [EMBEDDED_MODEL]
     assert settings.rate_limit == "60/minute"
+    assert settings.token_rate_limit == ""  # no token budget
     assert settings.allow_downloads is False
     assert settings.api_keys == []
     assert (settings.max_batch, settings.max_queue, settings.request_timeout) == (32, 128, 300)
@@ -49,6 +51,7 @@ def test_settings_from_env_reads_every_variable():
         api_key_file="/etc/tursi/keys",
         rate_limit="10/second",
         ratelimit_storage_uri="redis://localhost:6379",
+        token_rate_limit="5000/minute",
         max_tokens=512,
         max_batch=8,
         max_queue=0,
@@ -138,6 +141,13 @@ def test_settings_bad_or_out_of_range_values_raise(name, value):
 def test_settings_bad_rate_limit_raises():
     with pytest.raises(ValueError, match="TURSI_RATE_LIMIT"):
         Settings.from_env({"TURSI_RATE_LIMIT": "lots"})
+
+
+@pytest.mark.parametrize("value", ["lots", "10/minute;100/hour", "0/minute"])
+def test_settings_bad_token_rate_limit_raises(value):
+    """One limit of at least one token (two windows would need two budgets)."""
+    with pytest.raises(ValueError, match="TURSI_TOKEN_RATE_LIMIT"):
+        Settings.from_env({"TURSI_TOKEN_RATE_LIMIT": value})
 
 
 def test_settings_merged():

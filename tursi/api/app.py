@@ -10,7 +10,7 @@ from ..config import Settings
 from ..engine.catalog import Catalog
 from ..engine.manager import ModelManager
 from ..engine.worker import BatchLimits
-from . import accounting, auth, lifecycle, limits
+from . import accounting, auth, lifecycle, limits, token_budget
 from .state import AppState
 
 
@@ -47,7 +47,9 @@ def build_app(settings: Settings) -> Flask:
     # its after_request hook, registered first, runs last: it sees the final response.
     accounting.init_app(app, state)
     lifecycle.init_app(app, state)
-    limits.init_app(app, settings.rate_limit, settings.ratelimit_storage_uri)
+    limiter = limits.init_app(app, settings.rate_limit, settings.ratelimit_storage_uri)
+    # Charged by the generation routes (tursi.api.jobs), in the request limit's storage.
+    token_budget.init_app(app, settings.token_rate_limit, limiter.storage)
     if settings.cors_origins:  # off unless configured: no Access-Control-* headers at all
         from flask_cors import CORS
 
@@ -59,11 +61,12 @@ def build_app(settings: Settings) -> Flask:
                 "X-RateLimit-Limit",
                 "X-RateLimit-Remaining",
                 "X-RateLimit-Reset",
+                *token_budget.HEADERS,
                 "Retry-After",
             ],
             max_age=600,
         )
-    auth.init_app(app, settings.all_api_keys())
+    auth.init_app(app, settings.all_api_keys(), settings.cors_origins)
     init_blueprints(app)
     manager.start(settings.preload)
     return app

@@ -1,13 +1,15 @@
-"""Bearer API keys (constant-time compare; keys are never logged).
+"""Bearer API keys (constant-time compare; keys are never logged; UTF-8 keys work).
 
-With keys configured, every route needs one (/ready and /docs included) except /health
-(liveness probes) and /metrics, which checks for itself (open to loopback scrapers, see
-tursi.api.prometheus)."""
+With keys configured, every route and every method needs one (/ready, /docs and OPTIONS
+included) except /health (liveness probes), /metrics, which checks for itself (open to
+loopback scrapers, see tursi.api.prometheus), and the CORS preflights of configured
+origins."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+import re
 
 from flask import Flask, request
 
@@ -46,27 +48,67 @@ def unauthorized() -> Unauthorized:
     )
 
 
-def bearer_token() -> str | None:
+def bearer_token() -> bytes | None:
+    """The token of `Authorization: Bearer <token>`, as the bytes the client sent. A WSGI
+    server hands header values over as latin-1 text (PEP 3333), one character per byte, so
+    encoding them back as latin-1 gives the bytes on the wire: a key sent as UTF-8 compares
+    equal to the configured key encoded as UTF-8. Only ASCII blanks are trimmed (str.strip()
+    would also eat \\x85 and \\xa0, which end many UTF-8 characters)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip(_BLANKS)
+    if scheme.lower() != "bearer" or not token:
         return None
-    return token.strip()
+    try:
+        return token.encode("latin-1")
+    except UnicodeEncodeError:  # no WSGI server hands this over: no key matches it
+        return None
 
 
-def key_is_valid(token: str | None, keys: list[bytes]) -> bool:
+_BLANKS = " \t"
+# No HTTP client can send these in a header value (gunicorn refuses them: 400).
+_UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def key_is_valid(token: bytes | None, keys: list[bytes]) -> bool:
     """Compare against every key, in time that does not depend on where they differ."""
     if token is None:
         return False
-    presented = token.encode("utf-8", "surrogateescape")
     found = False
     for key in keys:
-        found |= hmac.compare_digest(presented, key)
+        found |= hmac.compare_digest(token, key)
     return found
 
 
-def init_app(app: Flask, keys: list[str]) -> None:
-    encoded = [key.encode("utf-8") for key in keys]
+def encode_keys(keys: list[str]) -> list[bytes]:
+    """The configured keys as the bytes a client sends: UTF-8 (surrogateescape gives back
+    the exact bytes of an environment variable that is not UTF-8). A key no client could
+    send is refused at start, without echoing it."""
+    for number, key in enumerate(keys, 1):
+        if _UNSENDABLE.search(key):
+            raise ValueError(
+                f"API key #{number} (TURSI_API_KEYS, then TURSI_API_KEY_FILE) holds a control "
+                "character, which no HTTP client can send in a header: remove it"
+            )
+    return [key.encode("utf-8", "surrogateescape") for key in keys]
+
+
+def is_cors_preflight(origins: list[str]) -> bool:
+    """An OPTIONS request a browser sends before a cross-origin call, from one of the
+    configured origins (TURSI_CORS_ORIGINS: exact origins, compared without case as
+    flask-cors does, or `*`): it carries no credentials by design, and flask-cors answers
+    it with headers only."""
+    origin = request.headers.get("Origin", "").lower()
+    return (
+        request.method == "OPTIONS"
+        and "Access-Control-Request-Method" in request.headers
+        and bool(origin)
+        and any(allowed == "*" or allowed.lower() == origin for allowed in origins)
+    )
+
+
+def init_app(app: Flask, keys: list[str], cors_origins: list[str]) -> None:
+    encoded = encode_keys(keys)
     app.extensions["tursi.api_keys"] = encoded
     if not encoded:
         log.warning(
@@ -78,14 +120,15 @@ def init_app(app: Flask, keys: list[str]) -> None:
 
     @app.before_request
     def _require_key() -> None:
-        # CORS preflights carry no credentials by design; they get headers, never data.
-        if request.path in OPEN_PATHS or request.method == "OPTIONS":
+        # OPTIONS needs a key like any method (its Allow header tells which routes exist),
+        # but a CORS preflight from a configured origin: it gets headers, never data.
+        if request.path in OPEN_PATHS or is_cors_preflight(cors_origins):
             return
         if not key_is_valid(bearer_token(), encoded):
             raise unauthorized()
 
 
-def authenticated_key(app: Flask) -> str | None:
+def authenticated_key(app: Flask) -> bytes | None:
     """The caller's API key when it is a valid one (used to key rate limits), else None."""
     token = bearer_token()
     keys = app.extensions.get("tursi.api_keys") or []

@@ -44,19 +44,23 @@ def error_response(
 
 # The 409 that goes away by itself: the load ends, then the unload can run.
 _RETRYABLE_CODES = {"load_in_progress"}
-# Server errors that a retry only repeats: the same generation runs past the same deadline,
-# the same model does not fit the same memory.
-_FINAL_SERVER_CODES = {"request_timeout", "insufficient_memory"}
+# Errors that a retry only repeats: the same generation runs past the same deadline, the
+# same model does not fit the same memory, the same request needs more than a whole
+# window's token budget.
+_FINAL_CODES = {"request_timeout", "insufficient_memory", "request_exceeds_token_limit"}
 
 
 def retryable(status: int, code: str) -> bool:
     """Whether the same request may succeed later. The openai SDK retries 408, 409, 429 and
     5xx answers twice by default unless `x-should-retry: false` says otherwise: without it,
-    a 409 model_not_loaded or a 504 after a 300 s generation would run three times. 429s,
-    503s (loading, overloaded, shutting down) and load_in_progress stay retryable."""
+    a 409 model_not_loaded or a 504 after a 300 s generation would run three times. 429s
+    (but request_exceeds_token_limit), 503s (loading, overloaded, shutting down) and
+    load_in_progress stay retryable."""
+    if code in _FINAL_CODES:
+        return False
     if status < 500:
         return status == 429 or code in _RETRYABLE_CODES
-    return code not in _FINAL_SERVER_CODES
+    return True
 
 
 def openai_error_body(

@@ -12,6 +12,7 @@ from ..engine.worker import ModelWorker
 from ..errors import TursiError
 from ..threads import Channel
 from .state import current
+from .token_budget import Reservation, reserve
 
 
 def sampling_params(data: Mapping[str, Any], **overrides: Any) -> SamplingParams:
@@ -26,13 +27,15 @@ class Submission:
     """One request's jobs (one per prompt, each with its n choices) and the channel they
     share: what the request side reads (tursi.api.streaming), cancels and abandons. The
     request is over when every choice has finished, or at the first Failed event (of any
-    job: the answer would be incomplete, so the others are cancelled)."""
+    job: the answer would be incomplete, so the others are cancelled); whoever reads it
+    then closes it (close()), which settles its token budget reservation."""
 
-    def __init__(self, jobs: Sequence[GenerationJob]):
+    def __init__(self, jobs: Sequence[GenerationJob], reservation: Reservation | None = None):
         self.jobs = list(jobs)
         self.events: Channel = self.jobs[0].events
         self.unfinished = sum(job.n for job in self.jobs)
         self.completion_tokens = 0  # over every finished choice
+        self.reservation = reservation
 
     @property
     def prompt_tokens(self) -> int:
@@ -58,6 +61,14 @@ class Submission:
         for job in self.jobs:
             job.cancel()
 
+    def close(self) -> None:
+        """The request is over (answered, stream ended, client gone): cancel what still
+        runs and charge the token budget the prompt and the tokens generated so far (the
+        engine may finish the step under way; that step is not charged)."""
+        self.cancel()
+        if self.reservation is not None:
+            self.reservation.settle(sum(job.tokens_generated for job in self.jobs))
+
     def abandon(self, error: TursiError) -> None:
         """Cancel every job, and wake the reader with `error` (tursi.api.disconnect)."""
         self.cancel()
@@ -75,11 +86,13 @@ def submit(
     sampling: SamplingParams | None = None,
 ) -> Submission:
     """Tokenize each prompt and check it against the context window and the server's
-    max_tokens cap (400s), then queue one job per prompt on `worker`, all or none (503 when
-    full). Prompt i's choices are numbered i*n .. i*n+n-1, as OpenAI numbers them; `n`
-    defaults to the request's. A chat prompt comes from the model's template, which already
-    holds its special tokens; without max_tokens a chat reply runs to its end (up to the
-    context or the cap), any other request gets the engine's default."""
+    max_tokens cap (400s), reserve its tokens in the client's token budget (429s:
+    tursi.api.token_budget), then queue one job per prompt on `worker`, all or none (503
+    when full, and the reservation is given back). Prompt i's choices are numbered
+    i*n .. i*n+n-1, as OpenAI numbers them; `n` defaults to the request's. A chat prompt
+    comes from the model's template, which already holds its special tokens; without
+    max_tokens a chat reply runs to its end (up to the context or the cap), any other
+    request gets the engine's default."""
     cap = current().settings.max_tokens
     n = data.get("n", 1) if n is None else n
     sampling = sampling_params(data) if sampling is None else sampling
@@ -98,5 +111,11 @@ def submit(
         )
         for i, prompt in enumerate(prompts)
     ]
-    worker.submit_all(jobs)
-    return Submission(jobs)
+    reservation = reserve(jobs)  # needs the prompt token counts: after tokenizing
+    try:
+        worker.submit_all(jobs)
+    except BaseException:
+        if reservation is not None:
+            reservation.settle(None)
+        raise
+    return Submission(jobs, reservation)

@@ -12,6 +12,7 @@ import hashlib
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
 
+from .accounting import outcome
 from .auth import authenticated_key, is_api_path
 
 
@@ -19,7 +20,7 @@ def rate_limit_key() -> str:
     key = authenticated_key(current_app)
     if key is not None:
         # The key itself never goes to the limiter's storage (Redis etc.), only a digest.
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+        return "key:" + hashlib.sha256(key).hexdigest()[:32]
     return "addr:" + (request.remote_addr or "unknown")
 
 
@@ -34,11 +35,12 @@ def _not_api() -> bool:
 
 def _retry_after_only_where_it_means_something(response: Response) -> Response:
     """flask-limiter puts Retry-After on every response, over any value a 503 set. Keep its
-    value on 429, restore the engine's on other errors that set one, drop it elsewhere."""
+    value on its own 429, restore the one an error set (a 503, the token budget's 429),
+    drop it elsewhere (request_exceeds_token_limit: no wait helps)."""
     own = g.get("retry_after")
     if own is not None:
         response.headers["Retry-After"] = own
-    elif response.status_code != 429:
+    elif outcome().error_code != "rate_limit_exceeded":
         response.headers.pop("Retry-After", None)
     return response
 

@@ -188,6 +188,7 @@ GENERATION_ERRORS = {
     400: ["invalid_request", "context_length_exceeded"],
     404: ["model_not_found"],
     409: ["model_not_loaded"],
+    429: ["token_rate_limit_exceeded", "request_exceeds_token_limit"],
     500: ["generation_failed"],
     503: ["model_loading", "model_unloaded", "model_failed", "overloaded"],
     504: ["request_timeout"],
@@ -390,10 +391,21 @@ HEADERS = {  # components/headers
     "X-RateLimit-Limit": _header("Requests allowed per window", False),
     "X-RateLimit-Remaining": _header("Requests left in this window", False),
     "X-RateLimit-Reset": _header("When the window resets (Unix time)", False),
+    # Only with a token budget (TURSI_TOKEN_RATE_LIMIT).
+    "X-RateLimit-Limit-Tokens": _header("Tokens allowed per window (token budget)", False),
+    "X-RateLimit-Remaining-Tokens": _header("Tokens left in this window", False),
+    "X-RateLimit-Reset-Tokens": _header("When the token window refills (Unix time)", False),
     "Retry-After": _header("Seconds until the rate-limit window resets"),
     "WWW-Authenticate": _header('`Bearer realm="tursi"`', kind="string"),
 }
-RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+RATE_LIMIT_HEADERS = (
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "X-RateLimit-Limit-Tokens",
+    "X-RateLimit-Remaining-Tokens",
+    "X-RateLimit-Reset-Tokens",
+)
 STATUS_HEADERS = {
     401: {"WWW-Authenticate": "WWW-Authenticate"},
     429: {"Retry-After": "Retry-After"},
@@ -409,11 +421,15 @@ an OpenAI-compatible one under `/v1`, probes (`/health`, `/ready`) and Prometheu
 metrics (`/metrics`). Human docs: `{DOCS_URL}` (not listed here, nor its assets).
 
 **Authentication.** With API keys configured (TURSI_API_KEYS / TURSI_API_KEY_FILE) every
-route needs `Authorization: Bearer <key>` except `/health` (always open) and `/metrics`
-(open to loopback clients); without keys the server is open.
+route needs `Authorization: Bearer <key>` (OPTIONS included, CORS preflights of the
+configured origins aside) except `/health` (always open) and `/metrics` (open to loopback
+clients); without keys the server is open. A non-ASCII key is sent as UTF-8.
 
 **Rate limits.** One budget per client over `/api/v1` and `/v1`; their responses carry
 `X-RateLimit-Limit`, `-Remaining`, `-Reset`; over the limit: `429` with `Retry-After`.
+With a token budget (TURSI_TOKEN_RATE_LIMIT), generations also need their prompt tokens +
+max_tokens x choices left in the client's window (charged: prompt + generated tokens), and
+responses carry `X-RateLimit-Limit-Tokens`, `-Remaining-Tokens`, `-Reset-Tokens`.
 
 **Requests.** Bodies are JSON objects sent as `application/json`; unknown fields are
 rejected (`400 invalid_request`). Routes listed without parameters reject any query string.
@@ -530,7 +546,7 @@ def _operation(rule: Any, view: Any, doc: Doc | None) -> dict[str, Any]:
         errors[413] = ["payload_too_large"]
     rate_limited = is_api_path(rule.rule)
     if rate_limited:
-        errors[429] = ["rate_limit_exceeded"]
+        errors[429] = ["rate_limit_exceeded", *errors.get(429, [])]
     errors[500] = errors.get(500, []) + ["internal_error"]
     if rule.rule not in OPEN_PATHS:
         errors[503] = errors.get(503, []) + ["shutting_down"]

@@ -28,6 +28,10 @@ ERROR_CODES = {
     "model_conflict": "the model is loaded or loading with other settings; unload it first",
     "payload_too_large": "the body is larger than TURSI_MAX_BODY_BYTES",
     "rate_limit_exceeded": "over the rate limit (see Retry-After)",
+    "token_rate_limit_exceeded": "the token budget left (TURSI_TOKEN_RATE_LIMIT) does not "
+    "cover the prompt tokens + max_tokens x choices (see Retry-After)",
+    "request_exceeds_token_limit": "the request needs more tokens than a whole window of the "
+    "token budget allows (TURSI_TOKEN_RATE_LIMIT): no wait helps",
     "generation_failed": "the model raised during generation",
     "internal_error": "an unexpected failure (logged server-side)",
     "model_loading": "the model is still loading (see Retry-After)",

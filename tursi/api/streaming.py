@@ -121,7 +121,7 @@ def relay(
                 return
     finally:
         unwatch()
-        submission.cancel()
+        submission.close()
 
 
 def stream_response(submission: Submission, frames: Frames) -> Response:
@@ -173,7 +173,7 @@ def collect(submission: Submission) -> list[Choice]:
                 raise event.error
     finally:
         unwatch()
-        submission.cancel()
+        submission.close()
     return [
         Choice(
             index,

@@ -524,8 +524,9 @@ class ModelManager:
                 progress,
             )
         except Exception as exc:
-            message = _load_failure(exc)
-            log.error("loading %s failed: %s", name, message)
+            message, detail = _load_failure(exc)
+            unexpected = not isinstance(exc, LoadError)  # its traceback helps
+            log.error("loading %s failed: %s", name, detail, exc_info=unexpected)
             with self._lock:
                 state.status, state.error, state.progress = "failed", message, None
                 state.reserved_bytes = None
@@ -719,16 +720,20 @@ def _idle(entries: list[dict[str, Any]]) -> bool:
     )
 
 
-def _load_failure(exc: Exception) -> str:
-    """The reason a load failed, as GET /models shows it."""
+def _load_failure(exc: Exception) -> tuple[str, str]:
+    """Why a load failed: what clients see (GET /models `error`, 409 `load_error`), in
+    Tursi's words, with no path of the server and no library's message; and what the log
+    keeps, which has both."""
     import torch
 
+    kind = type(exc).__name__
     if isinstance(exc, LoadError):
-        return str(exc)
+        return str(exc), exc.detail
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):  # host RAM / a GPU's memory
+        memory = "host memory" if isinstance(exc, MemoryError) else "GPU memory"
         return (
-            f"Out of memory while loading ({type(exc).__name__}: {exc}). Free memory "
+            f"Out of memory while loading ({kind}: {memory}). Free memory "
             "(unload a model), quantize, or set TURSI_MAX_MEMORY so that loads that do "
             "not fit are refused before they start"
-        )
-    return f"{type(exc).__name__}: {exc}"
+        ), f"out of memory ({kind}: {exc})"
+    return f"The load failed ({kind}); the server log has the details", f"{kind}: {exc}"

@@ -247,7 +247,7 @@ class ModelWorker:
             )
         except Exception as exc:  # jinja2 errors: the template rejects these messages
             raise InvalidRequest(
-                f"The chat template of '{self.name}' rejected the messages: {exc}",
+                f"The chat template of '{self.name}' rejected the messages: {_refusal(exc)}",
                 {"model": self.name},
             ) from None
 
@@ -353,7 +353,9 @@ class ModelWorker:
             self._serve()
         except BaseException as exc:  # nothing may end this thread silently: clients wait on it
             log.critical("the engine thread of %s crashed", self.name, exc_info=True)
-            self._die(f"its thread crashed ({type(exc).__name__}: {exc})")
+            # The type only: the traceback (logged above) has the message, which may name
+            # the server's files; clients see the reason (ModelFailed, GET /models).
+            self._die(f"its thread crashed ({type(exc).__name__})")
         finally:
             self._release()
 
@@ -422,3 +424,15 @@ class ModelWorker:
             exited = self._exited
         if exited is not None:
             exited.put(True)
+
+
+def _refusal(exc: Exception) -> str:
+    """Why a chat template refused messages, for the client: a template's own words (its
+    raise_exception, jinja2's errors about the template), else only the exception's type;
+    a Python error's text is no message for a client. The log keeps it (debug)."""
+    from jinja2 import TemplateError
+
+    log.debug("a chat template refused the messages: %r", exc)
+    if isinstance(exc, TemplateError):
+        return str(exc)
+    return f"it failed with {type(exc).__name__}"

@@ -110,10 +110,24 @@ def _read(name: str, source: str, plan: LoadPlan, int8_cache: Path | None) -> tu
     except (MemoryError, torch.OutOfMemoryError):
         raise  # the manager says "out of memory" and what to do
     except Exception as exc:  # missing or damaged files, a config transformers cannot read
-        reason = (
-            str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        raise LoadError(
+            f"Could not load '{name}': {_kind_of_failure(exc)} ({type(exc).__name__}); "
+            "the server log has the details",
+            f"Could not load '{name}' from {source}: {type(exc).__name__}: {exc}",
+        ) from None
+
+
+def _kind_of_failure(exc: Exception) -> str:
+    """What went wrong inside transformers, in Tursi's words: its messages name the server's
+    files (absolute paths), so clients get the kind of failure and the log the message."""
+    if "trust_remote_code" in str(exc):
+        return (
+            "the checkpoint ships its own Python code, which runs only when its catalog "
+            "entry sets trust_remote_code"
         )
-        raise LoadError(f"Could not load '{name}' from {source}: {reason}") from None
+    if isinstance(exc, OSError):
+        return "a file it needs is missing or cannot be read"
+    return "its files are damaged or not a model transformers can read"
 
 
 def _quantize_int8(

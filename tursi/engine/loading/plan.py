@@ -15,7 +15,14 @@ from ..progress import LOADING_WEIGHTS
 
 
 class LoadError(Exception):
-    """A model could not be loaded; the message says why and what to do."""
+    """A model could not be loaded. The message says why and what to do in Tursi's words,
+    and is what clients see (GET /models `error`, 409 `load_error`): it names no path of
+    the server and quotes no library. `detail`, which only the server log shows, may do
+    both (the file, the library's own error)."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 @dataclass(frozen=True)

