@@ -540,22 +540,6 @@ def test_jobs_cancelled_together_all_leave_the_batch_at_the_next_turn(loaded, st
     assert_idle(scheduler)
 
 
-def test_a_job_cancelled_during_its_chunked_prefill_ends_ok_with_no_events(
-    loaded, prompts, monkeypatch
-):
-    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", 4)
-    scheduler, on_done = make_scheduler(loaded)
-    job = greedy(prompts[0], NEW_TOKENS)  # 16 tokens: four turns of prefill
-    scheduler.add(job)
-    scheduler.turn()
-    assert scheduler.prefill is not None and not scheduler.idle and scheduler.running == 1
-    job.cancel()
-    run(scheduler)
-    assert drain(job) == [] and job.tokens_generated == 0
-    assert on_done.of(job) == [(0.0, True)]
-    assert_idle(scheduler)
-
-
 def assert_timed_out(job: GenerationJob, timeout: float, tokens: int) -> str:
     """The job failed with request_timeout (docs/api.md's details); its streamed text."""
     text, error = failed(job)
@@ -621,18 +605,78 @@ def test_a_deadline_passed_while_running_fails_the_job_and_the_others_go_on(
     assert_idle(scheduler)
 
 
-def test_a_deadline_passed_during_a_chunked_prefill_fails_the_job(
-    loaded, prompts, clock, monkeypatch
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_a_job_ended_during_its_chunked_prefill_leaves_before_its_next_chunk(
+    loaded, stock, prompts, clock, monkeypatch, prefill_chunks, how, n
 ):
+    """A 16-token prompt prefilled 4 columns a turn (its n choices share that prefill) ends
+    after its first chunk: the next turn ends it without another chunk of it (no event when
+    cancelled: its client is gone; request_timeout at its deadline) and starts the prompt
+    queued behind it, in that same turn. A job decoding all along and the queued one
+    generate what transformers generates for each alone."""
     monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", 4)
     scheduler, on_done = make_scheduler(loaded)
-    job = with_deadline(greedy(prompts[0], NEW_TOKENS), clock, 3.0)
-    scheduler.add(job)
+    decoding, queued = greedy(prompts[3], NEW_TOKENS), greedy(prompts[1][:4], NEW_TOKENS)
+    long = GenerationJob(prompts[0], GenerationParams(NEW_TOKENS, temperature=0.0), n=n)
+    if how == "deadline":
+        with_deadline(long, clock, 2.0)
+    scheduler.add(decoding)
     scheduler.turn()
-    clock.advance(3.0)
+    scheduler.add(long)
+    scheduler.add(queued)
+    scheduler.turn()
+    assert prefill_chunks == [(1, 3), (1, 4)] and scheduler.prefill.jobs == [long]
+    if how == "cancel":
+        long.cancel()
+    else:
+        clock.advance(2.0)
+    scheduler.turn()
+    assert prefill_chunks[2:] == [(1, 4)] and queued.tokens_generated == 2  # queued's chunk
+    assert on_done.of(long) == ([(0.0, True)] if how == "cancel" else [(2.0, False)])
+    assert scheduler.running == 2 and long not in scheduler.live
     run(scheduler)
-    assert assert_timed_out(job, 3.0, 0) == ""
-    assert on_done.of(job) == [(3.0, False)]
+    assert len(prefill_chunks) == 3  # long's prefill never ran again
+    assert long.tokens_generated == 0 and len(on_done.of(long)) == 1
+    if how == "cancel":
+        assert drain(long) == []
+    else:
+        assert assert_timed_out(long, 2.0, 0) == ""
+    for job in (decoding, queued):
+        text, _ = finished(job)
+        reference = transformers_greedy(stock, job.prompt_ids, NEW_TOKENS)
+        assert text == decoded(loaded, job.prompt_ids, reference)
+    assert_idle(scheduler)
+
+
+def test_a_job_that_ends_in_a_group_prefill_spanning_turns_leaves_and_the_rest_go_on(
+    loaded, stock, prompts, monkeypatch, prefill_chunks
+):
+    """The scheduler's prefill groups fit one chunk, so only a lone prompt spans turns; were
+    a group's chunks narrower (4 columns here), a job of it that is cancelled ends at the
+    next turn and the others' prefill goes on, to what transformers generates."""
+    init = scheduler_module._Prefill.__init__
+
+    def narrow(self: Any, *args: Any) -> None:
+        init(self, *args)
+        self.chunk = 4
+
+    monkeypatch.setattr(scheduler_module._Prefill, "__init__", narrow)
+    scheduler, on_done = make_scheduler(loaded)
+    jobs = [greedy(prompt, NEW_TOKENS) for prompt in prompts[1:3]]  # 5 and 9 tokens
+    for job in jobs:
+        scheduler.add(job)
+    scheduler.turn()
+    jobs[0].cancel()
+    scheduler.turn()
+    assert on_done.of(jobs[0]) == [(0.0, True)] and scheduler.prefill is not None
+    run(scheduler)
+    assert prefill_chunks == [(2, 4), (2, 4), (2, 1)]
+    assert drain(jobs[0]) == [] and jobs[0].tokens_generated == 0
+    text, _ = finished(jobs[1])
+    reference = transformers_greedy(stock, prompts[2], NEW_TOKENS)
+    assert text == decoded(loaded, prompts[2], reference)
+    assert on_done.of(jobs[0]) == [(0.0, True)]
     assert_idle(scheduler)
 
 
@@ -731,6 +775,28 @@ def test_waiting_prompts_share_a_prefill_while_their_padded_size_fits_prefill_to
         assert text == decoded(loaded, job.prompt_ids, expected)
 
 
+def test_a_long_prefill_runs_one_chunk_per_turn_between_decode_steps(
+    loaded, stock, prompts, monkeypatch, prefill_chunks
+):
+    """A prompt longer than PREFILL_TOKENS holds the engine one chunk at a time: every turn
+    of its prefill, the running job gets its token too."""
+    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", 4)
+    scheduler, _ = make_scheduler(loaded)
+    decoding, long = greedy(prompts[3], NEW_TOKENS), greedy(prompts[0], NEW_TOKENS)
+    scheduler.add(decoding)
+    scheduler.turn()
+    scheduler.add(long)
+    for turn in range(1, 5):  # 16 tokens: 4 chunks
+        scheduler.turn()
+        assert len(prefill_chunks) == 1 + turn and decoding.tokens_generated == 2 + turn
+    assert prefill_chunks[1:] == [(1, 4)] * 4 and long.tokens_generated == 2
+    run(scheduler)
+    for job in (decoding, long):
+        text, _ = finished(job)
+        reference = transformers_greedy(stock, job.prompt_ids, NEW_TOKENS)
+        assert text == decoded(loaded, job.prompt_ids, reference)
+
+
 def test_a_prefill_takes_only_as_many_prompts_as_the_batch_has_room_for(loaded, stock, prompts):
     scheduler, on_done = make_scheduler(loaded, max_batch=2)
     jobs = [greedy(prompt, n) for prompt, n in zip(prompts, (3, 8, 4, 4), strict=True)]
@@ -797,28 +863,28 @@ def choices_of(job: GenerationJob) -> dict[int, tuple[str, Finished]]:
 
 
 @pytest.fixture
-def prefill_rows(loaded, monkeypatch) -> list[int]:
-    """The number of prompt rows of each prefill forward the model runs."""
-    rows: list[int] = []
+def prefill_chunks(loaded, monkeypatch) -> list[tuple[int, int]]:
+    """(prompt rows, columns) of each prefill forward (one chunk) the model runs."""
+    chunks: list[tuple[int, int]] = []
     forward = loaded.model.forward
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         if isinstance(kwargs.get("past_key_values"), DynamicCache):
-            rows.append(kwargs["input_ids"].shape[0])
+            chunks.append(tuple(kwargs["input_ids"].shape))
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(loaded.model, "forward", counting)
-    return rows
+    return chunks
 
 
 def test_n_greedy_choices_share_one_prefill_row_and_equal_transformers(
-    loaded, stock, prompts, prefill_rows
+    loaded, stock, prompts, prefill_chunks
 ):
     scheduler, on_done = make_scheduler(loaded)
     job = GenerationJob(prompts[0], GenerationParams(NEW_TOKENS, temperature=0.0), n=4, index=3)
     other = greedy(prompts[1], 5)
     run(scheduler, job, other)
-    assert prefill_rows == [2]  # the two prompts, once each: one group, one chunk
+    assert prefill_chunks == [(2, 16)]  # the two prompts, once each: one group, one chunk
     expected = decoded(loaded, prompts[0], transformers_greedy(stock, prompts[0], NEW_TOKENS))
     choices = choices_of(job)
     assert sorted(choices) == [3, 4, 5, 6]
@@ -834,7 +900,7 @@ def test_n_greedy_choices_share_one_prefill_row_and_equal_transformers(
 
 @pytest.mark.parametrize("seed", [11, -3, 2**63 - 2])
 def test_n_sampled_choices_draw_with_seed_plus_i_each_as_transformers_does(
-    loaded, stock, prompts, prefill_rows, seed
+    loaded, stock, prompts, prefill_chunks, seed
 ):
     """Choice i of a seeded job draws what transformers' generate draws alone with seed + i
     (wrapped into int64): the choices differ, and the same seed gives the same choices."""
@@ -843,7 +909,7 @@ def test_n_sampled_choices_draw_with_seed_plus_i_each_as_transformers_does(
     jobs = [GenerationJob(prompts[2], params, n=4), GenerationJob(prompts[2], params, n=4)]
     plain = greedy(prompts[3], 6)
     run(scheduler, jobs[0], plain, jobs[1])
-    assert prefill_rows == [3]
+    assert prefill_chunks == [(3, 9)]
     first, again = choices_of(jobs[0]), choices_of(jobs[1])
     assert first == again
     texts = [first[i][0] for i in range(4)]

@@ -2,7 +2,8 @@
 
 Each turn of the loop:
 1. takes newly submitted jobs from the inbox (blocking only when there is nothing to do);
-2. ends jobs that were cancelled (client gone) or ran past their deadline;
+2. ends jobs that were cancelled (client gone) or ran past their deadline, whether waiting
+   or prefilling (a prefill none of whose jobs is left is dropped before its next chunk);
 3. runs one prefill chunk: waiting prompts, oldest first, are prefilled together as one
    left-padded batch of at most PREFILL_TOKENS (padded) tokens; a longer prompt is prefilled
    alone, PREFILL_TOKENS columns per turn. When a prefill completes, each choice of each job
@@ -13,8 +14,10 @@ Each turn of the loop:
 A choice leaves the batch at the step where it finishes (end of sequence, stop token, stop
 string, max_tokens, or its grammar complete for structured output); a job ends when all of
 its choices have, or at once when it is cancelled or runs past its deadline. So a running
-stream waits at most one prefill chunk per token, and a new request waits at most for the
-prefills queued before it.
+stream waits at most one prefill chunk per token, a new request waits at most for the
+prefills queued before it, and a job whose client left or whose deadline passed costs at
+most one more chunk of prefill (a long prompt's prefill is checked before each of its
+chunks, not only when it completes).
 """
 
 from __future__ import annotations
@@ -173,6 +176,7 @@ class Scheduler:
     def turn(self) -> None:
         """One turn of the loop (steps 2-4 in the module docstring)."""
         self._drop_ended_waiting()
+        self._drop_ended_prefill()
         with torch.inference_mode():
             if self.prefill is None and self.waiting and self.waiting[0].n <= self._free_rows():
                 self.prefill = self._start_prefill()
@@ -219,6 +223,22 @@ class Scheduler:
             self.on_done(job, 0.0, reason != "timeout")
         if len(keep) != len(self.waiting):
             self.waiting = keep
+
+    def _drop_ended_prefill(self) -> None:
+        """End the prefilling jobs that were cancelled or ran past their deadline, before the
+        prefill's next chunk; drop the prefill (its cache) once none of its jobs is left, so
+        that the next waiting prompt starts in this same turn. Only a lone prompt spans
+        several turns (a group's padded prompts fit one chunk), so a prompt longer than
+        PREFILL_TOKENS costs a client that left at most the one chunk that was running."""
+        prefill = self.prefill
+        if prefill is None:
+            return
+        for job in prefill.jobs:
+            reason = _ended(job) if job in self.live else None
+            if reason is not None:
+                self._end(self.live[job], reason)
+        if not any(job in self.live for job in prefill.jobs):
+            self.prefill = None
 
     def _drop_ended_rows(self) -> None:
         """End the running jobs that were cancelled or ran past their deadline, all of their
@@ -291,7 +311,9 @@ class Scheduler:
         self.prefill = None
         starting: list[tuple[int, Sequence]] = []  # (prefill row, choice)
         for row, job in enumerate(prefill.jobs):
-            live = self.live[job]
+            live = self.live.get(job)
+            if live is None:  # ended during the prefill (_drop_ended_prefill)
+                continue
             reason = _ended(job)
             if reason is not None:
                 self._end(live, reason)
