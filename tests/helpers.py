@@ -332,31 +332,73 @@ class StepGate:
         os.replace(temporary, self.folder / name)
 
 
+class PrefillGate(StepGate):
+    """A StepGate on prefill chunks (GATED_APP with `gate.env`): each chunk of a prompt's
+    prefill waits at it, as decode steps wait at a StepGate, so a test counts chunks instead
+    of timing them. It also tells the width (longest prompt, in tokens) of the prefill that
+    arrived last, and whether every job of the one waiting now is cancelled (the server has
+    seen its client go): files "width" and "cancelled"."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.env = {"TURSI_TEST_PREFILL_GATE": str(folder)}
+
+    def width(self) -> int:
+        return int(self._read("width", 0))
+
+    def cancelled(self) -> bool:
+        return bool(self._read("cancelled", 0))
+
+
 GATED_APP = "tests.helpers:gated_app()"
 
 
 def gated_app():
     """gunicorn app factory (Server(..., app=GATED_APP)): the real app, with every decode
-    step of its engine first waiting at the StepGate in $TURSI_TEST_STEP_GATE (a native
-    sleep: the engine runs on a native thread)."""
-    from tursi.engine.scheduler import Scheduler
-    from tursi.threads import native_sleep
+    step of its engine first waiting at the StepGate in $TURSI_TEST_STEP_GATE, and every
+    prefill chunk at the PrefillGate in $TURSI_TEST_PREFILL_GATE, for those set."""
+    from tursi.engine.scheduler import Scheduler, _Prefill
     from tursi.wsgi import app
 
-    gate = StepGate(Path(os.environ["TURSI_TEST_STEP_GATE"]))
-    real_step = Scheduler._decode_step
+    if "TURSI_TEST_STEP_GATE" in os.environ:
+        _hold_at(StepGate(Path(os.environ["TURSI_TEST_STEP_GATE"])), Scheduler, "_decode_step")
+    if "TURSI_TEST_PREFILL_GATE" in os.environ:
+        gate = PrefillGate(Path(os.environ["TURSI_TEST_PREFILL_GATE"]))
+
+        def arriving(prefill: _Prefill) -> None:
+            gate._write("cancelled", 0)
+            gate._write("width", prefill.width)
+
+        def waiting(prefill: _Prefill) -> None:
+            if all(job.cancelled for job in prefill.jobs) and not gate.cancelled():
+                gate._write("cancelled", 1)
+
+        _hold_at(gate, _Prefill, "step", arriving, waiting)
+    return app
+
+
+def _hold_at(gate: StepGate, cls: type, name: str, arriving=None, waiting=None) -> None:
+    """Make method `name` of `cls` first wait at `gate` (a native sleep: the engine runs on a
+    native thread), calling arriving(self) as it arrives, before the gate counts it, and
+    waiting(self) while it waits."""
+    from tursi.threads import native_sleep
+
+    real = getattr(cls, name)
     arrived = 0
 
-    def gated_step(self):
+    def gated(self, *args):
         nonlocal arrived
         arrived += 1
+        if arriving is not None:
+            arriving(self)
         gate._write("arrived", arrived)
         while arrived > gate.allowed():
+            if waiting is not None:
+                waiting(self)
             native_sleep(0.005)
-        return real_step(self)
+        return real(self, *args)
 
-    Scheduler._decode_step = gated_step
-    return app
+    setattr(cls, name, gated)
 
 
 def parse_sse(lines) -> list[tuple[str, object]]:

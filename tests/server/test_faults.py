@@ -15,12 +15,14 @@ import requests
 
 from tests.helpers import (
     GATED_APP,
+    PrefillGate,
     Server,
     StepGate,
     embedded_server,
     parse_sse,
     wait_for,
 )
+from tursi.engine.scheduler import PREFILL_TOKENS
 
 MODEL = "smollm2-135m-instruct"
 
@@ -44,9 +46,14 @@ def gate(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(embedded_home, tmp_path_factory, gate):
+def prefill_gate(tmp_path_factory):
+    return PrefillGate(tmp_path_factory.mktemp("faults-prefill-gate"))
+
+
+@pytest.fixture(scope="module")
+def server(embedded_home, tmp_path_factory, gate, prefill_gate):
     log = tmp_path_factory.mktemp("faults") / "gunicorn.log"
-    with embedded_server(embedded_home, log, GATED_APP, **gate.env) as srv:
+    with embedded_server(embedded_home, log, GATED_APP, **gate.env, **prefill_gate.env) as srv:
         yield srv
 
 
@@ -151,6 +158,50 @@ def test_vanished_non_stream_clients_stop_their_generations(server, held):
     # Tokens are counted as a request ends: fewer in all than one request's max_tokens means
     # that not one of the eight ran to its end.
     assert tokens_generated(server) - before < ENDLESS["max_tokens"]
+
+
+def test_a_client_gone_during_a_long_prefill_costs_one_chunk_and_the_next_starts(
+    server, prefill_gate
+):
+    """A prompt of ~2,100 tokens (five prefill chunks) and a short request queued behind it;
+    the long one's client closes its socket while the prefill's second chunk waits to run.
+    Prefill chunks are given one at a time, so the bounds are counted in chunks, whatever
+    the machine's speed: once the server has seen the client go (the job at the gate is
+    cancelled), that chunk is the last one of the prompt, and the next chunk to run is the
+    short request's. Before, the long prefill ran to its end for nobody first."""
+    long_body = {"model": MODEL, "prompt": PROMPT + " upon a time" * 700, "max_tokens": 4}
+    prefill_gate.hold()
+    try:
+        sock = send_generate(server.port, long_body)
+        prefill_gate.wait_held()  # its first chunk waits
+        width = prefill_gate.width()
+        assert width > 3 * PREFILL_TOKENS
+        short: dict[str, requests.Response] = {}
+        queued = threading.Thread(
+            target=lambda: short.setdefault(
+                "answer",
+                requests.post(
+                    f"{server.url}/generate",
+                    timeout=120,
+                    json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3},
+                ),
+            )
+        )
+        queued.start()
+        wait_for(lambda: server.generations() == {"running": 1, "waiting": 1}, timeout=60)
+        prefill_gate.step()  # the first chunk runs; the second waits
+        assert prefill_gate.width() == width
+        sock.close()
+        wait_for(prefill_gate.cancelled, timeout=30)  # the server saw the client go
+        prefill_gate.step()  # that chunk runs; the next to arrive must be the short one's
+        assert prefill_gate.width() < PREFILL_TOKENS, "the long prefill went on for nobody"
+        assert server.generations() == {"running": 1, "waiting": 0}
+    finally:
+        prefill_gate.release()
+    queued.join(120)
+    answer = short["answer"]
+    assert answer.status_code == 200 and answer.json()["tokens_generated"] == 3
+    wait_for(lambda: server.generations() == {"running": 0, "waiting": 0}, timeout=30)
 
 
 def test_unload_under_load_ends_every_request_with_a_clear_error(server):
