@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import jsonschema
@@ -27,6 +28,7 @@ import tursi.engine.scheduler as scheduler_module
 from tests.helpers import CORPUS, build_llama, transformers_greedy
 from tursi.engine.catalog import CatalogEntry
 from tursi.engine.constraints import Constraints, GrammarError, grammar_text
+from tursi.engine.cpu_kernels import fused_llama
 from tursi.engine.jobs import (
     Constraint,
     Failed,
@@ -40,6 +42,7 @@ from tursi.engine.loading import LoadedModel, LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 from tursi.engine.tokens import logits_width
 from tursi.errors import GenerationFailed, RequestTimeout
+from tursi.metrics import REGISTRY
 from tursi.telemetry import ModelStats
 from tursi.threads import Empty
 
@@ -121,6 +124,35 @@ class OnDone:
 
     def of(self, job: GenerationJob) -> list[tuple[float, bool]]:
         return [(seconds, ok) for done, seconds, ok in self.calls if done is job]
+
+
+class Forwards:
+    """Records the model's forward calls: the type of the cache each was given (a prefill's
+    DynamicCache, or the BatchCache of a decode step on transformers' path) and the (rows,
+    columns) of each prefill chunk. `during`, when set, runs inside each call, as a
+    client's cancel that lands while the step runs."""
+
+    def __init__(self) -> None:
+        self.caches: list[type] = []
+        self.prefill_chunks: list[tuple[int, int]] = []
+        self.during: Callable[[], None] | None = None
+
+
+@pytest.fixture
+def forwards(loaded, monkeypatch) -> Forwards:
+    calls, forward = Forwards(), loaded.model.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("past_key_values")
+        calls.caches.append(type(cache))
+        if isinstance(cache, DynamicCache):
+            calls.prefill_chunks.append(tuple(kwargs["input_ids"].shape))
+        if calls.during is not None:
+            calls.during()
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", recording)
+    return calls
 
 
 def make_scheduler(loaded: LoadedModel, max_batch: int = 8) -> tuple[Scheduler, OnDone]:
@@ -412,12 +444,36 @@ def test_time_to_first_token_runs_from_submission_and_then_between_tokens(loaded
     assert stats.between == [0.0, 0.25, 0.25]
 
 
-def test_a_request_whose_text_fails_to_decode_fails_alone(loaded, stock, prompts, caplog):
+def test_a_scheduler_made_without_stats_reports_its_latencies_under_its_name(
+    loaded, prompts, clock
+):
+    """Without a ModelStats of its own it makes one for its model's name: the latency
+    series it writes carry that name."""
+    name = "scheduler-without-stats"
+    series = ("tursi_time_to_first_token_seconds_count", {"model": name})
+    before = REGISTRY.get_sample_value(*series) or 0.0
+    scheduler = Scheduler(name, loaded, 8, OnDone())
+    job = greedy(prompts[1], 2)
+    job.submitted = clock.now
+    run(scheduler, job)
+    assert REGISTRY.get_sample_value(*series) == before + 1
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-token", "later-token"])
+def test_a_request_whose_text_fails_to_decode_fails_alone(
+    loaded, stock, prompts, caplog, monkeypatch, first
+):
+    """Its decoder breaks at its first token (chosen as its prefill completes: a failed
+    request never joins the batch) or at a later one (chosen by a decode step)."""
+    if first:  # the other prompt prefilled first, then this one in four turns
+        monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", 4)
     scheduler, on_done = make_scheduler(loaded)
     broken, other = greedy(prompts[0], NEW_TOKENS), greedy(prompts[1], NEW_TOKENS)
-    scheduler.add(broken)
     scheduler.add(other)
-    scheduler.turn()
+    scheduler.add(broken)
+    while broken not in scheduler.live:
+        scheduler.turn()
+    assert (broken.tokens_generated == 0) == first
 
     def push(token: int) -> str:
         raise RuntimeError("tokenizer broke")
@@ -537,6 +593,24 @@ def test_jobs_cancelled_together_all_leave_the_batch_at_the_next_turn(loaded, st
             text, end = finished(job)
             reference = transformers_greedy(stock, prompt, NEW_TOKENS)
             assert (text, end.finish_reason) == (decoded(loaded, prompt, reference), "length")
+    assert_idle(scheduler)
+
+
+def test_a_job_cancelled_during_its_groups_prefill_leaves_the_others_to_start(
+    loaded, stock, prompts, forwards
+):
+    """The client of a prefill group's first job goes away while the group's forward runs:
+    that job ends ok with no events, the later jobs of its group start and finish."""
+    scheduler, on_done = make_scheduler(loaded)
+    cancelled, others = greedy(prompts[0], 4), [greedy(prompt, 4) for prompt in prompts[1:3]]
+    forwards.during = cancelled.cancel
+    run(scheduler, cancelled, *others)
+    assert [rows for rows, _ in forwards.prefill_chunks] == [3]  # one group
+    assert drain(cancelled) == [] and on_done.of(cancelled) == [(0.0, True)]
+    for prompt, job in zip(prompts[1:3], others, strict=True):
+        text, end = finished(job)
+        expected = decoded(loaded, prompt, transformers_greedy(stock, prompt, 4))
+        assert (text, end.finish_reason) == (expected, "length")
     assert_idle(scheduler)
 
 
@@ -753,6 +827,7 @@ def test_after_fail_all_the_scheduler_serves_new_jobs(loaded, stock, prompts, cl
         (10, [5, 5, 5], 2),  # 2 x 5 is exactly the budget
         (10, [2, 5, 2], 2),  # padded to the widest: 3 x 5 does not fit
         (4, [16, 2], 1),  # a prompt wider than the budget goes alone, in chunks
+        (1, [3, 2], 1),  # one column per turn
     ],
 )
 def test_waiting_prompts_share_a_prefill_while_their_padded_size_fits_prefill_tokens(
@@ -817,6 +892,21 @@ def test_a_prefill_takes_only_as_many_prompts_as_the_batch_has_room_for(loaded, 
     assert_idle(scheduler)
 
 
+def test_the_decode_steps_of_a_fused_llama_with_sdpa_take_the_direct_path(
+    loaded, stock, prompts, forwards
+):
+    """The Scheduler's BatchCache gives SDPA the boolean mask that decode_logits' direct
+    path needs (docs/performance.md): transformers' forward runs for the prefill only."""
+    assert fused_llama(loaded.model) and loaded.model.config._attn_implementation == "sdpa"
+    scheduler, _ = make_scheduler(loaded)
+    jobs = [greedy(prompt, 6) for prompt in prompts[:2]]
+    run(scheduler, *jobs)
+    assert forwards.caches == [DynamicCache]  # the two prompts' prefill, then no forward
+    for prompt, job in zip(prompts[:2], jobs, strict=True):
+        text, _ = finished(job)
+        assert text == decoded(loaded, prompt, transformers_greedy(stock, prompt, 6))
+
+
 # --- sampling ---------------------------------------------------------------------------
 
 
@@ -863,18 +953,9 @@ def choices_of(job: GenerationJob) -> dict[int, tuple[str, Finished]]:
 
 
 @pytest.fixture
-def prefill_chunks(loaded, monkeypatch) -> list[tuple[int, int]]:
+def prefill_chunks(forwards) -> list[tuple[int, int]]:
     """(prompt rows, columns) of each prefill forward (one chunk) the model runs."""
-    chunks: list[tuple[int, int]] = []
-    forward = loaded.model.forward
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        if isinstance(kwargs.get("past_key_values"), DynamicCache):
-            chunks.append(tuple(kwargs["input_ids"].shape))
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(loaded.model, "forward", counting)
-    return chunks
+    return forwards.prefill_chunks
 
 
 def test_n_greedy_choices_share_one_prefill_row_and_equal_transformers(
@@ -1162,6 +1243,46 @@ def test_logprob_entries_of_tokens_cut_by_a_stop_string_are_not_sent(loaded, sto
     reference_scores = forward_logprobs(stock, prompt + reference)
     cumulative = sum(float(reference_scores[len(prompt) + t - 1, reference[t]]) for t in range(n))
     assert abs(end.cumulative_logprob - cumulative) < 1e-4  # every generated token counts
+
+
+@pytest.mark.parametrize(
+    ("stop", "max_tokens", "tokens"),
+    [
+        ("~", 8, 2),  # the stop string is the next token's text
+        ("~\ufffd", 3, 3),  # completed by the text released at the end (max_tokens)
+    ],
+    ids=["in-a-token", "at-the-end"],
+)
+def test_a_token_without_text_before_a_stop_string_keeps_its_logprob_entry(
+    loaded, stock, prompts, monkeypatch, stop, max_tokens, tokens
+):
+    """An end-of-sequence token under ignore_eos has no text; a stop string right after it
+    cuts the tokens that spell it, not that token, whose entry is listed (docs/api.md).
+    The model is steered by logit_bias and repetition_penalty, which the entries do not see
+    (raw logprobs): end of sequence (bias 100) first, then, once it is divided by the
+    penalty 4, "~" (70), then a lone byte of a UTF-8 character (40, released as U+FFFD)."""
+    eos, tokenizer = loaded.tokenizer.eos_token_id, loaded.tokenizer
+    tilde = tokenizer.convert_tokens_to_ids("~")
+    byte = next(token for token in range(len(tokenizer)) if tokenizer.decode([token]) == "\ufffd")
+    prompt = prompts[1]
+    assert not {eos, tilde, byte} & set(prompt)  # the penalty starts with the output
+    monkeypatch.setattr(loaded, "eos_ids", frozenset({eos}))
+    bias = {eos: 100.0, tilde: 70.0, byte: 40.0}
+    job = greedy(
+        prompt,
+        max_tokens,
+        stop=[stop],
+        ignore_eos=True,
+        logit_bias=bias,
+        repetition_penalty=4.0,
+        logprobs=2,
+    )
+    scheduler, _ = make_scheduler(loaded)
+    run(scheduler, job)
+    text, entries, end = with_entries(drain(job))[0]
+    assert (text, end.tokens_generated, end.finish_reason) == ("", tokens, "stop")
+    assert len(entries) == 1
+    assert_entry(entries[0], eos, forward_logprobs(stock, prompt)[-1], 2)
 
 
 def test_each_choice_gets_its_own_logprobs(loaded, stock, prompts):
