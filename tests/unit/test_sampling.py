@@ -3,6 +3,8 @@ choose_tokens on mixed greedy and sampled rows. No model, no app."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from tursi.engine.jobs import SamplingParams
 from tursi.engine.sampling import (
@@ -190,8 +192,42 @@ def test_nucleus_of_a_single_token():
 LAYERS, HEADS, DIM = 2, 2, 4
 
 
-def test_scoring_no_rows_gives_no_entries():
-    assert score(torch.zeros(0, 10), [], []) == []
+@pytest.mark.parametrize("vocab", [10, 49152])  # 49152: top_tokens goes through blocks
+def test_scoring_no_rows_gives_no_entries(vocab):
+    assert score(torch.zeros(0, vocab), [], []) == []
+
+
+class OneDevice(TorchDispatchMode):
+    """Fails any torch operation whose tensors lie on more than one device (a CPU scalar
+    aside, which every device takes). Tests run the sampler on the meta device as a stand-in
+    for the model's GPU; meta kernels accept CPU tensors next to meta ones where CUDA's
+    refuse them (CUDA's gather, with a CPU index), so a tensor made on the CPU by mistake
+    would pass there unnoticed."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        devices = {
+            leaf.device
+            for leaf in tree_leaves((args, kwargs))
+            if isinstance(leaf, torch.Tensor) and (leaf.dim() or leaf.device.type != "cpu")
+        }
+        assert len(devices) <= 1, f"{func} mixes devices: {devices}"
+        return func(*args, **(kwargs or {}))
+
+
+def test_best_and_top_tokens_stay_on_the_logits_device():
+    meta = torch.device("meta")
+    logits = torch.zeros(3, 50257, device=meta)
+    with OneDevice():
+        assert best_tokens(logits).device == meta
+        values, ids = top_tokens(logits, 5)
+    assert values.device == ids.device == meta
+
+
+def test_scoring_stays_on_the_logits_device_until_its_copy_to_the_host():
+    """score's one copy is its results' to the host at the end, which no meta tensor can
+    make: everything before it runs on the logits' device."""
+    with OneDevice(), pytest.raises(NotImplementedError, match="meta tensor"):
+        score(torch.zeros(2, 64, device=torch.device("meta")), [1, 2], [3, 3])
 
 
 # Vocabularies of a whole number of blocks (49152, SmolLM2's), of a part block (50257,

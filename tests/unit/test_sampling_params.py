@@ -20,6 +20,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.modeling_utils import local_torch_dtype
 
+from tests.unit.test_sampling import OneDevice
 from tursi.engine.jobs import SamplingParams
 from tursi.engine.sampling import (
     TokenChooser,
@@ -170,6 +171,7 @@ def test_repetition_penalty_in_choose_tokens_matches_transformers():
 def test_repetition_penalty_1_keeps_no_history():
     unpenalized = chooser(temperature=0.0, repetition_penalty=1.0, history=[1, 2, 3])
     unpenalized.remember(4)
+    assert not unpenalized.seen  # neither the prompt's tokens nor the output's
     assert unpenalized.plain  # choose_tokens takes the plain argmax for it
     logits = torch.tensor([0.5, 3.0, -1.0, 2.0, 1.0])
     assert torch.equal(penalized(logits, unpenalized), logits)
@@ -435,16 +437,17 @@ def test_half_precision_logits_are_penalized_in_float32_as_transformers_generate
 
 def test_the_penalties_state_and_the_probabilities_stay_on_the_logits_device():
     """In production the logits live on the model's device (a GPU). The meta device stands
-    in for it: a tensor made on the CPU by mistake meets a meta one and raises, or comes
-    back on the wrong device."""
+    in for it, and OneDevice fails any operation that meets a tensor made on the CPU by
+    mistake."""
     meta = torch.device("meta")
     everything = PIPELINES["everything"]
     penalizing = chooser(history=[1, 2, 3], seed=0, **everything)
     for token in (4, 4, 6):
         penalizing.remember(token)
-    logits = adjusted_logits(torch.zeros(2, 64, device=meta), [penalizing, penalizing])
-    assert logits.device == meta
-    assert tempered_probs(logits, [penalizing, penalizing]).device == meta
+    with OneDevice():
+        logits = adjusted_logits(torch.zeros(2, 64, device=meta), [penalizing, penalizing])
+        probs = tempered_probs(logits, [penalizing, penalizing])
+    assert logits.device == probs.device == meta
 
 
 def test_the_penalties_do_not_take_torchs_default_dtype():
@@ -477,3 +480,18 @@ def test_the_penalties_do_not_take_torchs_default_dtype():
     expected = RepetitionPenaltyLogitsProcessor(1.3)(history, expected)
     expected = openai_penalties(expected, output, 0.6, 0.01)[0]
     torch.testing.assert_close(got, expected)
+
+
+def test_the_temperature_does_not_take_torchs_default_dtype():
+    """As the penalties (above): the temperature divides in float32, as transformers'
+    TemperatureLogitsWarper does, whatever the default dtype (0.7 in bfloat16 is 0.69921875)."""
+    torch.manual_seed(14)
+    logits = torch.randn(2, 64) * 2.5
+    rows = [chooser(temperature=0.7, seed=0), chooser(temperature=1.3, seed=0)]
+    with local_torch_dtype(torch.bfloat16):
+        got = tempered_probs(logits, rows)
+    expected = [
+        torch.softmax(TemperatureLogitsWarper(t)(None, logits[row : row + 1].clone())[0], -1)
+        for row, t in enumerate((0.7, 1.3))
+    ]
+    torch.testing.assert_close(got, torch.stack(expected))
