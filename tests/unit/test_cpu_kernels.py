@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import tursi.engine.decode as decode_module
@@ -202,6 +202,36 @@ def test_without_the_direct_path_the_engine_matches_too(llama_path, step_ops, mo
         model.model.set_attn_implementation("eager")
         cache = prefilled(model, PROMPTS, boolean_mask=False)
         assert_close(decode_logits(model, fed[0], cache), want[0], torch.float32)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_step_runs_on_the_model_device(attention):
+    """In production the model, its cache and the step's ids live on a GPU. The meta device
+    stands in for it (shapes without data): decode_logits makes the step's positions and
+    mask where the ids are, or a CPU tensor meets the model's meta ones and raises."""
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attention,
+    )
+    meta = torch.device("meta")
+    with meta:
+        model = LlamaForCausalLM(config)
+        source = DynamicCache()
+        for layer in range(config.num_hidden_layers):
+            source.update(torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8), layer)
+        ids = torch.zeros(2, 1, dtype=torch.long)
+    cache = BatchCache(config.num_hidden_layers, 100, boolean_mask=attention == "sdpa")
+    cache.add_row(source, 0, start=0, length=4)
+    cache.add_row(source, 1, start=1, length=3)
+    logits = decode_logits(model, ids, cache)
+    assert logits.device == meta
+    assert logits.shape == (2, config.vocab_size)
+    assert cache.lengths == [5, 4]
 
 
 def test_gpt2_gets_packed_linears_only(tmp_path):

@@ -3,19 +3,19 @@ DynamicCache. No model, no app."""
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaConfig
 
 from tursi.engine.kvcache import BatchCache
 
 LAYERS, HEADS, DIM = 2, 2, 4
 
 
-def prefill_cache(rows, width, dtype=torch.float32):
+def prefill_cache(rows, width, dtype=torch.float32, layers=LAYERS):
     """A prefill cache whose entries say where they come from: keys[b, :, s, :] = 100 * b + s
     (values are the keys' negatives), plus 1000 * layer."""
     cache = DynamicCache()
     marks = (100 * torch.arange(rows)[:, None] + torch.arange(width)[None, :]).to(dtype)
-    for layer in range(LAYERS):
+    for layer in range(layers):
         keys = (marks + 1000 * layer)[:, None, :, None].expand(rows, HEADS, width, DIM)
         cache.update(keys.clone(), -keys.clone(), layer)
     return cache
@@ -28,6 +28,24 @@ def row_marks(cache, row, layer=0):
     assert torch.equal(values, -keys)
     assert (keys == keys[:1, :, :1]).all(-1).all(0).all()  # same mark over heads and dim
     return keys[0, :, 0].tolist()
+
+
+def step(cache, marks):
+    """One decode step as a model runs it: every layer writes key `mark` (value -mark) at each
+    row's own column. Returns the step's positions and mask."""
+    positions, mask = cache.prepare_step(torch.device("cpu"))
+    new = torch.tensor(marks, dtype=torch.float32)[:, None, None, None]
+    new = new.expand(len(marks), HEADS, 1, DIM)
+    for layer in cache.layers:
+        keys, values = layer.update(new.clone(), -new.clone(), layer_idx=0)
+        assert keys.shape == values.shape == (len(marks), HEADS, cache.window, DIM)
+    cache.advance()
+    return positions, mask
+
+
+def capacity(cache):
+    """(rows, columns) the buffers hold."""
+    return tuple(cache.layers[0].keys.shape[::2])
 
 
 def test_add_row_copies_the_unpadded_columns():
@@ -83,26 +101,23 @@ def test_a_step_writes_each_row_at_its_own_column():
     cache.add_row(source, 0, start=0, length=5)
     cache.add_row(source, 1, start=3, length=2)
 
-    positions, mask = cache.prepare_step(torch.device("cpu"))
+    positions, mask = step(cache, [50, 150])
     assert positions.tolist() == [[5], [2]]
     assert mask.shape == (2, 1, 1, 6)
     assert mask[:, 0, 0].tolist() == [[True] * 6, [True] * 3 + [False] * 3]
-    new = torch.tensor([50.0, 150.0])[:, None, None, None].expand(2, HEADS, 1, DIM)
-    for layer in cache.layers:
-        keys, values = layer.update(new.clone(), -new.clone(), layer_idx=0)
-        assert keys.shape == values.shape == (2, HEADS, 6, DIM)
-    cache.advance()
 
     assert cache.lengths == [6, 3]
     assert row_marks(cache, 0) == [0, 1, 2, 3, 4, 50]
     assert row_marks(cache, 1) == [103, 104, 150]
 
 
+@pytest.mark.parametrize("layers", [1, LAYERS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_additive_mask_for_eager_attention(dtype):
-    """In the cache's dtype, as transformers builds its own eager masks in the model's."""
-    cache = BatchCache(LAYERS, max_length=100, boolean_mask=False)
-    source = prefill_cache(rows=2, width=3, dtype=dtype)
+def test_additive_mask_for_eager_attention(dtype, layers):
+    """In the cache's dtype, as transformers builds its own eager masks in the model's; a
+    one-layer model has only layer 0 to read it from."""
+    cache = BatchCache(layers, max_length=100, boolean_mask=False)
+    source = prefill_cache(rows=2, width=3, dtype=dtype, layers=layers)
     cache.add_row(source, 0, start=0, length=3)
     cache.add_row(source, 1, start=2, length=1)
     _, mask = cache.prepare_step(torch.device("cpu"))
@@ -143,3 +158,58 @@ def test_buffers_grow_by_doubling_and_are_reused_between_steps():
     cache.advance()
     cache.prepare_step(torch.device("cpu"))
     assert all(layer.keys is buffer for layer, buffer in zip(cache.layers, buffers, strict=True))
+
+
+def test_columns_grow_only_when_a_row_needs_the_next_one():
+    """A 255-token prompt and its first step's column fill a 256-column buffer exactly: that
+    step writes in place. The next one needs column 257: the columns double (the rows stay),
+    and a longer prompt doubles them again. Every move keeps the rows' contents."""
+    source = prefill_cache(rows=3, width=600)
+    cache = BatchCache(LAYERS, max_length=2000, boolean_mask=True)
+    cache.add_row(source, 0, start=345, length=255)
+    cache.add_row(source, 1, start=345, length=255)
+    assert capacity(cache) == (2, 256)
+    buffers = [layer.keys for layer in cache.layers]
+    step(cache, [50, 150])
+    assert all(layer.keys is buffer for layer, buffer in zip(cache.layers, buffers, strict=True))
+    step(cache, [60, 160])
+    assert capacity(cache) == (2, 512)
+    cache.add_row(source, 2, start=0, length=600)
+    assert capacity(cache) == (4, 1024)
+    assert row_marks(cache, 0) == [*range(345, 600), 50, 60]
+    assert row_marks(cache, 1, layer=1) == [*range(1445, 1700), 150, 160]
+    assert row_marks(cache, 2) == list(range(200, 800))
+
+
+def test_columns_stop_one_past_the_context():
+    """Buffers never outgrow the context: with max_length 100 they hold 101 columns (a row of
+    the whole context and its step's column), not a 256-column step, and a 99-token row still
+    takes its step."""
+    source = prefill_cache(rows=1, width=99)
+    cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
+    cache.add_row(source, 0, start=0, length=99)
+    step(cache, [50])
+    assert capacity(cache) == (1, 101)
+    assert row_marks(cache, 0) == [*range(99), 50]
+
+
+def test_size_questions_get_the_answers_of_transformers_own_cache():
+    """transformers' CacheLayerMixin makes every cache layer answer get_seq_length,
+    get_mask_sizes and get_max_length, and Cache.is_initialized reads the layers' flag. Llama's
+    and GPT-2's forward ask none of them when given position ids and a 4-D mask, as the engine
+    gives them, but other decoders' forward (OPT, Falcon, Bloom, MPT, XGLM, BioGPT, CTRL) asks
+    get_seq_length every time. The answers are those of a DynamicCache: an empty one before
+    any row, and while a step runs, one holding the batch left-padded to its longest row (as
+    generate() would hold it)."""
+
+    def sizes(cache):
+        return cache.get_seq_length(), cache.get_mask_sizes(1, 0), cache.get_max_length()
+
+    cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
+    assert sizes(cache) == sizes(DynamicCache(config=LlamaConfig(num_hidden_layers=LAYERS)))
+    padded = prefill_cache(rows=2, width=5)
+    cache.add_row(padded, 0, start=0, length=5)
+    cache.add_row(padded, 1, start=3, length=2)
+    cache.prepare_step(torch.device("cpu"))
+    assert sizes(cache) == sizes(padded) == (5, (6, 0), -1)
+    assert cache.is_initialized is padded.is_initialized is True
