@@ -43,6 +43,8 @@ ERROR_CODES = {
     "request_timeout": "the request ran longer than TURSI_REQUEST_TIMEOUT",
     "client_disconnected": "the client closed the connection before its answer was ready; "
     "never received, it shows in logs and metrics as 499",
+    "send_timeout": "a stream's client stopped reading for TURSI_SEND_TIMEOUT seconds: the "
+    "generation ended and the connection closed; never received, it shows in metrics",
     "forbidden": "(from gunicorn, before the app) a PROXY protocol header from an address "
     "that is not an allowed proxy, or a TLS error",
     "uri_too_long": "(from gunicorn, before the app) a request line over 4094 bytes",

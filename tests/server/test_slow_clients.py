@@ -1,0 +1,191 @@
+"""Clients that cost the server by being slow or sly, against a real gunicorn (gevent worker):
+one that sends a byte after its request and then closes (the close must still be seen), one
+that keeps sending bytes but stays (it must still be answered) and a stream reader that
+stops reading (TURSI_SEND_TIMEOUT). Nothing
+here bounds how fast the machine is: each test waits for what must happen, and checks what
+must not have (a generation that ran to its max_tokens, a connection still open)."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import time
+
+import pytest
+import requests
+
+from tests.helpers import (
+    CORPUS,
+    GATED_APP,
+    Server,
+    StepGate,
+    build_llama,
+    parse_metrics,
+    value,
+    wait_for,
+    write_catalog,
+)
+
+MODEL = "tiny-long"
+CONTEXT = 8192
+# Longer than any generation here may get while a test holds the decode steps.
+ENDLESS = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
+
+SEND_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """The tiny Llama with a context of CONTEXT tokens (a long prompt), and its catalog."""
+    root = tmp_path_factory.mktemp("tiny-long")
+    build_llama(root / "llama", max_position_embeddings=CONTEXT)
+    return write_catalog(root / "models.json", {MODEL: {"path": "llama", "dtype": "float32"}})
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory):
+    return StepGate(tmp_path_factory.mktemp("slow-clients-gate"))
+
+
+@pytest.fixture(scope="module")
+def server(long_model, tmp_path_factory, gate):
+    folder = tmp_path_factory.mktemp("slow-clients")
+    srv = Server(
+        {
+            "TURSI_MODELS_FILE": str(long_model),
+            "TURSI_PRELOAD": MODEL,
+            "TURSI_HOME": str(folder / "home"),
+            "TURSI_RATE_LIMIT": "100000/minute",
+            "TURSI_SEND_TIMEOUT": str(SEND_TIMEOUT),
+            # No heartbeats: a stream's first bytes are its first frame (see the stall test).
+            "TURSI_HEARTBEAT_SECONDS": "600",
+            **gate.env,
+        },
+        folder / "gunicorn.log",
+        GATED_APP,
+    )
+    try:
+        srv.wait_loaded(MODEL)
+        yield srv
+    finally:
+        gate.release()
+        srv.stop()
+
+
+@pytest.fixture
+def held(gate):
+    """The server's decode steps wait until the test releases them: a generation cannot
+    end by itself, only by being cancelled, and its tokens stay few."""
+    gate.hold()
+    yield gate
+    gate.release()
+
+
+def tokens_generated(server) -> int:
+    response = requests.get(f"{server.url}/models/{MODEL}/metrics", timeout=10)
+    return response.json()["metrics"]["tokens_generated"]
+
+
+def errors_counted(server, code: str) -> float:
+    scrape = requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
+    return value(parse_metrics(scrape.text), "tursi_errors_total", code=code)
+
+
+def request_bytes(body: dict, path: str = "/api/v1/generate") -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+
+
+def nothing_runs(server) -> bool:
+    return server.generations() == {"running": 0, "waiting": 0}
+
+
+def ends_cancelled(server, held: StepGate, before: int, max_tokens: int) -> None:
+    """Give the engine its steps back: the cancelled generation leaves at the next one, so
+    nothing runs and fewer than its max_tokens were generated."""
+    held.release()
+    wait_for(lambda: nothing_runs(server), timeout=60)
+    assert tokens_generated(server) - before < max_tokens
+
+
+def test_a_byte_after_the_request_does_not_hide_the_close(server, held):
+    """A non-streamed client sends its request, one more byte, then closes. The byte stays
+    unread (it would start the next request), so the socket never stops being readable; the
+    close behind it is still seen: the request ends as 499 client_disconnected while its
+    generation, whose decode steps are held, cannot have ended by itself."""
+    before, gone = tokens_generated(server), errors_counted(server, "client_disconnected")
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(request_bytes(ENDLESS))
+    wait_for(lambda: server.generations()["running"] == 1, timeout=60)
+    sock.sendall(b"x")
+    sock.close()
+    closed = time.monotonic()
+    wait_for(lambda: errors_counted(server, "client_disconnected") == gone + 1, timeout=30)
+    print(f"\nbyte then close: seen {time.monotonic() - closed:.2f} s after the close")
+    ends_cancelled(server, held, before, ENDLESS["max_tokens"])
+
+
+def test_a_client_that_sends_more_but_stays_gets_its_answer(server):
+    """Bytes after the request (here the start of a next request) are not a close: the
+    generation runs to its end and the answer comes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(request_bytes({**ENDLESS, "max_tokens": 8}) + b"GET /health")
+        received = b""
+        while not received.endswith(b"}\n"):
+            chunk = sock.recv(65536)
+            assert chunk, f"the server closed the connection: {received!r}"
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert json.loads(body)["tokens_generated"] == 8
+
+
+def long_prompt(server, tokens: int) -> str:
+    """A prompt of about `tokens` tokens (a few more) of the model's tokenizer."""
+    unit = " ".join(CORPUS[:4]) + " "
+    count = requests.post(
+        f"{server.url}/tokenize", json={"model": MODEL, "text": unit}, timeout=10
+    ).json()["count"]
+    return unit * -(-tokens // count)
+
+
+def test_a_stalled_stream_reader_ends_at_the_send_timeout(server, held):
+    """A stream client with a tiny receive buffer that never reads. Its first frame, the
+    prompt's logprobs with 20 alternatives per token, is 7 MB: more than the socket buffers
+    hold (Linux's send buffer grows to 4 MB at most), so the server's write waits.
+    TURSI_SEND_TIMEOUT later the request ends with send_timeout (counted) while its
+    generation, whose decode steps are held, cannot have ended by itself; it then leaves the
+    batch, and the server closes the connection."""
+    before, stalls = tokens_generated(server), errors_counted(server, "send_timeout")
+    body = {
+        **ENDLESS,
+        "prompt": long_prompt(server, 4000),
+        "max_tokens": 1000,
+        "stream": True,
+        "prompt_logprobs": 20,
+        "return_full_text": False,  # the prompt's logprobs are the first frame
+    }
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+    sock.connect(("127.0.0.1", server.port))
+    try:
+        sock.sendall(request_bytes(body))
+        wait_for(lambda: server.generations()["running"] == 1, timeout=60)
+        assert select.select([sock], [], [], 60)[0]  # the frame is on its way: nothing read
+        writing = time.monotonic()
+        wait_for(lambda: errors_counted(server, "send_timeout") == stalls + 1, timeout=60)
+        print(f"\nstalled reader: cut {time.monotonic() - writing:.2f} s after its frame began")
+        ends_cancelled(server, held, before, body["max_tokens"])
+        sock.settimeout(60)
+        try:
+            while sock.recv(1 << 20):  # what the buffers held, then the end
+                pass
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()
