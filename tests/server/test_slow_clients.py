@@ -1,7 +1,7 @@
 """Clients that cost the server by being slow or sly, against a real gunicorn (gevent worker):
 one that sends a byte after its request and then closes (the close must still be seen), one
-that keeps sending bytes but stays (it must still be answered) and a stream reader that
-stops reading (TURSI_SEND_TIMEOUT). Nothing
+that keeps sending bytes but stays (it must still be answered), bodies that trickle in
+(TURSI_BODY_TIMEOUT) and a stream reader that stops reading (TURSI_SEND_TIMEOUT). Nothing
 here bounds how fast the machine is: each test waits for what must happen, and checks what
 must not have (a generation that ran to its max_tokens, a connection still open)."""
 
@@ -33,6 +33,8 @@ CONTEXT = 8192
 ENDLESS = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
 
 SEND_TIMEOUT = 1.0
+BODY_TIMEOUT = 1.0
+CONNECTIONS = 5  # the slow-body server's TURSI_WORKER_CONNECTIONS
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +191,67 @@ def test_a_stalled_stream_reader_ends_at_the_send_timeout(server, held):
             pass
     finally:
         sock.close()
+
+
+@pytest.fixture
+def slow_body_server(tmp_path):
+    srv = Server(
+        {
+            "TURSI_PRELOAD": "",
+            "TURSI_HOME": str(tmp_path / "home"),
+            "TURSI_WORKER_CONNECTIONS": str(CONNECTIONS),
+            "TURSI_BODY_TIMEOUT": str(BODY_TIMEOUT),
+        },
+        tmp_path / "gunicorn.log",
+    )
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def worker_connections(server) -> int:
+    """Client connections the worker has accepted (its listener aside)."""
+    return sum(
+        1
+        for conn in server.worker().net_connections("tcp")
+        if conn.status == "ESTABLISHED" and conn.laddr.port == server.port
+    )
+
+
+@pytest.mark.parametrize("path", ["/api/v1/generate", "/v1/completions"])
+def test_slow_bodies_are_cut_at_the_body_timeout(slow_body_server, path):
+    """Every connection the worker may hold (TURSI_WORKER_CONNECTIONS) sends its headers and
+    1 byte of a declared 1,000-byte body, then nothing. /health, asked meanwhile, waits for
+    a free connection and gets one when the first slow body runs out of time; each slow
+    client gets 408 request_body_timeout, no earlier than the timeout, and then the server
+    closes its connection. Before, they held the worker forever and /health never came."""
+    srv = slow_body_server
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n{"
+    ).encode()
+    socks = []
+    try:
+        for _ in range(CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+            sock.sendall(head)
+            socks.append((sock, time.monotonic()))
+        wait_for(lambda: worker_connections(srv) == CONNECTIONS, timeout=30)
+        asked = time.monotonic()
+        health = requests.get(f"http://127.0.0.1:{srv.port}/health", timeout=60)
+        assert health.status_code == 200
+        print(f"\n{CONNECTIONS} slow bodies: /health answered in {time.monotonic() - asked:.2f} s")
+        for sock, sent in socks:
+            received = b""
+            while chunk := sock.recv(65536):  # to the server's close (timeout 60 s: fails)
+                received += chunk
+            assert time.monotonic() - sent >= BODY_TIMEOUT
+            head_in, _, body = received.partition(b"\r\n\r\n")
+            assert head_in.startswith(b"HTTP/1.1 408 "), received
+            assert json.loads(body)["error"]["code"] == "request_body_timeout"
+    finally:
+        for sock, _ in socks:
+            sock.close()
+    assert requests.get(f"http://127.0.0.1:{srv.port}/health", timeout=10).status_code == 200

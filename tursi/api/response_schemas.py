@@ -27,6 +27,8 @@ ERROR_CODES = {
     "load_in_progress": "the model is loading: unload it once it is loaded",
     "model_conflict": "the model is loaded or loading with other settings; unload it first",
     "payload_too_large": "the body is larger than TURSI_MAX_BODY_BYTES",
+    "request_body_timeout": "the body did not arrive within TURSI_BODY_TIMEOUT seconds; the "
+    "connection closes",
     "rate_limit_exceeded": "over the rate limit (see Retry-After)",
     "generation_failed": "the model raised during generation",
     "internal_error": "an unexpected failure (logged server-side)",
