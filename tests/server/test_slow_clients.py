@@ -115,28 +115,37 @@ def ends_cancelled(server, held: StepGate, before: int, max_tokens: int) -> None
     assert tokens_generated(server) - before < max_tokens
 
 
-def test_a_byte_after_the_request_does_not_hide_the_close(server, held):
-    """A non-streamed client sends its request, one more byte, then closes. The byte stays
-    unread (it would start the next request), so the socket never stops being readable; the
-    close behind it is still seen: the request ends as 499 client_disconnected while its
-    generation, whose decode steps are held, cannot have ended by itself."""
+@pytest.mark.parametrize("pause", [0, 0.5], ids=["together", "apart"])
+def test_a_byte_after_the_request_does_not_hide_the_close(server, held, pause):
+    """A non-streamed client sends its request, one more byte, then closes: at once (the
+    server finds byte and close together) or after a pause (the watch first finds the byte
+    alone). The byte stays unread (it would start the next request), so the socket never
+    stops being readable; the close behind it is still seen: the request ends as 499
+    client_disconnected while its generation, whose decode steps are held, cannot have ended
+    by itself."""
     before, gone = tokens_generated(server), errors_counted(server, "client_disconnected")
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(request_bytes(ENDLESS))
     wait_for(lambda: server.generations()["running"] == 1, timeout=60)
     sock.sendall(b"x")
+    time.sleep(pause)  # not a bound: only the order in which the server may see things
     sock.close()
     closed = time.monotonic()
     wait_for(lambda: errors_counted(server, "client_disconnected") == gone + 1, timeout=30)
-    print(f"\nbyte then close: seen {time.monotonic() - closed:.2f} s after the close")
+    print(f"\nbyte then close ({pause} s apart): seen {time.monotonic() - closed:.2f} s after")
     ends_cancelled(server, held, before, ENDLESS["max_tokens"])
 
 
-def test_a_client_that_sends_more_but_stays_gets_its_answer(server):
-    """Bytes after the request (here the start of a next request) are not a close: the
-    generation runs to its end and the answer comes."""
+def test_a_client_that_sends_more_but_stays_gets_its_answer(server, held):
+    """Bytes after the request (here the start of a next request, sent once the generation
+    runs, so that they wait unread in the socket) are not a close: the generation runs to
+    its end and the answer comes."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
-        sock.sendall(request_bytes({**ENDLESS, "max_tokens": 8}) + b"GET /health")
+        sock.sendall(request_bytes({**ENDLESS, "max_tokens": 8}))
+        wait_for(lambda: server.generations()["running"] == 1, timeout=60)
+        sock.sendall(b"GET /health")
+        time.sleep(0.5)  # not a bound: the watch finds the bytes before the steps go on
+        held.release()
         received = b""
         while not received.endswith(b"}\n"):
             chunk = sock.recv(65536)
