@@ -22,6 +22,7 @@ from tests.helpers import (
     StepGate,
     build_llama,
     parse_metrics,
+    parse_sse,
     value,
     wait_for,
     write_catalog,
@@ -200,6 +201,49 @@ def test_a_stalled_stream_reader_ends_at_the_send_timeout(server, held):
             pass
     finally:
         sock.close()
+
+
+def dechunks(data: bytes) -> list[bytes]:
+    """The chunks of a chunked HTTP/1.1 message body, in order."""
+    chunks, rest = [], data
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        if int(size, 16) == 0:
+            return chunks
+        chunks.append(rest[: int(size, 16)])
+        rest = rest[int(size, 16) + 2 :]
+
+
+def test_a_big_frame_goes_out_in_pieces(server):
+    """The send timeout bounds each write the stream hands the server, so a 7 MB frame (the
+    prompt's logprobs) goes out in pieces of at most SEND_PIECE characters, each under its
+    own timeout: a client that takes a big frame slowly but steadily is judged on its
+    progress, not on the whole frame. On the wire: many chunks, none over SEND_PIECE
+    characters (3 bytes each at most here), which join into the same stream."""
+    from tursi.api.disconnect import SEND_PIECE
+
+    body = {
+        **ENDLESS,
+        "prompt": long_prompt(server, 4000),
+        "max_tokens": 4,
+        "stream": True,
+        "prompt_logprobs": 20,
+        "return_full_text": False,
+    }
+    received = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(request_bytes(body))
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"the server closed the stream after {len(received)} bytes"
+            received += chunk
+    head, _, chunked = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    chunks = dechunks(chunked)
+    assert max(len(chunk) for chunk in chunks) <= 3 * SEND_PIECE
+    events = parse_sse(b"".join(chunks).decode().split("\n"))
+    assert events[0][0] == "prompt_logprobs" and len(events[0][1]["prompt_logprobs"]) >= 4000
+    assert events[-1][0] == "done" and events[-1][1]["tokens_generated"] == 4
 
 
 @pytest.fixture

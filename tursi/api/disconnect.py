@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between two checks of a socket that holds unread bytes (see above).
 PENDING_CHECK = 0.1
+# Characters of a streamed frame written under one send timeout (bound_sends).
+SEND_PIECE = 64 * 1024
 
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)  # Linux; elsewhere the peek below sees a FIN
 _GONE_EVENTS = _POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -104,7 +106,10 @@ def bound_sends(
     (None: unbounded). The server writes a chunk before it asks for the next, so a chunk not
     asked for `seconds` after it was handed over is a write stuck on a client that stopped
     reading: then `on_stall()` runs and the connection is shut down, which fails the stuck
-    write (EPIPE); the server ends the response and closes the connection."""
+    write (EPIPE); the server ends the response and closes the connection. A frame longer
+    than SEND_PIECE characters (the prompt's logprobs of a long prompt can be megabytes)
+    goes out in pieces, each with its own timeout, so that a client is judged on its
+    progress, not on how long a whole big frame takes."""
     sock = environ.get("gunicorn.socket")
     if seconds is None or sock is None or not gevent_active():
         yield from frames
@@ -129,10 +134,11 @@ def bound_sends(
     timer = get_hub().loop.timer(seconds)
     try:
         for frame in frames:
-            timer.start(stalled, update=True)
-            try:
-                yield frame
-            finally:
-                timer.stop()
+            for start in range(0, len(frame), SEND_PIECE):
+                timer.start(stalled, update=True)
+                try:
+                    yield frame[start : start + SEND_PIECE]
+                finally:
+                    timer.stop()
     finally:
         timer.close()
