@@ -1,9 +1,10 @@
 """Clients that cost the server by being slow or sly, against a real gunicorn (gevent worker):
 one that sends a byte after its request and then closes (the close must still be seen), one
 that keeps sending bytes but stays (it must still be answered), bodies that trickle in
-(TURSI_BODY_TIMEOUT) and a stream reader that stops reading (TURSI_SEND_TIMEOUT). Nothing
-here bounds how fast the machine is: each test waits for what must happen, and checks what
-must not have (a generation that ran to its max_tokens, a connection still open)."""
+(TURSI_BODY_TIMEOUT) and a stream reader that stops reading (TURSI_SEND_TIMEOUT, whose big
+frames go out in pieces). Nothing here bounds how fast the machine is: each test waits for
+what must happen, and checks what must not have (a generation that ran to its max_tokens, a
+connection still open)."""
 
 from __future__ import annotations
 
