@@ -151,6 +151,8 @@ class Settings:
     step_timeout: float | None = 300.0
     max_body_bytes: int = 1024 * 1024
     heartbeat_seconds: float = 2.0
+    body_timeout: float | None = 30.0
+    send_timeout: float | None = 30.0
     max_gpu_memory: str | None = None
     max_memory: int | None = None
     keep_alive: float | None = None
@@ -181,6 +183,8 @@ class Settings:
             "TURSI_STEP_TIMEOUT": ("step_timeout", _timeout),
             "TURSI_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
             "TURSI_HEARTBEAT_SECONDS": ("heartbeat_seconds", _positive_seconds),
+            "TURSI_BODY_TIMEOUT": ("body_timeout", _timeout),
+            "TURSI_SEND_TIMEOUT": ("send_timeout", _timeout),
             "TURSI_MAX_GPU_MEMORY": ("max_gpu_memory", str),
             "TURSI_MAX_MEMORY": ("max_memory", parse_bytes),
             "TURSI_KEEP_ALIVE": ("keep_alive", parse_duration),

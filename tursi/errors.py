@@ -45,6 +45,13 @@ class ClientDisconnected(TursiError):
     status, code = 499, "client_disconnected"
 
 
+class RequestBodyTimeout(TursiError):
+    """The request's body did not arrive within TURSI_BODY_TIMEOUT (tursi.api.bodies); the
+    connection closes after this answer."""
+
+    status, code = 408, "request_body_timeout"
+
+
 class ContextLengthExceeded(TursiError):
     status, code = 400, "context_length_exceeded"
 

@@ -21,6 +21,8 @@ FULL_ENV = {
     "TURSI_REQUEST_TIMEOUT": "2.5",
     "TURSI_MAX_BODY_BYTES": "4096",
     "TURSI_HEARTBEAT_SECONDS": "0.5",
+    "TURSI_BODY_TIMEOUT": "0",
+    "TURSI_SEND_TIMEOUT": "7.5",
     "TURSI_MAX_GPU_MEMORY": "10GiB",
     "TURSI_ALLOW_DOWNLOADS": "yes",
     "TURSI_LOG_LEVEL": "debug",
@@ -37,6 +39,7 @@ def test_settings_defaults():
     assert settings.allow_downloads is False
     assert settings.api_keys == []
     assert (settings.max_batch, settings.max_queue, settings.request_timeout) == (32, 128, 300)
+    assert (settings.body_timeout, settings.send_timeout) == (30, 30)
 
 
 def test_settings_from_env_reads_every_variable():
@@ -58,6 +61,8 @@ def test_settings_from_env_reads_every_variable():
         request_timeout=2.5,
         max_body_bytes=4096,
         heartbeat_seconds=0.5,
+        body_timeout=None,
+        send_timeout=7.5,
         max_gpu_memory="10GiB",
         allow_downloads=True,
         log_level="debug",
@@ -131,6 +136,8 @@ def test_settings_request_timeout_values(value, expected):
         ("TURSI_REQUEST_TIMEOUT", "inf"),
         ("TURSI_REQUEST_TIMEOUT", "soon"),
         ("TURSI_REQUEST_TIMEOUT", ""),
+        ("TURSI_BODY_TIMEOUT", "-1"),
+        ("TURSI_SEND_TIMEOUT", "later"),
     ],
 )
 def test_settings_bad_or_out_of_range_values_raise(name, value):

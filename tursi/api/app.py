@@ -10,7 +10,7 @@ from ..config import Settings
 from ..engine.catalog import Catalog
 from ..engine.manager import ModelManager
 from ..engine.worker import BatchLimits
-from . import accounting, auth, lifecycle, limits, token_budget
+from . import accounting, auth, bodies, lifecycle, limits, token_budget
 from .state import AppState
 
 
@@ -23,6 +23,7 @@ def build_app(settings: Settings) -> Flask:
     )
     app = Flask("tursi", static_folder=None)  # no /static route: nothing to serve there
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.wsgi_app = bodies.with_deadline(app.wsgi_app, settings.body_timeout)
     app.json.sort_keys = False
     manager = ModelManager(
         Catalog.load(settings.models_file),

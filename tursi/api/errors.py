@@ -42,8 +42,9 @@ def error_response(
     return response
 
 
-# The 409 that goes away by itself: the load ends, then the unload can run.
-_RETRYABLE_CODES = {"load_in_progress"}
+# The 409 that goes away by itself: the load ends, then the unload can run; the 408 of a
+# body that came too slowly, which a retry on a better connection can deliver.
+_RETRYABLE_CODES = {"load_in_progress", "request_body_timeout"}
 # Errors that a retry only repeats: the same generation runs past the same deadline, the
 # same model does not fit the same memory, the same request needs more than a whole
 # window's token budget.
@@ -54,8 +55,8 @@ def retryable(status: int, code: str) -> bool:
     """Whether the same request may succeed later. The openai SDK retries 408, 409, 429 and
     5xx answers twice by default unless `x-should-retry: false` says otherwise: without it,
     a 409 model_not_loaded or a 504 after a 300 s generation would run three times. 429s
-    (but request_exceeds_token_limit), 503s (loading, overloaded, shutting down) and
-    load_in_progress stay retryable."""
+    (but request_exceeds_token_limit), 503s (loading, overloaded, shutting down),
+    load_in_progress and request_body_timeout stay retryable."""
     if code in _FINAL_CODES:
         return False
     if status < 500:

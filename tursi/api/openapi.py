@@ -200,9 +200,9 @@ TOKENIZER_ERRORS = {
     503: ["model_loading", "model_unloaded", "model_failed"],
 }
 
-# Endpoint -> Doc. Added to every operation: 401 unless open, 413 with a body, 429 on /api/v1
-# and /v1 (with the X-RateLimit-* headers on every response there), 500 internal_error and,
-# but on /health and /metrics, 503 shutting_down.
+# Endpoint -> Doc. Added to every operation: 401 unless open, 408 and 413 with a body, 429 on
+# /api/v1 and /v1 (with the X-RateLimit-* headers on every response there), 500
+# internal_error and, but on /health and /metrics, 503 shutting_down.
 OPERATIONS: dict[str, Doc] = {
     "health.health": Doc(
         "health", {200: ok("The process answers HTTP", HealthSchema)}, {400: [QUERY]}, security=[]
@@ -543,6 +543,7 @@ def _operation(rule: Any, view: Any, doc: Doc | None) -> dict[str, Any]:
             "required": doc.body_required,
             "content": {"application/json": media},
         }
+        errors[408] = ["request_body_timeout"]
         errors[413] = ["payload_too_large"]
     rate_limited = is_api_path(rule.rule)
     if rate_limited:

@@ -27,6 +27,8 @@ ERROR_CODES = {
     "load_in_progress": "the model is loading: unload it once it is loaded",
     "model_conflict": "the model is loaded or loading with other settings; unload it first",
     "payload_too_large": "the body is larger than TURSI_MAX_BODY_BYTES",
+    "request_body_timeout": "the body did not arrive within TURSI_BODY_TIMEOUT seconds; the "
+    "connection closes",
     "rate_limit_exceeded": "over the rate limit (see Retry-After)",
     "token_rate_limit_exceeded": "the token budget left (TURSI_TOKEN_RATE_LIMIT) does not "
     "cover the prompt tokens + max_tokens x choices (see Retry-After)",
@@ -47,6 +49,8 @@ ERROR_CODES = {
     "request_timeout": "the request ran longer than TURSI_REQUEST_TIMEOUT",
     "client_disconnected": "the client closed the connection before its answer was ready; "
     "never received, it shows in logs and metrics as 499",
+    "send_timeout": "a stream's client stopped reading for TURSI_SEND_TIMEOUT seconds: the "
+    "generation ended and the connection closed; never received, it shows in metrics",
     "forbidden": "(from gunicorn, before the app) a PROXY protocol header from an address "
     "that is not an allowed proxy, or a TLS error",
     "uri_too_long": "(from gunicorn, before the app) a request line over 4094 bytes",

@@ -16,8 +16,8 @@ from ..engine.jobs import Failed, Finished, PromptLogprobs, TextChunk, TokenLogp
 from ..errors import TursiError
 from ..formatting import format_seconds
 from ..threads import Empty
-from .accounting import outcome
-from .disconnect import watch_client
+from .accounting import RequestOutcome, outcome
+from .disconnect import bound_sends, watch_client
 from .jobs import Submission
 from .logprobs import TokenTexts, prompt_entries, token_entries
 from .state import current
@@ -87,47 +87,66 @@ class NativeFrames:
 
 
 def relay(
-    submission: Submission, frames: Frames, heartbeat: float, environ: dict[str, Any]
+    submission: Submission,
+    frames: Frames,
+    heartbeat: float,
+    environ: dict[str, Any],
+    send_timeout: float | None = None,
 ) -> Iterator[str]:
     """Yield SSE frames for the request until all its choices finish. A comment heartbeat
     goes out when the engine is quiet, so a vanished client is noticed (the write fails,
     the server closes this generator) and the jobs are cancelled in `finally`; a client that
-    closes its connection is noticed at once (tursi.api.disconnect). How the stream ended
-    goes into the request's outcome, for the request counters (tursi.api.accounting)."""
+    closes its connection is noticed at once, and one that stops reading at `send_timeout`
+    (tursi.api.disconnect). How the stream ended goes into the request's outcome, for the
+    request counters (tursi.api.accounting)."""
     ended = outcome(environ)
+
+    def stalled() -> None:
+        ended.error_code = "send_timeout"
+        submission.cancel()
+
     unwatch = watch_client(environ, submission)
     try:
-        yield from frames.start()
-        while True:
-            try:
-                event = submission.next_event(timeout=heartbeat)
-            except Empty:
-                yield HEARTBEAT
-                continue
-            if isinstance(event, TextChunk):
-                if event.text or event.logprobs:
-                    yield from frames.text(event)
-            elif isinstance(event, PromptLogprobs):
-                yield from frames.prompt(event)
-            elif isinstance(event, Finished):
-                yield from frames.finished(event)
-                if submission.finished(event):
-                    ended.stream_finished = True
-                    yield from frames.end()
-                    return
-            elif isinstance(event, Failed):
-                ended.error_code = event.error.code
-                yield from frames.error(event.error)
-                return
+        each = _frames(submission, frames, heartbeat, ended)
+        yield from bound_sends(each, environ, send_timeout, stalled)
     finally:
         unwatch()
         submission.close()
 
 
+def _frames(
+    submission: Submission, frames: Frames, heartbeat: float, ended: RequestOutcome
+) -> Iterator[str]:
+    yield from frames.start()
+    while True:
+        try:
+            event = submission.next_event(timeout=heartbeat)
+        except Empty:
+            yield HEARTBEAT
+            continue
+        if isinstance(event, TextChunk):
+            if event.text or event.logprobs:
+                yield from frames.text(event)
+        elif isinstance(event, PromptLogprobs):
+            yield from frames.prompt(event)
+        elif isinstance(event, Finished):
+            yield from frames.finished(event)
+            if submission.finished(event):
+                ended.stream_finished = True
+                yield from frames.end()
+                return
+        elif isinstance(event, Failed):
+            ended.error_code = event.error.code
+            yield from frames.error(event.error)
+            return
+
+
 def stream_response(submission: Submission, frames: Frames) -> Response:
-    heartbeat = current().settings.heartbeat_seconds
+    settings = current().settings
     return Response(
-        relay(submission, frames, heartbeat, request.environ),
+        relay(
+            submission, frames, settings.heartbeat_seconds, request.environ, settings.send_timeout
+        ),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
