@@ -99,12 +99,31 @@ def native_sleep(seconds: float) -> None:
 
 def off_hub(function: Callable[..., Any], *args: Any) -> Any:
     """Call `function(*args)` where it cannot block the gevent hub: in the hub's thread pool
-    when a greenlet calls it under gevent, else right here."""
-    if gevent_active():
-        from gevent import get_hub
+    when a greenlet calls it under gevent, else right here (no gevent, or a thread that has
+    no hub: a thread of that pool, a model's engine thread). Its exception is raised here.
 
-        return get_hub().threadpool.apply(function, args)
+    Asking for the current thread's hub would make one in a thread that has none, and a
+    native thread must not build gevent objects; so only a hub that exists is asked. An
+    exception comes back as a value: one raised in the pool, the hub prints with its
+    traceback (a refused request body is no server error, and would fill the log)."""
+    if gevent_active():
+        from gevent._hub_local import get_hub_if_exists
+
+        hub = get_hub_if_exists()
+        if hub is not None:
+            done, value = hub.threadpool.apply(_outcome, (function, args))
+            if not done:
+                raise value
+            return value
     return function(*args)
+
+
+def _outcome(function: Callable[..., Any], args: tuple) -> tuple[bool, Any]:
+    """(True, the result) or (False, the exception) of `function(*args)`."""
+    try:
+        return True, function(*args)
+    except Exception as exc:
+        return False, exc
 
 
 def native_ident() -> int:
