@@ -35,6 +35,8 @@ from marshmallow import ValidationError, fields, post_load, validate, validates_
 from .schemas import (
     MAX_PROMPT_CHARS,
     MAX_STOP_STRINGS,
+    BoundedDict,
+    BoundedList,
     JsonBoolean,
     JsonInteger,
     SamplingSchema,
@@ -45,7 +47,7 @@ from .schemas import (
     model_field,
     stop_string_field,
     temperature_field,
-    token_id_field,
+    token_ids_field,
     top_p_field,
 )
 from .structured_schemas import (
@@ -62,6 +64,11 @@ from .tools import MAX_GRAMMAR_CHARS, Tools
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_PROMPT_TOKENS = MAX_PROMPT_CHARS  # token ids in one prompt (the context is the real cap)
+MAX_MESSAGES = 1000  # in one chat
+# The text of a chat's messages: as much as one prompt may be (a prompt is at most
+# MAX_PROMPT_CHARS characters however it is sent), in at most as many parts as messages.
+MAX_CHAT_CHARS = MAX_PROMPT_CHARS
+MAX_CONTENT_PARTS = MAX_MESSAGES
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on /v1/completions' logprobs
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 FUNCTIONS = "functions and function_call (deprecated by OpenAI) are not supported: use tools"
@@ -109,7 +116,7 @@ class TextOrList(fields.Field):
 
     def __init__(self, item: fields.Field, max_items: int, **kwargs: Any):
         super().__init__(**kwargs)
-        self.items = fields.List(item, validate=validate.Length(max=max_items))
+        self.items = BoundedList(item, validate=validate.Length(max=max_items))
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list[str]:
         if isinstance(value, str):
@@ -189,7 +196,7 @@ class Prompts(fields.Field):
         if len(value) > MAX_PROMPTS:
             raise ValidationError(f"at most {MAX_PROMPTS} prompts")
         text = fields.String(validate=validate.Length(min=1, max=MAX_PROMPT_CHARS))
-        ids = fields.List(token_id_field(), validate=validate.Length(min=1, max=MAX_PROMPT_TOKENS))
+        ids = token_ids_field(1, MAX_PROMPT_TOKENS)
         prompts: list[str | list[int]] = []
         for index, prompt in enumerate(value):
             if not isinstance(prompt, (str, list)):
@@ -318,7 +325,7 @@ class MessageSchema(StrictSchema):
         metadata={"description": "required; null only on an assistant message with tool_calls"}
     )
     name = fields.String()  # the speaker's name: templates have no place for it, so unused
-    tool_calls = fields.List(
+    tool_calls = BoundedList(
         fields.Nested(ToolCallSchema),
         validate=validate.Length(max=MAX_TOOL_CALLS),
         metadata={"description": "assistant messages only"},
@@ -362,16 +369,23 @@ class MessageSchema(StrictSchema):
         return message
 
 
-class ChatMessages(fields.List):
-    """The messages of a chat: 1..1000, and every tool result answers a call an earlier
-    assistant message made (as OpenAI checks)."""
+class ChatMessages(BoundedList):
+    """The messages of a chat: 1..MAX_MESSAGES, at most MAX_CONTENT_PARTS content parts and
+    MAX_CHAT_CHARS characters of text in all (checked before any message is loaded:
+    check_text_size), and every tool result answers a call an earlier assistant message made (as
+    OpenAI checks)."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(
-            fields.Nested(MessageSchema), validate=validate.Length(min=1, max=1000), **kwargs
+            fields.Nested(MessageSchema),
+            validate=validate.Length(min=1, max=MAX_MESSAGES),
+            **kwargs,
         )
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list:
+        self.check_length(value)
+        if isinstance(value, list):
+            check_text_size(value)
         messages = super()._deserialize(value, attr, data, **kwargs)
         called: set[str] = set()
         for index, message in enumerate(messages):
@@ -381,6 +395,36 @@ class ChatMessages(fields.List):
                     {index: {"tool_call_id": ["answers no tool call of an earlier message"]}}
                 )
         return messages
+
+
+def check_text_size(messages: list) -> None:
+    """Refuse messages, as the client sent them, with more than MAX_CONTENT_PARTS content
+    parts or MAX_CHAT_CHARS characters of text in all (every content string and text part,
+    every tool call's arguments; what is not of the documented types counts nothing: loading
+    the messages refuses it). Counting is cheap and loading is not (a schema load per
+    message and per part, and a 1 MB body holds 36,000 parts), so this comes first."""
+    contents = [message.get("content") for message in messages if isinstance(message, dict)]
+    parts = sum(len(content) for content in contents if isinstance(content, list))
+    if parts > MAX_CONTENT_PARTS:
+        raise ValidationError(
+            f"at most {MAX_CONTENT_PARTS} content parts in all messages together "
+            f"(these have {parts})"
+        )
+    texts = [content for content in contents if isinstance(content, str)]
+    for content in contents:
+        if isinstance(content, list):
+            texts += [part.get("text") for part in content if isinstance(part, dict)]
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            texts.append(function.get("arguments") if isinstance(function, dict) else None)
+    chars = sum(len(text) for text in texts if isinstance(text, str))
+    if chars > MAX_CHAT_CHARS:
+        raise ValidationError(
+            f"at most {MAX_CHAT_CHARS} characters of text in all messages together "
+            f"(these have {chars})"
+        )
 
 
 class Parameters(fields.Dict):
@@ -466,7 +510,7 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
 
     # Accepted and ignored: they do not change the output.
     metadata = ignored(
-        fields.Dict(
+        BoundedDict(
             keys=fields.String(validate=validate.Length(max=64)),
             values=fields.String(validate=validate.Length(max=512)),
             validate=validate.Length(max=16),
@@ -480,7 +524,7 @@ class ChatCompletionRequestSchema(OpenAIRequestSchema):
     safety_identifier = ignored(fields.String(validate=validate.Length(max=64)))
 
     # Tool calling (tursi.api.tools).
-    tools = fields.List(fields.Nested(ToolSchema), validate=validate.Length(max=MAX_TOOLS))
+    tools = BoundedList(fields.Nested(ToolSchema), validate=validate.Length(max=MAX_TOOLS))
     tool_choice = ToolChoice(
         metadata={
             "description": '"none", "auto" (the default with tools), "required", or '

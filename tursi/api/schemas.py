@@ -8,7 +8,7 @@ from typing import Any
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from ..engine.catalog import DTYPES, QUANT_BITS, QUANT_MODES
-from .schema_base import JsonBoolean, JsonInteger, JsonNumber, StrictSchema
+from .schema_base import BoundedList, JsonBoolean, JsonInteger, JsonNumber, StrictSchema
 from .structured_schemas import StructuredOutputsSchema
 
 MAX_STOP_STRINGS = 16
@@ -75,9 +75,22 @@ def token_id_field() -> fields.Field:
 
 
 def token_ids_field(min_items: int, max_items: int, **kwargs: Any) -> fields.Field:
-    return fields.List(
+    return TokenIds(
         token_id_field(), validate=validate.Length(min=min_items, max=max_items), **kwargs
     )
+
+
+class TokenIds(BoundedList):
+    """A list of token ids. A prompt of token ids can be 200,000 long: when every item is a
+    JSON integer in range (the usual case) it is checked by built-ins in one pass, not by
+    one field load per id; otherwise each id is loaded, for the errors that name it."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list[int]:
+        self.check_length(value)
+        if isinstance(value, list) and all(type(item) is int for item in value):
+            if not value or (min(value) >= 0 and max(value) <= INT64[1]):
+                return list(value)
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 class LogitBias(fields.Field):
@@ -131,7 +144,7 @@ class SamplingSchema(StrictSchema):
     presence_penalty = JsonNumber(validate=validate.Range(min=-2.0, max=2.0), load_default=0.0)
     frequency_penalty = JsonNumber(validate=validate.Range(min=-2.0, max=2.0), load_default=0.0)
     logit_bias = LogitBias(load_default=dict)
-    stop = fields.List(
+    stop = BoundedList(
         stop_string_field(), validate=validate.Length(max=MAX_STOP_STRINGS), load_default=list
     )
     stop_token_ids = token_ids_field(0, MAX_STOP_TOKEN_IDS, load_default=list)
