@@ -46,6 +46,11 @@ def _count(value: str) -> int:
     return number
 
 
+def _optional_limit(value: str) -> int | None:
+    """A count; 0 turns the limit off."""
+    return _count(value) or None
+
+
 def _timeout(value: str) -> float | None:
     """Seconds; 0 turns the deadline off."""
     if float(value) == 0:
@@ -145,6 +150,7 @@ class Settings:
     ratelimit_storage_uri: str = "memory://"
     token_rate_limit: str = ""  # tokens per client and window (tursi.api.token_budget); off
     max_tokens: int = 2048
+    max_prompt_tokens: int | None = None  # None: the model's context length is the bound
     max_batch: int = 32
     max_queue: int = 128
     request_timeout: float | None = 300.0
@@ -177,6 +183,7 @@ class Settings:
             "TURSI_RATELIMIT_STORAGE_URI": ("ratelimit_storage_uri", str),
             "TURSI_TOKEN_RATE_LIMIT": ("token_rate_limit", _token_rate_limit),
             "TURSI_MAX_TOKENS": ("max_tokens", _positive_int),
+            "TURSI_MAX_PROMPT_TOKENS": ("max_prompt_tokens", _optional_limit),
             "TURSI_MAX_BATCH": ("max_batch", _positive_int),
             "TURSI_MAX_QUEUE": ("max_queue", _count),
             "TURSI_REQUEST_TIMEOUT": ("request_timeout", _timeout),

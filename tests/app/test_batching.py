@@ -69,6 +69,9 @@ def test_a_full_model_answers_503_overloaded_then_admits_again(make_app, held_st
         error = assert_error(response, 503, "overloaded")
         assert error["details"] == {"max_batch": 1, "max_queue": 1}
         assert response.headers["Retry-After"] == "1"
+    # the admission check comes before the prompt is tokenized (which costs as much as the
+    # prompt is long): a prompt over the context is refused as the full model's 503 too
+    assert_error(generate(client, prompt="lazy dog " * 200, max_tokens=3), 503, "overloaded")
     assert counts(client) == (1, 1)  # refused requests take no place
 
     running.close()

@@ -16,6 +16,7 @@ FULL_ENV = {
     "TURSI_RATELIMIT_STORAGE_URI": "redis://localhost:6379",
     "TURSI_TOKEN_RATE_LIMIT": " 5000/minute ",
     "TURSI_MAX_TOKENS": "512",
+    "TURSI_MAX_PROMPT_TOKENS": "4096",
     "TURSI_MAX_BATCH": "8",
     "TURSI_MAX_QUEUE": "0",
     "TURSI_REQUEST_TIMEOUT": "2.5",
@@ -40,6 +41,7 @@ def test_settings_defaults():
     assert settings.api_keys == []
     assert (settings.max_batch, settings.max_queue, settings.request_timeout) == (32, 128, 300)
     assert (settings.body_timeout, settings.send_timeout) == (30, 30)
+    assert settings.max_prompt_tokens is None  # the model's context length bounds a prompt
 
 
 def test_settings_from_env_reads_every_variable():
@@ -56,6 +58,7 @@ def test_settings_from_env_reads_every_variable():
         ratelimit_storage_uri="redis://localhost:6379",
         token_rate_limit="5000/minute",
         max_tokens=512,
+        max_prompt_tokens=4096,
         max_batch=8,
         max_queue=0,
         request_timeout=2.5,
@@ -109,6 +112,11 @@ def test_settings_request_timeout_values(value, expected):
     assert Settings.from_env({"TURSI_REQUEST_TIMEOUT": value}).request_timeout == expected
 
 
+@pytest.mark.parametrize("value, expected", [("0", None), ("1", 1), ("8192", 8192)])
+def test_settings_max_prompt_tokens_values(value, expected):
+    assert Settings.from_env({"TURSI_MAX_PROMPT_TOKENS": value}).max_prompt_tokens == expected
+
+
 @pytest.mark.parametrize(
     "name, value",
     [
@@ -131,6 +139,8 @@ def test_settings_request_timeout_values(value, expected):
         ("TURSI_MAX_BATCH", "many"),
         ("TURSI_MAX_QUEUE", "-1"),
         ("TURSI_MAX_QUEUE", "none"),
+        ("TURSI_MAX_PROMPT_TOKENS", "-1"),
+        ("TURSI_MAX_PROMPT_TOKENS", "1.5"),
         ("TURSI_REQUEST_TIMEOUT", "-1"),
         ("TURSI_REQUEST_TIMEOUT", "nan"),
         ("TURSI_REQUEST_TIMEOUT", "inf"),

@@ -31,7 +31,11 @@ def build_app(settings: Settings) -> Flask:
         settings.max_gpu_memory,
         settings.allow_downloads,
         BatchLimits(
-            settings.max_batch, settings.max_queue, settings.request_timeout, settings.step_timeout
+            settings.max_batch,
+            settings.max_queue,
+            settings.request_timeout,
+            settings.step_timeout,
+            settings.max_prompt_tokens,
         ),
         settings.max_memory,
         settings.keep_alive,

@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, jsonify
 from marshmallow import ValidationError
 
-from . import json_body
+from . import load_body
 from .jobs import submit
 from .logprobs import TokenTexts, prompt_entries, token_entries
 from .schemas import GenerateRequestSchema
@@ -24,7 +24,7 @@ def generate():
     The whole text as JSON, or with `stream: true` server-sent events as it is generated;
     with `logprobs` / `prompt_logprobs`, each token's log probability and the top
     alternatives."""
-    params = GenerateRequestSchema().load(json_body())
+    params = load_body(GenerateRequestSchema)
     if params.get("n", 1) != 1:
         # One text per answer keeps the native shape (and its stream) as it is; several
         # choices are what /v1/completions is for.

@@ -3,16 +3,20 @@ OpenAI-compatible /v1) take into the engine, and the request's handle on them.""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, TypeAlias
 
 from ..engine.jobs import Event, Failed, Finished, GenerationJob, SamplingParams
 from ..engine.worker import ModelWorker
 from ..errors import TursiError
-from ..threads import Channel
+from ..threads import Channel, off_hub
 from .state import current
 from .token_budget import Reservation, reserve
+
+# A prompt: text, token ids, or a function of the worker that renders it (a chat's messages
+# through the model's template: tursi.api.tools.chat_prompt).
+Prompt: TypeAlias = str | list[int] | Callable[[ModelWorker], str]
 
 
 def sampling_params(data: Mapping[str, Any], **overrides: Any) -> SamplingParams:
@@ -78,39 +82,45 @@ class Submission:
 def submit(
     worker: ModelWorker,
     data: Mapping[str, Any],
-    prompts: Sequence[str | list[int]],
+    prompts: Sequence[Prompt],
     max_tokens: int | None,
     *,
     chat: bool = False,
     n: int | None = None,
     sampling: SamplingParams | None = None,
 ) -> Submission:
-    """Tokenize each prompt and check it against the context window and the server's
-    max_tokens cap (400s), reserve its tokens in the client's token budget (429s:
-    tursi.api.token_budget), then queue one job per prompt on `worker`, all or none (503
-    when full, and the reservation is given back). Prompt i's choices are numbered
-    i*n .. i*n+n-1, as OpenAI numbers them; `n` defaults to the request's. A chat prompt
-    comes from the model's template, which already holds its special tokens; without
-    max_tokens a chat reply runs to its end (up to the context or the cap), any other
-    request gets the engine's default."""
+    """Check that the model has room for the request now (a cheap 503 first); render and
+    tokenize each prompt and check it against the context window and the server's caps
+    (400s), off the gevent hub: that costs as much as the prompt is long; reserve its tokens
+    in the client's token budget (429s: tursi.api.token_budget), then queue one job per
+    prompt on `worker`, all or none (503 when full, and the reservation is given back).
+    Prompt i's choices are numbered i*n .. i*n+n-1, as OpenAI numbers them; `n` defaults
+    to the request's. A chat prompt comes from the model's template, which already holds
+    its special tokens; without max_tokens a chat reply runs to its end (up to the context
+    or the cap), any other request gets the engine's default."""
     cap = current().settings.max_tokens
     n = data.get("n", 1) if n is None else n
     sampling = sampling_params(data) if sampling is None else sampling
+    worker.check_room(n * len(prompts))
     events = Channel()  # made here: a channel belongs to the greenlet that reads it
-    jobs = [
-        worker.new_job(
-            prompt,
-            sampling,
-            max_tokens=max_tokens,
-            max_tokens_cap=cap,
-            default_max_tokens=cap if chat else None,
-            add_special_tokens=not chat,
-            n=n,
-            index=i * n,
-            events=events,
-        )
-        for i, prompt in enumerate(prompts)
-    ]
+
+    def new_jobs() -> list[GenerationJob]:
+        return [
+            worker.new_job(
+                prompt(worker) if callable(prompt) else prompt,
+                sampling,
+                max_tokens=max_tokens,
+                max_tokens_cap=cap,
+                default_max_tokens=cap if chat else None,
+                add_special_tokens=not chat,
+                n=n,
+                index=i * n,
+                events=events,
+            )
+            for i, prompt in enumerate(prompts)
+        ]
+
+    jobs = off_hub(new_jobs)
     reservation = reserve(jobs)  # needs the prompt token counts: after tokenizing
     try:
         worker.submit_all(jobs)

@@ -11,7 +11,7 @@ from ..engine.loading import LoadOptions
 from ..engine.views import ModelView
 from ..formatting import format_bytes, format_percent, format_seconds, format_uptime, iso_utc
 from ..telemetry import summarize
-from . import json_body, no_query
+from . import load_body, no_query
 from .schemas import LoadRequestSchema, UnloadRequestSchema
 from .state import current
 
@@ -63,7 +63,7 @@ def load_model(name: str):
     model is `loaded` (or `failed`)."""
     manager = current().manager
     manager.state(name)  # 404 before validating the body
-    options = LoadOptions(**LoadRequestSchema().load(json_body(required=False)))
+    options = LoadOptions(**load_body(LoadRequestSchema, required=False))
     ticket = manager.load(name, options)
     body: dict[str, Any] = {"status": ticket.status, "message": ticket.message}
     if ticket.estimated_seconds is not None:
@@ -76,7 +76,7 @@ def unload_model(name: str):
     """Unload a model and release its memory.
 
     Its running and queued generations end with `model_unloaded`."""
-    UnloadRequestSchema().load(json_body(required=False))
+    load_body(UnloadRequestSchema, required=False)
     current().manager.unload(name)
     return jsonify({"status": "success", "message": "Model unloaded successfully"})
 

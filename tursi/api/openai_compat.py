@@ -10,7 +10,8 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from ..errors import InvalidRequest, ModelNotFound
-from . import json_body, no_query
+from ..threads import off_hub
+from . import load_body, no_query
 from .jobs import Submission, sampling_params, submit
 from .logprobs import TokenTexts
 from .openai_responses import Completion, CompletionFrames, best_of
@@ -66,7 +67,7 @@ def completions():
     `prompt` is a string, a list of token ids, or a list of either; each gets `n` choices
     (or the best `n` of `best_of`), numbered prompt by prompt. `stream: true` answers
     OpenAI's SSE chunks."""
-    params = CompletionRequestSchema().load(json_body())
+    params = load_body(CompletionRequestSchema)
     worker = current().manager.worker(params["model"])
     max_tokens = params["max_tokens"]
     if max_tokens is None:
@@ -88,8 +89,8 @@ def completions():
     )
     texts = TokenTexts(worker)
     echoes = None
-    if params["echo"]:
-        echoes = [p if isinstance(p, str) else texts.decode(p) for p in params["prompts"]]
+    if params["echo"]:  # token-id prompts decoded off the hub: they can be long
+        echoes = off_hub(_echoes, texts, params["prompts"])
     completion = Completion(params, submission, texts, chat=False, echoes=echoes)
     if ranked:  # never streamed (the schema refuses best_of with stream)
         return jsonify(completion.whole(best_of(collect(submission), n, best)))
@@ -104,10 +105,10 @@ def chat_completions():
     `n` choices; `stream: true` answers OpenAI's SSE chunks. With `tools`, the model may call
     them (tool_choice), its calls held valid by a grammar and answered as `tool_calls`
     (tursi.api.tools, docs/tools.md)."""
-    params = ChatCompletionRequestSchema().load(json_body())
+    params = load_body(ChatCompletionRequestSchema)
     worker = current().manager.worker(params["model"])
     tools = params["tools"]
-    prompt = chat_prompt(worker, params["messages"], tools)
+    messages = params["messages"]
     sampling = None
     if tools is not None:
         if tools.choice == "auto" and params["constraint"] is not None:
@@ -120,7 +121,12 @@ def chat_completions():
         sampling = sampling_params(params, constraint=constraint(tools))
     try:
         submission = submit(
-            worker, params, [prompt], params["max_tokens"], chat=True, sampling=sampling
+            worker,
+            params,
+            [lambda worker: chat_prompt(worker, messages, tools)],
+            params["max_tokens"],
+            chat=True,
+            sampling=sampling,
         )
     except InvalidRequest as exc:
         if tools is not None and exc.details.get("kind") == "grammar":
@@ -130,6 +136,10 @@ def chat_completions():
         params, submission, TokenTexts(worker), chat=True, tools=tools is not None
     )
     return _respond(submission, completion)
+
+
+def _echoes(texts: TokenTexts, prompts: list[str | list[int]]) -> list[str]:
+    return [p if isinstance(p, str) else texts.decode(p) for p in prompts]
 
 
 def _respond(submission: Submission, completion: Completion):

@@ -77,7 +77,7 @@ class JsonSchemaText(fields.Field):
 
 
 def _parse(text: str) -> Any:
-    """A schema sent as a string: JSON only (no NaN or Infinity, as json_body refuses)."""
+    """A schema sent as a string: JSON only (no NaN or Infinity, as load_body refuses)."""
     try:
         return json.loads(text, parse_constant=_not_json)
     except RecursionError:

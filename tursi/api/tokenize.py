@@ -14,7 +14,8 @@ from flask import Blueprint, jsonify
 
 from ..engine.worker import ModelWorker
 from ..errors import InvalidRequest
-from . import json_body
+from ..threads import off_hub
+from . import load_body
 from .state import current
 from .tokenize_schemas import (
     CompatDetokenizeRequestSchema,
@@ -36,9 +37,9 @@ def tokenize():
     false); `messages` are rendered with the chat template first (with the assistant's
     generation prompt unless add_generation_prompt is false). The answer has the ids, their
     count and the model's context length."""
-    data = TokenizeRequestSchema().load(json_body())
+    data = load_body(TokenizeRequestSchema)
     worker = current().manager.worker(data["model"])
-    ids = _token_ids(worker, data)
+    ids = off_hub(_token_ids, worker, data)
     return jsonify({"tokens": ids, "count": len(ids), "context_length": worker.context_length})
 
 
@@ -47,9 +48,9 @@ def detokenize():
     """The text of token ids.
 
     Ids outside the model's vocabulary are a 400."""
-    data = DetokenizeRequestSchema().load(json_body())
+    data = load_body(DetokenizeRequestSchema)
     worker = current().manager.worker(data["model"])
-    return jsonify({"text": worker.detokenize(data["tokens"])})
+    return jsonify({"text": off_hub(worker.detokenize, data["tokens"])})
 
 
 @compat_bp.post("/tokenize")
@@ -60,15 +61,9 @@ def compat_tokenize():
     llama.cpp's {content, add_special, with_pieces}; `model` may be left out when exactly
     one model is loaded. Answers {tokens, count, max_model_len}; with `with_pieces` each
     token is {id, piece}."""
-    data = CompatTokenizeRequestSchema().load(json_body())
+    data = load_body(CompatTokenizeRequestSchema)
     worker = _worker(data["model"])
-    ids = _token_ids(worker, data)
-    tokens: list[Any] = ids
-    if data["with_pieces"]:
-        tokens = [
-            {"id": i, "piece": _piece(raw)}
-            for i, (_, raw) in zip(ids, worker.token_texts(ids), strict=True)
-        ]
+    ids, tokens = off_hub(_compat_tokens, worker, data)
     return jsonify({"tokens": tokens, "count": len(ids), "max_model_len": worker.context_length})
 
 
@@ -77,9 +72,22 @@ def compat_detokenize():
     """The text of token ids, with vLLM's and llama.cpp's field names.
 
     {model?, tokens}: the text is both `prompt` (vLLM's name) and `content` (llama.cpp's)."""
-    data = CompatDetokenizeRequestSchema().load(json_body())
-    text = _worker(data["model"]).detokenize(data["tokens"])
+    data = load_body(CompatDetokenizeRequestSchema)
+    text = off_hub(_worker(data["model"]).detokenize, data["tokens"])
     return jsonify({"prompt": text, "content": text})
+
+
+# Rendering, tokenizing and detokenizing cost as much as the text is long: the routes run
+# them off the gevent hub (tursi.threads.off_hub).
+
+
+def _compat_tokens(worker: ModelWorker, data: dict[str, Any]) -> tuple[list[int], list[Any]]:
+    """The ids, and the tokens as answered: the ids, or {id, piece} with_pieces."""
+    ids = _token_ids(worker, data)
+    if not data["with_pieces"]:
+        return ids, ids
+    texts = worker.token_texts(ids)
+    return ids, [{"id": i, "piece": _piece(raw)} for i, (_, raw) in zip(ids, texts, strict=True)]
 
 
 def _token_ids(worker: ModelWorker, data: dict[str, Any]) -> list[int]:

@@ -47,12 +47,13 @@ _STOP = object()
 @dataclass(frozen=True)
 class BatchLimits:
     """Admission and deadline settings of each model's scheduler (TURSI_MAX_BATCH,
-    TURSI_MAX_QUEUE, TURSI_REQUEST_TIMEOUT, TURSI_STEP_TIMEOUT)."""
+    TURSI_MAX_QUEUE, TURSI_REQUEST_TIMEOUT, TURSI_STEP_TIMEOUT, TURSI_MAX_PROMPT_TOKENS)."""
 
     max_batch: int = 32
     max_queue: int = 128
     request_timeout: float | None = 300.0
     step_timeout: float | None = 300.0  # one turn of the loop longer than this: engine hung
+    max_prompt_tokens: int | None = None  # None: the model's context length is the bound
 
 
 class ModelWorker:
@@ -71,6 +72,7 @@ class ModelWorker:
         self.max_batch, self.max_queue = limits.max_batch, limits.max_queue
         self.request_timeout = limits.request_timeout
         self.step_timeout = limits.step_timeout
+        self.max_prompt_tokens = limits.max_prompt_tokens
         self._scheduler = Scheduler(name, loaded, limits.max_batch, self._job_done, stats)
         self.vocab_size = vocab_size(loaded.tokenizer, loaded.model)
         self._token_texts = TokenTexts(loaded.tokenizer)
@@ -130,15 +132,20 @@ class ModelWorker:
         index: int = 0,
         events: Channel | None = None,
     ) -> GenerationJob:
-        """Tokenize and check a request against the vocabulary, the batch and the context
-        window; raise 400s here. `prompt` is text, or token ids used as they are. Without
-        max_tokens a job gets default_max_tokens (DEFAULT_MAX_TOKENS when None), within the
-        cap and the context; max_tokens counts per choice, and 0 is for scoring the prompt
-        (prompt_logprobs) only. A prompt rendered by a chat template already holds its
-        special tokens. The `n` choices are numbered from `index`; the jobs of one request
-        may share one `events` channel (None: a channel of the job's own). A constraint
-        (structured output) is compiled here, off the gevent hub, into one matcher per
-        choice: an unusable one is a 400 (tursi.engine.constraints)."""
+        """Tokenize and check a request against the vocabulary, the batch, the context
+        window and the server's prompt cap (max_prompt_tokens); raise 400s here. `prompt` is
+        text, or token ids used as they are. Without max_tokens a job gets
+        default_max_tokens (DEFAULT_MAX_TOKENS when None), within the cap and the context;
+        max_tokens counts per choice, and 0 is for scoring the prompt (prompt_logprobs)
+        only. A prompt rendered by a chat template already holds its special tokens. The
+        `n` choices are numbered from `index`; the jobs of one request may share one
+        `events` channel (None: a channel of the job's own, which only a greenlet may make:
+        tursi.threads). A constraint (structured output) is compiled here into one matcher
+        per choice: an unusable one is a 400 (tursi.engine.constraints).
+
+        All of it costs as much as the prompt is long: the request side calls this off the
+        gevent hub (tursi.api.jobs.submit), and the compiling goes off the hub too when it
+        is called on it."""
         self._loaded()  # refused once unloaded or failed, token-id prompts included
         if isinstance(prompt, str):
             prompt_ids = self.tokenize(prompt, add_special_tokens)
@@ -148,6 +155,13 @@ class ModelWorker:
         if not prompt_ids:
             raise InvalidRequest("The prompt is empty once tokenized", {"field": "prompt"})
         self._check_sampling(sampling, n, max_tokens)
+        cap = self.max_prompt_tokens
+        if cap is not None and len(prompt_ids) > cap:
+            raise InvalidRequest(
+                f"The prompt ({len(prompt_ids)} tokens) is longer than this server's limit of "
+                f"{cap} tokens (TURSI_MAX_PROMPT_TOKENS)",
+                {"prompt_tokens": len(prompt_ids), "max_prompt_tokens": cap},
+            )
         scoring_only = max_tokens == 0
         room = self.context_length - len(prompt_ids)
         numbers = {
@@ -205,8 +219,13 @@ class ModelWorker:
             )
 
     def _check_token_ids(self, name: str, ids: list[int]) -> None:
-        """A 400 naming the field unless every id is a token of the model."""
+        """A 400 naming the field unless every id is a token of the model (a prompt's ids
+        can be many: checked by built-ins first, the first bad one found only if needed)."""
         vocab = self.vocab_size
+        if all(type(token) is int for token in ids) and (
+            not ids or (min(ids) >= 0 and max(ids) < vocab)
+        ):
+            return
         for token in ids:
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
                 raise InvalidRequest(
@@ -277,6 +296,29 @@ class ModelWorker:
         """Queue a job, or refuse it when the batch and the queue are full (submit_all)."""
         self.submit_all([job])
 
+    def check_room(self, rows: int) -> None:
+        """Refuse now what submit_all would refuse for want of room: `rows` more sequences
+        while the batch and the queue are full (503), or a worker that no longer serves.
+        Cheap, and a hint only (submit_all decides, under the lock): the request side asks
+        before tokenizing, which costs as much as the prompt is long, so that a full server
+        spends nothing on requests it must refuse."""
+        with self._lock:
+            if self._stopping:
+                raise self._refusal()
+            self._refuse_when_full(rows)
+
+    def _refuse_when_full(self, rows: int) -> None:
+        """The 503 when `rows` more sequences do not fit beside those admitted (call with
+        the lock held); a request that never fits is submit_all's 400."""
+        capacity = self.max_batch + self.max_queue
+        if rows <= capacity and sum(job.n for job in self._admitted) + rows > capacity:
+            raise Overloaded(
+                f"Model '{self.name}' is at capacity ({self.max_batch} running, "
+                f"{self.max_queue} waiting); retry shortly",
+                {"max_batch": self.max_batch, "max_queue": self.max_queue},
+                {"Retry-After": str(OVERLOAD_RETRY_SECONDS)},
+            )
+
     def submit_all(self, jobs: list[GenerationJob]) -> None:
         """Queue the jobs of one request together, or refuse them all: each choice takes a
         row, and max_batch rows running + max_queue waiting are all there is (a 503 when
@@ -292,13 +334,7 @@ class ModelWorker:
         with self._lock:
             if self._stopping:
                 raise self._refusal()
-            if sum(job.n for job in self._admitted) + rows > capacity:
-                raise Overloaded(
-                    f"Model '{self.name}' is at capacity ({self.max_batch} running, "
-                    f"{self.max_queue} waiting); retry shortly",
-                    {"max_batch": self.max_batch, "max_queue": self.max_queue},
-                    {"Retry-After": str(OVERLOAD_RETRY_SECONDS)},
-                )
+            self._refuse_when_full(rows)
             now = time.monotonic()
             for job in jobs:
                 self._admitted[job] = None
