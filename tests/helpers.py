@@ -401,6 +401,29 @@ def _hold_at(gate: StepGate, cls: type, name: str, arriving=None, waiting=None) 
     setattr(cls, name, gated)
 
 
+PACED_APP = "tests.helpers:paced_app()"
+
+
+def paced_app():
+    """gunicorn app factory (Server(..., app=PACED_APP)): the real app, with every decode step
+    of its engine taking at least $TURSI_TEST_STEP_SECONDS (a native sleep before the step:
+    the GIL is free meanwhile). A stream's tokens then come at a known pace, whatever the
+    machine's speed, so that what delays them shows against it."""
+    from tursi.engine.scheduler import Scheduler
+    from tursi.threads import native_sleep
+    from tursi.wsgi import app
+
+    seconds = float(os.environ["TURSI_TEST_STEP_SECONDS"])
+    real_step = Scheduler._decode_step
+
+    def paced_step(self):
+        native_sleep(seconds)
+        return real_step(self)
+
+    Scheduler._decode_step = paced_step
+    return app
+
+
 def parse_sse(lines) -> list[tuple[str, object]]:
     """(event, decoded JSON data) per frame from SSE lines; comment frames (heartbeats) are
     skipped. Every other frame must be exactly one `event:` and one `data:` line."""

@@ -81,6 +81,14 @@ BODY_ATTACKS = {
     "invalid UTF-8": (b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}', 400, "invalid_request"),
     "UTF-8 overlong encoding": (b'{"model": "tiny", "prompt": "\xc0\xaf"}', 400, "invalid_request"),
     "lone surrogate escape": (b'{"model": "tiny", "prompt": "a\\ud800b"}', 400, "invalid_request"),
+    # the JSON parser decodes bytes with "surrogatepass": a surrogate's UTF-8 bytes, or a lone
+    # one in a UTF-16 body, reach the strings too
+    "surrogate bytes": (b'{"model": "tiny", "prompt": "a\xed\xa0\x80b"}', 400, "invalid_request"),
+    "UTF-16 body with a lone surrogate": (
+        '{"model": "tiny", "prompt": "a\ud800b"}'.encode("utf-16-le", "surrogatepass"),
+        400,
+        "invalid_request",
+    ),
     "NaN": (b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400, "invalid_request"),
     "Infinity": (b'{"model": "tiny", "prompt": "hi", "top_p": Infinity}', 400, "invalid_request"),
     "-Infinity": (

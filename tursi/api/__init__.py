@@ -58,9 +58,11 @@ def _may_hold_surrogates(raw: bytes) -> bool:
     """Whether the body, once parsed, can hold a lone surrogate: from a `\\udXXX` escape, or
     from surrogate bytes, which the parser decodes with "surrogatepass" (UTF-8's ED A0..BF,
     any UTF-16 or UTF-32 body). Only then must every string be looked at: most bodies are
-    UTF-8 with neither, and that search is one pass of C over the bytes."""
+    UTF-8 with neither, and finding that takes two searches of the bytes."""
     if json.detect_encoding(raw) not in ("utf-8", "utf-8-sig"):
         return True
+    if b"\\u" not in raw and b"\xed" not in raw:  # memchr-fast; the pattern is not
+        return False
     return _SURROGATE.search(raw) is not None
 
 

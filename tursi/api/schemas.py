@@ -8,7 +8,14 @@ from typing import Any
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from ..engine.catalog import DTYPES, QUANT_BITS, QUANT_MODES
-from .schema_base import BoundedList, JsonBoolean, JsonInteger, JsonNumber, StrictSchema
+from .schema_base import (  # noqa: F401 (re-exported)
+    BoundedDict,
+    BoundedList,
+    JsonBoolean,
+    JsonInteger,
+    JsonNumber,
+    StrictSchema,
+)
 from .structured_schemas import StructuredOutputsSchema
 
 MAX_STOP_STRINGS = 16
