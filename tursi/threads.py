@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import os
 import sys
 from _queue import Empty, SimpleQueue
 from collections.abc import Callable
@@ -102,6 +103,11 @@ def off_hub(function: Callable[..., Any], *args: Any) -> Any:
     when a greenlet calls it under gevent, else right here (no gevent, or a thread that has
     no hub: a thread of that pool, a model's engine thread). Its exception is raised here.
 
+    At most OFF_HUB_CALLS run at once; more greenlets wait their turn (on the hub, which
+    costs nothing). Each call is CPU work (parsing, tokenizing): as many at once as there
+    are cores would leave none to the hub and the engine thread, and the other tasks of the
+    pool (gevent resolves host names there) would wait behind them.
+
     Asking for the current thread's hub would make one in a thread that has none, and a
     native thread must not build gevent objects; so only a hub that exists is asked. An
     exception comes back as a value: one raised in the pool, the hub prints with its
@@ -111,11 +117,27 @@ def off_hub(function: Callable[..., Any], *args: Any) -> Any:
 
         hub = get_hub_if_exists()
         if hub is not None:
-            done, value = hub.threadpool.apply(_outcome, (function, args))
+            with _calls(hub):
+                done, value = hub.threadpool.apply(_outcome, (function, args))
             if not done:
                 raise value
             return value
     return function(*args)
+
+
+# One core for the hub and the engine thread; a core's share at least for off_hub's calls.
+OFF_HUB_CALLS = max(1, len(os.sched_getaffinity(0)) - 1)
+_slots: dict[Any, Any] = {}  # hub -> the gevent semaphore of its off_hub calls
+
+
+def _calls(hub: Any) -> Any:
+    """The semaphore of off_hub's calls on `hub`, made on its thread at the first call."""
+    slots = _slots.get(hub)
+    if slots is None:
+        from gevent.lock import BoundedSemaphore
+
+        slots = _slots[hub] = BoundedSemaphore(OFF_HUB_CALLS)
+    return slots
 
 
 def _outcome(function: Callable[..., Any], args: tuple) -> tuple[bool, Any]:
