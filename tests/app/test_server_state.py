@@ -111,6 +111,8 @@ def test_a_worker_whose_copy_is_loading_answers_503_never_409(workers, held_load
         assert a.post(f"{API}/models/tiny/load").status_code == 202
         wait_for(lambda: manager(a).state("tiny").status == "loaded")
         wait_for(lambda: manager(b).state("tiny").status == "loading")
+        # B publishes its report just after its state changes: A sees it at the next write.
+        wait_for(lambda: [w["status"] for w in model_entry(a, "tiny")["workers"]].count("loading"))
         entry = model_entry(a, "tiny")
         assert entry["status"] == "loading"  # not every worker has it yet
         assert sorted(w["status"] for w in entry["workers"]) == ["loaded", "loading"]
