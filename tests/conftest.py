@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import build_gpt2, build_llama, load_and_wait, write_catalog
+from tests.helpers import build_gpt2, build_llama, load_and_wait, with_chat_template, write_catalog
 from tursi import create_app
 
 FOLDERS = ("unit", "app", "server")
@@ -60,6 +60,15 @@ def tiny_models_dir(tmp_path_factory):
     gc.collect()
     gc.freeze()
     return root
+
+
+@pytest.fixture(scope="session")
+def chat_catalog(tiny_models_dir, tmp_path_factory):
+    """A catalog naming the tiny Llama with a chat template "tiny", so that every route
+    (chat and tokenize included) can serve it."""
+    root = tmp_path_factory.mktemp("chat-catalog")
+    chat = with_chat_template(tiny_models_dir / "llama", root / "chat")
+    return write_catalog(root / "models.json", {"tiny": {"path": str(chat), "dtype": "float32"}})
 
 
 @pytest.fixture(scope="session")

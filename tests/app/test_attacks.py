@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.helpers import API, load_and_wait, with_chat_template, write_catalog
+from tests.helpers import API, load_and_wait
 
 KEY = "attack-key"
 
@@ -35,17 +35,9 @@ ROUTES = {  # route -> a valid body for it
 }
 
 
-@pytest.fixture(scope="module")
-def chat_models(tiny_models_dir, tmp_path_factory):
-    """The tiny Llama with a chat template, so that every route can succeed."""
-    root = tmp_path_factory.mktemp("attacks")
-    chat = with_chat_template(tiny_models_dir / "llama", root / "chat")
-    return write_catalog(root / "models.json", {"tiny": {"path": str(chat), "dtype": "float32"}})
-
-
 @pytest.fixture
-def client(make_app, chat_models):
-    app = make_app(models_file=str(chat_models), api_keys=[KEY], max_body_bytes=CAP)
+def client(make_app, chat_catalog):
+    app = make_app(models_file=str(chat_catalog), api_keys=[KEY], max_body_bytes=CAP)
     client = app.test_client()
     assert load_and_wait(client, "tiny", headers=AUTH)["status"] == "loaded"
     return client

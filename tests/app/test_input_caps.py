@@ -9,17 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import API, load_and_wait, with_chat_template, write_catalog
+from tests.helpers import API, load_and_wait
 from tursi.api.openai_schemas import MAX_CHAT_CHARS, MAX_CONTENT_PARTS, MAX_MESSAGES
 
 CHAT_ROUTES = ("/v1/chat/completions", f"{API}/tokenize", "/tokenize")
-
-
-@pytest.fixture(scope="module")
-def chat_catalog(tiny_models_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("caps")
-    chat = with_chat_template(tiny_models_dir / "llama", root / "chat")
-    return write_catalog(root / "models.json", {"tiny": {"path": str(chat), "dtype": "float32"}})
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import time
 import jsonschema
 import pytest
 
-from tests.helpers import API, parse_sse, sse_data, with_chat_template, write_catalog
+from tests.helpers import API, parse_sse, sse_data
 from tursi import create_app
 from tursi.api.jobs import sampling_params
 from tursi.api.openai_schemas import ChatCompletionRequestSchema, CompletionRequestSchema
@@ -133,16 +133,14 @@ def test_a_schema_keeps_its_key_order_and_loses_its_spaces():
 
 
 @pytest.fixture(scope="module")
-def client(tiny_models_dir, tmp_path_factory):
+def client(chat_catalog, tmp_path_factory):
     """An app with "tiny" (the tiny Llama with a chat template) loaded; every route serves it."""
     root = tmp_path_factory.mktemp("structured")
-    chat = with_chat_template(tiny_models_dir / "llama", root / "chat")
-    catalog = write_catalog(root / "models.json", {"tiny": {"path": str(chat), "dtype": "float32"}})
     app = create_app(
         {
             "preload": ["tiny"],
             "home": str(root / "home"),
-            "models_file": str(catalog),
+            "models_file": str(chat_catalog),
             "rate_limit": "1000000/minute",
         }
     )
