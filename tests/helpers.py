@@ -462,6 +462,15 @@ def assert_error(response, status, code):
     return error
 
 
+def wait_preloaded(manager, name, timeout=60.0):
+    """Wait for a preloaded model of `manager` to be loaded (never failed)."""
+    deadline = time.monotonic() + timeout
+    while manager.state(name).status != "loaded":
+        assert manager.state(name).status != "failed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def load_and_wait(client, name, body=None, timeout=60, headers=None):
     """POST .../load, then poll GET /models until `name` is loaded or failed; return its entry."""
     response = client.post(f"{API}/models/{name}/load", json=body, headers=headers)

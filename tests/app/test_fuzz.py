@@ -46,7 +46,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.helpers import with_chat_template, write_catalog
+from tests.helpers import wait_preloaded, with_chat_template, write_catalog
 from tursi import create_app
 
 API = "/api/v1"
@@ -120,11 +120,7 @@ def fuzz_app(tiny_models_dir, tmp_path_factory):
     )
     app.config["TESTING"] = True
     manager = app.extensions["tursi"].manager
-    deadline = time.monotonic() + 60
-    while manager.state("tiny").status != "loaded":
-        assert manager.state("tiny").status != "failed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_preloaded(manager, "tiny")
     yield app
     manager.shutdown()
 

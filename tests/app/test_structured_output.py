@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import jsonschema
 import pytest
 
-from tests.helpers import API, parse_sse, sse_data
+from tests.helpers import API, parse_sse, sse_data, wait_preloaded
 from tursi import create_app
 from tursi.api.jobs import sampling_params
 from tursi.api.openai_schemas import ChatCompletionRequestSchema, CompletionRequestSchema
@@ -146,11 +145,7 @@ def client(chat_catalog, tmp_path_factory):
     )
     app.config["TESTING"] = True
     manager = app.extensions["tursi"].manager
-    deadline = time.monotonic() + 60
-    while manager.state("tiny").status != "loaded":
-        assert manager.state("tiny").status != "failed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_preloaded(manager, "tiny")
     yield app.test_client()
     manager.shutdown()
 
