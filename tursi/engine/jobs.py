@@ -137,6 +137,7 @@ class Finished:
     finish_reason: str
     index: int = 0
     cumulative_logprob: float | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (per job)
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class GenerationJob:
     cancelled: bool = False  # set by the request side; read by the worker at every step
     tokens_generated: int = 0  # all choices' tokens, written as it goes (counted on failure)
     timeout: float | None = None  # seconds from submission (TURSI_REQUEST_TIMEOUT)
+    cache_prompt: bool = True  # False: the prefix cache neither serves nor keeps this prompt
     deadline: float | None = None  # time.monotonic() value, set when submitted
     submitted: float = 0.0  # time.monotonic() at admission
     last_token: float = 0.0  # time.monotonic() when its latest token was chosen
