@@ -120,6 +120,31 @@ MODEL_MEMORY = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )
+PREFIX_PROMPT_TOKENS = Counter(
+    "tursi_prefix_cache_prompt_tokens_total",
+    "Prompt tokens looked up in the prefix cache (requests with cache_prompt false excluded)",
+    ["model"],
+    registry=REGISTRY,
+)
+PREFIX_CACHED_TOKENS = Counter(
+    "tursi_prefix_cache_cached_tokens_total",
+    "Prompt tokens whose KV came from the prefix cache (not prefilled again)",
+    ["model"],
+    registry=REGISTRY,
+)
+PREFIX_EVICTIONS = Counter(
+    "tursi_prefix_cache_evictions_total",
+    "Blocks evicted from the prefix cache to make room",
+    ["model"],
+    registry=REGISTRY,
+)
+PREFIX_BYTES = Gauge(
+    "tursi_prefix_cache_bytes",
+    "Memory held by the prefix cache's blocks (0 when not loaded)",
+    ["model"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 LOAD_DURATION = Histogram(
     "tursi_model_load_duration_seconds",
     "Time taken by each model load",
@@ -140,6 +165,10 @@ class ModelMetrics:
         self.waiting = WAITING.labels(model)
         self.memory = MODEL_MEMORY.labels(model)
         self.load_duration = LOAD_DURATION.labels(model)
+        self.prefix_prompt_tokens = PREFIX_PROMPT_TOKENS.labels(model)
+        self.prefix_cached_tokens = PREFIX_CACHED_TOKENS.labels(model)
+        self.prefix_evictions = PREFIX_EVICTIONS.labels(model)
+        self.prefix_bytes = PREFIX_BYTES.labels(model)
 
 
 def scrape_registry() -> CollectorRegistry:

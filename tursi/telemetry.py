@@ -75,10 +75,14 @@ class ModelStats:
         self.requests_failed = 0
         self.tokens_generated = 0
         self.generation_seconds = 0.0
+        # The prefix cache: prompt tokens looked up in it, those it served, blocks evicted.
+        self.prefix_prompt_tokens = 0
+        self.prefix_cached_tokens = 0
+        self.prefix_evictions = 0
         self._prometheus = ModelMetrics(model)
         # What this model adds to the shared gauges, so that they move by differences and
         # stay right when several apps in one process serve a model of the same name.
-        self._running = self._waiting = self._memory = 0
+        self._running = self._waiting = self._memory = self._prefix_bytes = 0
 
     def record(self, tokens: int, seconds: float, ok: bool) -> None:
         """A request ended, after generating `tokens`."""
@@ -115,13 +119,35 @@ class ModelStats:
             self._prometheus.memory.inc(memory_bytes - self._memory)
             self._memory = memory_bytes
 
+    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """A job's prefill starts: of its `prompt_tokens`, `cached_tokens` (0: a miss) had
+        their KV in the prefix cache. Jobs that opted out (cache_prompt false) are not
+        reported, so the hit rate is over the prompts the cache could serve."""
+        with self._lock:
+            self.prefix_prompt_tokens += prompt_tokens
+            self.prefix_cached_tokens += cached_tokens
+        self._prometheus.prefix_prompt_tokens.inc(prompt_tokens)
+        self._prometheus.prefix_cached_tokens.inc(cached_tokens)
+
+    def prefix_cache(self, bytes_held: int, evictions: int) -> None:
+        """The prefix cache changed: it now holds `bytes_held`, and evicted `evictions`
+        blocks since the last report."""
+        with self._lock:
+            self.prefix_evictions += evictions
+            self._prometheus.prefix_bytes.inc(bytes_held - self._prefix_bytes)
+            self._prefix_bytes = bytes_held
+        self._prometheus.prefix_evictions.inc(evictions)
+
     def unloaded(self) -> None:
-        """The model was unloaded: its gauges go to 0. The manager calls this once the worker
-        is told to stop (after which it moves no gauge), before the memory is released."""
+        """The model was unloaded: its gauges go to 0 (its prefix cache goes with it). The
+        manager calls this once the worker is told to stop (after which it moves no gauge),
+        before the memory is released."""
         self.batch_sizes(0, 0)
         with self._lock:
             self._prometheus.memory.dec(self._memory)
             self._memory = 0
+            self._prometheus.prefix_bytes.dec(self._prefix_bytes)
+            self._prefix_bytes = 0
 
     def totals(self) -> dict[str, Any]:
         """The raw counters, which add up over workers (tursi.engine.views)."""
@@ -131,19 +157,30 @@ class ModelStats:
                 "requests_failed": self.requests_failed,
                 "tokens_generated": self.tokens_generated,
                 "generation_seconds": self.generation_seconds,
+                "prefix_prompt_tokens": self.prefix_prompt_tokens,
+                "prefix_cached_tokens": self.prefix_cached_tokens,
+                "prefix_cache_bytes": self._prefix_bytes,
+                "prefix_evictions": self.prefix_evictions,
             }
 
 
 def summarize(totals: dict[str, Any]) -> dict[str, Any]:
-    """ModelStats.totals (one worker's, or summed over workers) with the mean generation time
-    and the error rate that the JSON metrics show."""
+    """ModelStats.totals (one worker's, or summed over workers) with the mean generation time,
+    the error rate and the prefix cache's hit rate (cached over looked-up prompt tokens)
+    that the JSON metrics show."""
     total = totals["requests_total"]
+    looked_up = totals["prefix_prompt_tokens"]
     return {
         "requests_total": total,
         "requests_failed": totals["requests_failed"],
         "tokens_generated": totals["tokens_generated"],
         "average_generation_seconds": totals["generation_seconds"] / total if total else 0.0,
         "error_rate": totals["requests_failed"] / total if total else 0.0,
+        "prefix_prompt_tokens": looked_up,
+        "prefix_cached_tokens": totals["prefix_cached_tokens"],
+        "prefix_hit_rate": totals["prefix_cached_tokens"] / looked_up if looked_up else 0.0,
+        "prefix_cache_bytes": totals["prefix_cache_bytes"],
+        "prefix_evictions": totals["prefix_evictions"],
     }
 
 

@@ -4,7 +4,10 @@ import math
 
 import pytest
 
+from tests.helpers import parse_metrics, value
 from tursi.engine.detokenize import IncrementalDecoder
+from tursi.engine.views import COUNTERS
+from tursi.metrics import exposition
 from tursi.telemetry import ModelStats, RequestStats, summarize
 
 
@@ -43,6 +46,11 @@ def test_model_stats_summary():
         "tokens_generated": 0,
         "average_generation_seconds": 0.0,
         "error_rate": 0.0,
+        "prefix_prompt_tokens": 0,
+        "prefix_cached_tokens": 0,
+        "prefix_hit_rate": 0.0,
+        "prefix_cache_bytes": 0,
+        "prefix_evictions": 0,
     }
     stats.record(10, 1.0, True)
     stats.record(0, 0.5, False)
@@ -53,6 +61,70 @@ def test_model_stats_summary():
     assert snap["tokens_generated"] == 30
     assert math.isclose(snap["average_generation_seconds"], 1.5)
     assert math.isclose(snap["error_rate"], 1 / 3)
+
+
+def scrape():
+    return parse_metrics(exposition()[0].decode())
+
+
+def test_prefix_cache_figures_add_up_in_totals_and_summary():
+    stats = ModelStats("prefix-totals")
+    stats.prefix_lookup(100, 0)  # a miss
+    stats.prefix_lookup(120, 96)
+    stats.prefix_lookup(40, 32)
+    stats.prefix_cache(4096, 0)
+    stats.prefix_cache(6144, 2)
+    stats.prefix_cache(2048, 3)
+    totals = stats.totals()
+    assert {key: totals[key] for key in COUNTERS if key.startswith("prefix_")} == {
+        "prefix_prompt_tokens": 260,
+        "prefix_cached_tokens": 128,
+        "prefix_cache_bytes": 2048,  # the latest reading, not a sum of readings
+        "prefix_evictions": 5,
+    }
+    summary = summarize(totals)
+    assert math.isclose(summary["prefix_hit_rate"], 128 / 260)
+    assert (summary["prefix_cache_bytes"], summary["prefix_evictions"]) == (2048, 5)
+
+    # Over workers (tursi.engine.views sums COUNTERS): the rate is of the sums.
+    other = ModelStats("prefix-totals")
+    other.prefix_lookup(40, 40)
+    other.prefix_cache(1024, 1)
+    both = {key: totals[key] + other.totals()[key] for key in COUNTERS}
+    summary = summarize(both)
+    assert math.isclose(summary["prefix_hit_rate"], 168 / 300)
+    assert (summary["prefix_cache_bytes"], summary["prefix_evictions"]) == (3072, 6)
+    other.unloaded()
+    stats.unloaded()
+    assert stats.totals()["prefix_cache_bytes"] == 0
+    assert stats.totals()["prefix_cached_tokens"] == 128  # counters survive the unload
+
+
+def test_prefix_cache_prometheus_series():
+    model = "prefix-prometheus"
+    before = scrape()
+
+    def delta(after, name):
+        return value(after, name, model=model) - value(before, name, model=model)
+
+    first, second = ModelStats(model), ModelStats(model)  # two apps, one process
+    first.prefix_lookup(64, 48)
+    second.prefix_lookup(16, 0)
+    first.prefix_cache(8192, 0)
+    first.prefix_cache(4096, 3)
+    second.prefix_cache(1000, 1)
+    after = scrape()
+    assert delta(after, "tursi_prefix_cache_prompt_tokens_total") == 80
+    assert delta(after, "tursi_prefix_cache_cached_tokens_total") == 48
+    assert delta(after, "tursi_prefix_cache_evictions_total") == 4
+    assert delta(after, "tursi_prefix_cache_bytes") == 5096  # each app's latest, summed
+
+    first.unloaded()  # its cache is gone: only its own bytes leave the gauge
+    after = scrape()
+    assert delta(after, "tursi_prefix_cache_bytes") == 1000
+    assert delta(after, "tursi_prefix_cache_cached_tokens_total") == 48
+    second.unloaded()
+    assert delta(scrape(), "tursi_prefix_cache_bytes") == 0
 
 
 def test_decoder_flush_releases_an_incomplete_character_at_the_end(tokenizer):

@@ -99,6 +99,13 @@ def model_metrics(name: str):
         "load_duration": format_seconds(model.load_seconds) if model.load_seconds else None,
         "generations_running": model.running if loaded else 0,
         "generations_waiting": model.waiting if loaded else 0,
+        "prefix_cache": {
+            "prompt_tokens": stats["prefix_prompt_tokens"],
+            "cached_tokens": stats["prefix_cached_tokens"],
+            "hit_rate": format_percent(stats["prefix_hit_rate"]),
+            "bytes": stats["prefix_cache_bytes"],
+            "evictions": stats["prefix_evictions"],
+        },
     }
     options = (model.options or LoadOptions()) if loaded else None
     metrics.update(

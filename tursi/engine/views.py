@@ -11,7 +11,18 @@ from typing import Any
 
 from .loading import LoadOptions
 
-COUNTERS = ("requests_total", "requests_failed", "tokens_generated", "generation_seconds")
+# ModelStats.totals' keys: each adds up over workers (prefix_cache_bytes too: each worker
+# holds its own cache).
+COUNTERS = (
+    "requests_total",
+    "requests_failed",
+    "tokens_generated",
+    "generation_seconds",
+    "prefix_prompt_tokens",
+    "prefix_cached_tokens",
+    "prefix_cache_bytes",
+    "prefix_evictions",
+)
 
 
 @dataclass
