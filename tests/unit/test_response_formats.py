@@ -60,6 +60,8 @@ def scored(token_id, logprob, *top):
 PROMPTS = [[0, 1], [2, 3, 4]]  # "Hello", " wé"
 ECHOES = ["Hello", " wé"]
 N = 2
+# Per prompt, its tokens the prefix cache served: every choice's Finished carries its job's.
+CACHED = [1, 2]
 
 
 def job_events(prompt: int, index: int):
@@ -77,12 +79,12 @@ def job_events(prompt: int, index: int):
             TextChunk(" w", index, (scored(2, -1.0, (2, -1.0), (6, -2.0)),)),
             TextChunk("é", index, (scored(3, -0.2, (3, -0.2)), scored(4, -0.01, (4, -0.01)))),
             TextChunk("!", index, (scored(5, -3.0, (6, -0.3), (5, -3.0)),)),
-            Finished(4, 0.5, "length", index, -4.21),
+            Finished(4, 0.5, "length", index, -4.21, CACHED[prompt]),
         ]
     else:
         events += [
             TextChunk("!", index, (scored(5, -0.7, (5, -0.7)),)),
-            Finished(1, 0.1, "stop", index, -0.7),
+            Finished(1, 0.1, "stop", index, -0.7, CACHED[prompt]),
         ]
     return events
 
@@ -144,7 +146,13 @@ def test_completions_whole_and_streamed(logprobs, echo):
         ["Hello wé!", "Hello!", " wé wé!", " wé!"] if echo else [" wé!", "!", " wé!", "!"]
     )
     assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"] * 2
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}
+    # Each prompt's cached tokens once, not once per choice: 1 + 2.
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 10,
+        "total_tokens": 15,
+        "prompt_tokens_details": {"cached_tokens": 3},
+    }
     if not logprobs:
         assert all(c["logprobs"] is None for c in body["choices"])
     else:
@@ -199,6 +207,7 @@ def test_chat_whole_and_streamed():
     body = whole(build)
     validator("CreateChatCompletionResponse").validate(body)
     assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": CACHED[0]}
     message = body["choices"][0]["message"]
     assert message == {"role": "assistant", "content": " wé!", "refusal": None}
     logprobs = body["choices"][0]["logprobs"]
@@ -307,6 +316,7 @@ def test_native_frames():
     assert [t["token_id"] for t in frames[3][1]["logprobs"]] == [3, 4]
     assert set(frames[2][1]) == {"text", "finished", "logprobs"}
     assert frames[-1][1]["finish_reason"] == "length" and ended.stream_finished
+    assert frames[-1][1]["cached_tokens"] == CACHED[0]
 
     plain = submission_with_events(
         [PROMPTS[0]], 1, [TextChunk("!", 0), Finished(1, 0.1, "stop", 0)]

@@ -40,10 +40,18 @@ class Submission:
         self.unfinished = sum(job.n for job in self.jobs)
         self.completion_tokens = 0  # over every finished choice
         self.reservation = reservation
+        # Per job (by its first choice's index): its prompt tokens the prefix cache served.
+        # Every choice's Finished carries its job's count: a job counts once, not per choice.
+        self._cached: dict[int, int] = {}
 
     @property
     def prompt_tokens(self) -> int:
         return sum(len(job.prompt_ids) for job in self.jobs)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Of prompt_tokens, those whose KV came from the prefix cache (finished jobs')."""
+        return sum(self._cached.values())
 
     def job_of(self, index: int) -> GenerationJob:
         """The job that generates choice `index`."""
@@ -59,6 +67,7 @@ class Submission:
         """Count a finished choice; True when it was the last one."""
         self.unfinished -= 1
         self.completion_tokens += event.tokens_generated
+        self._cached[self.job_of(event.index).index] = event.cached_tokens
         return self.unfinished == 0
 
     def cancel(self) -> None:
@@ -97,9 +106,11 @@ def submit(
     Prompt i's choices are numbered i*n .. i*n+n-1, as OpenAI numbers them; `n` defaults
     to the request's. A chat prompt comes from the model's template, which already holds
     its special tokens; without max_tokens a chat reply runs to its end (up to the context
-    or the cap), any other request gets the engine's default."""
+    or the cap), any other request gets the engine's default. `cache_prompt` (default true)
+    goes on each job: false keeps its prompt out of the prefix cache."""
     cap = current().settings.max_tokens
     n = data.get("n", 1) if n is None else n
+    cache_prompt = data.get("cache_prompt", True)
     sampling = sampling_params(data) if sampling is None else sampling
     worker.check_room(n * len(prompts))
     events = Channel()  # made here: a channel belongs to the greenlet that reads it
@@ -121,6 +132,8 @@ def submit(
         ]
 
     jobs = off_hub(new_jobs)
+    for job in jobs:
+        job.cache_prompt = cache_prompt
     reservation = reserve(jobs)  # needs the prompt token counts: after tokenizing
     try:
         worker.submit_all(jobs)

@@ -65,13 +65,18 @@ class Completion:
             "choices": choices,
         }
 
-    def usage(self) -> dict[str, int]:
-        """Every prompt, every choice generated (best_of's too: they were computed)."""
-        prompt, completion = self.submission.prompt_tokens, self.submission.completion_tokens
+    def usage(self) -> dict[str, Any]:
+        """Every prompt, every choice generated (best_of's too: they were computed), and
+        of the prompts' tokens those the prefix cache served (OpenAI's
+        prompt_tokens_details.cached_tokens; each prompt counted once, however many
+        choices it has)."""
+        submission = self.submission
+        prompt, completion = submission.prompt_tokens, submission.completion_tokens
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": submission.cached_tokens},
         }
 
     # --- whole -------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from .schemas import (
     JsonInteger,
     SamplingSchema,
     StrictSchema,
+    cache_prompt_field,
     choices_field,
     logprobs_field,
     max_tokens_field,
@@ -144,6 +145,7 @@ class OpenAIRequestSchema(SamplingSchema):
     stream = JsonBoolean(load_default=False)
     stream_options = fields.Nested(StreamOptionsSchema, load_default=None)
     n = choices_field()
+    cache_prompt = cache_prompt_field()  # an extension, llama.cpp's (extra_body)
     user = ignored(fields.String())
     # Structured output besides structured_outputs: OpenAI's field and vLLM's older ones.
     response_format = fields.Nested(

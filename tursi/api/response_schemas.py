@@ -183,6 +183,17 @@ class UnloadResponseSchema(Schema):
     message = _text()
 
 
+class PrefixCacheMetricsSchema(Schema):
+    """The prefix cache since the server started (summed over workers): prompt tokens looked
+    up in it, those it served, their ratio, the memory it holds now and blocks evicted."""
+
+    prompt_tokens = _count(metadata={"description": "requests with cache_prompt false excluded"})
+    cached_tokens = _count()
+    hit_rate = _text(metadata={"example": "62.5%", "description": "cached / prompt tokens"})
+    bytes = _count(metadata={"description": "held now; 0 when not loaded"})
+    evictions = _count(metadata={"description": "blocks evicted to make room"})
+
+
 class ModelMetricsValuesSchema(Schema):
     requests_total = _count()
     tokens_generated = _count()
@@ -196,6 +207,7 @@ class ModelMetricsValuesSchema(Schema):
     load_duration = fields.String(required=True, allow_none=True)
     generations_running = _count()
     generations_waiting = _count()
+    prefix_cache = fields.Nested(PrefixCacheMetricsSchema, required=True)
     quantized = fields.Boolean(required=True, allow_none=True)
     bits = fields.Integer(required=True, allow_none=True, validate=validate.OneOf(QUANT_BITS))
     mode = fields.String(required=True, allow_none=True, validate=validate.OneOf(QUANT_MODES))
@@ -252,6 +264,9 @@ class GenerateDoneSchema(Schema):
     tokens_generated = _count()
     generation_time = _text(metadata={"example": "1.2s"})
     finish_reason = _one_of(FINISH_REASONS)
+    cached_tokens = _count(
+        metadata={"description": "prompt tokens whose KV came from the prefix cache"}
+    )
 
 
 class GenerateResponseSchema(GenerateDoneSchema):
@@ -344,10 +359,17 @@ class OpenAIModelListSchema(Schema):
     data = fields.List(fields.Nested(OpenAIModelSchema), required=True)
 
 
+class PromptTokensDetailsSchema(Schema):
+    cached_tokens = _count(
+        metadata={"description": "prompt tokens whose KV came from the prefix cache"}
+    )
+
+
 class UsageSchema(Schema):
     prompt_tokens = _count()
     completion_tokens = _count()
     total_tokens = _count()
+    prompt_tokens_details = fields.Nested(PromptTokensDetailsSchema, required=True)
 
 
 class TopLogprobSchema(Schema):

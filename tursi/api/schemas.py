@@ -66,6 +66,16 @@ def max_tokens_field() -> fields.Field:
     return JsonInteger(validate=validate.Range(min=1), load_default=None)
 
 
+def cache_prompt_field() -> fields.Field:
+    """`cache_prompt` (llama.cpp's name): false keeps this request's prompt out of the
+    prefix cache, which then neither serves it nor keeps it (GenerationJob.cache_prompt).
+    Not a sampling parameter: the output is the same either way, only the time differs."""
+    return JsonBoolean(
+        load_default=True,
+        metadata={"description": "false: the prefix cache neither serves nor keeps the prompt"},
+    )
+
+
 def choices_field(most: int = MAX_CHOICES, **kwargs: Any) -> fields.Field:
     """`n`: choices per prompt, each its own row of the batch, all from one prefill."""
     return JsonInteger(validate=validate.Range(min=1, max=most, **kwargs), load_default=1)
@@ -178,6 +188,7 @@ class GenerateRequestSchema(SamplingSchema):
     n = choices_field(1, error="must be 1 on /api/v1/generate (use /v1/completions for more)")
     stream = JsonBoolean(load_default=False)
     return_full_text = JsonBoolean(load_default=True)
+    cache_prompt = cache_prompt_field()
 
 
 class EmptyQuerySchema(StrictSchema):

@@ -30,10 +30,13 @@ def sse(event: str, data: dict[str, Any]) -> str:
 
 
 def done_payload(done: Finished) -> dict[str, Any]:
+    """The native API's end of a generation (one job, one choice): its counts, including
+    the prompt tokens the prefix cache served."""
     return {
         "tokens_generated": done.tokens_generated,
         "generation_time": format_seconds(done.generation_seconds),
         "finish_reason": done.finish_reason,
+        "cached_tokens": done.cached_tokens,
     }
 
 

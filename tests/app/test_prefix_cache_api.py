@@ -1,0 +1,212 @@
+"""The prefix cache through both APIs (issue 16): `cache_prompt` reaches every job of a
+request, and the cached prompt tokens are reported where clients read them (native `done`
+event and body, /v1 `usage.prompt_tokens_details`); the model's metrics (JSON and
+Prometheus) show what the engine reports to its ModelStats. How the numbers add up over a
+request's prompts and choices is tests/unit/test_response_formats.py's (synthetic events)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import API, load_and_wait, parse_metrics, parse_sse, sse_data, value
+from tests.openai_spec import validator
+from tursi.engine.worker import ModelWorker
+
+CHAT = [{"role": "user", "content": "lazy dog"}]
+# One request per route, greedy and short; completions with two prompts of two choices each.
+REQUESTS = {
+    f"{API}/generate": {"prompt": "Once upon a time", "max_tokens": 3},
+    "/v1/completions": {"prompt": ["Once upon", "a time"], "n": 2, "max_tokens": 3},
+    "/v1/chat/completions": {"messages": CHAT, "max_tokens": 3},
+}
+
+
+@pytest.fixture
+def client(make_app, chat_catalog):
+    client = make_app(models_file=str(chat_catalog)).test_client()
+    assert load_and_wait(client, "tiny")["status"] == "loaded"
+    return client
+
+
+@pytest.fixture
+def submitted(monkeypatch):
+    """The jobs each request queued on the engine, one list per request."""
+    requests: list[list] = []
+    real = ModelWorker.submit_all
+
+    def recording(self, jobs):
+        requests.append(list(jobs))
+        return real(self, jobs)
+
+    monkeypatch.setattr(ModelWorker, "submit_all", recording)
+    return requests
+
+
+def post(client, route, **extra):
+    body = {"model": "tiny", "temperature": 0, **REQUESTS[route], **extra}
+    response = client.post(route, json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response
+
+
+@pytest.mark.parametrize("route", list(REQUESTS))
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ({}, True),
+        ({"cache_prompt": None}, True),
+        ({"cache_prompt": True}, True),
+        ({"cache_prompt": False}, False),
+    ],
+)
+def test_cache_prompt_reaches_every_job(client, submitted, route, given, expected):
+    post(client, route, **given)
+    (jobs,) = submitted
+    assert len(jobs) == (2 if route == "/v1/completions" else 1)
+    assert [job.cache_prompt for job in jobs] == [expected] * len(jobs)
+
+
+@pytest.mark.parametrize("route", list(REQUESTS))
+@pytest.mark.parametrize("bad", ["false", 0, 1, [], {}])
+def test_cache_prompt_must_be_a_boolean(client, submitted, route, bad):
+    response = client.post(route, json={"model": "tiny", **REQUESTS[route], "cache_prompt": bad})
+    assert response.status_code == 400, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "cache_prompt" in error["details"]["fields"]
+    assert "cache_prompt" in error["message"]
+    if route.startswith("/v1"):  # OpenAI's error object names the parameter
+        assert error["param"] == "cache_prompt" and error["type"] == "invalid_request_error"
+    assert submitted == []  # refused before anything reached the engine
+
+
+def cached_within(count, prompt_tokens):
+    return type(count) is int and 0 <= count <= prompt_tokens
+
+
+def prompt_tokens(client, text):
+    response = client.post(f"{API}/tokenize", json={"model": "tiny", "text": text})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()["count"]
+
+
+def test_native_answers_report_cached_tokens(client):
+    prompt = prompt_tokens(client, REQUESTS[f"{API}/generate"]["prompt"])
+    for cache_prompt in (True, False):
+        body = post(client, f"{API}/generate", cache_prompt=cache_prompt).get_json()
+        assert cached_within(body["cached_tokens"], prompt)
+        if not cache_prompt:
+            assert body["cached_tokens"] == 0  # not served from the cache
+        response = post(client, f"{API}/generate", stream=True, cache_prompt=cache_prompt)
+        events = parse_sse(response.get_data(as_text=True).splitlines())
+        response.close()
+        name, done = events[-1]
+        assert name == "done"
+        assert set(done) == {
+            "tokens_generated",
+            "generation_time",
+            "finish_reason",
+            "cached_tokens",
+        }
+        assert cached_within(done["cached_tokens"], prompt)
+        if not cache_prompt:
+            assert done["cached_tokens"] == 0
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_openai_usage_has_prompt_tokens_details(client, route):
+    chat = route == "/v1/chat/completions"
+    schema = "CreateChatCompletionResponse" if chat else "CreateCompletionResponse"
+    for cache_prompt in (True, False):
+        body = post(client, route, cache_prompt=cache_prompt).get_json()
+        validator(schema).validate(body)
+        usage = body["usage"]
+        assert set(usage) == {
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "prompt_tokens_details",
+        }
+        assert list(usage["prompt_tokens_details"]) == ["cached_tokens"]
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        assert cached_within(cached, usage["prompt_tokens"])
+        if not cache_prompt:
+            assert cached == 0
+        if chat:
+            assert body["choices"][0]["message"]["refusal"] is None
+
+        streamed = post(
+            client,
+            route,
+            cache_prompt=cache_prompt,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        payloads = sse_data(streamed.get_data(as_text=True))
+        streamed.close()
+        assert payloads[-1] == "[DONE]"
+        last = json.loads(payloads[-2])
+        validator(
+            "CreateChatCompletionStreamResponse" if chat else "CreateCompletionResponse",
+            chunk=True,
+        ).validate(last)
+        assert last["choices"] == []
+        details = last["usage"]["prompt_tokens_details"]
+        assert list(details) == ["cached_tokens"]
+        assert cached_within(details["cached_tokens"], last["usage"]["prompt_tokens"])
+        if not cache_prompt:
+            assert details["cached_tokens"] == 0
+
+
+def test_model_metrics_show_what_the_engine_reports(client):
+    """The engine reports to the model's ModelStats from its thread (prefix_lookup once per
+    job, prefix_cache after each change of the cache); both metrics views show it, and an
+    unload empties the bytes held while the counters stay."""
+    stats = client.application.extensions["tursi"].manager.state("tiny").stats
+
+    def scrape():
+        return parse_metrics(client.get("/metrics").get_data(as_text=True))
+
+    def prefix_cache():
+        response = client.get(f"{API}/models/tiny/metrics")
+        assert response.status_code == 200
+        return response.get_json()["metrics"]["prefix_cache"]
+
+    before = scrape()
+    # Nothing generated yet on this app: nothing looked up, held or evicted.
+    assert prefix_cache() == {
+        "prompt_tokens": 0,
+        "cached_tokens": 0,
+        "hit_rate": "0%",
+        "bytes": 0,
+        "evictions": 0,
+    }
+    stats.prefix_lookup(40, 0)
+    stats.prefix_lookup(40, 32)
+    stats.prefix_cache(65536, 0)
+    stats.prefix_cache(32768, 2)
+    after = scrape()
+
+    def delta(name):
+        return value(after, name, model="tiny") - value(before, name, model="tiny")
+
+    assert delta("tursi_prefix_cache_prompt_tokens_total") == 80
+    assert delta("tursi_prefix_cache_cached_tokens_total") == 32
+    assert delta("tursi_prefix_cache_evictions_total") == 2
+    assert delta("tursi_prefix_cache_bytes") == 32768
+    shown = prefix_cache()
+    assert shown == {
+        "prompt_tokens": 80,
+        "cached_tokens": 32,
+        "hit_rate": "40%",
+        "bytes": 32768,
+        "evictions": 2,
+    }
+
+    assert client.post(f"{API}/models/tiny/unload").status_code == 200
+    assert value(scrape(), "tursi_prefix_cache_bytes", model="tiny") == value(
+        before, "tursi_prefix_cache_bytes", model="tiny"
+    )
+    assert prefix_cache() == {**shown, "bytes": 0}  # the counters survive the unload
