@@ -50,6 +50,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MODEL = "smollm2-135m-instruct"
+DEFAULT_HOME = os.environ.get(
+    "TURSI_HOME", os.path.join(os.path.expanduser("~"), ".cache", "tursi")
+)
 PROMPTS = [
     "Once upon a time",
     "The history of the printing press",
@@ -139,6 +142,15 @@ def baselines(home: str, max_tokens: int, runs: int) -> dict:
 # --- the server ------------------------------------------------------------------------------
 
 
+def model_path(home: str) -> str:
+    """The local directory of the embedded model (converted from its GGUF on first use), to
+    load its tokenizer or config in this process."""
+    from tursi.engine.catalog import Catalog
+    from tursi.engine.loading import locate
+
+    return locate(Catalog.load(None).get(MODEL), home, False)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -147,11 +159,14 @@ def free_port() -> int:
 
 class Server:
     """A gunicorn server of this repo on a free loopback port. `preload`: TURSI_PRELOAD (the
-    embedded model by default; "" to load it later with load(), e.g. with a dtype)."""
+    embedded model by default; "" to load it later with load(), e.g. with a dtype); `env`:
+    more environment variables for it (bench/prefix_cache.py's TURSI_PREFIX_CACHE).
+    `url` is the native API's root, `root` the server's (OpenAI's routes are under /v1)."""
 
-    def __init__(self, home: str, preload: str = MODEL):
+    def __init__(self, home: str, preload: str = MODEL, env: dict[str, str] | None = None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api/v1"
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.root}/api/v1"
         env = {
             **os.environ,
             "TURSI_HOME": home,
@@ -161,6 +176,7 @@ class Server:
             "TURSI_LOG_LEVEL": "warning",
             "TURSI_ACCESS_LOG": "/dev/null",
             "HF_HUB_OFFLINE": "1",
+            **(env or {}),
         }
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
@@ -281,11 +297,9 @@ class CompileProbe:
     def __init__(self, home: str):
         from transformers import AutoConfig, AutoTokenizer
 
-        from tursi.engine.catalog import Catalog
         from tursi.engine.constraints import Constraints
-        from tursi.engine.loading import locate
 
-        path = locate(Catalog.load(None).get(MODEL), home, False)
+        path = model_path(home)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         width = AutoConfig.from_pretrained(path, local_files_only=True).vocab_size
         self.constraints = Constraints(tokenizer, width, [tokenizer.eos_token_id])
@@ -377,33 +391,45 @@ def poll_status(url: str, stop: threading.Event, latencies: list[float]) -> None
             stop.wait(STATUS_INTERVAL)
 
 
-def load_run(url: str, clients: int, max_tokens: int, extra: dict | None = None) -> dict:
-    results: list[dict] = [None] * clients  # type: ignore[list-item]
+def concurrently(clients: int, client) -> tuple[list, float]:
+    """client(0) .. client(clients - 1), each on its own thread, all started together: their
+    results and the wall time until the last ended. Any failure ends the benchmark."""
+    results: list = [None] * clients
     errors: list[BaseException] = []
 
-    def client(index: int) -> None:
+    def run(index: int) -> None:
         try:
-            results[index] = stream_one(url, PROMPTS[index % len(PROMPTS)], max_tokens, extra)
+            results[index] = client(index)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    stop, status_latencies = threading.Event(), []
-    poller = threading.Thread(target=poll_status, args=(url, stop, status_latencies))
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    polled = clients >= STATUS_FROM_CLIENTS  # the poll costs server CPU: not in small runs
-    if polled:
-        poller.start()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    stop.set()
-    if polled:
-        poller.join()
     if errors:
         raise SystemExit(f"{len(errors)} client(s) failed: {errors[0]!r}")
+    return results, wall
+
+
+def load_run(url: str, clients: int, max_tokens: int, extra: dict | None = None) -> dict:
+    def client(index: int) -> dict:
+        return stream_one(url, PROMPTS[index % len(PROMPTS)], max_tokens, extra)
+
+    stop, status_latencies = threading.Event(), []
+    poller = threading.Thread(target=poll_status, args=(url, stop, status_latencies))
+    polled = clients >= STATUS_FROM_CLIENTS  # the poll costs server CPU: not in small runs
+    if polled:
+        poller.start()
+    try:
+        results, wall = concurrently(clients, client)
+    finally:
+        stop.set()
+        if polled:
+            poller.join()
     ttft = [r["arrivals"][0] - r["started"] for r in results]
     gaps = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
     tokens = sum(r["tokens"] for r in results)
@@ -543,12 +569,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--clients", default="1,4,16,32")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument(
-        "--home",
-        default=os.environ.get(
-            "TURSI_HOME", os.path.join(os.path.expanduser("~"), ".cache", "tursi")
-        ),
-    )
+    parser.add_argument("--home", default=DEFAULT_HOME)
     parser.add_argument(
         "--penalized-clients",
         type=int,
