@@ -123,7 +123,7 @@ def prefilled(model, prompts, boolean_mask=True):
         source = DynamicCache()
         with torch.inference_mode():
             model(input_ids=torch.tensor([prompt]), past_key_values=source, use_cache=True)
-        cache.add_row(source, 0, 0, len(prompt))
+        cache.add_row(source, 0, torch.arange(len(prompt)))
     return cache
 
 
@@ -226,8 +226,8 @@ def test_a_step_runs_on_the_model_device(attention):
             source.update(torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8), layer)
         ids = torch.zeros(2, 1, dtype=torch.long)
     cache = BatchCache(config.num_hidden_layers, 100, boolean_mask=attention == "sdpa")
-    cache.add_row(source, 0, start=0, length=4)
-    cache.add_row(source, 1, start=1, length=3)
+    cache.add_row(source, 0, torch.arange(4))
+    cache.add_row(source, 1, torch.arange(1, 4))
     logits = decode_logits(model, ids, cache)
     assert logits.device == meta
     assert logits.shape == (2, config.vocab_size)

@@ -51,8 +51,8 @@ def capacity(cache):
 def test_add_row_copies_the_unpadded_columns():
     source = prefill_cache(rows=3, width=6)
     cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
-    assert cache.add_row(source, 1, start=2, length=4) == 0
-    assert cache.add_row(source, 0, start=0, length=6) == 1
+    assert cache.add_row(source, 1, torch.arange(2, 6)) == 0
+    assert cache.add_row(source, 0, torch.arange(6)) == 1
     assert cache.lengths == [4, 6]
     assert row_marks(cache, 0) == [102, 103, 104, 105]
     assert row_marks(cache, 1) == [0, 1, 2, 3, 4, 5]
@@ -63,7 +63,7 @@ def test_a_prompt_one_column_past_a_buffer_step_is_copied_whole():
     """A 257-column prompt (one past the 256-column step) needs a 512-column buffer."""
     source = prefill_cache(rows=1, width=257)
     cache = BatchCache(LAYERS, max_length=1000, boolean_mask=True)
-    assert cache.add_row(source, 0, start=0, length=257) == 0
+    assert cache.add_row(source, 0, torch.arange(257)) == 0
     assert row_marks(cache, 0) == list(range(257))
 
 
@@ -71,7 +71,7 @@ def test_rows_stay_packed_when_a_middle_row_leaves():
     source = prefill_cache(rows=5, width=8)
     cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
     for row, length in enumerate([3, 8, 5, 2, 7]):  # buffers grow while rows are added
-        cache.add_row(source, row, start=8 - length, length=length)
+        cache.add_row(source, row, torch.arange(8 - length, 8))
     assert [row_marks(cache, row)[0] for row in range(5)] == [5, 100, 203, 306, 401]
 
     cache.remove_row(1)  # the last row (source row 4) moves into row 1
@@ -98,8 +98,8 @@ def test_rows_stay_packed_when_a_middle_row_leaves():
 def test_a_step_writes_each_row_at_its_own_column():
     source = prefill_cache(rows=2, width=5)
     cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
-    cache.add_row(source, 0, start=0, length=5)
-    cache.add_row(source, 1, start=3, length=2)
+    cache.add_row(source, 0, torch.arange(5))
+    cache.add_row(source, 1, torch.arange(3, 5))
 
     positions, mask = step(cache, [50, 150])
     assert positions.tolist() == [[5], [2]]
@@ -118,8 +118,8 @@ def test_additive_mask_for_eager_attention(dtype, layers):
     one-layer model has only layer 0 to read it from."""
     cache = BatchCache(layers, max_length=100, boolean_mask=False)
     source = prefill_cache(rows=2, width=3, dtype=dtype, layers=layers)
-    cache.add_row(source, 0, start=0, length=3)
-    cache.add_row(source, 1, start=2, length=1)
+    cache.add_row(source, 0, torch.arange(3))
+    cache.add_row(source, 1, torch.arange(2, 3))
     _, mask = cache.prepare_step(torch.device("cpu"))
     assert mask.dtype == dtype
     assert mask[0, 0, 0].tolist() == [0.0] * 4
@@ -134,8 +134,8 @@ def test_a_step_is_prepared_on_the_model_device(boolean_mask):
     meets a meta tensor and raises, or comes back on the wrong device."""
     source = prefill_cache(rows=2, width=4)
     cache = BatchCache(LAYERS, max_length=100, boolean_mask=boolean_mask)
-    cache.add_row(source, 0, start=0, length=4)
-    cache.add_row(source, 1, start=1, length=3)
+    cache.add_row(source, 0, torch.arange(4))
+    cache.add_row(source, 1, torch.arange(1, 4))
     meta = torch.device("meta")
     positions, mask = cache.prepare_step(meta)
     assert positions.device == mask.device == cache.step_slots.device == meta
@@ -150,7 +150,7 @@ def test_buffers_grow_by_doubling_and_are_reused_between_steps():
     cache = BatchCache(LAYERS, max_length=1000, boolean_mask=True)
     capacities = []
     for row in range(3):
-        cache.add_row(source, row, start=0, length=4)
+        cache.add_row(source, row, torch.arange(4))
         capacities.append(tuple(cache.layers[0].keys.shape[::2]))
     assert capacities == [(1, 256), (2, 256), (4, 256)]
     buffers = [layer.keys for layer in cache.layers]
@@ -166,15 +166,15 @@ def test_columns_grow_only_when_a_row_needs_the_next_one():
     and a longer prompt doubles them again. Every move keeps the rows' contents."""
     source = prefill_cache(rows=3, width=600)
     cache = BatchCache(LAYERS, max_length=2000, boolean_mask=True)
-    cache.add_row(source, 0, start=345, length=255)
-    cache.add_row(source, 1, start=345, length=255)
+    cache.add_row(source, 0, torch.arange(345, 600))
+    cache.add_row(source, 1, torch.arange(345, 600))
     assert capacity(cache) == (2, 256)
     buffers = [layer.keys for layer in cache.layers]
     step(cache, [50, 150])
     assert all(layer.keys is buffer for layer, buffer in zip(cache.layers, buffers, strict=True))
     step(cache, [60, 160])
     assert capacity(cache) == (2, 512)
-    cache.add_row(source, 2, start=0, length=600)
+    cache.add_row(source, 2, torch.arange(600))
     assert capacity(cache) == (4, 1024)
     assert row_marks(cache, 0) == [*range(345, 600), 50, 60]
     assert row_marks(cache, 1, layer=1) == [*range(1445, 1700), 150, 160]
@@ -187,7 +187,7 @@ def test_columns_stop_one_past_the_context():
     takes its step."""
     source = prefill_cache(rows=1, width=99)
     cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
-    cache.add_row(source, 0, start=0, length=99)
+    cache.add_row(source, 0, torch.arange(99))
     step(cache, [50])
     assert capacity(cache) == (1, 101)
     assert row_marks(cache, 0) == [*range(99), 50]
@@ -208,8 +208,8 @@ def test_size_questions_get_the_answers_of_transformers_own_cache():
     cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
     assert sizes(cache) == sizes(DynamicCache(config=LlamaConfig(num_hidden_layers=LAYERS)))
     padded = prefill_cache(rows=2, width=5)
-    cache.add_row(padded, 0, start=0, length=5)
-    cache.add_row(padded, 1, start=3, length=2)
+    cache.add_row(padded, 0, torch.arange(5))
+    cache.add_row(padded, 1, torch.arange(3, 5))
     cache.prepare_step(torch.device("cpu"))
     assert sizes(cache) == sizes(padded) == (5, (6, 0), -1)
     assert cache.is_initialized is padded.is_initialized is True

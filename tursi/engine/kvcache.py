@@ -72,14 +72,15 @@ class BatchCache(Cache):
     def size(self) -> int:
         return len(self.lengths)
 
-    def add_row(self, source: Cache, source_row: int, start: int, length: int) -> int:
-        """Copy columns [start, start + length) of `source_row` of a prefill cache into a new
+    def add_row(self, source: Cache, source_row: int, columns: torch.Tensor) -> int:
+        """Copy `columns` (indices, in order) of `source_row` of a prefill cache into a new
         row; returns the row's index."""
+        length = len(columns)
         self._reserve(self.size + 1, length + 1, source)
         row = self.size
         for mine, theirs in zip(self.layers, source.layers, strict=False):
-            mine.keys[row, :, :length] = theirs.keys[source_row, :, start : start + length]
-            mine.values[row, :, :length] = theirs.values[source_row, :, start : start + length]
+            mine.keys[row, :, :length] = theirs.keys[source_row].index_select(1, columns)
+            mine.values[row, :, :length] = theirs.values[source_row].index_select(1, columns)
         self.lengths.append(length)
         return row
 

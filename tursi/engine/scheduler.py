@@ -40,6 +40,7 @@ from .detokenize import IncrementalDecoder
 from .jobs import Failed, Finished, GenerationJob, PromptLogprobs, TextChunk, TokenLogprob
 from .kvcache import BatchCache
 from .loading import LoadedModel, num_layers
+from .prefix_cache import BLOCK_TOKENS, Block, PrefixCache, gather, read_rows
 from .sampling import TokenChooser, choose_tokens, score, token_logprobs
 from .stopping import StopMatcher
 
@@ -62,6 +63,7 @@ class Sequence:
     last_token: float = 0.0  # time.monotonic() of its latest token
     cumulative_logprob: float = 0.0
     chars: int = 0  # characters of text the decoder has given so far
+    fed: list[int] = field(default_factory=list)  # generated tokens run through the model
     sent: int = 0  # characters of text sent
     # (characters of text up to the token's end, its logprob entry), not yet sent: an entry
     # goes with the chunk that completes its token's text
@@ -76,28 +78,51 @@ class Live:
     choices: list[Sequence]
     started: float
     running: int  # choices not yet finished
+    cached: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class _Prefill:
-    """A group of prompts prefilled together: left-padded, processed in column chunks. Rows
-    whose job asks for prompt_logprobs are scored chunk by chunk (the group's forward then
-    keeps the logits of every column, not just the last)."""
+    """A group of prompts prefilled together, processed in column chunks. Rows whose job
+    asks for prompt_logprobs are scored chunk by chunk (the group's forward then keeps the
+    logits of every column, not just the last).
 
-    def __init__(self, jobs: list[GenerationJob], device: torch.device, pad_id: int):
+    Columns: [0, past) hold the KV of each row's prefix cache hit, right-aligned (`chains`:
+    each row's cached blocks, maybe none); [past, width) the rest of each prompt,
+    left-padded. So a row with a shorter hit or prompt has masked columns on the left of
+    both parts; positions count only its unmasked columns. `columns[row]`: where each of the
+    row's prompt tokens sits, in order (what the batch and the prefix cache copy)."""
+
+    def __init__(
+        self,
+        jobs: list[GenerationJob],
+        chains: list[list[Block]],
+        device: torch.device,
+        pad_id: int,
+    ):
         self.jobs = jobs
-        lengths = [len(job.prompt_ids) for job in jobs]
-        self.width = max(lengths)
-        self.starts = [self.width - n for n in lengths]
+        self.chains = chains
+        hits = [len(chain) * BLOCK_TOKENS for chain in chains]
+        rests = [len(job.prompt_ids) - hit for job, hit in zip(jobs, hits, strict=True)]
+        self.past = max(hits)
+        self.width = self.past + max(rests)
+        self.starts = [self.width - rest for rest in rests]  # each row's first new column
         ids = torch.full((len(jobs), self.width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), self.width), dtype=torch.long)
-        for row, (job, start) in enumerate(zip(jobs, self.starts, strict=True)):
-            ids[row, start:] = torch.tensor(job.prompt_ids)
+        self.columns: list[torch.Tensor] = []
+        for row, (job, hit, start) in enumerate(zip(jobs, hits, self.starts, strict=True)):
+            ids[row, start:] = torch.tensor(job.prompt_ids[hit:])
+            mask[row, self.past - hit : self.past] = 1
             mask[row, start:] = 1
+            self.columns.append(mask[row].nonzero().view(-1).to(device))
         self.ids, self.mask = ids.to(device), mask.to(device)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.chunk = max(1, PREFILL_TOKENS // len(jobs))
-        self.done = 0
+        self.done = self.past
         self.cache = DynamicCache()
+        cached = gather(chains, self.past)
+        if cached is not None:
+            for layer, kv in enumerate(cached.to(device)):
+                self.cache.update(kv[0], kv[1], layer)
         self.prompt_logprobs: list[list[TokenLogprob] | None] = [
             [] if job.params.prompt_logprobs is not None else None for job in jobs
         ]
@@ -142,6 +167,7 @@ class Scheduler:
         max_batch: int,
         on_done: Callable[[GenerationJob, float, bool], None],
         stats: ModelStats | None = None,
+        prefix_cache_bytes: int = 0,
     ):
         self.name = name
         self.stats = stats or ModelStats(name)
@@ -161,6 +187,7 @@ class Scheduler:
         )
         tokenizer = loaded.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
 
     @property
     def running(self) -> int:
@@ -259,6 +286,13 @@ class Scheduler:
                 self._remove_row(row)
 
     def _remove_row(self, row: int) -> None:
+        """Drop a row of the batch; the prefix cache keeps the whole blocks of its prompt
+        and the tokens generated after it (a conversation's next turn starts with them)."""
+        seq = self.rows[row]
+        if self._caching(seq.job):
+            length = self.cache.lengths[row]
+            columns = torch.arange(length, device=self.loaded.device)
+            self._store(seq.job.prompt_ids + seq.fed, length, self.cache.layers, row, columns)
         self.cache.remove_row(row)
         last = self.rows.pop()
         if row < len(self.rows):
@@ -268,21 +302,54 @@ class Scheduler:
 
     def _start_prefill(self) -> _Prefill:
         """The next prefill group: waiting jobs, oldest first, while their choices fit the
-        free rows and their padded prompts fit PREFILL_TOKENS."""
+        free rows and their padded prompts, less what the prefix cache holds of them, fit
+        PREFILL_TOKENS. A prompt whose first uncached block is one an earlier prompt of the
+        group will store waits for the next group, which finds that block cached: prompts
+        that arrive together with a shared prefix prefill it once."""
         room = self._free_rows()
         jobs: list[GenerationJob] = []
+        chains: list[list[Block]] = []
+        storing: set[tuple] = set()
         width = 0
         while self.waiting and self.waiting[0].n <= room:
             job = self.waiting[0]
-            new_width = max(width, len(job.prompt_ids))
+            chain = self._lookup(job)
+            new_width = max(width, len(job.prompt_ids) - len(chain) * BLOCK_TOKENS)
             if jobs and new_width * (len(jobs) + 1) > PREFILL_TOKENS:
                 break
+            missing = self.prefix_cache.first_missing(job.prompt_ids, chain)
+            if self._caching(job) and missing is not None:
+                if missing in storing:
+                    break
+                storing.add(missing)
             live = self._live(job)  # before the job leaves `waiting`: it may raise
             self.waiting.popleft()
+            live.cached = len(chain) * BLOCK_TOKENS
             self.live[job] = live
+            if self._caching(job):
+                self.stats.prefix_lookup(len(job.prompt_ids), live.cached)
             width, room = new_width, room - job.n
             jobs.append(job)
-        return _Prefill(jobs, self.loaded.device, self.pad_id)
+            chains.append(chain)
+        return _Prefill(jobs, chains, self.loaded.device, self.pad_id)
+
+    # --- prefix cache ---------------------------------------------------------------------
+
+    def _caching(self, job: GenerationJob) -> bool:
+        return self.prefix_cache.enabled and job.cache_prompt
+
+    def _lookup(self, job: GenerationJob) -> list[Block]:
+        """The job's prompt's cached blocks. At least the last prompt token is left to
+        prefill (its logits choose the first new token); prompts to be scored take none
+        (every prompt token's logits are needed)."""
+        if not self._caching(job) or job.params.prompt_logprobs is not None:
+            return []
+        return self.prefix_cache.match(job.prompt_ids, len(job.prompt_ids) - 1)
+
+    def _store(self, tokens: list[int], length: int, layers: Any, row: int, columns: Any) -> None:
+        """Keep the whole blocks of the first `length` of `tokens`, whose KV is row `row` of
+        a cache's `layers`, token i at columns[i]."""
+        self.prefix_cache.store(tokens, length, read_rows(layers, row, columns))
 
     def _live(self, job: GenerationJob) -> Live:
         params, tokenizer = job.params, self.loaded.tokenizer
@@ -309,6 +376,10 @@ class Scheduler:
         # If anything below raises (add_row allocates), the jobs not yet in the batch are
         # still in self.live: the worker's fail_all ends them with the rest.
         self.prefill = None
+        for row, job in enumerate(prefill.jobs):
+            if self._caching(job):
+                length = len(job.prompt_ids)
+                self._store(job.prompt_ids, length, prefill.cache.layers, row, prefill.columns[row])
         starting: list[tuple[int, Sequence]] = []  # (prefill row, choice)
         for row, job in enumerate(prefill.jobs):
             live = self.live.get(job)
@@ -334,14 +405,15 @@ class Scheduler:
         logprobs = token_logprobs(first, tokens, choosers)
         for (row, seq), token, entry in zip(starting, tokens, logprobs, strict=True):
             if seq.job in self.live and not self._accept(seq, token, entry):
-                length = len(seq.job.prompt_ids)
-                self.cache.add_row(prefill.cache, row, prefill.starts[row], length)
+                self.cache.add_row(prefill.cache, row, prefill.columns[row])
                 self.rows.append(seq)
 
     # --- decode ---------------------------------------------------------------------------
 
     def _decode_step(self) -> None:
         device = self.loaded.device
+        for seq in self.rows:
+            seq.fed.append(seq.next_token)
         ids = torch.tensor([[seq.next_token] for seq in self.rows], device=device)
         logits = decode_logits(self.loaded.model, ids, self.cache)
         choosers = [seq.chooser for seq in self.rows]
@@ -455,6 +527,7 @@ class Scheduler:
             reason,
             seq.index,
             seq.cumulative_logprob if params.logprobs is not None else None,
+            live.cached,
         )
         live.running -= 1
         if live.running == 0:

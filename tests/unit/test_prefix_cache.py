@@ -1,0 +1,287 @@
+"""The prefix cache (tursi.engine.prefix_cache): its bookkeeping, and the engine's output with
+it against an outside reference.
+
+Every engine test here runs a fused float32 Llama whose greedy tokens depend on the whole
+context (the model of test_reference.py) through the Scheduler with a prefix cache, and
+checks each request's greedy ids against transformers' own decoding of that prompt alone
+(`transformers_greedy`, the stock model read from the same folder): for whole-block hits,
+partial hits, hits of different lengths inside one prefill group, prompts that are prefixes
+of cached ones, hits on a previous answer's generated tokens, and after evictions; on the
+C++ decode step and the torch-ops one. `cached_tokens` (what the API reports) is checked to
+be the hit the test set up, so a cache that silently missed would fail too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.helpers import build_llama, transformers_greedy
+from tursi.engine import native
+from tursi.engine.catalog import CatalogEntry
+from tursi.engine.jobs import Finished, GenerationJob, GenerationParams
+from tursi.engine.loading import LoadOptions, load_model
+from tursi.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
+from tursi.engine.scheduler import Scheduler
+from tursi.telemetry import ModelStats
+
+B = BLOCK_TOKENS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# --- the cache's bookkeeping ------------------------------------------------------------------
+
+
+def kv_of(tokens: list[int]):
+    """A KVReader whose block values name their tokens (so a test can tell blocks apart)."""
+
+    def read(start: int, end: int) -> torch.Tensor:
+        return torch.tensor(tokens[start:end], dtype=torch.float32).view(1, 1, 1, end - start, 1)
+
+    return read
+
+
+BLOCK_BYTES = B * 4  # kv_of's block: B float32 values
+
+
+def store(cache: PrefixCache, tokens: list[int]) -> None:
+    cache.store(tokens, len(tokens), kv_of(tokens))
+
+
+def hit(cache: PrefixCache, tokens: list[int]) -> int:
+    return len(cache.match(tokens, len(tokens))) * B
+
+
+def test_only_whole_blocks_are_kept_and_found():
+    cache = PrefixCache(100 * BLOCK_BYTES)
+    tokens = list(range(2 * B + 5))
+    store(cache, tokens)
+    assert cache.bytes_held == 2 * BLOCK_BYTES
+    assert hit(cache, tokens) == 2 * B
+    assert hit(cache, tokens[: 2 * B - 1]) == B  # a prefix of a cached prompt
+    assert hit(cache, tokens[:B] + [999] + tokens[B + 1 :]) == B  # differs in block 2
+    assert hit(cache, [999] + tokens[1:]) == 0  # a block is keyed by every token before it
+    assert len(cache.match(tokens, 2 * B - 1)) == 1  # the limit is respected
+    chain = cache.match(tokens, len(tokens))
+    assert [block.kv.view(-1).tolist() for block in chain] == [tokens[:B], tokens[B : 2 * B]]
+
+
+def test_the_same_block_after_another_prefix_is_another_block():
+    cache = PrefixCache(100 * BLOCK_BYTES)
+    shared = list(range(B))
+    store(cache, list(range(100, 100 + B)) + shared)
+    assert hit(cache, shared + shared) == 0
+    store(cache, shared + shared)
+    assert hit(cache, shared + shared) == 2 * B
+    assert cache.bytes_held == 4 * BLOCK_BYTES
+
+
+def test_storing_again_only_touches():
+    cache = PrefixCache(100 * BLOCK_BYTES)
+    tokens = list(range(3 * B))
+    store(cache, tokens)
+    reads = []
+    cache.store(tokens, len(tokens), lambda start, end: reads.append(start))
+    assert reads == [] and cache.bytes_held == 3 * BLOCK_BYTES
+
+
+def test_least_recently_used_chains_are_evicted_from_their_ends():
+    cache = PrefixCache(4 * BLOCK_BYTES)
+    old, new = list(range(2 * B)), list(range(1000, 1000 + 2 * B))
+    store(cache, old)
+    store(cache, new)
+    assert hit(cache, old) == 2 * B  # old is now the more recent
+    store(cache, list(range(5000, 5000 + B)))  # one block more than fits: new's last goes
+    assert (hit(cache, old), hit(cache, new), cache.evictions) == (2 * B, B, 1)
+    assert cache.bytes_held == 4 * BLOCK_BYTES
+
+
+def test_evicting_a_block_drops_the_blocks_after_it():
+    cache = PrefixCache(3 * BLOCK_BYTES)
+    tokens = list(range(3 * B))
+    store(cache, tokens)
+    first = cache.match(tokens, B)[0]
+    cache._evict(first)
+    assert (hit(cache, tokens), cache.bytes_held, cache.evictions) == (0, 0, 3)
+
+
+def test_a_store_larger_than_the_cache_keeps_what_fits_in_order():
+    cache = PrefixCache(2 * BLOCK_BYTES)
+    tokens = list(range(5 * B))
+    store(cache, tokens)
+    assert hit(cache, tokens) == 2 * B and cache.bytes_held == 2 * BLOCK_BYTES
+    assert cache.evictions == 0  # its own chain is never evicted to make room for itself
+
+
+def test_a_zero_size_cache_is_off():
+    cache = PrefixCache(0)
+    assert not cache.enabled
+    store(cache, list(range(2 * B)))
+    assert cache.bytes_held == 0
+
+
+# --- the engine with the cache, against transformers -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(the engine's load, transformers' stock load) of a Llama whose greedy text varies."""
+    path = build_llama(
+        tmp_path_factory.mktemp("llama"),
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        max_position_embeddings=512,
+    )
+    entry = CatalogEntry("llama", "local", str(path), dtype="float32")
+    options = LoadOptions()
+    loaded = load_model(entry, options.resolved(entry), str(tmp_path_factory.mktemp("home")))
+    stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return loaded, stock
+
+
+@pytest.fixture(params=["native", "torch-ops"])
+def engine(request, llama, monkeypatch):
+    if request.param == "native" and native.load() is None:
+        pytest.skip("native kernels not built (tests/unit/test_native_kernels.py says why)")
+    if request.param == "torch-ops":
+        monkeypatch.setattr(native, "load", lambda: None)
+    return llama
+
+
+class Run:
+    """A Scheduler with a prefix cache; `run` submits jobs together and runs them to the end."""
+
+    def __init__(self, loaded: Any, capacity: int = 64 * 1024**2, max_batch: int = 16):
+        self.stats = ModelStats("llama")
+        self.scheduler = Scheduler(
+            "llama", loaded, max_batch, lambda job, seconds, ok: None, self.stats, capacity
+        )
+
+    def run(self, prompts: list[list[int]], max_tokens: int = 8, **job) -> list[tuple]:
+        """[(generated ids, cached_tokens)] per prompt, all submitted in the same turn."""
+        jobs = [
+            GenerationJob(
+                prompt, GenerationParams(max_tokens, temperature=0.0, ignore_eos=True), **job
+            )
+            for prompt in prompts
+        ]
+        for item in jobs:
+            self.scheduler.add(item)
+        sequences: dict[GenerationJob, Any] = {}
+        while not self.scheduler.idle:
+            for live in self.scheduler.live.values():
+                sequences[live.job] = live.choices[0]
+            self.scheduler.turn()
+        return [
+            (sequences[item].decoder.ids[len(item.prompt_ids) :], finished(item)) for item in jobs
+        ]
+
+
+def finished(job: GenerationJob) -> int:
+    """cached_tokens of the job's Finished event."""
+    while True:
+        event = job.events.get(timeout=1)
+        if isinstance(event, Finished):
+            return event.cached_tokens
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 200, (length,), generator=generator).tolist()
+
+
+def check(stock: Any, prompts: list[list[int]], results: list[tuple], cached: list[int]) -> None:
+    for index, (ids_and_hit, tokens, expected_hit) in enumerate(
+        zip(results, prompts, cached, strict=True)
+    ):
+        ids, hit_tokens = ids_and_hit
+        assert hit_tokens == expected_hit, f"prompt {index}"
+        assert ids == transformers_greedy(stock, tokens, len(ids)), f"prompt {index}"
+
+
+def test_whole_block_partial_and_prefix_hits_equal_transformers(engine):
+    loaded, stock = engine
+    run = Run(loaded)
+    first = prompt(1, 2 * B + 10)
+    check(stock, [first], run.run([first]), [0])
+    again = first  # the same prompt: two whole blocks cached, 10 tokens prefilled
+    partial = first[: B + 3] + prompt(2, 40)  # shares block 1 and 3 tokens of block 2
+    shorter = first[: 2 * B]  # a prefix of the cached prompt: the last token is prefilled
+    for tokens, hit_tokens in [(again, 2 * B), (partial, B), (shorter, B)]:
+        check(stock, [tokens], run.run([tokens]), [hit_tokens])
+
+
+def test_hits_of_different_lengths_in_one_prefill_group_equal_transformers(engine):
+    loaded, stock = engine
+    run = Run(loaded)
+    base = prompt(3, 3 * B + 1)
+    run.run([base])
+    prompts = [
+        base[: 3 * B] + prompt(4, 7),  # 3 blocks cached
+        base[:B] + prompt(5, 50),  # 1 block
+        prompt(6, 20),  # none
+        base[: 2 * B] + prompt(7, 3),  # 2 blocks
+    ]
+    results = run.run(prompts)
+    check(stock, prompts, results, [3 * B, B, 0, 2 * B])
+
+
+def test_prompts_that_arrive_together_prefill_their_shared_prefix_once(engine):
+    loaded, stock = engine
+    run = Run(loaded)
+    system = prompt(8, 2 * B + 4)
+    prompts = [system + prompt(10 + i, 5 + i) for i in range(4)]
+    results = run.run(prompts)
+    check(stock, prompts, results, [0, 2 * B, 2 * B, 2 * B])
+    assert run.stats.totals()["prefix_cached_tokens"] == 6 * B
+
+
+def test_a_previous_answer_is_cached_with_its_prompt(engine):
+    """A conversation's next turn: the prompt is the last turn's prompt, its answer and a
+    new question; the answer's tokens were generated, never prefilled."""
+    loaded, stock = engine
+    run = Run(loaded)
+    turn = prompt(20, B + 5)
+    ((answer, _),) = run.run([turn], max_tokens=2 * B)
+    fed = answer[:-1]  # the last token was chosen but never run through the model
+    following = turn + answer + prompt(21, 6)
+    hit_tokens = (len(turn) + len(fed)) // B * B
+    check(stock, [following], run.run([following]), [hit_tokens])
+
+
+def test_outputs_hold_after_evictions(engine):
+    loaded, stock = engine
+    kv_bytes = 2 * 2 * 2 * 16 * 4  # layers, keys and values, kv heads, head size, float32
+    run = Run(loaded, capacity=3 * B * kv_bytes)  # three blocks
+    prompts = [prompt(30 + i, 2 * B + 3) for i in range(3)]
+    for tokens in prompts:
+        run.run([tokens])
+    assert run.scheduler.prefix_cache.evictions > 0
+    assert run.scheduler.prefix_cache.bytes_held <= 3 * B * kv_bytes
+    again = run.run(prompts)  # the oldest were evicted: whatever is left is used, or none
+    hits = [hit_tokens for _, hit_tokens in again]
+    assert hits[-1] > 0 and hits[0] == 0
+    check(stock, prompts, again, hits)
+
+
+def test_cache_prompt_false_neither_uses_nor_keeps(engine):
+    loaded, stock = engine
+    run = Run(loaded)
+    tokens = prompt(40, 2 * B + 2)
+    check(stock, [tokens], run.run([tokens], cache_prompt=False), [0])
+    assert run.scheduler.prefix_cache.bytes_held == 0
+    run.run([tokens])
+    check(stock, [tokens], run.run([tokens], cache_prompt=False), [0])
+
+
+def test_a_cache_belongs_to_one_scheduler(llama, tmp_path):
+    """Models never share a cache: another scheduler (another model, or the same model
+    loaded again after an unload) starts empty."""
+    loaded, stock = llama
+    tokens = prompt(50, 2 * B + 2)
+    Run(loaded).run([tokens])
+    check(stock, [tokens], Run(loaded).run([tokens]), [0])
