@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+DEFAULT_PREFIX_CACHE = 512 * 1024**2  # bytes per model (TURSI_PREFIX_CACHE)
 
 
 def _split(value: str) -> list[str]:
@@ -112,6 +113,11 @@ def parse_bytes(value: str) -> int:
     return number
 
 
+def _bytes_or_off(value: str) -> int:
+    """A size (parse_bytes), or 0 for off."""
+    return 0 if value.strip() == "0" else parse_bytes(value)
+
+
 def _rate_limit(value: str) -> str:
     from limits import parse_many
 
@@ -161,6 +167,7 @@ class Settings:
     send_timeout: float | None = 30.0
     max_gpu_memory: str | None = None
     max_memory: int | None = None
+    prefix_cache: int | None = None  # bytes per model; 0: off; None: prefix_cache_bytes()
     keep_alive: float | None = None
     run_dir: str | None = None  # the folder the workers of one server share (gunicorn sets it)
     cors_origins: list[str] = field(default_factory=list)
@@ -194,6 +201,7 @@ class Settings:
             "TURSI_SEND_TIMEOUT": ("send_timeout", _timeout),
             "TURSI_MAX_GPU_MEMORY": ("max_gpu_memory", str),
             "TURSI_MAX_MEMORY": ("max_memory", parse_bytes),
+            "TURSI_PREFIX_CACHE": ("prefix_cache", _bytes_or_off),
             "TURSI_KEEP_ALIVE": ("keep_alive", parse_duration),
             "TURSI_RUN_DIR": ("run_dir", str),
             "TURSI_CORS_ORIGINS": ("cors_origins", _split),
@@ -217,6 +225,16 @@ class Settings:
         if unknown:
             raise ValueError(f"unknown settings: {sorted(unknown)}")
         return replace(self, **overrides)
+
+    def prefix_cache_bytes(self) -> int:
+        """Each model's prefix cache size: TURSI_PREFIX_CACHE, or by default 512 MiB, or a
+        quarter of TURSI_MAX_MEMORY when that is less (the budget counts the cache)."""
+        if self.prefix_cache is not None:
+            return self.prefix_cache
+        default = DEFAULT_PREFIX_CACHE
+        if self.max_memory is not None:
+            default = min(default, self.max_memory // 4)
+        return default
 
     def all_api_keys(self) -> list[str]:
         """Keys from TURSI_API_KEYS plus one key per non-empty, non-comment line of the key

@@ -89,9 +89,11 @@ def sizes(catalog, tmp_path_factory):
 
 @pytest.fixture
 def budget_app(make_app, catalog):
-    """budget_app(max_memory, **overrides) -> (app, client) on the memory catalog."""
+    """budget_app(max_memory, **overrides) -> (app, client) on the memory catalog; no prefix
+    cache unless asked (the budget's arithmetic below is about weights)."""
 
     def _make(max_memory=None, **overrides):
+        overrides.setdefault("prefix_cache", 0)
         app = make_app(models_file=str(catalog), max_memory=max_memory, **overrides)
         return app, app.test_client()
 
@@ -210,6 +212,19 @@ def test_the_budget_boundary_is_exact(budget_app, sizes):
     assert statuses(client, "m1", "m2") == {"m1": "loaded", "m2": "loaded"}
 
     app, client = budget_app(max_memory=sizes.M + sizes.E - 1)  # one byte short: evicts m1
+    assert load_and_wait(client, "m1")["status"] == "loaded"
+    assert load_and_wait(client, "m2")["status"] == "loaded"
+    assert statuses(client, "m1", "m2") == {"m1": "not_loaded", "m2": "loaded"}
+
+
+def test_the_budget_counts_each_models_prefix_cache(budget_app, sizes):
+    cache = 1000  # TURSI_PREFIX_CACHE: each model's cache counts at its full size
+    app, client = budget_app(max_memory=sizes.M + sizes.E + 2 * cache, prefix_cache=cache)
+    assert load_and_wait(client, "m1")["status"] == "loaded"
+    assert load_and_wait(client, "m2")["status"] == "loaded"
+    assert statuses(client, "m1", "m2") == {"m1": "loaded", "m2": "loaded"}
+
+    app, client = budget_app(max_memory=sizes.M + sizes.E + 2 * cache - 1, prefix_cache=cache)
     assert load_and_wait(client, "m1")["status"] == "loaded"
     assert load_and_wait(client, "m2")["status"] == "loaded"
     assert statuses(client, "m1", "m2") == {"m1": "not_loaded", "m2": "loaded"}
@@ -603,3 +618,24 @@ def test_reap_idle_with_a_fake_clock(budget_app, held, monkeypatch):
         "ka-pinned": "loaded",
     }
     assert serves(client, "pinned") and serves(client, "ka-pinned")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, 512 * 1024**2),
+        ({"TURSI_PREFIX_CACHE": "0"}, 0),
+        ({"TURSI_PREFIX_CACHE": "64MiB"}, 64 * 1024**2),
+        ({"TURSI_MAX_MEMORY": "1GiB"}, 256 * 1024**2),  # a quarter of the budget
+        ({"TURSI_MAX_MEMORY": "8GiB"}, 512 * 1024**2),
+        ({"TURSI_MAX_MEMORY": "1GiB", "TURSI_PREFIX_CACHE": "600MiB"}, 600 * 1024**2),
+    ],
+)
+def test_the_prefix_cache_size(env, expected):
+    assert Settings.from_env(env).prefix_cache_bytes() == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "0.1"])
+def test_a_bad_prefix_cache_size_names_the_variable(value):
+    with pytest.raises(ValueError, match="TURSI_PREFIX_CACHE"):
+        Settings.from_env({"TURSI_PREFIX_CACHE": value})

@@ -10,8 +10,9 @@ import json
 
 import pytest
 
-from tests.helpers import API, load_and_wait, parse_metrics, parse_sse, sse_data, value
+from tests.helpers import API, CORPUS, load_and_wait, parse_metrics, parse_sse, sse_data, value
 from tests.openai_spec import validator
+from tursi.engine.prefix_cache import BLOCK_TOKENS
 from tursi.engine.worker import ModelWorker
 
 CHAT = [{"role": "user", "content": "lazy dog"}]
@@ -210,3 +211,39 @@ def test_model_metrics_show_what_the_engine_reports(client):
         before, "tursi_prefix_cache_bytes", model="tiny"
     )
     assert prefix_cache() == {**shown, "bytes": 0}  # the counters survive the unload
+
+
+def test_a_repeated_prompt_is_served_from_the_cache_until_unloaded(client):
+    """The engine's hits as each API reports them: a prompt of more than two blocks, asked
+    again, skips the whole blocks before its last token; cache_prompt false skips nothing;
+    an unload drops the model's cache (the same model loaded again starts cold)."""
+    text = " ".join(CORPUS[:6])
+    count = prompt_tokens(client, text)
+    assert count > 2 * BLOCK_TOKENS
+    hit = (count - 1) // BLOCK_TOKENS * BLOCK_TOKENS  # the last token is always prefilled
+    native = {"model": "tiny", "prompt": text, "max_tokens": 3, "temperature": 0}
+
+    def ask(**extra):
+        response = client.post(f"{API}/generate", json={**native, **extra})
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return response.get_json()
+
+    def metrics():
+        return client.get(f"{API}/models/tiny/metrics").get_json()["metrics"]["prefix_cache"]
+
+    first = ask()
+    assert first["cached_tokens"] == 0
+    assert metrics()["bytes"] > 0
+    again = ask()
+    assert (again["cached_tokens"], again["text"]) == (hit, first["text"])
+    assert ask(cache_prompt=False)["cached_tokens"] == 0
+    body = client.post("/v1/completions", json=native).get_json()
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": hit}
+    assert first["text"].endswith(body["choices"][0]["text"])  # native text has the prompt
+    shown = metrics()
+    assert (shown["prompt_tokens"], shown["cached_tokens"]) == (3 * count, 2 * hit)
+
+    assert client.post(f"{API}/models/tiny/unload").status_code == 200
+    assert metrics()["bytes"] == 0
+    assert load_and_wait(client, "tiny")["status"] == "loaded"
+    assert ask()["cached_tokens"] == 0

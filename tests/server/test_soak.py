@@ -5,8 +5,10 @@ Only documented statuses may come back (200, and 429 when the rate limit is reac
 503: running + waiting room, MAX_BATCH + MAX_QUEUE, is more than there are clients, each
 with one call at a time), every client's first call succeeds (64 calls are within every
 limit), every stream ends with its `done` event, and the worker's resident memory may not
-grow by 5% or more from the 10 s mark to the end (medians of 5 s of samples). Loopback only;
-it stops by itself."""
+grow by 5% or more from the 10 s mark to the end (medians of 5 s of samples). The prefix
+cache is small (PREFIX_CACHE: a few blocks of the embedded model's KV), so it evicts all the
+while: it must keep within its size and cost no request anything. Loopback only; it stops
+by itself."""
 
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ CLIENTS = 64
 
 
 MAX_BATCH, MAX_QUEUE = 32, 128  # set explicitly: no 503 as CLIENTS <= MAX_BATCH + MAX_QUEUE
+
+
+PREFIX_CACHE = 4_000_000  # bytes: five 32-token blocks of the embedded model's bf16 KV
 
 
 SECONDS = float(os.environ.get("TURSI_SOAK_SECONDS", "60"))
@@ -82,7 +87,11 @@ def one_call(base: str, session: requests.Session, i: int, n: int) -> tuple[str,
 
 def test_soak(embedded_home, tmp_path):
     assert CLIENTS <= MAX_BATCH + MAX_QUEUE  # the room the no-503 check relies on
-    limits = {"TURSI_MAX_BATCH": str(MAX_BATCH), "TURSI_MAX_QUEUE": str(MAX_QUEUE)}
+    limits = {
+        "TURSI_MAX_BATCH": str(MAX_BATCH),
+        "TURSI_MAX_QUEUE": str(MAX_QUEUE),
+        "TURSI_PREFIX_CACHE": str(PREFIX_CACHE),
+    }
     with embedded_server(embedded_home, tmp_path / "gunicorn.log", **limits) as srv:
         worker = srv.worker()
         base = f"http://127.0.0.1:{srv.port}"
@@ -138,3 +147,7 @@ def test_soak(embedded_home, tmp_path):
         assert growth < 0.05
         # The last clients' jobs end in the engine as their responses end: wait for it.
         wait_for(lambda: srv.generations() == {"running": 0, "waiting": 0})
+        cache = requests.get(f"{base}/api/v1/models/{MODEL}/metrics", timeout=30).json()
+        cache = cache["metrics"]["prefix_cache"]
+        print(f"prefix cache: {cache}")
+        assert 0 < cache["bytes"] <= PREFIX_CACHE and cache["evictions"] > 0, cache

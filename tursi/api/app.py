@@ -36,6 +36,7 @@ def build_app(settings: Settings) -> Flask:
             settings.request_timeout,
             settings.step_timeout,
             settings.max_prompt_tokens,
+            settings.prefix_cache_bytes(),
         ),
         settings.max_memory,
         settings.keep_alive,

@@ -5,9 +5,10 @@ loaded model whose engine dies or gets stuck (tursi.engine.worker) turns failed,
 The lock guards only state changes (never I/O or compute), so a request never waits
 behind a load. Loads run on native threads.
 
-Memory: with a budget (TURSI_MAX_MEMORY), a load whose estimated size does not fit evicts
-the least recently used idle models that are not pinned, or is refused before anything is
-allocated. A model with a keep_alive is unloaded once idle that long.
+Memory: with a budget (TURSI_MAX_MEMORY), a load whose estimated size (its weights and its
+prefix cache, TURSI_PREFIX_CACHE) does not fit evicts the least recently used idle models
+that are not pinned, or is refused before anything is allocated. A model with a keep_alive
+is unloaded once idle that long.
 
 A housekeeping thread (started with the first load) checks every
 HOUSEKEEPING_SECONDS that each engine is alive and unloads models idle past their keep_alive.
@@ -174,6 +175,8 @@ class ModelManager:
         needed = None
         if self.max_memory is not None:  # reads file headers: off the gevent hub
             needed = off_hub(estimate_memory_bytes, entry, options, self.home)
+            if needed is not None:  # the budget counts the model's prefix cache at its size
+                needed += self.limits.prefix_cache_bytes
         estimate = off_hub(estimate_load_seconds, entry, self.home)  # reads the files too
         with self._lock:
             ticket = self._existing(state, options)
@@ -222,11 +225,7 @@ class ModelManager:
         makes `needed` bytes fit the budget; raises InsufficientMemory when nothing can."""
         if self.max_memory is None or needed is None:
             return []
-        in_use = sum(
-            (s.memory_bytes or 0) if s.status == "loaded" else (s.reserved_bytes or 0)
-            for s in self.states()
-            if s.status in ("loaded", "loading")
-        )
+        in_use = sum(self._budgeted(s) for s in self.states() if s.status in ("loaded", "loading"))
         candidates = sorted(
             (s for s in self.states() if self._evictable(s)), key=lambda s: s.last_used
         )
@@ -235,7 +234,7 @@ class ModelManager:
             if in_use + needed <= self.max_memory:
                 break
             victims.append(candidate)
-            in_use -= candidate.memory_bytes or 0
+            in_use -= self._budgeted(candidate)
         if in_use + needed > self.max_memory:
             raise self._no_room(name, needed)
         return victims
@@ -247,6 +246,13 @@ class ModelManager:
             and not self.catalog.get(state.name).pin
             and state.worker.counts() == (0, 0)
         )
+
+    def _budgeted(self, state: ModelState) -> int:
+        """What a loaded or loading model counts against TURSI_MAX_MEMORY: its weights and
+        its prefix cache (while loading, the estimate of both)."""
+        if state.status == "loading":
+            return state.reserved_bytes or 0
+        return (state.memory_bytes or 0) + self.limits.prefix_cache_bytes
 
     def _no_room(self, name: str, needed: int) -> InsufficientMemory:
         held = {

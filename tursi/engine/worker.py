@@ -47,13 +47,15 @@ _STOP = object()
 @dataclass(frozen=True)
 class BatchLimits:
     """Admission and deadline settings of each model's scheduler (TURSI_MAX_BATCH,
-    TURSI_MAX_QUEUE, TURSI_REQUEST_TIMEOUT, TURSI_STEP_TIMEOUT, TURSI_MAX_PROMPT_TOKENS)."""
+    TURSI_MAX_QUEUE, TURSI_REQUEST_TIMEOUT, TURSI_STEP_TIMEOUT, TURSI_MAX_PROMPT_TOKENS,
+    TURSI_PREFIX_CACHE)."""
 
     max_batch: int = 32
     max_queue: int = 128
     request_timeout: float | None = 300.0
     step_timeout: float | None = 300.0  # one turn of the loop longer than this: engine hung
     max_prompt_tokens: int | None = None  # None: the model's context length is the bound
+    prefix_cache_bytes: int = 0  # each model's prefix cache (TURSI_PREFIX_CACHE); 0: off
 
 
 class ModelWorker:
@@ -73,7 +75,9 @@ class ModelWorker:
         self.request_timeout = limits.request_timeout
         self.step_timeout = limits.step_timeout
         self.max_prompt_tokens = limits.max_prompt_tokens
-        self._scheduler = Scheduler(name, loaded, limits.max_batch, self._job_done, stats)
+        self._scheduler = Scheduler(
+            name, loaded, limits.max_batch, self._job_done, stats, limits.prefix_cache_bytes
+        )
         self.vocab_size = vocab_size(loaded.tokenizer, loaded.model)
         self._token_texts = TokenTexts(loaded.tokenizer)
         self.constraints = Constraints(loaded.tokenizer, logits_width(loaded.model), loaded.eos_ids)
@@ -83,6 +87,7 @@ class ModelWorker:
         # that it can end them from any thread when its engine thread is dead or stuck
         self._admitted: dict[GenerationJob, None] = {}
         self._stopping = False
+        self._cache_bytes = 0  # the prefix cache's size last reported
         self._exited: Channel | None = None
         self._released = False  # the thread has ended its jobs and dropped the model
         self._on_failure = on_failure
@@ -413,11 +418,15 @@ class ModelWorker:
             self._report_sizes(*self.counts())
 
     def _report_sizes(self, running: int, waiting: int) -> None:
-        """Move the batch gauges, unless stopped or dead: the manager zeroed them then, and a
-        reload's worker may own them already."""
+        """Move the batch and prefix cache gauges, unless stopped or dead: the manager zeroed
+        them then, and a reload's worker may own them already."""
+        cache = self._scheduler.prefix_cache
         with self._lock:
             if not self._stopping:
                 self.stats.batch_sizes(running, waiting)
+                if cache.evictions or cache.bytes_held != self._cache_bytes:
+                    self.stats.prefix_cache(cache.bytes_held, cache.evictions)
+                    cache.evictions, self._cache_bytes = 0, cache.bytes_held
 
     def _take_jobs(self, block: bool) -> bool:
         """Move jobs from the inbox to the scheduler; False once asked to stop."""
