@@ -152,17 +152,28 @@ def read_rows(layers: Sequence, row: int, columns: torch.Tensor) -> KVReader:
     return read
 
 
-def gather(chains: list[list[Block]], width: int) -> torch.Tensor | None:
-    """The cached KV of a prefill group's rows, right-aligned in `width` columns (rows with a
-    shorter chain are zero on the left, masked out by the prefill): [layers, 2, rows, kv heads,
-    width, dim]; None when no row has a hit."""
-    template = next((chain[0].kv for chain in chains if chain), None)
-    if template is None or width == 0:
-        return None
-    layers, two, heads, _, dim = template.shape
-    past = template.new_zeros((layers, two, len(chains), heads, width, dim))
-    for row, chain in enumerate(chains):
-        if chain:
-            kv = torch.cat([block.kv for block in chain], dim=3)
-            past[:, :, row, :, width - kv.shape[3] :] = kv
-    return past
+def gather(chains: list[list[Block]], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cached KV of a prefill group's rows, per layer (keys, values), each [rows, kv
+    heads, width, dim]: each row's blocks right-aligned in `width` columns, a row with a
+    shorter chain zero on the left (the prefill masks those columns). [] when `width` is 0."""
+    if width == 0:
+        return []
+    template = next(chain[0].kv for chain in chains if chain)
+    layers, _, heads, _, dim = template.shape
+    full = all(len(chain) * BLOCK_TOKENS == width for chain in chains)
+    pairs = []
+    for layer in range(layers):
+        pair = []
+        for kind in (0, 1):  # keys, values
+            rows = [
+                torch.cat([block.kv[layer, kind] for block in chain], dim=1) for chain in chains
+            ]
+            if full:  # every row's hit is the whole width: one copy
+                pair.append(rows[0][None] if len(rows) == 1 else torch.stack(rows))
+                continue
+            out = template.new_zeros((len(chains), heads, width, dim))
+            for row, kv in enumerate(rows):
+                out[row, :, width - kv.shape[1] :] = kv
+            pair.append(out)
+        pairs.append((pair[0], pair[1]))
+    return pairs

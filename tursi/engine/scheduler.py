@@ -119,10 +119,10 @@ class _Prefill:
         self.chunk = max(1, PREFILL_TOKENS // len(jobs))
         self.done = self.past
         self.cache = DynamicCache()
-        cached = gather(chains, self.past)
-        if cached is not None:
-            for layer, kv in enumerate(cached.to(device)):
-                self.cache.update(kv[0], kv[1], layer)
+        for index, (keys, values) in enumerate(gather(chains, self.past)):
+            self.cache.update(keys[:, :, :0], values[:, :, :0], index)  # makes the layer
+            layer = self.cache.layers[index]  # then holds the hit as is (update would copy it)
+            layer.keys, layer.values = keys, values
         self.prompt_logprobs: list[list[TokenLogprob] | None] = [
             [] if job.params.prompt_logprobs is not None else None for job in jobs
         ]
