@@ -165,15 +165,16 @@ def gather(chains: list[list[Block]], width: int) -> list[tuple[torch.Tensor, to
     for layer in range(layers):
         pair = []
         for kind in (0, 1):  # keys, values
-            rows = [
-                torch.cat([block.kv[layer, kind] for block in chain], dim=1) for chain in chains
-            ]
             if full:  # every row's hit is the whole width: one copy
+                rows = [torch.cat([b.kv[layer, kind] for b in chain], dim=1) for chain in chains]
                 pair.append(rows[0][None] if len(rows) == 1 else torch.stack(rows))
                 continue
             out = template.new_zeros((len(chains), heads, width, dim))
-            for row, kv in enumerate(rows):
-                out[row, :, width - kv.shape[1] :] = kv
+            for row, chain in enumerate(chains):
+                start = width - len(chain) * BLOCK_TOKENS
+                for index, block in enumerate(chain):
+                    column = start + index * BLOCK_TOKENS
+                    out[row, :, column : column + BLOCK_TOKENS] = block.kv[layer, kind]
             pair.append(out)
         pairs.append((pair[0], pair[1]))
     return pairs
