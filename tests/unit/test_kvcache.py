@@ -59,6 +59,23 @@ def test_add_row_copies_the_unpadded_columns():
     assert row_marks(cache, 0, layer=1) == [1102, 1103, 1104, 1105]
 
 
+def test_reserved_rows_join_without_regrowing_the_buffers():
+    source = prefill_cache(rows=3, width=6)
+    cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
+    cache.add_row(source, 2, torch.arange(6))
+    cache.reserve_rows(3, 6, source)
+    assert capacity(cache) == (4, 256)  # the row there, three more, 6 columns and the next
+    buffer = cache.layers[0].keys
+    for row in range(3):
+        cache.add_row(source, row, torch.arange(6 - row))
+    assert cache.layers[0].keys is buffer
+    assert cache.lengths == [6, 6, 5, 4]
+    assert row_marks(cache, 0) == [200, 201, 202, 203, 204, 205]
+    assert row_marks(cache, 1) == [0, 1, 2, 3, 4, 5]
+    assert row_marks(cache, 2) == [100, 101, 102, 103, 104]
+    assert row_marks(cache, 3) == [200, 201, 202, 203]
+
+
 def test_a_prompt_one_column_past_a_buffer_step_is_copied_whole():
     """A 257-column prompt (one past the 256-column step) needs a 512-column buffer."""
     source = prefill_cache(rows=1, width=257)

@@ -128,14 +128,20 @@ def test_a_zero_size_cache_is_off():
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """(the engine's load, transformers' stock load) of a Llama whose greedy text varies."""
-    path = build_llama(
+def llama_path(tmp_path_factory):
+    """A Llama whose greedy text varies (test_reference.py's)."""
+    return build_llama(
         tmp_path_factory.mktemp("llama"),
         tie_word_embeddings=False,
         initializer_range=0.2,
         max_position_embeddings=512,
     )
+
+
+@pytest.fixture(scope="module")
+def llama(llama_path, tmp_path_factory):
+    """(the engine's load, transformers' stock load) of that Llama."""
+    path = llama_path
     entry = CatalogEntry("llama", "local", str(path), dtype="float32")
     options = LoadOptions()
     loaded = load_model(entry, options.resolved(entry), str(tmp_path_factory.mktemp("home")))
@@ -285,3 +291,38 @@ def test_a_cache_belongs_to_one_scheduler(llama, tmp_path):
     tokens = prompt(50, 2 * B + 2)
     Run(loaded).run([tokens])
     check(stock, [tokens], Run(loaded).run([tokens]), [0])
+
+
+def test_choices_of_one_prompt_share_its_hit(engine):
+    """n > 1: a job's choices are rows of one prefill, so they share its hit."""
+    loaded, stock = engine
+    run = Run(loaded)
+    tokens = prompt(60, 2 * B + 9)
+    run.run([tokens])
+    job = GenerationJob(tokens, GenerationParams(6, temperature=0.0, ignore_eos=True), n=3)
+    run.scheduler.add(job)
+    while not run.scheduler.idle:
+        run.scheduler.turn()
+    hits = []
+    while len(hits) < 3:
+        event = job.events.get(timeout=1)
+        if isinstance(event, Finished):
+            hits.append(event.cached_tokens)
+    assert hits == [2 * B] * 3
+
+
+def test_a_quantized_load_is_cached_too(llama_path, tmp_path):
+    """int8: each token chosen after a hit is the best of transformers' forward of the same
+    quantized model over prompt + output (within test_reference's tolerance for int8's
+    rounding of near-ties)."""
+    from tests.unit.test_reference import QUANTIZED_TOLERANCE, worst_deficit
+
+    entry = CatalogEntry("llama", "local", str(llama_path), dtype="float32")
+    options = LoadOptions(True, 8, "dynamic")
+    quantized = load_model(entry, options.resolved(entry), str(tmp_path))
+    run = Run(quantized)
+    tokens = prompt(70, 2 * B + 5)
+    run.run([tokens])
+    ((ids, hit_tokens),) = run.run([tokens], max_tokens=12)
+    assert hit_tokens == 2 * B
+    assert worst_deficit(quantized.model, tokens, ids) <= QUANTIZED_TOLERANCE

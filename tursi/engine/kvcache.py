@@ -84,6 +84,11 @@ class BatchCache(Cache):
         self.lengths.append(length)
         return row
 
+    def reserve_rows(self, count: int, length: int, source: Cache) -> None:
+        """Make room for `count` more rows of up to `length` columns at once (a prefill group
+        joining), rather than regrowing the buffers row by row."""
+        self._reserve(self.size + count, length + 1, source)
+
     def remove_row(self, row: int) -> None:
         """Drop a row; the last row moves into its place (callers mirror that move)."""
         last = self.size - 1

@@ -403,6 +403,8 @@ class Scheduler:
         choosers = [seq.chooser for _, seq in starting]
         tokens = choose_tokens(first, choosers)
         logprobs = token_logprobs(first, tokens, choosers)
+        longest = max(len(prefill.columns[row]) for row, _ in starting)
+        self.cache.reserve_rows(len(starting), longest, prefill.cache)
         for (row, seq), token, entry in zip(starting, tokens, logprobs, strict=True):
             if seq.job in self.live and not self._accept(seq, token, entry):
                 self.cache.add_row(prefill.cache, row, prefill.columns[row])
