@@ -64,7 +64,7 @@ def test_reserved_rows_join_without_regrowing_the_buffers():
     cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
     cache.add_row(source, 2, torch.arange(6))
     cache.reserve_rows(3, 6, source)
-    assert capacity(cache) == (4, 256)  # the row there, three more, 6 columns and the next
+    assert capacity(cache) == (4, 101)  # the row there and three more; max_length + 1 columns
     buffer = cache.layers[0].keys
     for row in range(3):
         cache.add_row(source, row, torch.arange(6 - row))
