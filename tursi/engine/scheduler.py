@@ -8,7 +8,10 @@ Each turn of the loop:
    left-padded batch of at most PREFILL_TOKENS (padded) tokens; a longer prompt is prefilled
    alone, PREFILL_TOKENS columns per turn. When a prefill completes, each choice of each job
    samples its first token and joins the running batch: a job of n choices is one prefill
-   row whose cache is copied into n rows of the batch;
+   row whose cache is copied into n rows of the batch. A prompt's prefill starts after the
+   blocks of it that the model's prefix cache holds (tursi.engine.prefix_cache), and its
+   blocks are kept there when its prefill ends and, with its generated tokens, when it
+   leaves the batch;
 4. runs one decode step for every running choice: one token each, one forward pass,
    each row at its own position in the BatchCache, each with its own sampling settings.
 A choice leaves the batch at the step where it finishes (end of sequence, stop token, stop
@@ -100,7 +103,6 @@ class _Prefill:
         pad_id: int,
     ):
         self.jobs = jobs
-        self.chains = chains
         hits = [len(chain) * BLOCK_TOKENS for chain in chains]
         rests = [len(job.prompt_ids) - hit for job, hit in zip(jobs, hits, strict=True)]
         self.past = max(hits)
