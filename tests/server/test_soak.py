@@ -33,7 +33,7 @@ CLIENTS = 64
 MAX_BATCH, MAX_QUEUE = 32, 128  # set explicitly: no 503 as CLIENTS <= MAX_BATCH + MAX_QUEUE
 
 
-PREFIX_CACHE = 4_000_000  # bytes: five 32-token blocks of the embedded model's bf16 KV
+PREFIX_CACHE = 1_500_000  # bytes: two 32-token blocks of the embedded model's bf16 KV
 
 
 SECONDS = float(os.environ.get("TURSI_SOAK_SECONDS", "60"))
