@@ -29,8 +29,15 @@ def test_decoder_holds_incomplete_character(tokenizer):
     ids = tokenizer("é")["input_ids"]
     assert len(ids) == 2  # two byte tokens
     decoder = IncrementalDecoder(tokenizer, [])
-    assert decoder.push(ids[0]) == ""
-    assert decoder.push(ids[1]) == "é"
+    assert (decoder.push(ids[0]), decoder.incomplete) == ("", True)
+    assert (decoder.push(ids[1]), decoder.incomplete) == ("é", False)
+
+
+def test_a_character_cut_by_the_end_is_no_longer_incomplete(tokenizer):
+    ids = tokenizer("é")["input_ids"]
+    decoder = IncrementalDecoder(tokenizer, [])
+    decoder.push(ids[0])
+    assert (decoder.flush(), decoder.incomplete) == ("\ufffd", False)
 
 
 def test_decoder_after_prompt_keeps_spaces(tokenizer):

@@ -1285,6 +1285,31 @@ def test_a_token_without_text_before_a_stop_string_keeps_its_logprob_entry(
     assert_entry(entries[0], eos, forward_logprobs(stock, prompt)[-1], 2)
 
 
+def test_the_entries_of_a_character_split_over_tokens_go_with_that_character(loaded, prompts):
+    """A stop string that begins with a character whose UTF-8 bytes are two tokens cuts
+    both tokens: neither entry is listed, although the first token's text (an incomplete
+    character, held back) was empty when it came. logit_bias steers the model to "é" as its
+    two byte tokens (0xC3 first, then 0xA9 once the penalty has divided 0xC3's logit)."""
+    tokenizer = loaded.tokenizer
+    lead, tail = (tokenizer.convert_tokens_to_ids(byte) for byte in ("Ã", "©"))
+    assert tokenizer.decode([lead, tail]) == "é"
+    prompt = prompts[1]
+    assert not {lead, tail} & set(prompt)
+    job = greedy(
+        prompt,
+        4,
+        stop=["é"],
+        logit_bias={lead: 100.0, tail: 70.0},
+        repetition_penalty=4.0,
+        logprobs=1,
+    )
+    scheduler, _ = make_scheduler(loaded)
+    run(scheduler, job)
+    text, entries, end = with_entries(drain(job))[0]
+    assert (text, end.tokens_generated, end.finish_reason) == ("", 2, "stop")
+    assert entries == []
+
+
 def test_each_choice_gets_its_own_logprobs(loaded, stock, prompts):
     job = GenerationJob(
         prompts[2],

@@ -23,12 +23,16 @@ class IncrementalDecoder:
         self.ids: list[int] = list(prompt_ids)
         self.prefix_offset = max(len(self.ids) - 5, 0)
         self.read_offset = len(self.ids)
+        # The last push held its token back inside an incomplete character: that token's
+        # text begins with the next character the decoder gives.
+        self.incomplete = False
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         prefix = self._decode(self.prefix_offset, self.read_offset)
         text = self._decode(self.prefix_offset, len(self.ids))
-        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+        self.incomplete = text.endswith("\ufffd")
+        if len(text) > len(prefix) and not self.incomplete:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return text[len(prefix) :]
         return ""
@@ -38,6 +42,7 @@ class IncrementalDecoder:
         prefix = self._decode(self.prefix_offset, self.read_offset)
         text = self._decode(self.prefix_offset, len(self.ids))
         self.prefix_offset = self.read_offset = len(self.ids)
+        self.incomplete = False
         return text[len(prefix) :]
 
     def _decode(self, start: int, end: int) -> str:

@@ -455,8 +455,8 @@ class Scheduler:
             else:
                 piece = seq.decoder.push(token)
                 seq.chars += len(piece)
-                if entry is not None:
-                    seq.entries.append((seq.chars, entry))
+                if entry is not None:  # a token inside a character goes with that character
+                    seq.entries.append((seq.chars + seq.decoder.incomplete, entry))
                 if self._emit(seq, piece):
                     reason = "stop"
                 elif seq.chooser.complete:
