@@ -117,6 +117,30 @@ def test_a_store_larger_than_the_cache_keeps_what_fits_in_order():
     assert cache.evictions == 0  # its own chain is never evicted to make room for itself
 
 
+def test_a_sequence_shorter_than_a_block_keeps_nothing():
+    cache = PrefixCache(100 * BLOCK_BYTES)
+    store(cache, list(range(B - 1)))
+    assert cache.bytes_held == 0
+
+
+def test_a_cache_of_one_block_holds_one():
+    cache = PrefixCache(BLOCK_BYTES)
+    store(cache, list(range(B)))
+    assert hit(cache, list(range(B + 1))) == B
+
+
+def test_a_store_that_fills_the_cache_still_makes_its_chain_the_most_recent():
+    """The chain a store walked is touched even when the store stopped for room: it is
+    evicted from its end, after older blocks."""
+    cache = PrefixCache(3 * BLOCK_BYTES)
+    z = list(range(4 * B))
+    store(cache, list(range(1000, 1000 + B)))  # an older block
+    store(cache, z)  # three blocks fit, evicting the older one; the fourth does not
+    assert (cache.bytes_held, cache.evictions) == (3 * BLOCK_BYTES, 1)  # (a lookup would touch)
+    store(cache, list(range(5000, 5000 + B)))  # one more block: z's last goes, not its first
+    assert hit(cache, z) == 2 * B
+
+
 def test_a_zero_size_cache_is_off():
     cache = PrefixCache(0)
     assert not cache.enabled
@@ -236,14 +260,44 @@ def test_hits_of_different_lengths_in_one_prefill_group_equal_transformers(engin
     check(stock, prompts, results, [3 * B, B, 0, 2 * B])
 
 
-def test_prompts_that_arrive_together_prefill_their_shared_prefix_once(engine):
+@pytest.mark.parametrize("count", [3, 4])
+def test_prompts_that_arrive_together_prefill_their_shared_prefix_once(engine, count):
     loaded, stock = engine
     run = Run(loaded)
     system = prompt(8, 2 * B + 4)
-    prompts = [system + prompt(10 + i, 5 + i) for i in range(4)]
+    prompts = [system + prompt(10 + i, 5 + i) for i in range(count)]
     results = run.run(prompts)
-    check(stock, prompts, results, [0, 2 * B, 2 * B, 2 * B])
-    assert run.stats.totals()["prefix_cached_tokens"] == 6 * B
+    check(stock, prompts, results, [0] + [2 * B] * (count - 1))
+    assert run.stats.totals()["prefix_cached_tokens"] == 2 * B * (count - 1)
+
+
+def rows_after_one_turn(run: Run, prompts: list[list[int]]) -> int:
+    """How many of `prompts`, submitted together, are in the batch after one turn (were
+    prefilled in the first group); the rest of the run is then finished."""
+    for tokens in prompts:
+        run.scheduler.add(GenerationJob(tokens, GenerationParams(4, temperature=0.0)))
+    run.scheduler.turn()
+    rows = len(run.scheduler.rows)
+    while not run.scheduler.idle:
+        run.scheduler.turn()
+    return rows
+
+
+def test_only_a_block_that_another_prompt_of_the_group_stores_makes_a_prompt_wait(llama):
+    loaded, _ = llama
+    short = prompt(80, 10)
+    assert rows_after_one_turn(Run(loaded), [short, short]) == 2  # no whole block to share
+    block = prompt(81, B)
+    # a prompt that is one whole block stores it: the longer prompt waits, then hits it
+    run = Run(loaded)
+    assert rows_after_one_turn(run, [block, block + prompt(82, 5)]) == 1
+    assert run.stats.totals()["prefix_cached_tokens"] == B
+    # a prompt's first missing block is keyed by its cached chain: another prompt whose
+    # FIRST block has the same tokens is another block, and does not wait
+    run = Run(loaded)
+    first, second = prompt(83, B), prompt(84, B)
+    run.run([first + [7]])  # caches `first` (block id 1)
+    assert rows_after_one_turn(run, [first + second + [9], second + [8]]) == 2
 
 
 def test_a_previous_answer_is_cached_with_its_prompt(engine):

@@ -99,10 +99,6 @@ class PrefixCache:
             parent = block
         self._touch(chain)
 
-    def clear(self) -> None:
-        self._blocks.clear()
-        self.bytes_held = 0
-
     def _touch(self, chain: list[Block]) -> None:
         for block in reversed(chain):
             self._blocks.move_to_end(block.key)
