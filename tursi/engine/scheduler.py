@@ -319,11 +319,12 @@ class Scheduler:
             new_width = max(width, len(job.prompt_ids) - len(chain) * BLOCK_TOKENS)
             if jobs and new_width * (len(jobs) + 1) > PREFILL_TOKENS:
                 break
-            missing = self.prefix_cache.first_missing(job.prompt_ids, chain)
-            if self._caching(job) and missing is not None:
+            if self._caching(job):
+                missing = self.prefix_cache.first_missing(job.prompt_ids, chain)
                 if missing in storing:
                     break
-                storing.add(missing)
+                if missing is not None:
+                    storing.add(missing)
             live = self._live(job)  # before the job leaves `waiting`: it may raise
             self.waiting.popleft()
             live.cached = len(chain) * BLOCK_TOKENS
