@@ -22,7 +22,7 @@ import llguidance
 import llguidance.hf
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 import tursi.engine.scheduler as scheduler_module
 from tests.helpers import CORPUS, build_llama, transformers_greedy
@@ -38,6 +38,7 @@ from tursi.engine.jobs import (
     PromptLogprobs,
     TextChunk,
 )
+from tursi.engine.kvcache import PrefillCache
 from tursi.engine.loading import LoadedModel, LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 from tursi.engine.tokens import logits_width
@@ -128,7 +129,7 @@ class OnDone:
 
 class Forwards:
     """Records the model's forward calls: the type of the cache each was given (a prefill's
-    DynamicCache, or the BatchCache of a decode step on transformers' path) and the (rows,
+    PrefillCache, or the BatchCache of a decode step on transformers' path) and the (rows,
     columns) of each prefill chunk. `during`, when set, runs inside each call, as a
     client's cancel that lands while the step runs."""
 
@@ -145,7 +146,7 @@ def forwards(loaded, monkeypatch) -> Forwards:
     def recording(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
         calls.caches.append(type(cache))
-        if isinstance(cache, DynamicCache):
+        if isinstance(cache, PrefillCache):
             calls.prefill_chunks.append(tuple(kwargs["input_ids"].shape))
         if calls.during is not None:
             calls.during()
@@ -901,7 +902,7 @@ def test_the_decode_steps_of_a_fused_llama_with_sdpa_take_the_direct_path(
     scheduler, _ = make_scheduler(loaded)
     jobs = [greedy(prompt, 6) for prompt in prompts[:2]]
     run(scheduler, *jobs)
-    assert forwards.caches == [DynamicCache]  # the two prompts' prefill, then no forward
+    assert forwards.caches == [PrefillCache]  # the two prompts' prefill, then no forward
     for prompt, job in zip(prompts[:2], jobs, strict=True):
         text, _ = finished(job)
         assert text == decoded(loaded, prompt, transformers_greedy(stock, prompt, 6))

@@ -131,12 +131,27 @@ class FusedAttention(nn.Module):
         q, k = self._apply_rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, self._eager
-        )
-        out, weights = attend(
-            self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
-        )
+        if self.config._attn_implementation == "sdpa" and _boolean(attention_mask):
+            # transformers' sdpa_attention_forward, less its copy of grouped kv heads: with a
+            # mask, on the CPU, it repeats them to one per query head (3x the keys and values
+            # of every layer for the embedded model, freshly allocated); enable_gqa reads
+            # them as they are, with the same result.
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attention_mask,
+                scale=self.scaling,
+                enable_gqa=self.heads != self.kv_heads,
+            ).transpose(1, 2)
+            weights = None
+        else:
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, self._eager
+            )
+            out, weights = attend(
+                self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+            )
         out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(out), weights
 
@@ -167,6 +182,10 @@ def fused_llama(model: nn.Module) -> bool:
     """Whether `optimize_for_cpu` fused this model's layers (tursi.engine.decode's fast path)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     return bool(layers) and isinstance(getattr(layers[0], "self_attn", None), FusedAttention)
+
+
+def _boolean(mask: torch.Tensor | None) -> bool:
+    return mask is not None and mask.dtype == torch.bool
 
 
 def _cat_biases(*linears: nn.Linear) -> torch.Tensor | None:

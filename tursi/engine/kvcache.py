@@ -45,6 +45,71 @@ class _SlotLayer(CacheLayerMixin):
         return -1
 
 
+class _FillLayer(CacheLayerMixin):
+    """One layer of a PrefillCache: views of its buffer; the columns come from the owner."""
+
+    def __init__(self, owner: PrefillCache):
+        super().__init__()
+        self.owner = owner
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # the owner allocates every layer at once
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.owner.write(self, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.filled + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.filled
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PrefillCache(Cache):
+    """KV cache of a prefill group: one buffer for every layer's keys and values, [layers, 2,
+    rows, kv heads, width, head dim], allocated once for the group's whole width and written
+    in place, chunk by chunk. Columns [0, filled) are written; a chunk's forward writes the
+    next ones, then `advance` counts them.
+
+    Why not transformers' DynamicCache: it concatenates at every chunk, and a prefix cache
+    hit would be copied into it twice more; on this 2-core machine, touching that much
+    fresh memory cost more than the group's attention (docs/design.md, the prefix cache)."""
+
+    def __init__(self, num_layers: int, rows: int, width: int):
+        super().__init__(layers=[_FillLayer(self) for _ in range(num_layers)])
+        self.rows, self.width = rows, width
+        self.filled = 0
+        self.buffer: torch.Tensor | None = None
+
+    def allocate(self, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        """Zeros (a masked column must hold finite values: attention multiplies them by 0)."""
+        shape = (len(self.layers), 2, self.rows, heads, self.width, head_dim)
+        self.buffer = torch.zeros(shape, dtype=dtype, device=device)
+        for index, layer in enumerate(self.layers):
+            layer.keys, layer.values = self.buffer[index, 0], self.buffer[index, 1]
+
+    def write(
+        self, layer: _FillLayer, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a chunk's keys and values [rows, heads, columns, head_dim] of one layer after
+        the filled columns; returns the layer's keys and values up to the chunk's end."""
+        if self.buffer is None:
+            self.allocate(keys.shape[1], keys.shape[3], keys.dtype, keys.device)
+        end = self.filled + keys.shape[2]
+        layer.keys[:, :, self.filled : end] = keys
+        layer.values[:, :, self.filled : end] = values
+        return layer.keys[:, :, :end], layer.values[:, :, :end]
+
+    def advance(self, columns: int) -> None:
+        self.filled += columns
+
+
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask as the bias attention adds to its scores: 0 where visible,
     the dtype's lowest value elsewhere."""

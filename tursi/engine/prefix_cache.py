@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kvcache import PrefillCache
+
 BLOCK_TOKENS = 32
 
 # (start, end) -> the KV of those tokens of a sequence, [layers, 2, kv heads, end - start, dim]
@@ -148,29 +150,26 @@ def read_rows(layers: Sequence, row: int, columns: torch.Tensor) -> KVReader:
     return read
 
 
-def gather(chains: list[list[Block]], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The cached KV of a prefill group's rows, per layer (keys, values), each [rows, kv
-    heads, width, dim]: each row's blocks right-aligned in `width` columns, a row with a
-    shorter chain zero on the left (the prefill masks those columns). [] when `width` is 0."""
+def place(chains: list[list[Block]], width: int, cache: PrefillCache) -> None:
+    """Copy a prefill group's cached KV into `cache`, allocating it: each row's blocks
+    right-aligned in columns [0, width), a row with a shorter chain zero on the left (the
+    prefill masks those columns); columns [0, width) are then filled. Rows with the same
+    chain (prompts sharing a prefix) copy the first such row."""
     if width == 0:
-        return []
+        return
     template = next(chain[0].kv for chain in chains if chain)
-    layers, _, heads, _, dim = template.shape
-    full = all(len(chain) * BLOCK_TOKENS == width for chain in chains)
-    pairs = []
-    for layer in range(layers):
-        pair = []
-        for kind in (0, 1):  # keys, values
-            if full:  # every row's hit is the whole width: one copy
-                rows = [torch.cat([b.kv[layer, kind] for b in chain], dim=1) for chain in chains]
-                pair.append(rows[0][None] if len(rows) == 1 else torch.stack(rows))
-                continue
-            out = template.new_zeros((len(chains), heads, width, dim))
-            for row, chain in enumerate(chains):
-                start = width - len(chain) * BLOCK_TOKENS
-                for index, block in enumerate(chain):
-                    column = start + index * BLOCK_TOKENS
-                    out[row, :, column : column + BLOCK_TOKENS] = block.kv[layer, kind]
-            pair.append(out)
-        pairs.append((pair[0], pair[1]))
-    return pairs
+    _, _, heads, _, dim = template.shape
+    cache.allocate(heads, dim, template.dtype, template.device)
+    buffer = cache.buffer
+    assert buffer is not None
+    placed: dict[tuple[int, ...], int] = {}  # a chain's block ids -> the first row holding it
+    for row, chain in enumerate(chains):
+        start = width - len(chain) * BLOCK_TOKENS
+        same = placed.setdefault(tuple(block.id for block in chain), row)
+        if same != row:
+            buffer[:, :, row, :, start:width] = buffer[:, :, same, :, start:width]
+            continue
+        for index, block in enumerate(chain):
+            column = start + index * BLOCK_TOKENS
+            buffer[:, :, row, :, column : column + BLOCK_TOKENS] = block.kv
+    cache.advance(width)

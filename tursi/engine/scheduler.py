@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from ..errors import GenerationFailed, RequestTimeout, TursiError
 from ..telemetry import ModelStats
@@ -41,9 +40,9 @@ from .constraints import GrammarError
 from .decode import decode_logits
 from .detokenize import IncrementalDecoder
 from .jobs import Failed, Finished, GenerationJob, PromptLogprobs, TextChunk, TokenLogprob
-from .kvcache import BatchCache
+from .kvcache import BatchCache, PrefillCache
 from .loading import LoadedModel, num_layers
-from .prefix_cache import BLOCK_TOKENS, Block, PrefixCache, gather, read_rows
+from .prefix_cache import BLOCK_TOKENS, Block, PrefixCache, place, read_rows
 from .sampling import TokenChooser, choose_tokens, score, token_logprobs
 from .stopping import StopMatcher
 
@@ -99,6 +98,7 @@ class _Prefill:
         self,
         jobs: list[GenerationJob],
         chains: list[list[Block]],
+        layers: int,
         device: torch.device,
         pad_id: int,
     ):
@@ -120,11 +120,8 @@ class _Prefill:
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.chunk = max(1, PREFILL_TOKENS // len(jobs))
         self.done = self.past
-        self.cache = DynamicCache()
-        for index, (keys, values) in enumerate(gather(chains, self.past)):
-            self.cache.update(keys[:, :, :0], values[:, :, :0], index)  # makes the layer
-            layer = self.cache.layers[index]  # then holds the hit as is (update would copy it)
-            layer.keys, layer.values = keys, values
+        self.cache = PrefillCache(layers, len(jobs), self.width)
+        place(chains, self.past, self.cache)
         self.prompt_logprobs: list[list[TokenLogprob] | None] = [
             [] if job.params.prompt_logprobs is not None else None for job in jobs
         ]
@@ -141,6 +138,7 @@ class _Prefill:
             use_cache=True,
             logits_to_keep=0 if scoring else 1,  # 0: all columns
         )
+        self.cache.advance(end - self.done)
         for row, entries in enumerate(self.prompt_logprobs):
             if entries is not None:
                 entries.extend(self._score(row, out.logits[row], end))
@@ -334,7 +332,8 @@ class Scheduler:
             width, room = new_width, room - job.n
             jobs.append(job)
             chains.append(chain)
-        return _Prefill(jobs, chains, self.loaded.device, self.pad_id)
+        layers = num_layers(self.loaded.model.config)
+        return _Prefill(jobs, chains, layers, self.loaded.device, self.pad_id)
 
     # --- prefix cache ---------------------------------------------------------------------
 
@@ -407,7 +406,11 @@ class Scheduler:
         tokens = choose_tokens(first, choosers)
         logprobs = token_logprobs(first, tokens, choosers)
         longest = max(len(prefill.columns[row]) for row, _ in starting)
-        self.cache.reserve_rows(len(starting), longest, prefill.cache)
+        # Room for the waiting choices too: they join at the next prefills, and growing the
+        # batch's buffers copies every row (one growth rather than two, for a burst).
+        waiting = sum(job.n for job in self.waiting)
+        rows = min(len(starting) + waiting, self._free_rows())
+        self.cache.reserve_rows(rows, longest, prefill.cache)
         for (row, seq), token, entry in zip(starting, tokens, logprobs, strict=True):
             if seq.job in self.live and not self._accept(seq, token, entry):
                 self.cache.add_row(prefill.cache, row, prefill.columns[row])
