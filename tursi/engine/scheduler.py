@@ -378,10 +378,29 @@ class Scheduler:
         # If anything below raises (add_row allocates), the jobs not yet in the batch are
         # still in self.live: the worker's fail_all ends them with the rest.
         self.prefill = None
+        joining = self._first_tokens(prefill, logits)
+        # The first tokens are out; what follows is for the second ones: the prefix cache
+        # keeps the prompts, and the continuing choices join the batch.
         for row, job in enumerate(prefill.jobs):
             if self._caching(job):
                 length = len(job.prompt_ids)
                 self._store(job.prompt_ids, length, prefill.cache.layers, row, prefill.columns[row])
+        joining = [(row, seq) for row, seq in joining if seq.job in self.live]
+        if not joining:
+            return
+        longest = max(len(prefill.columns[row]) for row, _ in joining)
+        # Room for the waiting choices too: they join at the next prefills, and growing the
+        # batch's buffers copies every row (one growth rather than two, for a burst).
+        waiting = sum(job.n for job in self.waiting)
+        rows = min(len(joining) + waiting, self._free_rows())
+        self.cache.reserve_rows(rows, longest, prefill.cache)
+        for row, seq in joining:
+            self.cache.add_row(prefill.cache, row, prefill.columns[row])
+            self.rows.append(seq)
+
+    def _first_tokens(self, prefill: _Prefill, logits: torch.Tensor) -> list[tuple[int, Sequence]]:
+        """Send each choice of the group its first token (and a job its prompt's logprobs);
+        returns the (prefill row, choice) pairs that go on."""
         starting: list[tuple[int, Sequence]] = []  # (prefill row, choice)
         for row, job in enumerate(prefill.jobs):
             live = self.live.get(job)
@@ -400,21 +419,16 @@ class Scheduler:
                 continue
             starting.extend((row, seq) for seq in live.choices)
         if not starting:
-            return
+            return []
         first = logits[[row for row, _ in starting]]  # each job's row once per choice
         choosers = [seq.chooser for _, seq in starting]
         tokens = choose_tokens(first, choosers)
         logprobs = token_logprobs(first, tokens, choosers)
-        longest = max(len(prefill.columns[row]) for row, _ in starting)
-        # Room for the waiting choices too: they join at the next prefills, and growing the
-        # batch's buffers copies every row (one growth rather than two, for a burst).
-        waiting = sum(job.n for job in self.waiting)
-        rows = min(len(starting) + waiting, self._free_rows())
-        self.cache.reserve_rows(rows, longest, prefill.cache)
+        going_on = []
         for (row, seq), token, entry in zip(starting, tokens, logprobs, strict=True):
             if seq.job in self.live and not self._accept(seq, token, entry):
-                self.cache.add_row(prefill.cache, row, prefill.columns[row])
-                self.rows.append(seq)
+                going_on.append((row, seq))
+        return going_on
 
     # --- decode ---------------------------------------------------------------------------
 
