@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 DEFAULT_PREFIX_CACHE = 512 * 1024**2  # bytes per model (TURSI_PREFIX_CACHE)
 
@@ -168,6 +170,7 @@ class Settings:
     max_gpu_memory: str | None = None
     max_memory: int | None = None
     prefix_cache: int | None = None  # bytes per model; 0: off; None: prefix_cache_bytes()
+    kv_cache: int | None = None  # bytes per model; 0: no bound; None: kv_cache_bytes()
     keep_alive: float | None = None
     run_dir: str | None = None  # the folder the workers of one server share (gunicorn sets it)
     cors_origins: list[str] = field(default_factory=list)
@@ -202,6 +205,7 @@ class Settings:
             "TURSI_MAX_GPU_MEMORY": ("max_gpu_memory", str),
             "TURSI_MAX_MEMORY": ("max_memory", parse_bytes),
             "TURSI_PREFIX_CACHE": ("prefix_cache", _bytes_or_off),
+            "TURSI_KV_CACHE": ("kv_cache", _bytes_or_off),
             "TURSI_KEEP_ALIVE": ("keep_alive", parse_duration),
             "TURSI_RUN_DIR": ("run_dir", str),
             "TURSI_CORS_ORIGINS": ("cors_origins", _split),
@@ -232,6 +236,19 @@ class Settings:
         if self.prefix_cache is not None:
             return self.prefix_cache
         default = DEFAULT_PREFIX_CACHE
+        if self.max_memory is not None:
+            default = min(default, self.max_memory // 4)
+        return default
+
+    def kv_cache_bytes(self) -> int | None:
+        """The most each model's running batch may hold in KV cache: TURSI_KV_CACHE, or by
+        default an eighth of the machine's memory, or a quarter of TURSI_MAX_MEMORY when
+        that is less (the budget counts it); None (TURSI_KV_CACHE=0): no bound, and not
+        counted. A model that cannot use that much (its max_batch rows at its whole
+        context) is budgeted what it can use."""
+        if self.kv_cache is not None:
+            return self.kv_cache or None
+        default = psutil.virtual_memory().total // 8
         if self.max_memory is not None:
             default = min(default, self.max_memory // 4)
         return default

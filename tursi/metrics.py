@@ -145,6 +145,27 @@ PREFIX_BYTES = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )
+KV_BUDGET = Gauge(
+    "tursi_kv_cache_budget_bytes",
+    "The most the running batch's KV cache may hold (TURSI_KV_CACHE; 0 when not loaded)",
+    ["model"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+KV_RESERVED = Gauge(
+    "tursi_kv_cache_reserved_bytes",
+    "Memory allocated for the running batch's KV cache",
+    ["model"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+KV_USED = Gauge(
+    "tursi_kv_cache_used_bytes",
+    "The part of the KV cache's allocation that the running rows' tokens fill",
+    ["model"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 LOAD_DURATION = Histogram(
     "tursi_model_load_duration_seconds",
     "Time taken by each model load",
@@ -169,6 +190,9 @@ class ModelMetrics:
         self.prefix_cached_tokens = PREFIX_CACHED_TOKENS.labels(model)
         self.prefix_evictions = PREFIX_EVICTIONS.labels(model)
         self.prefix_bytes = PREFIX_BYTES.labels(model)
+        self.kv_budget = KV_BUDGET.labels(model)
+        self.kv_reserved = KV_RESERVED.labels(model)
+        self.kv_used = KV_USED.labels(model)
 
 
 def scrape_registry() -> CollectorRegistry:

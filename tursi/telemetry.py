@@ -83,6 +83,7 @@ class ModelStats:
         # What this model adds to the shared gauges, so that they move by differences and
         # stay right when several apps in one process serve a model of the same name.
         self._running = self._waiting = self._memory = self._prefix_bytes = 0
+        self._kv_budget = self._kv_reserved = self._kv_used = 0
 
     def record(self, tokens: int, seconds: float, ok: bool) -> None:
         """A request ended, after generating `tokens`."""
@@ -138,6 +139,22 @@ class ModelStats:
             self._prefix_bytes = bytes_held
         self._prometheus.prefix_evictions.inc(evictions)
 
+    def kv_budget(self, budget: int) -> None:
+        """The model's KV budget (set when its worker starts)."""
+        with self._lock:
+            self._prometheus.kv_budget.inc(budget - self._kv_budget)
+            self._kv_budget = budget
+
+    def kv_cache(self, used: int, reserved: int) -> None:
+        """The running batch's KV cache: bytes its rows fill, bytes allocated."""
+        with self._lock:
+            if reserved != self._kv_reserved:
+                self._prometheus.kv_reserved.inc(reserved - self._kv_reserved)
+                self._kv_reserved = reserved
+            if used != self._kv_used:
+                self._prometheus.kv_used.inc(used - self._kv_used)
+                self._kv_used = used
+
     def unloaded(self) -> None:
         """The model was unloaded: its gauges go to 0 (its prefix cache goes with it). The
         manager calls this once the worker is told to stop (after which it moves no gauge),
@@ -148,6 +165,8 @@ class ModelStats:
             self._memory = 0
             self._prometheus.prefix_bytes.dec(self._prefix_bytes)
             self._prefix_bytes = 0
+        self.kv_budget(0)
+        self.kv_cache(0, 0)
 
     def totals(self) -> dict[str, Any]:
         """The raw counters, which add up over workers (tursi.engine.views)."""
@@ -161,6 +180,9 @@ class ModelStats:
                 "prefix_cached_tokens": self.prefix_cached_tokens,
                 "prefix_cache_bytes": self._prefix_bytes,
                 "prefix_evictions": self.prefix_evictions,
+                "kv_cache_budget_bytes": self._kv_budget,
+                "kv_cache_reserved_bytes": self._kv_reserved,
+                "kv_cache_used_bytes": self._kv_used,
             }
 
 
@@ -181,6 +203,9 @@ def summarize(totals: dict[str, Any]) -> dict[str, Any]:
         "prefix_hit_rate": totals["prefix_cached_tokens"] / looked_up if looked_up else 0.0,
         "prefix_cache_bytes": totals["prefix_cache_bytes"],
         "prefix_evictions": totals["prefix_evictions"],
+        "kv_cache_budget_bytes": totals["kv_cache_budget_bytes"],
+        "kv_cache_reserved_bytes": totals["kv_cache_reserved_bytes"],
+        "kv_cache_used_bytes": totals["kv_cache_used_bytes"],
     }
 
 

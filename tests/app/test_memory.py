@@ -90,10 +90,11 @@ def sizes(catalog, tmp_path_factory):
 @pytest.fixture
 def budget_app(make_app, catalog):
     """budget_app(max_memory, **overrides) -> (app, client) on the memory catalog; no prefix
-    cache unless asked (the budget's arithmetic below is about weights)."""
+    cache and no KV budget unless asked (the budget's arithmetic below is about weights)."""
 
     def _make(max_memory=None, **overrides):
         overrides.setdefault("prefix_cache", 0)
+        overrides.setdefault("kv_cache", 0)
         app = make_app(models_file=str(catalog), max_memory=max_memory, **overrides)
         return app, app.test_client()
 
@@ -225,6 +226,23 @@ def test_the_budget_counts_each_models_prefix_cache(budget_app, sizes):
     assert statuses(client, "m1", "m2") == {"m1": "loaded", "m2": "loaded"}
 
     app, client = budget_app(max_memory=sizes.M + sizes.E + 2 * cache - 1, prefix_cache=cache)
+    assert load_and_wait(client, "m1")["status"] == "loaded"
+    assert load_and_wait(client, "m2")["status"] == "loaded"
+    assert statuses(client, "m1", "m2") == {"m1": "not_loaded", "m2": "loaded"}
+
+
+def test_the_budget_counts_each_models_kv_budget(budget_app, sizes):
+    """TURSI_KV_CACHE is what each model's batch may hold, counted against TURSI_MAX_MEMORY
+    (the tiny Llama could use more: its max_batch rows at its whole context)."""
+    kv = 100_000
+    app, client = budget_app(max_memory=sizes.M + sizes.E + 2 * kv, kv_cache=kv)
+    assert load_and_wait(client, "m1")["status"] == "loaded"
+    assert load_and_wait(client, "m2")["status"] == "loaded"
+    assert statuses(client, "m1", "m2") == {"m1": "loaded", "m2": "loaded"}
+    budget = client.get(f"{API}/models/m1/metrics").get_json()["metrics"]["kv_cache"]
+    assert budget["budget_bytes"] == kv
+
+    app, client = budget_app(max_memory=sizes.M + sizes.E + 2 * kv - 1, kv_cache=kv)
     assert load_and_wait(client, "m1")["status"] == "loaded"
     assert load_and_wait(client, "m2")["status"] == "loaded"
     assert statuses(client, "m1", "m2") == {"m1": "not_loaded", "m2": "loaded"}
@@ -639,3 +657,39 @@ def test_the_prefix_cache_size(env, expected):
 def test_a_bad_prefix_cache_size_names_the_variable(value):
     with pytest.raises(ValueError, match="TURSI_PREFIX_CACHE"):
         Settings.from_env({"TURSI_PREFIX_CACHE": value})
+
+
+def test_a_request_whose_kv_could_never_fit_gets_507_and_one_that_fits_runs(make_app):
+    """TURSI_KV_CACHE bounds each request too: one whose prompt and max_tokens need more
+    than the whole budget alone is refused at once (it would wait forever), with what it
+    needs; a smaller one runs. The tiny Llama's token: 2 layers x (keys, values) x 2 kv heads
+    x 16 x 4 bytes = 512 bytes."""
+    app = make_app(kv_cache=64 * 1024)  # 128 columns of the tiny Llama
+    client = app.test_client()
+    assert load_and_wait(client, "tiny")["status"] == "loaded"
+    response = generate(client, model="tiny", prompt="hello there", max_tokens=200)
+    error = assert_error(response, 507, "insufficient_memory")
+    assert error["details"]["budget_bytes"] == 64 * 1024
+    assert error["details"]["needed_bytes"] > 64 * 1024
+    assert "TURSI_KV_CACHE" in error["message"]
+    assert generate(client, model="tiny", prompt="hello there", max_tokens=20).status_code == 200
+    metrics = client.get(f"{API}/models/tiny/metrics").get_json()["metrics"]["kv_cache"]
+    assert metrics["budget_bytes"] == 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"TURSI_KV_CACHE": "0"}, None),  # no bound, not counted
+        ({"TURSI_KV_CACHE": "64MiB"}, 64 * 1024**2),
+        ({"TURSI_MAX_MEMORY": "1GiB"}, 256 * 1024**2),  # a quarter of the budget
+        ({"TURSI_MAX_MEMORY": "1GiB", "TURSI_KV_CACHE": "600MiB"}, 600 * 1024**2),
+    ],
+)
+def test_the_kv_budget_setting(env, expected):
+    assert Settings.from_env(env).kv_cache_bytes() == expected
+
+
+def test_the_kv_budget_defaults_to_an_eighth_of_the_machine(monkeypatch):
+    monkeypatch.setattr("psutil.virtual_memory", lambda: type("VM", (), {"total": 8 * 1024**3}))
+    assert Settings.from_env({}).kv_cache_bytes() == 1024**3

@@ -51,6 +51,9 @@ def test_model_stats_summary():
         "prefix_hit_rate": 0.0,
         "prefix_cache_bytes": 0,
         "prefix_evictions": 0,
+        "kv_cache_budget_bytes": 0,
+        "kv_cache_reserved_bytes": 0,
+        "kv_cache_used_bytes": 0,
     }
     stats.record(10, 1.0, True)
     stats.record(0, 0.5, False)
@@ -134,3 +137,23 @@ def test_decoder_flush_releases_an_incomplete_character_at_the_end(tokenizer):
     assert decoder.push(ids[0]) == ""  # held: not a whole character yet
     assert decoder.flush() == "\ufffd"  # generation ended: the partial byte is not lost
     assert decoder.flush() == ""
+
+
+def test_kv_cache_gauges_follow_the_reports_and_go_to_zero_at_unload():
+    stats = ModelStats("kv-gauges")
+    stats.kv_budget(1000)
+    stats.kv_cache(300, 800)
+    stats.kv_cache(100, 400)
+    totals = stats.totals()
+    assert (
+        totals["kv_cache_budget_bytes"],
+        totals["kv_cache_reserved_bytes"],
+        totals["kv_cache_used_bytes"],
+    ) == (1000, 400, 100)
+    series = scrape()
+    for name, expected in (("budget", 1000), ("reserved", 400), ("used", 100)):
+        assert series[(f"tursi_kv_cache_{name}_bytes", (("model", "kv-gauges"),))] == expected
+    stats.unloaded()
+    series = scrape()
+    for name in ("budget", "reserved", "used"):
+        assert series[(f"tursi_kv_cache_{name}_bytes", (("model", "kv-gauges"),))] == 0

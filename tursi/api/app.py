@@ -37,6 +37,7 @@ def build_app(settings: Settings) -> Flask:
             settings.step_timeout,
             settings.max_prompt_tokens,
             settings.prefix_cache_bytes(),
+            settings.kv_cache_bytes(),
         ),
         settings.max_memory,
         settings.keep_alive,

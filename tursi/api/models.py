@@ -106,6 +106,11 @@ def model_metrics(name: str):
             "bytes": stats["prefix_cache_bytes"],
             "evictions": stats["prefix_evictions"],
         },
+        "kv_cache": {
+            "budget_bytes": stats["kv_cache_budget_bytes"],
+            "reserved_bytes": stats["kv_cache_reserved_bytes"],
+            "used_bytes": stats["kv_cache_used_bytes"],
+        },
     }
     options = (model.options or LoadOptions()) if loaded else None
     metrics.update(

@@ -194,6 +194,15 @@ class PrefixCacheMetricsSchema(Schema):
     evictions = _count(metadata={"description": "blocks evicted to make room"})
 
 
+class KVCacheMetricsSchema(Schema):
+    """The running batch's KV cache now (summed over workers): the most it may hold
+    (TURSI_KV_CACHE, or what the model can use), what is allocated, what its rows fill."""
+
+    budget_bytes = _count(metadata={"description": "0 when not loaded"})
+    reserved_bytes = _count(metadata={"description": "allocated for the running batch"})
+    used_bytes = _count(metadata={"description": "the running rows' tokens"})
+
+
 class ModelMetricsValuesSchema(Schema):
     requests_total = _count()
     tokens_generated = _count()
@@ -208,6 +217,7 @@ class ModelMetricsValuesSchema(Schema):
     generations_running = _count()
     generations_waiting = _count()
     prefix_cache = fields.Nested(PrefixCacheMetricsSchema, required=True)
+    kv_cache = fields.Nested(KVCacheMetricsSchema, required=True)
     quantized = fields.Boolean(required=True, allow_none=True)
     bits = fields.Integer(required=True, allow_none=True, validate=validate.OneOf(QUANT_BITS))
     mode = fields.String(required=True, allow_none=True, validate=validate.OneOf(QUANT_MODES))

@@ -11,10 +11,11 @@ copies the whole cache each token; at 16 rows on a 2-core CPU that was 42% of st
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 _LENGTH_STEP = 256
 
@@ -43,6 +44,36 @@ class _SlotLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    """The most a model's batch KV may take (TURSI_KV_CACHE), and what one token's keys and
+    values take over every layer (`measure_token_bytes`)."""
+
+    bytes: int
+    token_bytes: int
+
+    @staticmethod
+    def columns(job: Any, context_length: int) -> int:
+        """The most columns a choice of `job` can hold: its prompt and every token it may
+        generate, at most the context, and the one more the batch's buffers keep ahead."""
+        return min(len(job.prompt_ids) + job.params.max_tokens, context_length) + 1
+
+    def alone(self, job: Any, context_length: int) -> int:
+        """What `job` needs when it runs alone: its choices grown to the most, and its
+        prompt's prefill cache."""
+        rows = job.n * self.columns(job, context_length) + len(job.prompt_ids)
+        return rows * self.token_bytes
+
+
+def measure_token_bytes(model: Any, device: torch.device) -> int:
+    """Bytes of one token's keys and values over every layer, as the model's own forward
+    stores them (its layers, kv heads, head size and dtype, whatever the architecture)."""
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), past_key_values=cache)
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
 class _FillLayer(CacheLayerMixin):
@@ -123,10 +154,19 @@ class BatchCache(Cache):
     `prepare_step` before each one-token forward, `advance` after it, `remove_row` when a
     request leaves. Buffers grow by doubling and are freed when the batch empties."""
 
-    def __init__(self, num_layers: int, max_length: int, boolean_mask: bool):
+    def __init__(
+        self,
+        num_layers: int,
+        max_length: int,
+        boolean_mask: bool,
+        limit_bytes: int | None = None,
+    ):
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
         self.max_length = max_length
         self.boolean_mask = boolean_mask
+        # The most the buffers may take: growing by doubling stops there, and takes only
+        # what the rows need (the scheduler admits no more rows than fit; see _shape).
+        self.limit_bytes = limit_bytes
         self.lengths: list[int] = []
         self.window = 1
         # Where this step's keys and values go: one index per (row, kv head) into a layer's
@@ -136,6 +176,20 @@ class BatchCache(Cache):
     @property
     def size(self) -> int:
         return len(self.lengths)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """The buffers' size (every layer's keys and values)."""
+        keys = self.layers[0].keys
+        return 0 if keys is None else 2 * len(self.layers) * keys.nbytes
+
+    def used_bytes(self) -> int:
+        """What the rows' columns take of the buffers."""
+        keys = self.layers[0].keys
+        if keys is None:
+            return 0
+        column = keys[0, :, 0].nbytes  # one token of one layer's keys
+        return 2 * len(self.layers) * column * sum(self.lengths)
 
     def add_row(self, source: Cache, source_row: int, columns: torch.Tensor) -> int:
         """Copy `columns` (indices, in order) of `source_row` of a prefill cache into a new
@@ -214,19 +268,32 @@ class BatchCache(Cache):
         have_rows, have_length = (0, 0) if current is None else (current.shape[0], current.shape[2])
         if rows <= have_rows and length <= have_length:
             return
-        new_rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
-        new_length = have_length
-        if length > have_length:
-            new_length = max(length, 2 * have_length, _LENGTH_STEP)
-            new_length = min(-(-new_length // _LENGTH_STEP) * _LENGTH_STEP, self.max_length + 1)
+        template = current if current is not None else source.layers[0].keys
+        _, heads, _, head_dim = template.shape
+        column = 2 * len(self.layers) * heads * head_dim * template.element_size()
+        new_rows, new_length = self._shape(rows, length, have_rows, have_length, column)
         keep_rows, keep_length = self.size, max(self.lengths, default=0)
         for index, layer in enumerate(self.layers):
             for name in ("keys", "values"):
                 old = getattr(layer, name)
                 template = old if old is not None else getattr(source.layers[index], name)
-                new = template.new_zeros(
-                    (new_rows, template.shape[1], new_length, template.shape[3])
-                )
+                new = template.new_zeros((new_rows, heads, new_length, head_dim))
                 if old is not None and keep_rows:
                     new[:keep_rows, :, :keep_length] = old[:keep_rows, :, :keep_length]
                 setattr(layer, name, new)
+
+    def _shape(
+        self, rows: int, length: int, have_rows: int, have_length: int, column: int
+    ) -> tuple[int, int]:
+        """The buffers' new (rows, columns), to hold at least `rows` x `length`: each grown
+        dimension doubles (columns in steps of _LENGTH_STEP, at most the context); when that
+        would pass limit_bytes (`column`: the bytes of one row's column over every layer),
+        only what is needed, rows kept only for the rows there are."""
+        new_rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
+        new_length = have_length
+        if length > have_length:
+            new_length = max(length, 2 * have_length, _LENGTH_STEP)
+            new_length = min(-(-new_length // _LENGTH_STEP) * _LENGTH_STEP, self.max_length + 1)
+        if self.limit_bytes is None or new_rows * new_length * column <= self.limit_bytes:
+            return new_rows, new_length
+        return max(rows, self.size), max(length, max(self.lengths, default=0))

@@ -39,10 +39,11 @@ from ..errors import (
 from ..formatting import format_bytes
 from ..telemetry import ModelStats
 from ..threads import Channel, Empty, native_lock, native_sleep, off_hub, start_native_thread
-from .catalog import Catalog
+from .catalog import Catalog, CatalogEntry
 from .loading import (
     LoadError,
     LoadOptions,
+    estimate_kv_bytes,
     estimate_load_seconds,
     estimate_memory_bytes,
     load_model,
@@ -175,8 +176,8 @@ class ModelManager:
         needed = None
         if self.max_memory is not None:  # reads file headers: off the gevent hub
             needed = off_hub(estimate_memory_bytes, entry, options, self.home)
-            if needed is not None:  # the budget counts the model's prefix cache at its size
-                needed += self.limits.prefix_cache_bytes
+            if needed is not None:  # the budget counts the model's caches at their size
+                needed += self._caches_bytes(self._kv_estimate(entry, options))
         estimate = off_hub(estimate_load_seconds, entry, self.home)  # reads the files too
         with self._lock:
             ticket = self._existing(state, options)
@@ -248,11 +249,26 @@ class ModelManager:
         )
 
     def _budgeted(self, state: ModelState) -> int:
-        """What a loaded or loading model counts against TURSI_MAX_MEMORY: its weights and
-        its prefix cache (while loading, the estimate of both)."""
+        """What a loaded or loading model counts against TURSI_MAX_MEMORY: its weights, its
+        prefix cache and its KV budget (while loading, the estimate of all three)."""
         if state.status == "loading":
             return state.reserved_bytes or 0
-        return (state.memory_bytes or 0) + self.limits.prefix_cache_bytes
+        kv = state.stats.totals()["kv_cache_budget_bytes"]
+        return (state.memory_bytes or 0) + self.limits.prefix_cache_bytes + kv
+
+    def _caches_bytes(self, kv_budget: int) -> int:
+        """What a model's caches count against TURSI_MAX_MEMORY besides its weights: the
+        prefix cache and the KV budget (`kv_budget`: the model's own, measured or estimated)."""
+        return self.limits.prefix_cache_bytes + kv_budget
+
+    def _kv_estimate(self, entry: CatalogEntry, options: LoadOptions) -> int:
+        """A model's KV budget before it loads: TURSI_KV_CACHE, or the most the model can
+        use when its config says that is less (tursi.engine.worker.kv_budget measures it)."""
+        cap = self.limits.kv_cache_bytes
+        if cap is None:
+            return 0
+        usable = estimate_kv_bytes(entry, options, self.home, self.limits.max_batch)
+        return cap if usable is None else min(cap, usable)
 
     def _no_room(self, name: str, needed: int) -> InsufficientMemory:
         held = {
@@ -286,6 +302,8 @@ class ModelManager:
         needed = None
         if self.max_memory is not None and name not in shared.desired():
             needed = estimate_memory_bytes(entry, options, self.home)
+            if needed is not None:
+                needed += self._caches_bytes(self._kv_estimate(entry, options))
         with shared.locked():
             desired = shared.desired()
             if name in desired:
@@ -357,17 +375,21 @@ class ModelManager:
         return victims
 
     def _desired_bytes(self, name: str, wanted: dict[str, Any], entries: list) -> int:
-        """What one copy of a desired model takes: measured by a worker that loaded it, else
-        estimated from its files."""
+        """What one copy of a desired model takes, its caches counted: measured by a worker
+        that loaded it, else estimated from its files."""
         measured = [
-            e["memory_bytes"]
+            e["memory_bytes"] + self._caches_bytes(e["totals"]["kv_cache_budget_bytes"])
             for e in entries
             if e["status"] == "loaded" and e["options"] == wanted["options"]
         ]
         if measured:
             return max(measured)
         options = LoadOptions(**wanted["options"])
-        return estimate_memory_bytes(self.catalog.get(name), options, self.home) or 0
+        entry = self.catalog.get(name)
+        estimate = estimate_memory_bytes(entry, options, self.home)
+        if estimate is None:
+            return 0
+        return estimate + self._caches_bytes(self._kv_estimate(entry, options))
 
     def _undesire(self, name: str) -> bool:
         """Remove a model from the desired state; False when it was not there."""

@@ -40,7 +40,7 @@ from .constraints import GrammarError
 from .decode import decode_logits
 from .detokenize import IncrementalDecoder
 from .jobs import Failed, Finished, GenerationJob, PromptLogprobs, TextChunk, TokenLogprob
-from .kvcache import BatchCache, PrefillCache
+from .kvcache import BatchCache, KVBudget, PrefillCache
 from .loading import LoadedModel, num_layers
 from .prefix_cache import BLOCK_TOKENS, Block, PrefixCache, place, read_rows
 from .sampling import TokenChooser, choose_tokens, score, token_logprobs
@@ -168,6 +168,7 @@ class Scheduler:
         on_done: Callable[[GenerationJob, float, bool], None],
         stats: ModelStats | None = None,
         prefix_cache_bytes: int = 0,
+        kv_budget: KVBudget | None = None,
     ):
         self.name = name
         self.stats = stats or ModelStats(name)
@@ -182,8 +183,12 @@ class Scheduler:
         # batch, or decoding), in one place, so that whatever raises, fail_all ends them all.
         self.live: dict[GenerationJob, Live] = {}
         attention = getattr(loaded.model.config, "_attn_implementation", "sdpa")
+        self.kv_budget = kv_budget
         self.cache = BatchCache(
-            num_layers(loaded.model.config), loaded.context_length, boolean_mask=attention == "sdpa"
+            num_layers(loaded.model.config),
+            loaded.context_length,
+            boolean_mask=attention == "sdpa",
+            limit_bytes=kv_budget.bytes if kv_budget else None,
         )
         tokenizer = loaded.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -206,7 +211,7 @@ class Scheduler:
         self._drop_ended_prefill()
         with torch.inference_mode():
             if self.prefill is None and self.waiting and self.waiting[0].n <= self._free_rows():
-                self.prefill = self._start_prefill()
+                self.prefill = self._start_prefill()  # None: the KV budget is full
             if self.prefill is not None:
                 self._prefill_step()
             self._drop_ended_rows()
@@ -300,12 +305,13 @@ class Scheduler:
 
     # --- prefill --------------------------------------------------------------------------
 
-    def _start_prefill(self) -> _Prefill:
+    def _start_prefill(self) -> _Prefill | None:
         """The next prefill group: waiting jobs, oldest first, while their choices fit the
-        free rows and their padded prompts, less what the prefix cache holds of them, fit
-        PREFILL_TOKENS. A prompt whose first uncached block is one an earlier prompt of the
-        group will store waits for the next group, which finds that block cached: prompts
-        that arrive together with a shared prefix prefill it once."""
+        free rows and the KV budget, and their padded prompts, less what the prefix cache
+        holds of them, fit PREFILL_TOKENS. A prompt whose first uncached block is one an
+        earlier prompt of the group will store waits for the next group, which finds that
+        block cached: prompts that arrive together with a shared prefix prefill it once.
+        None when the oldest job does not fit the KV budget yet (it waits for rows to end)."""
         room = self._free_rows()
         jobs: list[GenerationJob] = []
         chains: list[list[Block]] = []
@@ -316,6 +322,8 @@ class Scheduler:
             chain = self._lookup(job)
             new_width = max(width, len(job.prompt_ids) - len(chain) * BLOCK_TOKENS)
             if jobs and new_width * (len(jobs) + 1) > PREFILL_TOKENS:
+                break
+            if not self._kv_fits([*jobs, job]):
                 break
             if self._caching(job):
                 missing = self.prefix_cache.first_missing(job.prompt_ids, chain)
@@ -332,8 +340,25 @@ class Scheduler:
             width, room = new_width, room - job.n
             jobs.append(job)
             chains.append(chain)
+        if not jobs:
+            return None
         layers = num_layers(self.loaded.model.config)
         return _Prefill(jobs, chains, layers, self.loaded.device, self.pad_id)
+
+    def _kv_fits(self, group: list[GenerationJob]) -> bool:
+        """Whether the running rows and `group`'s choices, each grown to the most it may
+        (KVBudget.columns), fit the KV budget next to the group's own prefill cache. The
+        batch's buffers are a rectangle, so every row counts at the longest one."""
+        budget = self.kv_budget
+        if budget is None:
+            return True
+        context = self.loaded.context_length
+        longest = max(budget.columns(job, context) for job in group)
+        if self.rows:
+            longest = max(longest, max(budget.columns(seq.job, context) for seq in self.rows))
+        rows = len(self.rows) + sum(job.n for job in group)
+        prefill = len(group) * max(len(job.prompt_ids) for job in group)
+        return (rows * longest + prefill) * budget.token_bytes <= budget.bytes
 
     # --- prefix cache ---------------------------------------------------------------------
 
@@ -389,10 +414,14 @@ class Scheduler:
         if not joining:
             return
         longest = max(len(prefill.columns[row]) for row, _ in joining)
-        # Room for the waiting choices too: they join at the next prefills, and growing the
-        # batch's buffers copies every row (one growth rather than two, for a burst).
-        waiting = sum(job.n for job in self.waiting)
-        rows = min(len(joining) + waiting, self._free_rows())
+        # Room for the waiting choices too, as far as the budget goes: they join at the next
+        # prefills, and growing the batch's buffers copies every row (one growth rather
+        # than two, for a burst).
+        rows = min(len(joining) + sum(job.n for job in self.waiting), self._free_rows())
+        if self.kv_budget is not None:
+            columns = max([longest, *self.cache.lengths]) + 1  # what the rows need now
+            fitting = self.kv_budget.bytes // (columns * self.kv_budget.token_bytes)
+            rows = max(len(joining), min(rows, fitting - len(self.rows)))
         self.cache.reserve_rows(rows, longest, prefill.cache)
         for row, seq in joining:
             self.cache.add_row(prefill.cache, row, prefill.columns[row])

@@ -22,6 +22,9 @@ COUNTERS = (
     "prefix_cached_tokens",
     "prefix_cache_bytes",
     "prefix_evictions",
+    "kv_cache_budget_bytes",
+    "kv_cache_reserved_bytes",
+    "kv_cache_used_bytes",
 )
 
 

@@ -23,16 +23,19 @@ from typing import Any
 from ..errors import (
     ContextLengthExceeded,
     GenerationFailed,
+    InsufficientMemory,
     InvalidRequest,
     ModelFailed,
     ModelUnloaded,
     Overloaded,
     TursiError,
 )
+from ..formatting import format_bytes
 from ..telemetry import ModelStats
 from ..threads import Channel, Empty, SimpleQueue, native_lock, off_hub, start_native_thread
 from .constraints import Constraints
 from .jobs import GenerationJob, GenerationParams, SamplingParams
+from .kvcache import KVBudget, measure_token_bytes
 from .loading import LoadedModel
 from .scheduler import Scheduler
 from .tokens import TokenTexts, logits_width, vocab_size
@@ -48,7 +51,7 @@ _STOP = object()
 class BatchLimits:
     """Admission and deadline settings of each model's scheduler (TURSI_MAX_BATCH,
     TURSI_MAX_QUEUE, TURSI_REQUEST_TIMEOUT, TURSI_STEP_TIMEOUT, TURSI_MAX_PROMPT_TOKENS,
-    TURSI_PREFIX_CACHE)."""
+    TURSI_PREFIX_CACHE, TURSI_KV_CACHE)."""
 
     max_batch: int = 32
     max_queue: int = 128
@@ -56,6 +59,7 @@ class BatchLimits:
     step_timeout: float | None = 300.0  # one turn of the loop longer than this: engine hung
     max_prompt_tokens: int | None = None  # None: the model's context length is the bound
     prefix_cache_bytes: int = 0  # each model's prefix cache (TURSI_PREFIX_CACHE); 0: off
+    kv_cache_bytes: int | None = None  # each model's batch KV (TURSI_KV_CACHE); None: no bound
 
 
 class ModelWorker:
@@ -75,8 +79,17 @@ class ModelWorker:
         self.request_timeout = limits.request_timeout
         self.step_timeout = limits.step_timeout
         self.max_prompt_tokens = limits.max_prompt_tokens
+        self.kv_budget = kv_budget(loaded, limits)
+        if self.kv_budget is not None:
+            stats.kv_budget(self.kv_budget.bytes)
         self._scheduler = Scheduler(
-            name, loaded, limits.max_batch, self._job_done, stats, limits.prefix_cache_bytes
+            name,
+            loaded,
+            limits.max_batch,
+            self._job_done,
+            stats,
+            limits.prefix_cache_bytes,
+            self.kv_budget,
         )
         self.vocab_size = vocab_size(loaded.tokenizer, loaded.model)
         self._token_texts = TokenTexts(loaded.tokenizer)
@@ -324,12 +337,30 @@ class ModelWorker:
                 {"Retry-After": str(OVERLOAD_RETRY_SECONDS)},
             )
 
+    def _refuse_beyond_kv_budget(self, jobs: list[GenerationJob]) -> None:
+        """The 507 for a job whose KV would not fit the model's budget even alone (one that
+        fits waits in the queue until the running rows leave it room)."""
+        budget = self.kv_budget
+        if budget is None:
+            return
+        for job in jobs:
+            needed = budget.alone(job, self.context_length)
+            if needed > budget.bytes:
+                raise InsufficientMemory(
+                    f"The request's KV cache (its prompt and max_tokens, {job.n} "
+                    f"sequence(s)) needs about {format_bytes(needed)}, more than the "
+                    f"{format_bytes(budget.bytes)} that '{self.name}' may hold "
+                    "(TURSI_KV_CACHE); lower max_tokens or n",
+                    {"needed_bytes": needed, "budget_bytes": budget.bytes},
+                )
+
     def submit_all(self, jobs: list[GenerationJob]) -> None:
         """Queue the jobs of one request together, or refuse them all: each choice takes a
         row, and max_batch rows running + max_queue waiting are all there is (a 503 when
         they are taken now, a 400 when the request needs more than that)."""
         capacity = self.max_batch + self.max_queue
         rows = sum(job.n for job in jobs)
+        self._refuse_beyond_kv_budget(jobs)
         if rows > capacity:
             raise InvalidRequest(
                 f"The request needs {rows} sequences; '{self.name}' admits at most "
@@ -427,6 +458,8 @@ class ModelWorker:
                 if cache.evictions or cache.bytes_held != self._cache_bytes:
                     self.stats.prefix_cache(cache.bytes_held, cache.evictions)
                     cache.evictions, self._cache_bytes = 0, cache.bytes_held
+                batch = self._scheduler.cache
+                self.stats.kv_cache(batch.used_bytes(), batch.reserved_bytes)
 
     def _take_jobs(self, block: bool) -> bool:
         """Move jobs from the inbox to the scheduler; False once asked to stop."""
@@ -481,3 +514,14 @@ def _refusal(exc: Exception) -> str:
     if isinstance(exc, TemplateError):
         return str(exc)
     return f"it failed with {type(exc).__name__}"
+
+
+def kv_budget(loaded: LoadedModel, limits: BatchLimits) -> KVBudget | None:
+    """The model's KV budget: TURSI_KV_CACHE, or what the model can use when that is less
+    (max_batch rows at its whole context, and one prompt's prefill beside them)."""
+    if limits.kv_cache_bytes is None:
+        return None
+    token_bytes = measure_token_bytes(loaded.model, loaded.device)
+    context = loaded.context_length
+    usable = (limits.max_batch * (context + 1) + context) * token_bytes
+    return KVBudget(min(limits.kv_cache_bytes, usable), token_bytes)

@@ -8,7 +8,7 @@
 - load: carrying a plan out, and measuring the loaded model.
 """
 
-from .estimate import estimate_load_seconds, estimate_memory_bytes
+from .estimate import estimate_kv_bytes, estimate_load_seconds, estimate_memory_bytes
 from .load import LoadedModel, load_model, model_bytes, num_layers
 from .plan import DeviceFacts, LoadError, LoadOptions, LoadPlan, plan_load
 from .weights import locate, quantized_dir
@@ -20,6 +20,7 @@ __all__ = [
     "LoadPlan",
     "LoadedModel",
     "estimate_load_seconds",
+    "estimate_kv_bytes",
     "estimate_memory_bytes",
     "load_model",
     "locate",

@@ -84,6 +84,37 @@ def estimate_memory_bytes(entry: CatalogEntry, options: LoadOptions, home: str) 
     return parameters * dtype.itemsize
 
 
+def estimate_kv_bytes(
+    entry: CatalogEntry, options: LoadOptions, home: str, max_batch: int
+) -> int | None:
+    """The most KV cache the model can use (what tursi.engine.worker.kv_budget will measure
+    after the load): max_batch rows at its whole context, and one prompt's prefill beside
+    them, at one token's keys and values over every layer, in the compute dtype. From the
+    config next to the weights; None when there is none yet (a GGUF before conversion)."""
+    try:
+        files, _ = source_files(entry, home)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(files[0].parent, local_files_only=True)
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        context = text.max_position_embeddings
+        layers = text.num_hidden_layers
+    except Exception:  # not local yet, or no config: the caller uses TURSI_KV_CACHE
+        return None
+    if options.quantize:
+        itemsize = 4  # quantized CPU models compute, and keep their KV, in float32
+    else:
+        import torch
+
+        dtype = getattr(torch, dtype_name(options.dtype or entry.dtype, DeviceFacts.probe()))
+        itemsize = dtype.itemsize
+    token_bytes = layers * 2 * kv_heads * head_dim * itemsize
+    return (max_batch * (context + 1) + context) * token_bytes
+
+
 def tied_head_parameters(files: list[Path]) -> int:
     """vocab x hidden when the output head shares the input embedding's table (stored once in
     the files), else 0; read from a GGUF's tensor list or the config next to the weights."""

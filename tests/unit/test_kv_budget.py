@@ -1,0 +1,102 @@
+"""The KV budget (TURSI_KV_CACHE): the Scheduler admits no more rows than fit it, the batch's
+buffers never grow past it, and what waits runs later with the same output.
+
+The engine runs a fused float32 Llama whose greedy tokens depend on the whole context (the
+model of test_reference.py) and each request's greedy ids are checked against transformers'
+own decoding of that prompt alone (`transformers_greedy`): a budget that mixed up rows while
+holding them back would fail there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.helpers import build_llama, transformers_greedy
+from tursi.engine import native
+from tursi.engine.catalog import CatalogEntry
+from tursi.engine.jobs import GenerationJob, GenerationParams
+from tursi.engine.kvcache import BatchCache, KVBudget, measure_token_bytes
+from tursi.engine.loading import LoadOptions, load_model
+from tursi.engine.scheduler import Scheduler
+from tursi.telemetry import ModelStats
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPT, MAX_TOKENS = 120, 6
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(the engine's load, transformers' stock load) of a Llama whose greedy text varies."""
+    path = build_llama(
+        tmp_path_factory.mktemp("llama"),
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        max_position_embeddings=512,
+    )
+    entry = CatalogEntry("llama", "local", str(path), dtype="float32")
+    loaded = load_model(entry, LoadOptions().resolved(entry), str(tmp_path_factory.mktemp("home")))
+    stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return loaded, stock
+
+
+@pytest.fixture(params=["native", "torch-ops"])
+def engine(request, llama, monkeypatch):
+    if request.param == "native" and native.load() is None:
+        pytest.skip("native kernels not built (tests/unit/test_native_kernels.py says why)")
+    if request.param == "torch-ops":
+        monkeypatch.setattr(native, "load", lambda: None)
+    return llama
+
+
+def prompt(seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 200, (PROMPT,), generator=generator).tolist()
+
+
+def test_token_bytes_are_the_models_keys_and_values_per_token(llama):
+    loaded, _ = llama
+    config = loaded.model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    expected = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4
+    assert measure_token_bytes(loaded.model, loaded.device) == expected
+
+
+def test_a_budget_for_three_rows_runs_eight_requests_three_at_a_time(engine):
+    loaded, stock = engine
+    token_bytes = measure_token_bytes(loaded.model, loaded.device)
+    columns = PROMPT + MAX_TOKENS + 1
+    # three rows grown to the most, beside one prompt's prefill; not a fourth
+    budget = KVBudget((3 * columns + PROMPT) * token_bytes, token_bytes)
+    scheduler = Scheduler(
+        "llama", loaded, 16, lambda job, seconds, ok: None, ModelStats("llama"), 0, budget
+    )
+    prompts = [prompt(seed) for seed in range(8)]
+    jobs = [
+        GenerationJob(p, GenerationParams(MAX_TOKENS, temperature=0.0, ignore_eos=True))
+        for p in prompts
+    ]
+    for job in jobs:
+        scheduler.add(job)
+    sequences, most_rows, most_bytes = {}, 0, 0
+    while not scheduler.idle:
+        scheduler.turn()
+        for live in scheduler.live.values():
+            sequences[live.job] = live.choices[0]
+        most_rows = max(most_rows, len(scheduler.rows))
+        most_bytes = max(most_bytes, scheduler.cache.reserved_bytes)
+    assert most_rows == 3  # the budget, not max_batch (16), held the rest back
+    assert most_bytes <= budget.bytes
+    for job, tokens in zip(jobs, prompts, strict=True):
+        ids = sequences[job].decoder.ids[PROMPT:]
+        assert ids == transformers_greedy(stock, tokens, MAX_TOKENS)
+
+
+def test_the_buffers_take_only_what_the_rows_need_once_doubling_would_pass_the_limit():
+    column = 2 * 2 * 4 * 4  # layers x (keys, values) x heads x head_dim over float32: one row
+    cache = BatchCache(2, max_length=1000, boolean_mask=True, limit_bytes=3 * 300 * column)
+    assert cache._shape(2, 200, 0, 0, column) == (2, 256)  # doubling fits
+    assert cache._shape(3, 300, 2, 256, column) == (3, 300)  # doubling (4 x 512) would not
+    cache.limit_bytes = None
+    assert cache._shape(3, 300, 2, 256, column) == (4, 512)
