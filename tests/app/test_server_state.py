@@ -289,11 +289,17 @@ def test_an_unload_while_copies_load_drops_each_copy_when_its_load_ends(
     assert_error(generate(a, prompt="Once", max_tokens=2), 409, "model_not_loaded")
 
 
-def test_the_memory_budget_evicts_from_the_servers_models(workers, tmp_path):
+def test_the_memory_budget_evicts_from_the_servers_models(make_app, run_dir, tmp_path):
     """A budget with room for one model: loading the other through B evicts the first from
-    the desired state, and every worker drops it."""
+    the desired state, and every worker drops it. No prefix cache and no KV budget: the
+    arithmetic is about weights (tests/app/test_memory.py counts the caches)."""
     from tursi.engine.loading import LoadOptions, estimate_memory_bytes
 
+    apps = [
+        make_app(run_dir=str(run_dir), home=str(tmp_path / f"home-{n}"), prefix_cache=0, kv_cache=0)
+        for n in "ab"
+    ]
+    workers = [app.test_client() for app in apps]
     a, b = workers
     load_everywhere(workers)
     held = manager(a).state("tiny").memory_bytes
