@@ -10,6 +10,7 @@ from ..config import Settings
 from ..engine.catalog import Catalog
 from ..engine.manager import ModelManager
 from ..engine.worker import BatchLimits
+from ..telemetry import process_rss
 from . import accounting, auth, bodies, lifecycle, limits, token_budget
 from .state import AppState
 
@@ -44,8 +45,9 @@ def build_app(settings: Settings) -> Flask:
     )
     state = AppState(settings, manager)
     state.attach(app)
-    # The other workers of the server read these counts from this worker's report (/status).
-    manager.report_extra = lambda: {"requests": state.requests.snapshot()}
+    # The other workers of the server read these counts and this worker's resident memory
+    # from its report (/status).
+    manager.report_extra = lambda: {"requests": state.requests.snapshot(), "rss": process_rss()}
     # Hook order matters. before_request hooks run in the order registered: a draining
     # worker refuses first (lifecycle), then the rate limit (limits: before auth, so failed
     # logins spend the budget too), then the API key (auth). The request accounting wraps
