@@ -7,6 +7,7 @@ import logging
 from flask import Flask
 
 from ..config import Settings
+from ..engine import allocator
 from ..engine.catalog import Catalog
 from ..engine.manager import ModelManager
 from ..engine.worker import BatchLimits
@@ -22,6 +23,7 @@ def build_app(settings: Settings) -> Flask:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    allocator.tune()  # before any model is loaded (docs/reliability.md#memory)
     app = Flask("tursi", static_folder=None)  # no /static route: nothing to serve there
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.wsgi_app = bodies.with_deadline(app.wsgi_app, settings.body_timeout)
