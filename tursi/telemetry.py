@@ -221,6 +221,11 @@ def system_memory() -> MemoryReading:
     return MemoryReading(total=vm.total, used=vm.total - vm.available, free=vm.available)
 
 
+def process_rss() -> int:
+    """This process's resident memory in bytes (psutil; VmRSS on Linux)."""
+    return psutil.Process().memory_info().rss
+
+
 @dataclass
 class GpuReading(MemoryReading):
     utilization: float | None  # fraction 0..1, None when the driver does not say

@@ -33,6 +33,9 @@ def test_status_fields(client):
     assert all(SIZE.match(v) for v in body["memory_usage"].values())
     assert set(body["requests"]) == {"total", "success", "failed", "rate"}
     assert re.match(r"^\d+/minute$", body["requests"]["rate"])
+    process = body["process_memory"]
+    assert set(process) == {"rss", "rss_bytes"} and SIZE.match(process["rss"])
+    assert process["rss_bytes"] > 0  # the test process itself (its real figure: tests/server)
 
 
 def test_status_gpu_usage(app, client):

@@ -7,8 +7,9 @@ with one call at a time), every client's first call succeeds (64 calls are withi
 limit), every stream ends with its `done` event, and the worker's resident memory may not
 grow by 5% or more from the 10 s mark to the end (medians of 5 s of samples). The prefix
 cache is small (PREFIX_CACHE: a few blocks of the embedded model's KV), so it evicts all the
-while: it must keep within its size and cost no request anything. Loopback only; it stops
-by itself."""
+while: it must keep within its size and cost no request anything. Every CYCLE_SECONDS a second
+model (the tiny Llama) is loaded, asked for a few tokens and unloaded; every such cycle must
+succeed, and the RSS bound holds with them (issue 18). Loopback only; it stops by itself."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ import requests
 from tests.helpers import embedded_server, parse_sse, wait_for
 
 MODEL = "smollm2-135m-instruct"
+
+
+SECOND = "tiny"  # in the tiny_models_dir catalog
+
+
+CYCLE_SECONDS = 10.0
 
 
 pytestmark = pytest.mark.soak
@@ -85,12 +92,30 @@ def one_call(base: str, session: requests.Session, i: int, n: int) -> tuple[str,
     return kind, response.status_code
 
 
-def test_soak(embedded_home, tmp_path):
+def load_cycle(base: str) -> None:
+    """Load SECOND, generate with it, unload it; each step must succeed."""
+    url = f"{base}/api/v1/models/{SECOND}"
+    response = requests.post(f"{url}/load", timeout=60)
+    assert response.status_code == 202, response.text
+
+    def loaded() -> bool:
+        return requests.get(f"{url}/metrics", timeout=30).json()["metrics"]["status"] == "loaded"
+
+    wait_for(loaded, timeout=60, interval=0.1)
+    body = {"model": SECOND, "prompt": "Once upon a time", "max_tokens": 4}
+    response = requests.post(f"{base}/api/v1/generate", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    response = requests.post(f"{url}/unload", timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_soak(embedded_home, tiny_models_dir, tmp_path):
     assert CLIENTS <= MAX_BATCH + MAX_QUEUE  # the room the no-503 check relies on
     limits = {
         "TURSI_MAX_BATCH": str(MAX_BATCH),
         "TURSI_MAX_QUEUE": str(MAX_QUEUE),
         "TURSI_PREFIX_CACHE": str(PREFIX_CACHE),
+        "TURSI_MODELS_FILE": str(tiny_models_dir / "models.json"),
     }
     with embedded_server(embedded_home, tmp_path / "gunicorn.log", **limits) as srv:
         worker = srv.worker()
@@ -120,6 +145,21 @@ def test_soak(embedded_home, tmp_path):
         started = time.monotonic()
         for thread in threads:
             thread.start()
+        cycles: list[str] = []  # each load/unload cycle of SECOND: "ok" or what failed
+
+        def cycle_second() -> None:
+            next_at = started + CYCLE_SECONDS / 2  # offset from the RSS samples' marks
+            while next_at < stop_at:
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                try:
+                    load_cycle(base)
+                    cycles.append("ok")
+                except Exception as exc:
+                    cycles.append(repr(exc))
+                next_at += CYCLE_SECONDS
+
+        threads.append(threading.Thread(target=cycle_second))
+        threads[-1].start()
         rss: list[tuple[float, int]] = []
         while time.monotonic() < stop_at:
             rss.append((time.monotonic() - started, worker.memory_info().rss))
@@ -128,6 +168,7 @@ def test_soak(embedded_home, tmp_path):
             thread.join(180)
 
         assert not failures, failures[:5]
+        assert cycles and all(c == "ok" for c in cycles), cycles
         statuses = {status for _, status in seen}
         assert statuses <= {200, 429}, seen
         assert [first_calls.get(i, (None, None))[1] for i in range(CLIENTS)] == [200] * CLIENTS
@@ -142,7 +183,8 @@ def test_soak(embedded_home, tmp_path):
             f"\nsoak: {calls} calls in {SECONDS:.0f} s by {CLIENTS} clients: {dict(seen)}; "
             f"worker RSS {at_warm_up / 2**20:.0f} MiB after {WARM_UP:.0f} s -> "
             f"{at_end / 2**20:.0f} MiB at the end ({growth:+.1%}), "
-            f"peak {max(v for _, v in rss) / 2**20:.0f} MiB"
+            f"peak {max(v for _, v in rss) / 2**20:.0f} MiB; {len(cycles)} load/unload cycles "
+            f"of {SECOND}"
         )
         assert growth < 0.05
         # The last clients' jobs end in the engine as their responses end: wait for it.

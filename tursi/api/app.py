@@ -7,9 +7,11 @@ import logging
 from flask import Flask
 
 from ..config import Settings
+from ..engine import allocator
 from ..engine.catalog import Catalog
 from ..engine.manager import ModelManager
 from ..engine.worker import BatchLimits
+from ..telemetry import process_rss
 from . import accounting, auth, bodies, lifecycle, limits, token_budget
 from .state import AppState
 
@@ -21,6 +23,7 @@ def build_app(settings: Settings) -> Flask:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    allocator.tune()  # before any model is loaded (docs/reliability.md#memory)
     app = Flask("tursi", static_folder=None)  # no /static route: nothing to serve there
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.wsgi_app = bodies.with_deadline(app.wsgi_app, settings.body_timeout)
@@ -45,8 +48,9 @@ def build_app(settings: Settings) -> Flask:
     )
     state = AppState(settings, manager)
     state.attach(app)
-    # The other workers of the server read these counts from this worker's report (/status).
-    manager.report_extra = lambda: {"requests": state.requests.snapshot()}
+    # The other workers of the server read these counts and this worker's resident memory
+    # from its report (/status).
+    manager.report_extra = lambda: {"requests": state.requests.snapshot(), "rss": process_rss()}
     # Hook order matters. before_request hooks run in the order registered: a draining
     # worker refuses first (lifecycle), then the rate limit (limits: before auth, so failed
     # logins spend the budget too), then the API key (auth). The request accounting wraps

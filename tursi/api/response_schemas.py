@@ -309,6 +309,11 @@ class MemorySchema(Schema):
     free = _text()
 
 
+class ProcessMemorySchema(Schema):
+    rss = _text(metadata={"example": "540MB"})
+    rss_bytes = _count(metadata={"description": "resident memory of the server's workers, summed"})
+
+
 class GpuMemorySchema(MemorySchema):
     utilization = fields.String(required=True, allow_none=True, metadata={"example": "60%"})
 
@@ -330,6 +335,7 @@ class StatusSchema(Schema):
     uptime = _text()
     active_models = _count()
     memory_usage = fields.Nested(MemorySchema, required=True)
+    process_memory = fields.Nested(ProcessMemorySchema, required=True)
     gpu_usage = fields.Nested(
         GpuMemorySchema,
         required=True,

@@ -31,7 +31,10 @@ def server_status():
     no_query()
     app = current()
     models = app.manager.views()
-    requests = [extra["requests"] for extra in app.manager.extras()]
+    extras = app.manager.extras()
+    requests = [extra["requests"] for extra in extras]
+    # this worker's reading is fresh; a worker that has not reported it yet counts as 0
+    rss = sum(extra.get("rss", 0) for extra in extras)
     gpu = app.gpu.read()
     gpu_usage = None
     if gpu is not None:
@@ -45,6 +48,7 @@ def server_status():
             "uptime": format_uptime(time.monotonic() - app.started),
             "active_models": sum(m.status == "loaded" for m in models),
             "memory_usage": _memory(system_memory()),
+            "process_memory": {"rss": format_bytes(rss), "rss_bytes": rss},
             "gpu_usage": gpu_usage,
             "requests": {
                 "total": sum(r["total"] for r in requests),

@@ -13,7 +13,6 @@ dead: every job it admitted ends at once with `model_failed`, new ones are refus
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from ..errors import (
 from ..formatting import format_bytes
 from ..telemetry import ModelStats
 from ..threads import Channel, Empty, SimpleQueue, native_lock, off_hub, start_native_thread
+from .allocator import release_memory
 from .constraints import Constraints
 from .jobs import GenerationJob, GenerationParams, SamplingParams
 from .kvcache import KVBudget, measure_token_bytes
@@ -492,11 +492,9 @@ class ModelWorker:
         for job in leftovers:  # none unless closing failed: nobody may wait on a gone thread
             job.abandon(error)
         self.loaded = None
-        gc.collect()
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        # The scheduler dropped the model and its batch's KV (close); the manager dropped
+        # this worker before stopping it. Collect, then give the freed memory back.
+        release_memory()
         with self._lock:
             self._released = True
             exited = self._exited
