@@ -66,9 +66,9 @@ def test_cuda_loads_use_accelerates_device_map_and_the_gpu_memory_cap(options):
 @pytest.mark.parametrize(
     "bits, mode, steps",
     [
-        (8, "dynamic", ["quantizing"]),
+        (8, "dynamic", ["calibrating", "quantizing"]),
         (8, "static", ["calibrating", "quantizing"]),
-        (4, "dynamic", ["quantizing"]),
+        (4, "dynamic", ["calibrating", "quantizing"]),
     ],
 )
 @pytest.mark.parametrize("device", [CPU, CPU_BF16])

@@ -172,6 +172,6 @@ def test_smoothing_keeps_the_float_model_and_flattens_the_peaks(llama):
 def test_calibration_gives_one_peak_per_linear(llama):
     model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(llama)
-    peaks = calibrate(model, tokenizer, 64)
+    peaks = calibrate(model, tokenizer, True, 64)
     names = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(peaks) == names and all(value > 0 for value in peaks.values())

@@ -139,12 +139,10 @@ def _quantize(
     from ..calibration import calibrate
     from ..quantize import quantize_model
 
-    peaks = None
-    if plan.static:
-        progress.begin("calibrating")
-        peaks = calibrate(model, tokenizer, context_length(model, tokenizer))
+    progress.begin("calibrating")
+    peaks = calibrate(model, tokenizer, plan.static, context_length(model, tokenizer))
     progress.begin("quantizing")
-    quantize_model(model, plan.bits, peaks)
+    quantize_model(model, plan.bits, peaks if plan.static else None)
     save_quantized(model, cache)
 
 

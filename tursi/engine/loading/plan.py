@@ -175,11 +175,11 @@ class LoadPlan:
 
     def progress_steps(self, converting: bool, quantized_cached: bool) -> list[str]:
         """The steps GET /models shows: the GGUF conversion when it has not run yet, reading
-        the weights, then calibrating and quantizing for a CPU quantized load that has no
-        cache."""
+        the weights, then calibrating (smoothing, static scales) and quantizing for a CPU
+        quantized load that has no cache."""
         steps = (["converting"] if converting else []) + [LOADING_WEIGHTS]
         if self.quantized_on_cpu and not quantized_cached:
-            steps += ["calibrating", "quantizing"] if self.static else ["quantizing"]
+            steps += ["calibrating", "quantizing"]
         return steps
 
 

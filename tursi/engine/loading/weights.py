@@ -166,11 +166,11 @@ def locate(entry: CatalogEntry, home: str, allow_downloads: bool) -> str:
 
 def quantized_dir(entry: CatalogEntry, options: LoadOptions, home: str, source: str) -> Path:
     """Where the quantized weights of (model, bits, mode) are cached. The key covers the
-    source files (names, sizes, modification times), the calibration text for static mode,
-    the format and torch's version: a changed source gets a new folder."""
+    source files (names, sizes, modification times), the calibration text and smoothing
+    strengths, the format and torch's version: a changed source gets a new folder."""
     import torch
 
-    from ..calibration import CALIBRATION_TEXT
+    from ..calibration import CALIBRATION_TEXT, DYNAMIC_ALPHA, STATIC_ALPHA
 
     digest = hashlib.sha256(
         f"{QUANTIZED_FORMAT}:{torch.__version__}:{options.bits}:{options.mode}".encode()
@@ -188,8 +188,8 @@ def quantized_dir(entry: CatalogEntry, options: LoadOptions, home: str, source: 
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     if not files:
         digest.update(source.encode())
-    if options.mode == "static":
-        digest.update(CALIBRATION_TEXT.read_bytes())
+    # every mode is smoothed with the calibration text
+    digest.update(f"{DYNAMIC_ALPHA}:{STATIC_ALPHA}:".encode() + CALIBRATION_TEXT.read_bytes())
     name = f"{entry.name}-{options.bits}bit-{options.mode}-{digest.hexdigest()[:16]}"
     return Path(home) / "quantized" / name
 
