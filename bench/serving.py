@@ -21,7 +21,7 @@
    (tursi.engine.constraints, as the server does on a cache miss): the compile time p50/p95
    under that load is printed (that run's tok/s is not used).
 
-5. With --load (a comma list of bf16, 8-bit, 8-bit-static, 4-bit), instead of all the above:
+5. With --load (a comma list of bf16, fp32, 8-bit, 8-bit-static, 4-bit), instead of all the above:
    one server loads each of those in turn (unloading the previous one), round after round
    (--runs rounds, so a drift in the machine's speed hits every load alike), and measures
    1 and 16 streams on each; printed: each load's memory, median aggregate tok/s and its
@@ -584,6 +584,7 @@ def print_constrained(result: dict) -> None:
 # --load: the same server with each of these load bodies in turn
 LOADS = {
     "bf16": {"dtype": "bfloat16"},
+    "fp32": {"dtype": "float32"},  # the default (auto) on a CPU without AVX-512 BF16 or AMX
     "8-bit": {"quantize": True, "bits": 8, "mode": "dynamic"},
     "8-bit-static": {"quantize": True, "bits": 8, "mode": "static"},
     "4-bit": {"quantize": True, "bits": 4, "mode": "dynamic"},
