@@ -19,7 +19,7 @@ $(STAMP): requirements.txt setup.cfg setup.py
 
 # The fused C++ decode kernels, compiled for this machine (about 30 s; needs a C++ compiler).
 # Without them the server runs the same steps as torch ops (about a fifth slower at 16 streams).
-$(NATIVE): $(STAMP) tursi/engine/native/kernels.cpp tursi/engine/native/__init__.py
+$(NATIVE): $(STAMP) tursi/engine/native/kernels.cpp tursi/engine/native/quantized.cpp tursi/engine/native/quantized.h tursi/engine/native/__init__.py
 	$(PY) -m tursi.engine.native || echo "warning: native kernels not built; using torch ops"
 	touch $(NATIVE)
 

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/quantization.py [--runs 3] [--tokens 64]
 
-For fp32, bf16, 8-bit dynamic/static and 4-bit dynamic/static: load time (8-bit on CPU: cold,
-with its TURSI_HOME cache removed first, then cached), resident memory
+For fp32, bf16, 8-bit dynamic/static and 4-bit dynamic/static: load time (quantized on CPU:
+cold, with its TURSI_HOME cache removed first, then cached), resident memory
 of the model (parameters + buffers), single-stream decode tok/s (the server's own scheduler,
 greedy, `--tokens` new tokens, median of --runs) and perplexity on tursi/data/heldout.txt
 (never used for calibration), each also as a ratio to fp32 measured in the same run. A
@@ -97,7 +97,7 @@ def main() -> None:
             rows.append((label, None, exc.message))
             continue
         cache = None
-        if options.quantize and options.bits == 8 and not torch.cuda.is_available():
+        if options.quantize and not torch.cuda.is_available():
             cache = quantized_dir(entry, options, args.home, locate(entry, args.home, False))
             shutil.rmtree(cache, ignore_errors=True)  # measure the cold load first
         started = time.perf_counter()

@@ -21,6 +21,13 @@
    (tursi.engine.constraints, as the server does on a cache miss): the compile time p50/p95
    under that load is printed (that run's tok/s is not used).
 
+5. With --load (a comma list of bf16, fp32, 8-bit, 8-bit-static, 4-bit), instead of all the above:
+   one server loads each of those in turn (unloading the previous one), round after round
+   (--runs rounds, so a drift in the machine's speed hits every load alike), and measures
+   1 and 16 streams on each; printed: each load's memory, median aggregate tok/s and its
+   ratio to the bf16 load of the same invocation, with every run (issue 17's targets: one
+   stream 8-bit >= 1.7x, 4-bit >= 2.2x; 16 streams every quantized load >= 0.95x).
+
 Every figure is the median over --runs runs. Printed: aggregate tok/s (all tokens / wall time
 of the run), time to first token p50/p95, inter-token latency p50/p95 (gaps between SSE text
 events), GET /status latency p99, and the ratios the engine is judged by. Not a test: the
@@ -211,6 +218,16 @@ class Server:
         if not response.ok:
             raise SystemExit(f"load {body} failed: {response.status_code} {response.text}")
         self.wait_loaded(max(1.0, deadline - time.monotonic()))
+
+    def unload(self) -> None:
+        try:
+            requests.post(f"{self.url}/models/{MODEL}/unload", timeout=60)
+        except requests.ConnectionError:  # still booting: nothing is loaded yet
+            pass
+
+    def memory_bytes(self) -> int:
+        models = requests.get(f"{self.url}/models", timeout=10).json()["models"]
+        return next(m["memory_bytes"] for m in models if m["name"] == MODEL)
 
     def wait_loaded(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -564,6 +581,67 @@ def print_constrained(result: dict) -> None:
         )
 
 
+# --load: the same server with each of these load bodies in turn
+LOADS = {
+    "bf16": {"dtype": "bfloat16"},
+    "fp32": {"dtype": "float32"},  # the default (auto) on a CPU without AVX-512 BF16 or AMX
+    "8-bit": {"quantize": True, "bits": 8, "mode": "dynamic"},
+    "8-bit-static": {"quantize": True, "bits": 8, "mode": "static"},
+    "4-bit": {"quantize": True, "bits": 4, "mode": "dynamic"},
+}
+LOAD_CLIENTS = (1, 16)
+
+
+def compare_loads(args: argparse.Namespace) -> dict:
+    """Each of --load's loads in turn on one server, --runs rounds; the 1- and 16-stream
+    aggregate tok/s of every run."""
+    names = args.load.split(",")
+    unknown = [name for name in names if name not in LOADS]
+    if unknown:
+        raise SystemExit(f"unknown --load {unknown}; choose from {', '.join(LOADS)}")
+    if "bf16" not in names:
+        names.insert(0, "bf16")  # the ratios' baseline
+    runs = {name: {clients: [] for clients in LOAD_CLIENTS} for name in names}
+    memory = {}
+    server = Server(args.home, preload="")
+    try:
+        for round_ in range(args.runs):
+            for name in names:
+                server.unload()
+                server.load(LOADS[name])
+                memory[name] = server.memory_bytes()
+                load_run(server.url, 1, 8)  # warm-up
+                for clients in LOAD_CLIENTS:
+                    tok_s = load_run(server.url, clients, args.max_tokens)["tok_s"]
+                    runs[name][clients].append(tok_s)
+                print(
+                    f"  round {round_ + 1}, {name}: "
+                    + ", ".join(f"{c} streams {runs[name][c][-1]:.1f} tok/s" for c in LOAD_CLIENTS),
+                    flush=True,
+                )
+    finally:
+        server.stop()
+    return {"runs": runs, "memory": memory}
+
+
+def print_loads(result: dict) -> None:
+    runs, memory = result["runs"], result["memory"]
+    base = {c: statistics.median(runs["bf16"][c]) for c in LOAD_CLIENTS}
+    print(
+        "| load | memory (MB) | 1 stream tok/s | vs bf16 | 16 streams tok/s | vs bf16 | "
+        "every run, 1 / 16 streams |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, by_clients in runs.items():
+        one, sixteen = (statistics.median(by_clients[c]) for c in LOAD_CLIENTS)
+        pairs = zip(*(by_clients[c] for c in LOAD_CLIENTS), strict=True)
+        every = ", ".join(f"{a:.1f} / {b:.1f}" for a, b in pairs)
+        print(
+            f"| {name} | {memory[name] / 1e6:.0f} | {one:.1f} | {one / base[1]:.2f}x | "
+            f"{sixteen:.1f} | {sixteen / base[16]:.2f}x | {every} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -582,6 +660,10 @@ def main() -> None:
         default=16,
         help="streams of the run with a JSON schema constraint on every row (0: none)",
     )
+    parser.add_argument(
+        "--load",
+        help=f"compare these loads at 1 and 16 streams instead (comma list of {', '.join(LOADS)})",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--table-from", help="only print the table of a --json file")
     args = parser.parse_args()
@@ -593,13 +675,20 @@ def main() -> None:
         if saved.get("constrained"):
             print_constrained(saved["constrained"])
         return
-    counts = [int(c) for c in args.clients.split(",")]
-
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}"
         f" python {platform.python_version()}",
         flush=True,
     )
+    if args.load:
+        loads = compare_loads(args)
+        print()
+        print_loads(loads)
+        if args.json:
+            Path(args.json).write_text(json.dumps(loads, indent=2))
+        return
+    counts = [int(c) for c in args.clients.split(",")]
+
     base = baselines(args.home, args.max_tokens, args.runs)
     gc.collect()  # the baseline model is gone before the server starts
     print(

@@ -168,29 +168,33 @@ def test_quantized_load(client, tiny_models_dir, app, model, bits, mode):
     )
     assert 1 <= result["tokens_generated"] <= 5
     assert result["text"].startswith("Once upon a time")
-    if bits == 8:  # every Linear / GPT-2 Conv1D runs int8, with the mode's activation scales
-        from tursi.engine.quantize import Int8Linear
+    # every Linear / GPT-2 Conv1D runs on integers, with the mode's activation scales; the
+    # output head in 8 bits
+    from tursi.engine.quantize import QuantEmbedding, QuantLinear
 
-        loaded = app.extensions["tursi"].manager.state(model).worker.loaded
-        layers = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
-        assert layers and all((m.input_scale is None) == (mode == "dynamic") for m in layers)
-        leftovers = [
-            type(m).__name__
-            for m in loaded.model.modules()
-            if type(m).__name__ in ("Linear", "Conv1D")
-        ]
-        assert leftovers == []
+    loaded = app.extensions["tursi"].manager.state(model).worker.loaded
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all((m.input_scale is None) == (mode == "dynamic") for m in layers)
+    head = loaded.model.get_output_embeddings()
+    assert {m.bits for m in layers if m is not head} == {bits} and head.bits == 8
+    assert isinstance(loaded.model.get_input_embeddings(), QuantEmbedding)
+    leftovers = [
+        type(m).__name__
+        for m in loaded.model.modules()
+        if type(m).__name__ in ("Linear", "Conv1D", "PackedLinear")
+    ]
+    assert leftovers == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU int8 cache")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU quantized cache")
 @pytest.mark.parametrize("model", ["tiny", "tiny-gpt2"])
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_int8_weights_are_cached_and_keyed_by_source(
-    app, client, tiny_models_dir, monkeypatch, model, mode
+@pytest.mark.parametrize("bits, mode", CPU_QUANTIZATION)
+def test_quantized_weights_are_cached_and_keyed_by_source(
+    app, client, tiny_models_dir, monkeypatch, model, bits, mode
 ):
     from transformers import AutoModelForCausalLM
 
-    body = {"quantize": True, "bits": 8, "mode": mode}
+    body = {"quantize": True, "bits": bits, "mode": mode}
     prompt = {"model": model, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
     cache = Path(app.extensions["tursi"].settings.home) / "quantized"
 
@@ -199,11 +203,11 @@ def test_int8_weights_are_cached_and_keyed_by_source(
 
     assert load_and_wait(client, model, body)["status"] == "loaded"
     first = generate_ok(client, **prompt)["text"]
-    assert len(folders()) == 1 and f"-8bit-{mode}-" in folders()[0]
+    assert len(folders()) == 1 and f"-{bits}bit-{mode}-" in folders()[0]
     assert client.post(f"{API}/models/{model}/unload").status_code == 200
 
     def no_full_precision_pass(*args, **kwargs):
-        raise AssertionError("the cached int8 load read the float weights")
+        raise AssertionError("the cached quantized load read the float weights")
 
     with monkeypatch.context() as patch:
         patch.setattr(AutoModelForCausalLM, "from_pretrained", no_full_precision_pass)
@@ -273,7 +277,7 @@ def test_load_progress_follows_the_weights_as_transformers_loads_them(client, mo
 
 
 def test_quantize_defaults_to_8_bit_dynamic(app, client):
-    """No skip without bitsandbytes: on the CPU, 8-bit is Tursi's own Int8Linear (CUDA's
+    """No skip without bitsandbytes: on the CPU, 8-bit is Tursi's own QuantLinear (CUDA's
     LLM.int8 needs bitsandbytes, an install requirement)."""
     entry = load_and_wait(client, "tiny-gpt2", {"quantize": True})
     assert (entry["status"], entry["quantized"], entry["bits"], entry["mode"]) == (
@@ -283,10 +287,10 @@ def test_quantize_defaults_to_8_bit_dynamic(app, client):
         "dynamic",
     )
     if not torch.cuda.is_available():
-        from tursi.engine.quantize import Int8Linear
+        from tursi.engine.quantize import QuantLinear
 
         model = app.extensions["tursi"].manager.state("tiny-gpt2").worker.loaded.model
-        layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
         assert layers and all(m.input_scale is None for m in layers)  # dynamic scales
 
 

@@ -282,17 +282,27 @@ def test_native_decode_layers_refuses_a_plan_that_does_not_fit(llama_path):
     values = [layer.values for layer in cache.layers]
     args = (cos, sin, positions.view(-1), bias)
     sizes = (plan.heads, plan.kv_heads, plan.intermediate, plan.scaling, plan.eps)
+    linears = (plan.weights, plan.biases, plan.quantized)
+    short = (plan.weights[:-1], plan.biases, plan.quantized)
     with torch.inference_mode():
-        kernels.decode_layers(
-            hidden, plan.weights, plan.biases, keys, values, *args, cache.window, *sizes
-        )  # fits
+        kernels.decode_layers(hidden, *linears, keys, values, *args, cache.window, *sizes)  # fits
         with pytest.raises(RuntimeError):  # a weight short
+            kernels.decode_layers(hidden, *short, keys, values, *args, cache.window, *sizes)
+        with pytest.raises(RuntimeError):  # quantized tensors for a float model's linears
             kernels.decode_layers(
-                hidden, plan.weights[:-1], plan.biases, keys, values, *args, cache.window, *sizes
+                hidden,
+                plan.weights,
+                plan.biases,
+                [[torch.empty(0)] * 4] * len(plan.biases),
+                keys,
+                values,
+                *args,
+                cache.window,
+                *sizes,
             )
         with pytest.raises(RuntimeError):  # a window past the cache's columns
             kernels.decode_layers(
-                hidden, plan.weights, plan.biases, keys, values, *args, keys[0].shape[2] + 1, *sizes
+                hidden, *linears, keys, values, *args, keys[0].shape[2] + 1, *sizes
             )
 
 
@@ -337,5 +347,5 @@ def test_the_log_says_which_decode_path_a_model_takes(llama_path, caplog):
     assert caplog.messages == [
         "decode steps in C++ (tursi.engine.native): 3 layers",
         "decode steps in torch ops: the native layers need SiLU MLPs, the same heads and norm "
-        "epsilon in every layer, norm weights in torch.float32",
+        "epsilon in every layer, norm weights in torch.float32, all linears quantized or none",
     ]

@@ -44,9 +44,9 @@ def test_the_catalog_dtype_holds_unless_the_load_names_one():
 def test_a_float_load_on_the_cpu_stays_there_and_gets_the_packed_matmuls():
     plan = plan_load(ENTRY, LoadOptions(), CPU, max_gpu_memory="10GiB")
     assert (plan.device_map, plan.max_memory) == (None, None)  # transformers' default: the CPU
-    assert plan.optimize_for_cpu and not plan.int8
-    assert plan.progress_steps(converting=False, int8_cached=False) == [LOADING_WEIGHTS]
-    assert plan.progress_steps(converting=True, int8_cached=False) == [
+    assert plan.optimize_for_cpu and not plan.quantized_on_cpu
+    assert plan.progress_steps(converting=False, quantized_cached=False) == [LOADING_WEIGHTS]
+    assert plan.progress_steps(converting=True, quantized_cached=False) == [
         "converting",
         LOADING_WEIGHTS,
     ]
@@ -64,36 +64,26 @@ def test_cuda_loads_use_accelerates_device_map_and_the_gpu_memory_cap(options):
 
 
 @pytest.mark.parametrize(
-    "mode, steps", [("dynamic", ["quantizing"]), ("static", ["calibrating", "quantizing"])]
+    "bits, mode, steps",
+    [
+        (8, "dynamic", ["calibrating", "quantizing"]),
+        (8, "static", ["calibrating", "quantizing"]),
+        (4, "dynamic", ["calibrating", "quantizing"]),
+    ],
 )
-def test_8_bit_on_the_cpu_is_tursis_int8_over_a_float32_load(mode, steps):
-    plan = plan_load(ENTRY, quantized(8, mode, "bfloat16"), CPU_BF16)
-    assert (plan.quantizer, plan.dtype, plan.device_map) == ("int8", "float32", "cpu")
-    assert plan.static == (mode == "static")
+@pytest.mark.parametrize("device", [CPU, CPU_BF16])
+def test_quantized_on_the_cpu_is_tursis_over_a_float32_load(device, bits, mode, steps):
+    plan = plan_load(ENTRY, quantized(bits, mode, "bfloat16"), device)
+    assert (plan.quantizer, plan.dtype, plan.device_map) == ("tursi", "float32", "cpu")
+    assert (plan.bits, plan.static) == (bits, mode == "static")
     assert not plan.optimize_for_cpu
-    assert plan.progress_steps(converting=False, int8_cached=False) == [LOADING_WEIGHTS] + steps
-    assert plan.progress_steps(converting=False, int8_cached=True) == [LOADING_WEIGHTS]
-    assert (
-        plan.progress_steps(converting=True, int8_cached=False)
-        == [
-            "converting",
-            LOADING_WEIGHTS,
-        ]
-        + steps
+    assert plan.progress_steps(converting=False, quantized_cached=False) == (
+        [LOADING_WEIGHTS] + steps
     )
-
-
-@pytest.mark.parametrize("device, dtype", [(CPU, "float32"), (CPU_BF16, "bfloat16")])
-def test_4_bit_on_the_cpu_is_bitsandbytes_nf4_in_the_resolved_dtype(device, dtype):
-    plan = plan_load(ENTRY, quantized(4, "dynamic"), device)
-    assert (plan.quantizer, plan.dtype, plan.device_map) == ("bitsandbytes", dtype, "cpu")
-    assert plan.progress_steps(converting=False, int8_cached=False) == [LOADING_WEIGHTS]
-    assert plan.bitsandbytes_arguments(4) == {
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_compute_dtype": dtype,
-        "llm_int8_skip_modules": four_bit_kept_in_float(4),
-    }
+    assert plan.progress_steps(converting=False, quantized_cached=True) == [LOADING_WEIGHTS]
+    assert plan.progress_steps(converting=True, quantized_cached=False) == (
+        ["converting", LOADING_WEIGHTS] + steps
+    )
 
 
 def test_4_bit_keeps_the_measured_layers_in_float():
@@ -114,7 +104,7 @@ def test_8_bit_on_cuda_is_llm_int8_in_float16():
         "bfloat16",
     )
     assert plan.bitsandbytes_arguments(30) == {"load_in_8bit": True}
-    assert plan.progress_steps(converting=False, int8_cached=False) == [LOADING_WEIGHTS]
+    assert plan.progress_steps(converting=False, quantized_cached=False) == [LOADING_WEIGHTS]
 
 
 @pytest.mark.parametrize("device, dtype", [(GPU, "bfloat16"), (OLD_GPU, "float16")])
@@ -204,6 +194,6 @@ def test_a_real_cpu_int8_load_follows_its_plan(tiny_models_dir, tmp_path):
     for cached in (False, True):
         progress = RecordingProgress()
         loaded = load_model(entry, options, str(tmp_path), progress=progress)
-        expected = plan.progress_steps(converting=False, int8_cached=cached)
+        expected = plan.progress_steps(converting=False, quantized_cached=cached)
         assert progress.steps == progress.begun == expected
         assert loaded.dtype == plan.dtype == "float32"

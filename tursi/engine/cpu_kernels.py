@@ -13,13 +13,14 @@ transformers' calling conventions, so the model's own forward (used for prefill)
 
 `optimize_for_cpu` makes these swaps after a load. It changes nothing on CUDA, on quantized
 models, for dtypes this CPU's oneDNN does not run, or when a probe matmul disagrees with
-`F.linear`.
+`F.linear`. Quantized loads fuse the same way with their own linears (tursi.engine.quantize).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,17 +72,27 @@ class PackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, packed"
 
 
-class FusedMLP(nn.Module):
-    """A gated MLP, down(act(gate(x)) * up(x)), with gate and up as one matmul."""
+# (weight, bias, name of the first projection fused into it) -> the linear module to use.
+LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None", str], nn.Module]
 
-    def __init__(self, mlp: nn.Module):
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, part: str) -> nn.Module:
+    return PackedLinear(weight, bias)
+
+
+class FusedMLP(nn.Module):
+    """A gated MLP, down(act(gate(x)) * up(x)), with gate and up as one matmul (`linear`
+    makes the matmuls: packed float ones by default)."""
+
+    def __init__(self, mlp: nn.Module, linear: LinearFactory = packed_linear):
         super().__init__()
         self.intermediate = mlp.gate_proj.out_features
-        self.gate_up = PackedLinear(
+        self.gate_up = linear(
             torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
             _cat_biases(mlp.gate_proj, mlp.up_proj),
+            "gate_proj",
         )
-        self.down_proj = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias)
+        self.down_proj = linear(mlp.down_proj.weight, mlp.down_proj.bias, "down_proj")
         self.act_fn = mlp.act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,9 +102,10 @@ class FusedMLP(nn.Module):
 
 class FusedAttention(nn.Module):
     """Llama attention with q, k and v as one matmul; otherwise transformers' LlamaAttention
-    forward (rotary embeddings, cache update, the configured attention function)."""
+    forward (rotary embeddings, cache update, the configured attention function). `linear`
+    makes the matmuls (packed float ones by default)."""
 
-    def __init__(self, attention: nn.Module):
+    def __init__(self, attention: nn.Module, linear: LinearFactory = packed_linear):
         super().__init__()
         self.config = attention.config
         self.layer_idx = attention.layer_idx
@@ -105,8 +117,8 @@ class FusedAttention(nn.Module):
         q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
         self.heads = q.out_features // self.head_dim
         self.kv_heads = k.out_features // self.head_dim
-        self.qkv = PackedLinear(torch.cat([q.weight, k.weight, v.weight]), _cat_biases(q, k, v))
-        self.o_proj = PackedLinear(attention.o_proj.weight, attention.o_proj.bias)
+        self.qkv = linear(torch.cat([q.weight, k.weight, v.weight]), _cat_biases(q, k, v), "q_proj")
+        self.o_proj = linear(attention.o_proj.weight, attention.o_proj.bias, "o_proj")
         code = sys.modules[type(attention).__module__]  # the model's own modeling code
         self._apply_rotary = code.apply_rotary_pos_emb
         self._eager = code.eager_attention_forward

@@ -9,6 +9,8 @@ handling, mask building, output objects). Its decoder layers run
   model fits them (`native_plan`): the same ops with no Python between them, the residual add
   and RMSNorm fused into one call, the rotary embedding and the cache write into another;
 - else in torch ops (`_torch_layers`, with `TorchOps` for those two fused steps).
+Quantized Llama loads (tursi.engine.quantize) are fused too: their linears run the native
+integer kernels in the C++ step, or their torch reference in the torch-ops step.
 On a 2-core CPU the Python between the ops and the small ops are about a sixth of a 16-row
 step of the embedded model (docs/performance.md).
 """
@@ -86,10 +88,12 @@ class NativePlan:
     """A fused Llama's weights in the order the native `decode_layers` takes them: per
     layer, the input norm's weight, the packed qkv and o, the post-attention norm's weight,
     the packed gate_up and down, then the final norm's weight; the biases of qkv, o, gate_up
-    and down per layer."""
+    and down per layer; for a quantized model, the rest of each of those linears (scale,
+    correction, multiplier, input scale), else nothing."""
 
     weights: list[torch.Tensor]
     biases: list[torch.Tensor | None]
+    quantized: list[list[torch.Tensor]]
     heads: int
     kv_heads: int
     intermediate: int
@@ -117,7 +121,19 @@ def _make_plan(model: Any) -> NativePlan | None:
     norms = [inner.norm] + [
         n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
     ]
-    dtype = inner.embed_tokens.weight.dtype
+    # The activations' dtype: a quantized embedding's output, else its table's.
+    dtype = getattr(inner.embed_tokens, "output_dtype", inner.embed_tokens.weight.dtype)
+    linears = [
+        linear
+        for layer in layers
+        for linear in (
+            layer.self_attn.qkv,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_up,
+            layer.mlp.down_proj,
+        )
+    ]
+    quantized = [hasattr(linear, "native_arguments") for linear in linears]
     shape = {
         (
             layer.self_attn.heads,
@@ -133,18 +149,18 @@ def _make_plan(model: Any) -> NativePlan | None:
         or len(shape) != 1
         or len({norm.variance_epsilon for norm in norms}) != 1
         or any(norm.weight.dtype != dtype for norm in norms)
+        or len(set(quantized)) != 1
     ):
         log.info(
             "decode steps in torch ops: the native layers need SiLU MLPs, the same "
-            "heads and norm epsilon in every layer, norm weights in %s",
+            "heads and norm epsilon in every layer, norm weights in %s, all linears "
+            "quantized or none",
             dtype,
         )
         return None
     weights: list[torch.Tensor] = []
-    biases: list[torch.Tensor | None] = []
     for layer in layers:
         attention, mlp = layer.self_attn, layer.mlp
-        linears = (attention.qkv, attention.o_proj, mlp.gate_up, mlp.down_proj)
         weights += [
             layer.input_layernorm.weight,
             attention.qkv.packed,
@@ -153,12 +169,14 @@ def _make_plan(model: Any) -> NativePlan | None:
             mlp.gate_up.packed,
             mlp.down_proj.packed,
         ]
-        biases += [linear.bias for linear in linears]
+    biases = [linear.bias for linear in linears]
+    extra = [linear.native_arguments()[1:] for linear in linears] if quantized[0] else []
     heads, kv_heads, _, scaling, intermediate = shape.pop()
     log.info("decode steps in C++ (tursi.engine.native): %d layers", len(layers))
     return NativePlan(
         weights + [inner.norm.weight],
         biases,
+        extra,
         heads,
         kv_heads,
         intermediate,
@@ -184,6 +202,7 @@ def _fused_llama_step(
             hidden,
             plan.weights,
             plan.biases,
+            plan.quantized,
             [layer.keys for layer in cache.layers],
             [layer.values for layer in cache.layers],
             cos,

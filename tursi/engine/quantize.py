@@ -1,85 +1,229 @@
-"""CPU int8 quantization of a loaded float32 model (the 8-bit backend on CPU).
+"""CPU quantization of a loaded float32 model: 8-bit and 4-bit integer weights.
 
-Every `nn.Linear` and GPT-2 `Conv1D`, the output head included, becomes an `Int8Linear`:
-weights int8, symmetric, one scale per output channel; the matmul runs in int8 with int32
-accumulation (`torch._int_mm`). Activations are quantized on the way in:
+Every `nn.Linear` and GPT-2 `Conv1D` becomes a `QuantLinear`; on Llama models the q/k/v and
+gate/up projections are fused first (tursi.engine.cpu_kernels), so that the decode step runs
+them in C++ as it runs a float model's (tursi.engine.decode). Weights:
+- 8 bits: int8, symmetric, one scale per output channel;
+- 4 bits: int4 (-8..7) in groups of 32 inputs; each group's scale is its channel's scale times
+  an integer multiplier (1..255), so that a row's sum over groups stays an exact integer. The
+  output head stays 8-bit (it is most of the logits' error).
+Activations are quantized to int8 on the way in, per row:
+- mode "dynamic": one scale per token, from that token's peak (no calibration);
+- mode "static": one fixed scale per layer, calibrated (tursi.engine.calibration).
+The products are summed in int32, exactly, then scaled: y = acc * (s_x * s_w) + b.
 
-- mode "dynamic": one scale per token, computed from that token's activations at run time
-  (no calibration);
-- mode "static": one fixed scale per layer, the largest activation seen on calibration text.
-
-The input embedding is kept in bfloat16 (a table lookup, exact enough) and widened to float32
-on the way out; norms and attention stay float32. See docs/quantization.md for measurements.
+`QuantLinear` runs tursi.engine.native's `quantized_linear` (AVX-512 VNNI) when the native
+kernels are built, else `reference`, the same integer math in torch ops, bit for bit. The
+input embedding is int8 rows with one scale per row, widened to float32 on lookup; norms and
+attention stay float32. docs/quantization.md has the measurements and the weight layout.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
-CALIBRATION_TOKENS = 1024
+from . import native
+from .cpu_kernels import FUSABLE_MODEL_TYPES, FusedAttention, FusedMLP
+
+BLOCK = 16  # output channels per block of the packed layout
+GROUP = 32  # inputs per 4-bit group
+HEAD_BITS = 8  # the output head's weights, whatever the bits of the rest
+_NO_TENSOR = torch.empty(0)
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with int8 W (per output channel scales) and int8 activations."""
+def _pad(weight: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    return F.pad(weight, (0, columns - weight.shape[1], 0, rows - weight.shape[0]))
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def four_bit_multiplier_limit(padded_in: int) -> int:
+    """The largest group multiplier that keeps a row's exact sum within int32: |q_x| <= 127,
+    |q_w| <= 8 over `padded_in` inputs."""
+    return max(1, min(255, (2**31 - 1) // (padded_in * 127 * 8)))
+
+
+def quantize_8bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 q [out, in], scale [out]): symmetric, one scale per output channel."""
+    scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+    q = (weight / scale[:, None]).round().clamp(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def quantize_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q in -8..7 [out, in], channel scale [out], group multipliers [out, in / 32]) of a
+    weight whose inputs are a multiple of 32: each group's scale is the one of a few
+    candidates (peak / 7 .. peak / 8.5) with the least squared error, then rounded to an
+    integer multiple of the channel's scale (its largest group scale / the limit)."""
+    out, width = weight.shape
+    groups = weight.view(out, width // GROUP, GROUP)
+    peak = groups.abs().amax(-1, keepdim=True).clamp(min=1e-8)
+    best_scale = peak / 7
+    best_error = torch.full_like(peak, float("inf"))
+    for divisor in (7.0, 7.5, 8.0, 8.5):
+        scale = peak / divisor
+        error = ((groups / scale).round().clamp(-8, 7) * scale - groups).square().sum(-1, True)
+        better = error < best_error
+        best_scale = torch.where(better, scale, best_scale)
+        best_error = torch.where(better, error, best_error)
+    limit = four_bit_multiplier_limit(width)
+    channel = best_scale.amax(1) / limit  # [out, 1]
+    multiplier = (best_scale / channel[:, None]).round().clamp(1, limit)
+    q = (groups / (multiplier * channel[:, None])).round().clamp(-8, 7)
+    return q.view(out, width), channel[:, 0], multiplier[..., 0]
+
+
+def pack_8bit(q: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] (padded to 16, 4) -> [blocks, in / 4, 64]: per 4 inputs, the block's 16
+    channels' 4 bytes (vpdpbusd's operand)."""
+    out, width = q.shape
+    blocks = q.reshape(out // BLOCK, BLOCK, width // 4, 4).permute(0, 2, 1, 3)
+    return blocks.reshape(out // BLOCK, width // 4, 4 * BLOCK).contiguous()
+
+
+def unpack_8bit(packed: torch.Tensor) -> torch.Tensor:
+    blocks, steps, _ = packed.shape
+    q = packed.view(blocks, steps, BLOCK, 4).permute(0, 2, 1, 3)
+    return q.reshape(blocks * BLOCK, steps * 4)
+
+
+def pack_4bit(q: torch.Tensor) -> torch.Tensor:
+    """q in -8..7 [out, in] (padded to 16, 32) -> uint8 [blocks, in / 32, 4, 64]: per group, 4
+    vectors laid out as pack_8bit's, whose low nibbles (q + 8) hold inputs 8v..8v+3 of the
+    group and high nibbles 8v+4..8v+7."""
+    out, width = q.shape
+    nibbles = (q + 8).to(torch.uint8).view(out // BLOCK, BLOCK, width // GROUP, 4, 2, 4)
+    nibbles = nibbles.permute(0, 2, 3, 1, 5, 4)  # block, group, vector, channel, input, half
+    packed = nibbles[..., 0] | (nibbles[..., 1] << 4)
+    return packed.reshape(out // BLOCK, width // GROUP, 4, 4 * BLOCK).contiguous()
+
+
+def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
+    blocks, groups = packed.shape[:2]
+    bytes_ = packed.view(blocks, groups, 4, BLOCK, 4)
+    nibbles = torch.stack([bytes_ & 0x0F, bytes_ >> 4], dim=-1)  # ..., channel, input, half
+    q = nibbles.permute(0, 3, 1, 2, 5, 4).reshape(blocks * BLOCK, groups * GROUP)
+    return q.to(torch.int16) - 8
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with integer W (8 or 4 bits) and int8 activations (module doc)."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, input_scale: float | None = None
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bits: int,
+        input_peak: float | None = None,
     ):
         super().__init__()
         weight = weight.detach().float()
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
-        quantized = (weight / scale).round().clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight_t", quantized.t().contiguous())  # [in, out] for _int_mm
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
+        self.out_features, self.in_features = weight.shape
+        self.bits = bits
+        out = _round_up(self.out_features, BLOCK)
+        width = _round_up(self.in_features, 4 if bits == 8 else GROUP)
+        weight = _pad(weight, out, width)
+        if bits == 8:
+            q, scale = quantize_8bit(weight)
+            packed, multiplier, integer = pack_8bit(q), None, q.long()
+        else:
+            q, scale, groups = quantize_4bit(weight)
+            packed = pack_4bit(q.to(torch.int8))
+            multiplier = groups.to(torch.uint8).view(out // BLOCK, BLOCK, -1).transpose(1, 2)
+            multiplier = multiplier.contiguous()
+            integer = (q.view(out, -1, GROUP).long() * groups.long()[..., None]).view(out, width)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale[: self.out_features].clone())
+        # 128 * each channel's (weighted) sum: what the activations' +128 offset adds.
+        self.register_buffer("correction", (128 * integer.sum(1)).to(torch.int32))
+        self.register_buffer("multiplier", multiplier)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # None: dynamic (per token); a 0-d tensor: static (per layer, from calibration)
         self.register_buffer(
             "input_scale",
             None
-            if input_scale is None
-            else torch.tensor(max(input_scale, 1e-8) / 127, dtype=torch.float32),
+            if input_peak is None
+            else torch.tensor(max(input_peak, 1e-8) / 127, dtype=torch.float32),
         )
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = native.load()
+        if kernels is None or x.device.type != "cpu":
+            return self.reference(x)
+        return kernels.quantized_linear(x.float(), *self.native_arguments(), self.bias)
+
+    def native_arguments(self) -> list[torch.Tensor]:
+        """packed, scale, correction, multiplier, input scale: what the native kernels take
+        (empty tensors for what this layer does not have)."""
+        return [
+            self.packed,
+            self.scale,
+            self.correction,
+            _NO_TENSOR if self.multiplier is None else self.multiplier,
+            _NO_TENSOR if self.input_scale is None else self.input_scale,
+        ]
+
+    def integer_weight(self, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """The integer weights [out (padded), in (padded)] the sums use (4-bit: times the
+        group multipliers), as `dtype`."""
+        if self.bits == 8:
+            return unpack_8bit(self.packed).to(dtype)
+        q = unpack_4bit(self.packed).to(dtype)
+        out, width = q.shape
+        groups = self.multiplier.transpose(1, 2).reshape(out, -1).to(dtype)
+        return (q.view(out, -1, GROUP) * groups[..., None]).view(out, width)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer math in torch ops (the native kernel's, bit for bit): the exact
+        integer sums come from a float matmul, float32 where no sum can reach 2^24 (then
+        every partial sum is an exact integer, in any order), else float64."""
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).float()
         if self.input_scale is None:
             scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
         else:
             scale = self.input_scale
-        quantized = (rows / scale).round_().clamp_(-127, 127).to(torch.int8)
-        out = torch._int_mm(quantized, self.weight_t).float() * (scale * self.weight_scale)
+        q = (rows / scale).round_().clamp_(-127, 127)
+        largest = 127 if self.bits == 8 else 8 * 255
+        width = self.packed.shape[1] * (4 if self.bits == 8 else GROUP)
+        exact = torch.float32 if width * 127 * largest < 2**24 else torch.float64
+        weight = self.integer_weight(exact)
+        q = F.pad(q.to(exact), (0, width - q.shape[1]))
+        out = (q @ weight.t())[:, : self.out_features].float() * (scale * self.scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         mode = "dynamic" if self.input_scale is None else "static"
-        return f"in={self.in_features}, out={self.out_features}, activations={mode}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, activations={mode}"
+        )
 
 
-class Bf16Embedding(nn.Module):
-    """An embedding table stored in bfloat16 whose output is float32."""
+class QuantEmbedding(nn.Module):
+    """An embedding table stored as int8 rows, one scale per row; its output is float32."""
+
+    output_dtype = torch.float32
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
-        self.weight = nn.Parameter(
-            embedding.weight.detach().to(torch.bfloat16), requires_grad=False
-        )
+        q, scale = quantize_8bit(embedding.weight.detach().float())
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
         self.padding_idx = embedding.padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight, self.padding_idx).float()
+        return F.embedding(ids, self.weight).float() * self.scale[ids][..., None]
 
 
-def _linear_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+def linear_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """name -> (weight [out, in], bias) for every Linear and GPT-2 Conv1D."""
     from transformers.pytorch_utils import Conv1D
 
@@ -92,51 +236,39 @@ def _linear_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
     return layers
 
 
-def calibrate(
-    model: nn.Module, tokenizer: Any, max_tokens: int = CALIBRATION_TOKENS, text: str | None = None
-) -> dict[str, float]:
-    """Largest |activation| entering each linear layer over the calibration text (its first
-    `max_tokens` tokens: at most the model's context)."""
-    text = CALIBRATION_TEXT.read_text() if text is None else text
-    limit = min(max_tokens, CALIBRATION_TOKENS)
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :limit]
-    peaks: dict[str, float] = {}
-    modules = dict(model.named_modules())
-    hooks = []
-    for name in _linear_layers(model):
+def quantize_model(model: nn.Module, bits: int, peaks: dict[str, float] | None = None) -> nn.Module:
+    """Quantize the model in place: Llama layers fused, then every linear a QuantLinear (the
+    output head 8-bit), the embedding int8. `peaks`: static mode's calibrated input peak per
+    linear (tursi.engine.calibration, by the unfused names), else dynamic."""
+    output = model.get_output_embeddings()
 
-        def record(module: nn.Module, inputs: tuple, name: str = name) -> None:
-            peaks[name] = max(peaks.get(name, 0.0), float(inputs[0].abs().amax()))
+    def linear(name: str, head: bool = False) -> Callable[..., nn.Module]:
+        def make(weight: torch.Tensor, bias: torch.Tensor | None, part: str = "") -> nn.Module:
+            peak = None if peaks is None else peaks[name + part]
+            return QuantLinear(weight, bias, HEAD_BITS if head else bits, peak)
 
-        hooks.append(modules[name].register_forward_pre_hook(record))
-    try:
-        with torch.inference_mode():
-            model(input_ids=ids.to(model.device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return peaks
+        return make
 
-
-def int8_skeleton(model: nn.Module, static: bool) -> nn.Module:
-    """Give a model built on the meta device the int8 layout, ready for `load_state_dict(...,
-    assign=True)` of a saved int8 model (the values here are placeholders)."""
-    peaks = {name: 1.0 for name in _linear_layers(model)} if static else None
-    return quantize_int8(model, peaks)
-
-
-def quantize_int8(model: nn.Module, peaks: dict[str, float] | None = None) -> nn.Module:
-    """Replace the linear layers in place (static scales when `peaks` is given)."""
     with torch.no_grad():
-        layers = _linear_layers(model)
+        if getattr(model.config, "model_type", None) in FUSABLE_MODEL_TYPES:
+            for index, layer in enumerate(model.model.layers):
+                prefix = f"model.layers.{index}."
+                layer.self_attn = FusedAttention(layer.self_attn, linear(prefix + "self_attn."))
+                layer.mlp = FusedMLP(layer.mlp, linear(prefix + "mlp."))
         modules = dict(model.named_modules())
-        for name, (weight, bias) in layers.items():
+        for name, (weight, bias) in linear_layers(model).items():
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
-            scale = None if peaks is None else peaks[name]
-            setattr(parent, child, Int8Linear(weight, bias, scale))
+            setattr(parent, child, linear(name, modules[name] is output)(weight, bias))
         embedding = model.get_input_embeddings()
         if isinstance(embedding, nn.Embedding):
-            model.set_input_embeddings(Bf16Embedding(embedding))
-        model.config.tie_word_embeddings = False  # the head has its own int8 copy now
+            model.set_input_embeddings(QuantEmbedding(embedding))
+        model.config.tie_word_embeddings = False  # the head has its own copy now
     return model
+
+
+def quantized_skeleton(model: nn.Module, bits: int, static: bool) -> nn.Module:
+    """Give a model built on the meta device the quantized layout, ready for
+    `load_state_dict(..., assign=True)` of a saved quantized model (placeholder values)."""
+    peaks = {name: 1.0 for name in linear_layers(model)} if static else None
+    return quantize_model(model, bits, peaks)

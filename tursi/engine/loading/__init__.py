@@ -1,7 +1,7 @@
 """Turning a catalog entry into a ready model.
 
 - weights: where the files are (a local folder, the Hub cache, the embedded GGUF converted
-  once to safetensors under a file lock) and the cached CPU int8 weights;
+  once to safetensors under a file lock) and the cached CPU quantized weights;
 - estimate: the memory and time a load will take, for the manager, before it runs;
 - plan: what a load will do on this device (dtype, device map, quantizer, progress steps),
   a pure function of the entry, the options and the device's facts;

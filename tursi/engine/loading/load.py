@@ -11,7 +11,7 @@ from ...threads import native_lock
 from ..catalog import CatalogEntry
 from ..progress import LOADING_WEIGHTS, LoadProgress, reporting
 from .plan import DeviceFacts, LoadError, LoadOptions, LoadPlan, plan_load
-from .weights import load_int8, locate, quantized_dir, save_int8, source_files
+from .weights import load_quantized, locate, quantized_dir, save_quantized, source_files
 
 # transformers' loading is not thread-safe: two from_pretrained calls at once left the tied
 # output head (lm_head) uninitialized in 26 of 30 concurrent loads of two tiny Llamas
@@ -57,19 +57,19 @@ def _load_model(
     progress: LoadProgress,
 ) -> LoadedModel:
     converting = source_files(entry, home)[1]
-    if converting:  # a fresh conversion never has cached int8 weights
-        progress.plan(plan.progress_steps(converting=True, int8_cached=False))
+    if converting:  # a fresh conversion never has cached quantized weights
+        progress.plan(plan.progress_steps(converting=True, quantized_cached=False))
         progress.begin("converting")
     source = locate(entry, home, allow_downloads)
-    cached = quantized_dir(entry, options, home, source) if plan.int8 else None
-    have_int8 = cached is not None and (cached / "model.safetensors").is_file()
+    cached = quantized_dir(entry, options, home, source) if plan.quantized_on_cpu else None
+    have_cache = cached is not None and (cached / "model.safetensors").is_file()
     if not converting:
-        progress.plan(plan.progress_steps(converting=False, int8_cached=have_int8))
+        progress.plan(plan.progress_steps(converting=False, quantized_cached=have_cache))
     progress.begin(LOADING_WEIGHTS)
-    model, tokenizer = _read(entry.name, source, plan, cached if have_int8 else None)
+    model, tokenizer = _read(entry.name, source, plan, cached if have_cache else None)
     model.eval()
-    if cached is not None and not have_int8:  # the full-precision pass ran: quantize, cache
-        _quantize_int8(model, tokenizer, plan, cached, progress)
+    if cached is not None and not have_cache:  # the full-precision pass ran: quantize, cache
+        _quantize(model, tokenizer, plan, cached, progress)
     if plan.optimize_for_cpu:
         from ..cpu_kernels import optimize_for_cpu
 
@@ -85,9 +85,10 @@ def _load_model(
     )
 
 
-def _read(name: str, source: str, plan: LoadPlan, int8_cache: Path | None) -> tuple[Any, Any]:
-    """Model and tokenizer from `source` (the model from `int8_cache` when given); a failure
-    other than running out of memory becomes a LoadError that names the model and the files."""
+def _read(name: str, source: str, plan: LoadPlan, cache: Path | None) -> tuple[Any, Any]:
+    """Model and tokenizer from `source` (the model from the quantized `cache` when given); a
+    failure other than running out of memory becomes a LoadError that names the model and the
+    files."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,8 +105,8 @@ def _read(name: str, source: str, plan: LoadPlan, int8_cache: Path | None) -> tu
             arguments = plan.bitsandbytes_arguments(num_layers(config))
             kwargs["quantization_config"] = BitsAndBytesConfig(**arguments)
         tokenizer = AutoTokenizer.from_pretrained(source, **plan.files)
-        if int8_cache is not None:
-            return load_int8(source, int8_cache, plan.static, plan.files), tokenizer
+        if cache is not None:
+            return load_quantized(source, cache, plan.bits, plan.static, plan.files), tokenizer
         return AutoModelForCausalLM.from_pretrained(source, **kwargs), tokenizer
     except (MemoryError, torch.OutOfMemoryError):
         raise  # the manager says "out of memory" and what to do
@@ -130,19 +131,19 @@ def _kind_of_failure(exc: Exception) -> str:
     return "its files are damaged or not a model transformers can read"
 
 
-def _quantize_int8(
+def _quantize(
     model: Any, tokenizer: Any, plan: LoadPlan, cache: Path, progress: LoadProgress
 ) -> None:
-    """Tursi's int8 (tursi.engine.quantize) over the float32 model, then save it to `cache`."""
-    from ..quantize import calibrate, quantize_int8
+    """Tursi's quantization (tursi.engine.quantize, static scales from
+    tursi.engine.calibration) of the float32 model, then save it to `cache`."""
+    from ..calibration import calibrate
+    from ..quantize import quantize_model
 
-    peaks = None
-    if plan.static:
-        progress.begin("calibrating")
-        peaks = calibrate(model, tokenizer, context_length(model, tokenizer))
+    progress.begin("calibrating")
+    peaks = calibrate(model, tokenizer, plan.static, context_length(model, tokenizer))
     progress.begin("quantizing")
-    quantize_int8(model, peaks)
-    save_int8(model, cache)
+    quantize_model(model, plan.bits, peaks if plan.static else None)
+    save_quantized(model, cache)
 
 
 def num_layers(config: Any) -> int:

@@ -53,7 +53,8 @@ class LoadOptions:
 def supported_quantization(cuda: bool) -> list[dict[str, Any]]:
     """(bits, mode) pairs each device's backend runs; docs/quantization.md says why.
     CUDA: bitsandbytes LLM.int8 / NF4, which handle activations on the fly (dynamic only).
-    CPU: our int8 (dynamic per-token or static calibrated activations), NF4 weights (dynamic)."""
+    CPU: our integer kernels, 8-bit (dynamic per-token or static calibrated activations) and
+    4-bit (dynamic)."""
     pairs = (
         [(8, "dynamic"), (4, "dynamic")]
         if cuda
@@ -122,10 +123,11 @@ def dtype_name(name: str, device: DeviceFacts) -> str:
 
 
 def four_bit_kept_in_float(num_layers: int) -> list[str]:
-    """Module names NF4 leaves in the float dtype, chosen by measurement on the embedded
-    model (docs/quantization.md): the output head, the second decoder layer and every other
-    MLP down projection took held-out perplexity from +29% to +13% over fp32 for 0.34x of
-    fp32's memory. Llama-style names; on other architectures only the head matches."""
+    """Module names NF4 (CUDA's 4-bit) leaves in the float dtype, chosen by measurement on
+    the embedded model when NF4 also ran on the CPU (docs/quantization.md): the output head,
+    the second decoder layer and every other MLP down projection took held-out perplexity
+    from +29% to +13% over fp32 for 0.34x of fp32's memory. Llama-style names; on other
+    architectures only the head matches."""
     kept = ["lm_head", "model.layers.1."]
     kept += [f"model.layers.{i}.mlp.down_proj" for i in range(0, num_layers, 2)]
     return kept
@@ -133,8 +135,8 @@ def four_bit_kept_in_float(num_layers: int) -> list[str]:
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """How one load runs. Quantizers: "bitsandbytes" (CUDA, and 4 bits on the CPU) or "int8"
-    (tursi.engine.quantize after a float32 load, 8 bits on the CPU, cached on disk)."""
+    """How one load runs. Quantizers: "bitsandbytes" (CUDA) or "tursi" (tursi.engine.quantize
+    after a float32 load, 8 or 4 bits on the CPU, cached on disk)."""
 
     dtype: str  # what from_pretrained loads in, and the dtype the model reports
     compute_dtype: str  # the dtype setting resolved for this device: NF4 computes in it
@@ -142,14 +144,14 @@ class LoadPlan:
     max_memory: dict[int | str, str] | None
     quantizer: str | None
     bits: int | None
-    static: bool  # int8 with calibrated activation scales
+    static: bool  # 8-bit on the CPU with calibrated activation scales
     optimize_for_cpu: bool  # packed and fused matmuls (tursi.engine.cpu_kernels)
     local_files_only: bool
     trust_remote_code: bool  # remote code runs only where the catalog entry says so
 
     @property
-    def int8(self) -> bool:
-        return self.quantizer == "int8"
+    def quantized_on_cpu(self) -> bool:
+        return self.quantizer == "tursi"
 
     @property
     def files(self) -> dict[str, bool]:
@@ -171,12 +173,13 @@ class LoadPlan:
             "llm_int8_skip_modules": four_bit_kept_in_float(num_layers),
         }
 
-    def progress_steps(self, converting: bool, int8_cached: bool) -> list[str]:
+    def progress_steps(self, converting: bool, quantized_cached: bool) -> list[str]:
         """The steps GET /models shows: the GGUF conversion when it has not run yet, reading
-        the weights, then calibrating and quantizing for an int8 load that has no cache."""
+        the weights, then calibrating (smoothing, static scales) and quantizing for a CPU
+        quantized load that has no cache."""
         steps = (["converting"] if converting else []) + [LOADING_WEIGHTS]
-        if self.int8 and not int8_cached:
-            steps += ["calibrating", "quantizing"] if self.static else ["quantizing"]
+        if self.quantized_on_cpu and not quantized_cached:
+            steps += ["calibrating", "quantizing"]
         return steps
 
 
@@ -188,14 +191,14 @@ def plan_load(
     allow_downloads: bool = False,
 ) -> LoadPlan:
     """CUDA: accelerate's device_map="auto" (with max_memory); CPU: everything on the CPU.
-    Quantized loads: bitsandbytes on CUDA and for 4 bits on the CPU; 8 bits on the CPU: a
-    float32 load, then Tursi's int8. Float loads on the CPU get the packed CPU matmuls."""
+    Quantized loads: bitsandbytes on CUDA; on the CPU a float32 load, then Tursi's 8- or
+    4-bit quantization. Float loads on the CPU get the packed CPU matmuls."""
     refuse_unsupported(options, device.cuda)
     compute = dtype_name(options.dtype or entry.dtype, device)
-    int8 = options.quantize and options.bits == 8 and not device.cuda
-    quantizer = ("int8" if int8 else "bitsandbytes") if options.quantize else None
+    own = options.quantize and not device.cuda
+    quantizer = ("tursi" if own else "bitsandbytes") if options.quantize else None
     dtype = compute
-    if int8:
+    if own:
         dtype = "float32"
     elif quantizer == "bitsandbytes" and options.bits == 8:  # LLM.int8 on CUDA
         dtype = "float16"
@@ -208,7 +211,7 @@ def plan_load(
         max_memory=max_memory,
         quantizer=quantizer,
         bits=options.bits if options.quantize else None,
-        static=int8 and options.mode == "static",
+        static=own and options.mode == "static",
         optimize_for_cpu=not device.cuda and not options.quantize,
         local_files_only=not allow_downloads,
         trust_remote_code=entry.trust_remote_code,

@@ -1,6 +1,6 @@
 """Where a model's weights are: the catalog entry's files located (a local folder, the Hub
 cache, or the embedded GGUF converted once to safetensors under a file lock), and the CPU
-int8 weights cached under TURSI_HOME."""
+quantized (8- and 4-bit) weights cached under TURSI_HOME."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from .plan import LoadError, LoadOptions
 
 log = logging.getLogger(__name__)
 
-INT8_FORMAT = 1  # bump when Int8Linear's saved layout changes
+# Bump when QuantLinear's saved layout changes: older caches are then ignored (a new key).
+# 1: Int8Linear (int8 [in, out]); 2: QuantLinear's packed blocks, 8- and 4-bit, fused Llama.
+QUANTIZED_FORMAT = 2
 
 
 # --- where the files are -------------------------------------------------------------------
@@ -159,19 +161,19 @@ def locate(entry: CatalogEntry, home: str, allow_downloads: bool) -> str:
         ) from None
 
 
-# --- cached int8 weights (CPU 8-bit) -----------------------------------------------------
+# --- cached quantized weights (CPU 8- and 4-bit) ------------------------------------------
 
 
 def quantized_dir(entry: CatalogEntry, options: LoadOptions, home: str, source: str) -> Path:
-    """Where the int8 weights of (model, bits, mode) are cached. The key covers the source
-    files (names, sizes, modification times), the calibration text for static mode, the
-    format and torch's version: a changed source gets a new folder."""
+    """Where the quantized weights of (model, bits, mode) are cached. The key covers the
+    source files (names, sizes, modification times), the calibration text and smoothing
+    strengths, the format and torch's version: a changed source gets a new folder."""
     import torch
 
-    from ..quantize import CALIBRATION_TEXT
+    from ..calibration import CALIBRATION_TEXT, DYNAMIC_ALPHA, STATIC_ALPHA
 
     digest = hashlib.sha256(
-        f"{INT8_FORMAT}:{torch.__version__}:{options.bits}:{options.mode}".encode()
+        f"{QUANTIZED_FORMAT}:{torch.__version__}:{options.bits}:{options.mode}".encode()
     )
     folder = Path(source)
     files = (
@@ -186,20 +188,22 @@ def quantized_dir(entry: CatalogEntry, options: LoadOptions, home: str, source: 
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     if not files:
         digest.update(source.encode())
-    if options.mode == "static":
-        digest.update(CALIBRATION_TEXT.read_bytes())
+    # every mode is smoothed with the calibration text
+    digest.update(f"{DYNAMIC_ALPHA}:{STATIC_ALPHA}:".encode() + CALIBRATION_TEXT.read_bytes())
     name = f"{entry.name}-{options.bits}bit-{options.mode}-{digest.hexdigest()[:16]}"
     return Path(home) / "quantized" / name
 
 
-def load_int8(source: str, folder: Path, static: bool, files: dict[str, Any]) -> Any:
-    """Build the model's int8 layout on the meta device and assign the cached tensors:
+def load_quantized(
+    source: str, folder: Path, bits: int, static: bool, files: dict[str, Any]
+) -> Any:
+    """Build the model's quantized layout on the meta device and assign the cached tensors:
     no full-precision pass. `files`: local_files_only and trust_remote_code for transformers."""
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..quantize import int8_skeleton
+    from ..quantize import quantized_skeleton
 
     config = AutoConfig.from_pretrained(source, **files)
     config.tie_word_embeddings = False
@@ -207,12 +211,12 @@ def load_int8(source: str, folder: Path, static: bool, files: dict[str, Any]) ->
         model = AutoModelForCausalLM.from_config(
             config, trust_remote_code=files["trust_remote_code"]
         )
-    int8_skeleton(model, static)
+    quantized_skeleton(model, bits, static)
     model.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
     return model
 
 
-def save_int8(model: Any, folder: Path) -> None:
+def save_quantized(model: Any, folder: Path) -> None:
     from safetensors.torch import save_file
 
     with _written_once(folder) as tmp:

@@ -1,10 +1,12 @@
-"""The CPU decode step's decoder layers in C++ (kernels.cpp), built once per machine.
+"""The CPU decode step's decoder layers in C++ (kernels.cpp) and the integer matmuls of
+quantized loads (quantized.cpp), built once per machine.
 
-`make install` runs `python -m tursi.engine.native`, which compiles kernels.cpp against the
+`make install` runs `python -m tursi.engine.native`, which compiles the sources against the
 installed torch with `torch.utils.cpp_extension` (a C++ compiler, ninja and Python's headers)
-into build/<key>/ beside this file; the key hashes the source, the flags and torch's version,
+into build/<key>/ beside this file; the key hashes the sources, the flags and torch's version,
 so a stale build is never loaded. The server never compiles: `load()` imports what was built,
-or returns None when nothing was (tursi.engine.decode then runs the same steps as torch ops).
+or returns None when nothing was (tursi.engine.decode then runs the same steps as torch ops,
+and tursi.engine.quantize its torch reference of the integer math).
 """
 
 from __future__ import annotations
@@ -21,27 +23,38 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "tursi_native"
-SOURCE = Path(__file__).with_name("kernels.cpp")
-# No -march=native: a build may be used on another machine than the one that made it. No
-# contraction of a * b + c into one fused multiply-add: torch's ops round the product first.
-FLAGS = ["-O3", "-ffp-contract=off"]
+HERE = Path(__file__).parent
+SOURCES = [HERE / "kernels.cpp", HERE / "quantized.cpp"]
+HEADERS = [HERE / "quantized.h"]
+# No -march=native: a build may be used on another machine than the one that made it
+# (quantized.cpp picks its AVX-512 VNNI kernels at run time). No contraction of a * b + c into
+# one fused multiply-add: torch's ops round the product first. OpenMP: at::parallel_for runs
+# on torch's own threads (the same libgomp.so.1, already loaded by torch).
+FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
 
 
 def build_dir() -> Path:
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()
+        b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+        + " ".join(FLAGS).encode()
+        + torch.__version__.encode()
     ).hexdigest()[:16]
-    return Path(__file__).with_name("build") / key
+    return HERE / "build" / key
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile kernels.cpp (skipped when the build is up to date); returns the library's path."""
+    """Compile the sources (skipped when the build is up to date); returns the library's path."""
     from torch.utils.cpp_extension import load as compile_and_load
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     compile_and_load(
-        NAME, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder), verbose=verbose
+        NAME,
+        [str(path) for path in SOURCES],
+        extra_cflags=FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
+        verbose=verbose,
     )
     return folder / f"{NAME}.so"
 

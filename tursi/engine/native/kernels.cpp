@@ -9,7 +9,10 @@
 // - rope_store: the rotary embedding of q and k (x * cos + rotate_half(x) * sin), with the
 //   new keys and values written into the KV cache at each row's own position.
 // The rows are few (one token per running request), so these two loops are single-threaded.
+// A quantized model's linears run quantized.cpp's integer kernels instead of oneDNN's.
 #include <torch/extension.h>
+
+#include "quantized.h"
 
 #include <algorithm>
 #include <cmath>
@@ -167,15 +170,29 @@ at::Tensor packed_linear(const c10::OperatorHandle& op, const at::Tensor& x,
   return stack[0].toTensor();
 }
 
+// Linear `index` of the step: packed (oneDNN) when `quantized` is empty, else the integer
+// kernel with that linear's scale, correction, multiplier and input scale.
+at::Tensor project(const c10::OperatorHandle& op, const at::Tensor& x, const at::Tensor& weight,
+                   const c10::optional<at::Tensor>& bias,
+                   const std::vector<std::vector<at::Tensor>>& quantized, int64_t index) {
+  if (quantized.empty()) return packed_linear(op, x, weight, bias);
+  const std::vector<at::Tensor>& q = quantized[index];
+  return quantized_linear(x, weight, q[0], q[1], q[2], q[3], bias);
+}
+
 }  // namespace
 
 // The decoder layers of a fused Llama (tursi.engine.cpu_kernels) for one token per row: what
 // tursi.engine.decode's torch loop does, op for op, without Python between the ops. Per layer
 // i, weights[6i..6i+5] = input norm, packed qkv, packed o, post-attention norm, packed
 // gate_up, packed down, and biases[4i..4i+3] those of qkv, o, gate_up, down; weights' last
-// entry is the final norm. Returns the final norm of the last hidden state [rows, 1, hidden].
+// entry is the final norm. A quantized model's weights[] hold its packed integer weights and
+// quantized[4i..4i+3] the rest of each linear (scale, correction, multiplier, input scale);
+// a float model's quantized is empty. Returns the final norm of the last hidden state
+// [rows, 1, hidden].
 at::Tensor decode_layers(const at::Tensor& hidden, const std::vector<at::Tensor>& weights,
                          const std::vector<c10::optional<at::Tensor>>& biases,
+                         const std::vector<std::vector<at::Tensor>>& quantized,
                          const std::vector<at::Tensor>& keys,
                          const std::vector<at::Tensor>& values, const at::Tensor& cos,
                          const at::Tensor& sin, const at::Tensor& positions,
@@ -186,6 +203,11 @@ at::Tensor decode_layers(const at::Tensor& hidden, const std::vector<at::Tensor>
                   static_cast<int64_t>(weights.size()) == 6 * layers + 1 &&
                   static_cast<int64_t>(biases.size()) == 4 * layers,
               "decode_layers: 6 weights and 4 biases per layer, and the final norm");
+  TORCH_CHECK(quantized.empty() || static_cast<int64_t>(quantized.size()) == 4 * layers,
+              "decode_layers: no quantized linears, or 4 per layer");
+  for (const auto& q : quantized) {
+    TORCH_CHECK(q.size() == 4, "decode_layers: a quantized linear has 4 more tensors");
+  }
   // Looked up once per process, not once per step.
   static const c10::OperatorHandle linear = c10::Dispatcher::singleton().findSchemaOrThrow(
       "mkldnn::_linear_pointwise", "");
@@ -195,30 +217,34 @@ at::Tensor decode_layers(const at::Tensor& hidden, const std::vector<at::Tensor>
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* w = &weights[6 * i];
     const c10::optional<at::Tensor>* b = &biases[4 * i];
-    at::Tensor q = rope_store(packed_linear(linear, state[1], w[1], b[0]), cos, sin, positions,
-                              keys[i], values[i], heads, kv_heads);
+    at::Tensor q = rope_store(project(linear, state[1], w[1], b[0], quantized, 4 * i), cos, sin,
+                              positions, keys[i], values[i], heads, kv_heads);
     TORCH_CHECK(window <= keys[i].size(2), "decode_layers: window past the cache");
     at::Tensor out = at::scaled_dot_product_attention(
         q, keys[i].narrow(0, 0, rows).narrow(2, 0, window),
         values[i].narrow(0, 0, rows).narrow(2, 0, window), mask, 0.0, false, scaling,
         heads != kv_heads);
-    at::Tensor attended = packed_linear(linear, out.transpose(1, 2).reshape({rows, 1, -1}), w[2],
-                                        b[1]);
+    at::Tensor attended = project(linear, out.transpose(1, 2).reshape({rows, 1, -1}), w[2], b[1],
+                                  quantized, 4 * i + 1);
     state = add_rms_norm(state[0], attended, w[3], eps);
-    at::Tensor gate_up = packed_linear(linear, state[1], w[4], b[2]);
+    at::Tensor gate_up = project(linear, state[1], w[4], b[2], quantized, 4 * i + 2);
     at::Tensor act = at::silu(gate_up.narrow(-1, 0, intermediate))
                          .mul_(gate_up.narrow(-1, intermediate, intermediate));
     const at::Tensor& following = i + 1 < layers ? weights[6 * (i + 1)] : weights[6 * layers];
-    state = add_rms_norm(state[0], packed_linear(linear, act, w[5], b[3]), following, eps);
+    state = add_rms_norm(state[0], project(linear, act, w[5], b[3], quantized, 4 * i + 3),
+                         following, eps);
   }
   return state[1];
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("VERSION") = 1;
+  m.attr("VERSION") = 2;
   m.def("add_rms_norm", &add_rms_norm, "residual add + LlamaRMSNorm");
   m.def("rope_store", &rope_store, "rotary embedding of q, k; k and v into the KV cache");
   // The GIL is released for the whole step: the server's other threads run meanwhile.
   m.def("decode_layers", &decode_layers, "a fused Llama's decoder layers, one token per row",
         py::call_guard<py::gil_scoped_release>());
+  m.def("quantized_linear", &quantized_linear, "x W^T + b with int8 or int4 weights",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("quantized_isa", &quantized_isa, "the instruction set of quantized_linear here");
 }
