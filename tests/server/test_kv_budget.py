@@ -24,7 +24,7 @@ from tests.helpers import Server, build_llama, write_catalog
 CLIENTS = 32
 PROMPT_TOKENS, MAX_TOKENS = 900, 16
 BUDGET = 40 * 1024**2
-MARGIN = 128 * 1024**2  # measured: 62-92 MiB over the budget on a first burst
+MARGIN = 160 * 1024**2  # measured: 62-92 MiB over the budget on a first burst
 TOKEN_BYTES = 4 * 2 * 8 * 32 * 4
 
 

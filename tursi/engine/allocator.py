@@ -12,11 +12,13 @@ M_MMAP_THRESHOLD big with its own mmap, which free() unmaps at once; but by defa
 free raises the threshold to the freed size (up to 32 MB), so a model's weights, once freed,
 lift later tensors of their size into the arenas, and the trim threshold moves with it.
 `tune()` fixes the mmap threshold at MMAP_THRESHOLD (mallopt, which also stops that
-adjustment): 32 MiB, the most glibc's own adjustment reaches, so that a step's activations
-and the batch's buffers are reused from the arenas, and what a model held is handed back by
-the trim when it is dropped. Fixed at 128 KiB instead (glibc's initial value), every tensor
-of that size was a fresh mapping with fresh page faults: a 1,000-token prefill of the
-embedded model took 2.5-2.7 s instead of 1.74 s (docs/reliability.md).
+adjustment): 4 MiB. A step's activations (a 512-token prefill chunk's are 0.5-3 MB for the
+embedded model) are reused from the arenas; the batch's KV buffers, a prefill group's cache
+and the embedding are mapped on their own and go back to the system when freed; what a
+model held in the arenas is handed back by the trim when it is dropped. At 128 KiB every
+activation was a fresh mapping with fresh page faults (a 1,000-token prefill 2.5-2.7 s
+against 1.74 s); at 32 MiB the KV buffers stayed in the arenas, and a burst of long requests
+grew the worker by 285 MiB for a 40 MiB KV budget (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import functools
 import gc
 import sys
 
-MMAP_THRESHOLD = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+MMAP_THRESHOLD = 4 * 2**20  # see above
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
