@@ -10,44 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from tests.helpers import build_llama, transformers_greedy
-from tursi.engine import native
-from tursi.engine.catalog import CatalogEntry
+from tests.helpers import transformers_greedy
 from tursi.engine.jobs import GenerationJob, GenerationParams
 from tursi.engine.kvcache import BatchCache, KVBudget, measure_token_bytes
-from tursi.engine.loading import LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
 from tursi.telemetry import ModelStats
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPT, MAX_TOKENS = 120, 6
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """(the engine's load, transformers' stock load) of a Llama whose greedy text varies."""
-    path = build_llama(
-        tmp_path_factory.mktemp("llama"),
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-        max_position_embeddings=512,
-    )
-    entry = CatalogEntry("llama", "local", str(path), dtype="float32")
-    loaded = load_model(entry, LoadOptions().resolved(entry), str(tmp_path_factory.mktemp("home")))
-    stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return loaded, stock
-
-
-@pytest.fixture(params=["native", "torch-ops"])
-def engine(request, llama, monkeypatch):
-    if request.param == "native" and native.load() is None:
-        pytest.skip("native kernels not built (tests/unit/test_native_kernels.py says why)")
-    if request.param == "torch-ops":
-        monkeypatch.setattr(native, "load", lambda: None)
-    return llama
 
 
 def prompt(seed: int) -> list[int]:

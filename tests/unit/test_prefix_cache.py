@@ -17,10 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from tests.helpers import build_llama, transformers_greedy
-from tursi.engine import native
+from tests.helpers import transformers_greedy
 from tursi.engine.catalog import CatalogEntry
 from tursi.engine.jobs import Finished, GenerationJob, GenerationParams
 from tursi.engine.loading import LoadOptions, load_model
@@ -149,37 +147,6 @@ def test_a_zero_size_cache_is_off():
 
 
 # --- the engine with the cache, against transformers -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    """A Llama whose greedy text varies (test_reference.py's)."""
-    return build_llama(
-        tmp_path_factory.mktemp("llama"),
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-        max_position_embeddings=512,
-    )
-
-
-@pytest.fixture(scope="module")
-def llama(llama_path, tmp_path_factory):
-    """(the engine's load, transformers' stock load) of that Llama."""
-    path = llama_path
-    entry = CatalogEntry("llama", "local", str(path), dtype="float32")
-    options = LoadOptions()
-    loaded = load_model(entry, options.resolved(entry), str(tmp_path_factory.mktemp("home")))
-    stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return loaded, stock
-
-
-@pytest.fixture(params=["native", "torch-ops"])
-def engine(request, llama, monkeypatch):
-    if request.param == "native" and native.load() is None:
-        pytest.skip("native kernels not built (tests/unit/test_native_kernels.py says why)")
-    if request.param == "torch-ops":
-        monkeypatch.setattr(native, "load", lambda: None)
-    return llama
 
 
 class Run:
