@@ -38,6 +38,21 @@ def catalog(tmp_path_factory):
     return write_catalog(root / "models.json", {"wide": {"path": "wide", "dtype": "float32"}})
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Start the process's high-water mark of resident memory (VmHWM) from now."""
+    with open(f"/proc/{pid}/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def peak_rss(pid: int) -> int:
+    """The process's largest resident memory since the last reset, in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
 def long_prompt(catalog, seed: int) -> str:
     """About PROMPT_TOKENS tokens of the tiny tokenizer, different for each client."""
     tokenizer = AutoTokenizer.from_pretrained(catalog.parent / "wide")
@@ -68,6 +83,7 @@ def test_long_requests_beyond_the_kv_budget_wait_and_all_finish(catalog, tmp_pat
         assert warm.status_code == 200, warm.text
         worker = server.worker()
         idle = worker.memory_info().rss
+        reset_peak_rss(worker.pid)
         peak, most_reserved, most_waiting = idle, 0, 0
         results: list[int] = []
         done = threading.Event()
@@ -94,12 +110,14 @@ def test_long_requests_beyond_the_kv_budget_wait_and_all_finish(catalog, tmp_pat
             thread.join(timeout=600)
         done.set()
         sampler.join()
+        high_water = peak_rss(worker.pid)
         metrics = requests.get(f"{server.url}/models/wide/metrics", timeout=10).json()["metrics"]
     finally:
         server.stop()
     grown = (peak - idle) / 2**20
     print(
-        f"RSS idle {idle / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB (+{grown:.0f}); KV"
+        f"RSS idle {idle / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB (+{grown:.0f}),"
+        f" high-water +{(high_water - idle) / 2**20:.0f} MiB; KV"
         f" reserved at most {most_reserved / 2**20:.1f} MiB of {BUDGET / 2**20:.0f};"
         f" waiting at most {most_waiting}"
     )

@@ -89,7 +89,7 @@ class NativePlan:
     layer, the input norm's weight, the packed qkv and o, the post-attention norm's weight,
     the packed gate_up and down, then the final norm's weight; the biases of qkv, o, gate_up
     and down per layer; for a quantized model, the rest of each of those linears (scale,
-    correction, multiplier, input scale), else nothing."""
+    correction, groups, input scale), else nothing."""
 
     weights: list[torch.Tensor]
     biases: list[torch.Tensor | None]

@@ -4,13 +4,17 @@ Every `nn.Linear` and GPT-2 `Conv1D` becomes a `QuantLinear`; on Llama models th
 gate/up projections are fused first (tursi.engine.cpu_kernels), so that the decode step runs
 them in C++ as it runs a float model's (tursi.engine.decode). Weights:
 - 8 bits: int8, symmetric, one scale per output channel;
-- 4 bits: int4 (-8..7) in groups of 32 inputs; each group's scale is its channel's scale times
-  an integer multiplier (1..255), so that a row's sum over groups stays an exact integer. The
-  output head stays 8-bit (it is most of the logits' error).
+- 4 bits: 0..15 in groups of 32 inputs, w = d * q + m with a float16 step d and minimum m per
+  group (llama.cpp's Q4_1 grid: a Q4_1 GGUF's weights come back exactly), both relative to
+  a power-of-two scale per output channel. The output head stays 8-bit (it is most of the
+  logits' error).
 Activations are quantized to int8 on the way in, per row:
 - mode "dynamic": one scale per token, from that token's peak (no calibration);
-- mode "static": one fixed scale per layer, calibrated (tursi.engine.calibration).
-The products are summed in int32, exactly, then scaled: y = acc * (s_x * s_w) + b.
+- mode "static": one calibrated scale per layer (tursi.engine.calibration), widened to a
+  token's own peak / 127 for a token beyond it (never clipped).
+8-bit sums its products exactly in int32, then scales: y = acc * (s_x * s_w) + b. 4-bit sums
+each group exactly in int32, then y = (sum_g acc_g * d_g + sum_x(g) * m_g) * (s_x * s_w) + b,
+the groups added in order in float32.
 
 `QuantLinear` runs tursi.engine.native's `quantized_linear` (AVX-512 VNNI) when the native
 kernels are built, else `reference`, the same integer math in torch ops, bit for bit. The
@@ -31,6 +35,7 @@ from .cpu_kernels import FUSABLE_MODEL_TYPES, FusedAttention, FusedMLP
 
 BLOCK = 16  # output channels per block of the packed layout
 GROUP = 32  # inputs per 4-bit group
+LEVELS = 15  # a 4-bit group's steps from its minimum to its maximum
 HEAD_BITS = 8  # the output head's weights, whatever the bits of the rest
 _NO_TENSOR = torch.empty(0)
 
@@ -43,12 +48,6 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-def four_bit_multiplier_limit(padded_in: int) -> int:
-    """The largest group multiplier that keeps a row's exact sum within int32: |q_x| <= 127,
-    |q_w| <= 8 over `padded_in` inputs."""
-    return max(1, min(255, (2**31 - 1) // (padded_in * 127 * 8)))
-
-
 def quantize_8bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 q [out, in], scale [out]): symmetric, one scale per output channel."""
     scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
@@ -57,26 +56,22 @@ def quantize_8bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q in -8..7 [out, in], channel scale [out], group multipliers [out, in / 32]) of a
-    weight whose inputs are a multiple of 32: each group's scale is the one of a few
-    candidates (peak / 7 .. peak / 8.5) with the least squared error, then rounded to an
-    integer multiple of the channel's scale (its largest group scale / the limit)."""
+    """(q in 0..15 [out, in], channel scale [out], float16 step and minimum [out, in / 32, 2])
+    of a weight whose inputs are a multiple of 32: each group's step is (max - min) / 15 and
+    w ~ (step * q + minimum) * channel, the channel scale a power of two that brings the
+    group values into float16's range without rounding them."""
     out, width = weight.shape
     groups = weight.view(out, width // GROUP, GROUP)
-    peak = groups.abs().amax(-1, keepdim=True).clamp(min=1e-8)
-    best_scale = peak / 7
-    best_error = torch.full_like(peak, float("inf"))
-    for divisor in (7.0, 7.5, 8.0, 8.5):
-        scale = peak / divisor
-        error = ((groups / scale).round().clamp(-8, 7) * scale - groups).square().sum(-1, True)
-        better = error < best_error
-        best_scale = torch.where(better, scale, best_scale)
-        best_error = torch.where(better, error, best_error)
-    limit = four_bit_multiplier_limit(width)
-    channel = best_scale.amax(1) / limit  # [out, 1]
-    multiplier = (best_scale / channel[:, None]).round().clamp(1, limit)
-    q = (groups / (multiplier * channel[:, None])).round().clamp(-8, 7)
-    return q.view(out, width), channel[:, 0], multiplier[..., 0]
+    low = groups.amin(-1)
+    step = (groups.amax(-1) - low) / LEVELS
+    largest = torch.maximum(step, low.abs()).amax(1).clamp(min=1e-30)
+    channel = torch.exp2(torch.ceil(torch.log2(largest)))
+    params = torch.stack([step, low], -1) / channel[:, None, None]
+    params = params.half()
+    step, low = params.float().unbind(-1)
+    offsets = (groups - (low * channel[:, None])[..., None]) / (step * channel[:, None])[..., None]
+    q = torch.nan_to_num(offsets, nan=0.0, posinf=0.0, neginf=0.0).round().clamp(0, LEVELS)
+    return q.view(out, width).to(torch.uint8), channel, params
 
 
 def pack_8bit(q: torch.Tensor) -> torch.Tensor:
@@ -94,11 +89,11 @@ def unpack_8bit(packed: torch.Tensor) -> torch.Tensor:
 
 
 def pack_4bit(q: torch.Tensor) -> torch.Tensor:
-    """q in -8..7 [out, in] (padded to 16, 32) -> uint8 [blocks, in / 32, 4, 64]: per group, 4
-    vectors laid out as pack_8bit's, whose low nibbles (q + 8) hold inputs 8v..8v+3 of the
-    group and high nibbles 8v+4..8v+7."""
+    """q in 0..15 [out, in] (padded to 16, 32) -> uint8 [blocks, in / 32, 4, 64]: per group, 4
+    vectors laid out as pack_8bit's, whose low nibbles hold inputs 8v..8v+3 of the group and
+    high nibbles 8v+4..8v+7."""
     out, width = q.shape
-    nibbles = (q + 8).to(torch.uint8).view(out // BLOCK, BLOCK, width // GROUP, 4, 2, 4)
+    nibbles = q.to(torch.uint8).view(out // BLOCK, BLOCK, width // GROUP, 4, 2, 4)
     nibbles = nibbles.permute(0, 2, 3, 1, 5, 4)  # block, group, vector, channel, input, half
     packed = nibbles[..., 0] | (nibbles[..., 1] << 4)
     return packed.reshape(out // BLOCK, width // GROUP, 4, 4 * BLOCK).contiguous()
@@ -108,8 +103,19 @@ def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
     blocks, groups = packed.shape[:2]
     bytes_ = packed.view(blocks, groups, 4, BLOCK, 4)
     nibbles = torch.stack([bytes_ & 0x0F, bytes_ >> 4], dim=-1)  # ..., channel, input, half
-    q = nibbles.permute(0, 3, 1, 2, 5, 4).reshape(blocks * BLOCK, groups * GROUP)
-    return q.to(torch.int16) - 8
+    return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(blocks * BLOCK, groups * GROUP)
+
+
+def pack_groups(params: torch.Tensor) -> torch.Tensor:
+    """float16 step and minimum [out, groups, 2] -> [blocks, groups, 2, 16]: per block and
+    group, the 16 channels' steps, then their minimums (one vector load)."""
+    out, groups, _ = params.shape
+    return params.view(out // BLOCK, BLOCK, groups, 2).permute(0, 2, 3, 1).contiguous()
+
+
+def unpack_groups(packed: torch.Tensor) -> torch.Tensor:
+    blocks, groups = packed.shape[:2]
+    return packed.permute(0, 3, 1, 2).reshape(blocks * BLOCK, groups, 2)
 
 
 class QuantLinear(nn.Module):
@@ -131,18 +137,16 @@ class QuantLinear(nn.Module):
         weight = _pad(weight, out, width)
         if bits == 8:
             q, scale = quantize_8bit(weight)
-            packed, multiplier, integer = pack_8bit(q), None, q.long()
+            packed, groups = pack_8bit(q), None
+            # 128 * each channel's sum: what the activations' +128 offset adds to the sums
+            correction = (128 * q.long().sum(1)).to(torch.int32)
         else:
-            q, scale, groups = quantize_4bit(weight)
-            packed = pack_4bit(q.to(torch.int8))
-            multiplier = groups.to(torch.uint8).view(out // BLOCK, BLOCK, -1).transpose(1, 2)
-            multiplier = multiplier.contiguous()
-            integer = (q.view(out, -1, GROUP).long() * groups.long()[..., None]).view(out, width)
+            q, scale, params = quantize_4bit(weight)
+            packed, groups, correction = pack_4bit(q), pack_groups(params), None
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale[: self.out_features].clone())
-        # 128 * each channel's (weighted) sum: what the activations' +128 offset adds.
-        self.register_buffer("correction", (128 * integer.sum(1)).to(torch.int32))
-        self.register_buffer("multiplier", multiplier)
+        self.register_buffer("correction", correction)
+        self.register_buffer("groups", groups)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # None: dynamic (per token); a 0-d tensor: static (per layer, from calibration)
         self.register_buffer(
@@ -159,46 +163,56 @@ class QuantLinear(nn.Module):
         return kernels.quantized_linear(x.float(), *self.native_arguments(), self.bias)
 
     def native_arguments(self) -> list[torch.Tensor]:
-        """packed, scale, correction, multiplier, input scale: what the native kernels take
-        (empty tensors for what this layer does not have)."""
+        """packed, scale, correction (8-bit), groups (4-bit), input scale (static): what the
+        native kernels take (empty tensors for what this layer does not have)."""
         return [
             self.packed,
             self.scale,
-            self.correction,
-            _NO_TENSOR if self.multiplier is None else self.multiplier,
+            *(_NO_TENSOR if t is None else t for t in (self.correction, self.groups)),
             _NO_TENSOR if self.input_scale is None else self.input_scale,
         ]
 
-    def integer_weight(self, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """The integer weights [out (padded), in (padded)] the sums use (4-bit: times the
-        group multipliers), as `dtype`."""
-        if self.bits == 8:
-            return unpack_8bit(self.packed).to(dtype)
-        q = unpack_4bit(self.packed).to(dtype)
-        out, width = q.shape
-        groups = self.multiplier.transpose(1, 2).reshape(out, -1).to(dtype)
-        return (q.view(out, -1, GROUP) * groups[..., None]).view(out, width)
+    def activation_scale(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each row's int8 step: its peak / 127 (dynamic), or the calibrated step widened to
+        that for a row beyond it (static)."""
+        peak = rows.abs().amax(dim=-1, keepdim=True)
+        if self.input_scale is None:
+            return peak.clamp(min=1e-8) / 127
+        return torch.maximum(self.input_scale, peak / 127)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The integer math in torch ops (the native kernel's, bit for bit): the exact
-        integer sums come from a float matmul, float32 where no sum can reach 2^24 (then
-        every partial sum is an exact integer, in any order), else float64."""
+        """The kernel's math in torch ops, bit for bit: integer sums from float matmuls,
+        float32 where no sum can reach 2^24 (then every partial sum is an exact integer, in
+        any order), else float64; 4-bit groups scaled and added in the kernel's order."""
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).float()
-        if self.input_scale is None:
-            scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
-        else:
-            scale = self.input_scale
+        scale = self.activation_scale(rows)
         q = (rows / scale).round_().clamp_(-127, 127)
-        largest = 127 if self.bits == 8 else 8 * 255
-        width = self.packed.shape[1] * (4 if self.bits == 8 else GROUP)
-        exact = torch.float32 if width * 127 * largest < 2**24 else torch.float64
-        weight = self.integer_weight(exact)
-        q = F.pad(q.to(exact), (0, width - q.shape[1]))
-        out = (q @ weight.t())[:, : self.out_features].float() * (scale * self.scale)
+        if self.bits == 8:
+            width = self.packed.shape[1] * 4
+            exact = torch.float32 if width * 127 * 127 < 2**24 else torch.float64
+            weight = unpack_8bit(self.packed).to(exact)
+            q = F.pad(q.to(exact), (0, width - q.shape[1]))
+            acc = (q @ weight.t()).float()
+        else:
+            acc = self._four_bit_sums(q)
+        out = acc[:, : self.out_features] * (scale * self.scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
+
+    def _four_bit_sums(self, q: torch.Tensor) -> torch.Tensor:
+        """sum_g (acc_g * step_g + sum(q_g) * minimum_g) per row and channel, group by group
+        (float32: a group's sums, |q| <= 127 times 15 over 32 inputs, are exact)."""
+        groups = self.packed.shape[1]
+        q = F.pad(q, (0, groups * GROUP - q.shape[1])).view(-1, groups, GROUP)
+        weight = unpack_4bit(self.packed).float().view(-1, groups, GROUP)
+        params = unpack_groups(self.groups).float()
+        acc = torch.zeros(q.shape[0], weight.shape[0])
+        for g in range(groups):
+            acc = acc + (q[:, g] @ weight[:, g].t()) * params[:, g, 0]
+            acc = acc + q[:, g].sum(-1, keepdim=True) * params[:, g, 1]
+        return acc
 
     def extra_repr(self) -> str:
         mode = "dynamic" if self.input_scale is None else "static"

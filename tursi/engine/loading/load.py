@@ -140,9 +140,9 @@ def _quantize(
     from ..quantize import quantize_model
 
     progress.begin("calibrating")
-    peaks = calibrate(model, tokenizer, plan.static, context_length(model, tokenizer))
+    peaks = calibrate(model, tokenizer, plan.bits, plan.static, context_length(model, tokenizer))
     progress.begin("quantizing")
-    quantize_model(model, plan.bits, peaks if plan.static else None)
+    quantize_model(model, plan.bits, peaks)
     save_quantized(model, cache)
 
 

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 # Bump when QuantLinear's saved layout changes: older caches are then ignored (a new key).
 # 1: Int8Linear (int8 [in, out]); 2: QuantLinear's packed blocks, 8- and 4-bit, fused Llama.
-QUANTIZED_FORMAT = 2
+# 3: 4-bit on a float16 step-and-minimum grid (Q4_1's), static steps from the 99th percentile.
+QUANTIZED_FORMAT = 3
 
 
 # --- where the files are -------------------------------------------------------------------

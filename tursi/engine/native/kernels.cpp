@@ -171,7 +171,7 @@ at::Tensor packed_linear(const c10::OperatorHandle& op, const at::Tensor& x,
 }
 
 // Linear `index` of the step: packed (oneDNN) when `quantized` is empty, else the integer
-// kernel with that linear's scale, correction, multiplier and input scale.
+// kernel with that linear's scale, correction, groups and input scale.
 at::Tensor project(const c10::OperatorHandle& op, const at::Tensor& x, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias,
                    const std::vector<std::vector<at::Tensor>>& quantized, int64_t index) {
@@ -187,7 +187,7 @@ at::Tensor project(const c10::OperatorHandle& op, const at::Tensor& x, const at:
 // i, weights[6i..6i+5] = input norm, packed qkv, packed o, post-attention norm, packed
 // gate_up, packed down, and biases[4i..4i+3] those of qkv, o, gate_up, down; weights' last
 // entry is the final norm. A quantized model's weights[] hold its packed integer weights and
-// quantized[4i..4i+3] the rest of each linear (scale, correction, multiplier, input scale);
+// quantized[4i..4i+3] the rest of each linear (scale, correction, groups, input scale);
 // a float model's quantized is empty. Returns the final norm of the last hidden state
 // [rows, 1, hidden].
 at::Tensor decode_layers(const at::Tensor& hidden, const std::vector<at::Tensor>& weights,
