@@ -1,7 +1,8 @@
 """The KV budget against a real gunicorn worker (issue 18): with TURSI_KV_CACHE too small for
 32 rows of long prompts, 32 concurrent long requests all finish (some wait in the queue),
-none fails, and the model's metrics never show more KV reserved than its budget. The
-worker's resident memory is printed, not bounded: see the note at the end of the test.
+none fails, the model's metrics never show more KV reserved than its budget, and the
+worker's peak resident memory (the kernel's high-water mark, VmHWM, not a sample) grows by
+at most the budget + MARGIN over its idle size.
 
 The model is a tiny random Llama with a wide KV per token (4 layers x 8 kv heads x 32 x 2 x
 float32 = 8 KiB a token), so that the long prompts' KV dwarfs everything else: all 32 rows
@@ -21,6 +22,10 @@ from tests.helpers import Server, build_llama, write_catalog
 CLIENTS = 32
 PROMPT_TOKENS, MAX_TOKENS = 900, 16
 BUDGET = 40 * 1024**2
+# What the worker may hold beyond the KV budget during the burst (docs/reliability.md): one
+# prefill chunk's activations, 32 requests' HTTP and Python objects, allocator slack.
+# Measured +10 MiB (peak +50 MiB).
+MARGIN = 40 * 1024**2
 TOKEN_BYTES = 4 * 2 * 8 * 32 * 4
 
 
@@ -114,9 +119,8 @@ def test_long_requests_beyond_the_kv_budget_wait_and_all_finish(catalog, tmp_pat
         metrics = requests.get(f"{server.url}/models/wide/metrics", timeout=10).json()["metrics"]
     finally:
         server.stop()
-    grown = (peak - idle) / 2**20
     print(
-        f"RSS idle {idle / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB (+{grown:.0f}),"
+        f"RSS idle {idle / 2**20:.0f} MiB, sampled peak +{(peak - idle) / 2**20:.0f} MiB,"
         f" high-water +{(high_water - idle) / 2**20:.0f} MiB; KV"
         f" reserved at most {most_reserved / 2**20:.1f} MiB of {BUDGET / 2**20:.0f};"
         f" waiting at most {most_waiting}"
@@ -125,6 +129,4 @@ def test_long_requests_beyond_the_kv_budget_wait_and_all_finish(catalog, tmp_pat
     assert metrics["kv_cache"]["budget_bytes"] == BUDGET
     assert 0 < most_reserved <= BUDGET
     assert most_waiting > 0  # the budget, not max_batch, held requests back
-    # Not asserted: the RSS bound. Here the burst grew the worker by 127-132 MiB (the budget
-    # + 87-92), but by 272 and 297 MiB in two clean-clone CI runs on the same machine, not
-    # understood yet (issue 18 stays open on it; docs/reliability.md). Printed above.
+    assert high_water - idle <= BUDGET + MARGIN
