@@ -53,9 +53,12 @@ def base_url(args: argparse.Namespace) -> str:
     return (args.url or os.environ.get("TURSI_URL") or DEFAULT_URL).rstrip("/")
 
 
-def api(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> requests.Response:
-    """One request to ``<url>/api/v1<path>``; raises CliError for connection failures and for
-    error responses (``<code>: <message>`` from the JSON error body)."""
+def api(
+    args: argparse.Namespace, method: str, path: str, prefix: str = "/api/v1", **kwargs: Any
+) -> requests.Response:
+    """One request to ``<url><prefix><path>`` (the native API, or ``/v1``: OpenAI's); raises
+    CliError for connection failures and for error responses (``<code>: <message>`` from the
+    JSON error body, which both APIs shape alike)."""
     key = args.api_key or os.environ.get("TURSI_API_KEY")
     # As UTF-8 bytes, as the server reads keys (http.client would send text as latin-1).
     headers = {"Authorization": f"Bearer {key}".encode()} if key else {}
@@ -63,7 +66,7 @@ def api(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> requ
     try:
         response = requests.request(
             method,
-            f"{url}/api/v1{path}",
+            f"{url}{prefix}{path}",
             headers=headers,
             timeout=(CONNECT_TIMEOUT, args.timeout),
             **kwargs,
@@ -354,6 +357,145 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- ps ----------------------------------------------------------------------------------------
+
+
+def ps(args: argparse.Namespace) -> int:
+    """The loaded (and loading) models and what each is doing now, like `ollama ps`."""
+    models_ = api(args, "GET", "/models").json()["models"]
+    listed = [m for m in models_ if m["status"] != "not_loaded"]
+    rows = [("NAME", "STATUS", "MEMORY", "PROCESSOR", "RUNNING", "WAITING", "KV CACHE", "UP")]
+    for entry in listed:
+        if entry["status"] != "loaded":
+            rows.append((entry["name"], entry["status"], "", describe(entry), "", "", "", ""))
+            continue
+        metrics = api(args, "GET", f"/models/{entry['name']}/metrics").json()["metrics"]
+        kv = metrics["kv_cache"]
+        processor = [entry.get("device"), entry.get("dtype")]
+        if entry.get("quantized"):
+            processor.append(f"{entry.get('bits')}-bit {entry.get('mode')}")
+        kv_text = (
+            f"{_mib(kv['reserved_bytes'])} of {_mib(kv['budget_bytes'])}"
+            if kv["budget_bytes"]
+            else f"{_mib(kv['reserved_bytes'])}, no bound"
+        )
+        rows.append(
+            (
+                entry["name"],
+                entry["status"],
+                entry.get("memory_usage") or "",
+                ", ".join(str(p) for p in processor if p),
+                str(metrics["generations_running"]),
+                str(metrics["generations_waiting"]),
+                kv_text,
+                entry.get("uptime") or "",
+            )
+        )
+    if len(rows) == 1:
+        print("no model is loaded (see `tursi models`)")
+        return 0
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (f"{cell:<{width}}" for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f}MiB"
+
+
+# --- chat --------------------------------------------------------------------------------------
+
+CHAT_HELP = "/reset clears the history, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer"
+
+
+def chat(args: argparse.Namespace) -> int:
+    """An interactive chat with a loaded model through /v1/chat/completions (the model's chat
+    template), the history kept for the session. Ctrl-C during an answer stops it: the
+    stream is closed, which cancels the generation on the server, and that turn is dropped
+    from the history; the session goes on."""
+    model_entry(args, args.name)  # a name the server does not know fails here, not mid-chat
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    first = len(history)
+    print(f"chatting with {args.name}; {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print(f"\n({CHAT_HELP})", file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/bye"):
+            return 0
+        if text == "/reset":
+            del history[first:]
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        answer = chat_answer(args, history)
+        if answer is None:
+            history.pop()  # stopped: the turn is not kept
+        else:
+            history.append({"role": "assistant", "content": answer})
+
+
+def chat_answer(args: argparse.Namespace, history: list[dict[str, str]]) -> str | None:
+    """Stream the model's answer to `history` onto stdout; its text, or None when Ctrl-C
+    stopped it."""
+    body: dict[str, Any] = {"model": args.name, "messages": history, "stream": True}
+    optional = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    response = api(args, "POST", "/chat/completions", prefix="/v1", json=body, stream=True)
+    parts: list[str] = []
+    try:
+        for data in openai_stream(response):
+            if "error" in data:
+                error = data["error"]
+                raise CliError(f"{error.get('code')}: {error.get('message')}")
+            for choice in data.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content") or ""
+                parts.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("\n[stopped]", file=sys.stderr)
+        return None
+    except requests.RequestException as exc:
+        raise CliError(f"the stream broke off: {type(exc).__name__}") from None
+    finally:
+        response.close()
+    print()
+    return "".join(parts)
+
+
+def openai_stream(response: requests.Response):
+    """The decoded JSON of each `data:` line of an OpenAI-style stream, until `[DONE]`."""
+    for raw in response.iter_lines(chunk_size=None):
+        line = raw.decode("utf-8")
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 # --- the parser --------------------------------------------------------------------------------
 
 EPILOG = """\
@@ -365,6 +507,8 @@ examples:
   tursi serve --port 8000
   tursi load tiny --bits 8
   tursi generate tiny "Once upon a time" --max-tokens 40
+  tursi chat smollm2-135m-instruct
+  tursi ps
   tursi status
 
 run `tursi COMMAND --help` for a command's flags; see docs/cli.md."""
@@ -518,6 +662,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status_parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
     status_parser.set_defaults(func=status)
+
+    ps_parser = commands.add_parser(
+        "ps",
+        parents=client,
+        help="show the loaded models and what each is running",
+        description="One row per loaded (or loading) model: memory, device and dtype, "
+        "running and waiting generations, KV cache reserved of its budget, uptime.",
+    )
+    ps_parser.set_defaults(func=ps)
+
+    chat_parser = commands.add_parser(
+        "chat",
+        parents=client,
+        help="chat with a loaded model in the terminal",
+        description="An interactive chat through /v1/chat/completions, streamed; the history "
+        f"is kept for the session. {CHAT_HELP}.",
+    )
+    chat_parser.add_argument("name", help="a loaded model's name")
+    chat_parser.add_argument("--system", metavar="TEXT", help="a system message to begin with")
+    chat_parser.add_argument("--max-tokens", type=int, metavar="N", help="most tokens an answer")
+    chat_parser.add_argument("--temperature", type=float, metavar="T", help="0..2, 0 = greedy")
+    chat_parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, (0, 1]")
+    chat_parser.add_argument("--seed", type=int, help="make sampling reproducible")
+    chat_parser.set_defaults(func=chat)
     return parser
 
 

@@ -1,7 +1,9 @@
 """GET /metrics in-process: Prometheus counters moved by exactly the traffic sent, stream
 timing, the memory gauge, who may scrape, and the gunicorn hooks."""
 
+import json
 import os
+import re
 import time
 
 import pytest
@@ -12,6 +14,7 @@ BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0, "
 
 
 GENERATE = ("POST", "/api/v1/generate")
+HISTOGRAM_SAMPLES = ("_bucket", "_count", "_sum")
 
 
 # The in-process tests read this process's registry, not a multiprocess folder.
@@ -213,3 +216,44 @@ def test_the_hooks_reach_gunicorn_conf():
     conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     assert {"on_starting", "child_exit", "on_exit"} <= set(conf)
     assert not conf.get("preload_app")
+
+
+def test_the_grafana_dashboard_queries_only_exported_metrics(tiny_client):
+    """deploy/grafana/tursi-dashboard.json is a dashboard Grafana can import (JSON, panels
+    with a place and queries, the variables they use defined), and every metric its queries
+    name is one GET /metrics exports, of the kind the query's suffix needs."""
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "tursi-dashboard.json").read_text())
+    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
+    text = tiny_client.get("/metrics").get_data(as_text=True)
+    kinds = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
+    named = set()
+    assert dashboard["panels"] and dashboard["uid"] and dashboard["title"]
+    for panel in dashboard["panels"]:
+        assert set(panel["gridPos"]) == {"x", "y", "w", "h"}, panel["title"]
+        assert [t["refId"] for t in panel["targets"]] == sorted(
+            {t["refId"] for t in panel["targets"]}
+        )
+        for target in panel["targets"]:
+            assert (
+                set(re.findall(r"\$(\w+)", target["expr"])) - {"__rate_interval", "__range"}
+                <= variables
+            )
+            for name in re.findall(r"\btursi_\w+", target["expr"]):
+                named.add(name)
+                family = next(
+                    (name.removesuffix(s) for s in HISTOGRAM_SAMPLES if name.endswith(s)), name
+                )
+                if family == name:  # a gauge or a counter, exposed under its own name
+                    assert kinds.get(name) in ("gauge", "counter"), (panel["title"], name)
+                else:
+                    assert kinds.get(family) == "histogram", (panel["title"], name)
+    # the dashboard covers throughput, latency, queue, memory and errors
+    for needed in (
+        "tursi_tokens_generated_total",
+        "tursi_time_to_first_token_seconds_bucket",
+        "tursi_inter_token_latency_seconds_bucket",
+        "tursi_generations_waiting",
+        "tursi_kv_cache_reserved_bytes",
+        "tursi_errors_total",
+    ):
+        assert needed in named

@@ -22,7 +22,7 @@ KEY = "secret"
 UTF8_KEY = "ключ-clé"  # a second key: non-ASCII, sent as UTF-8
 
 
-COMMANDS = ("serve", "models", "load", "unload", "generate", "status")
+COMMANDS = ("serve", "models", "load", "unload", "generate", "status", "ps", "chat")
 
 
 def tursi_command() -> list[str]:
@@ -142,6 +142,8 @@ def test_help_lists_every_command_with_a_line_of_help():
             ],
         ),
         ("status", ["--json", "--url", "--api-key"]),
+        ("ps", ["--url", "--api-key"]),
+        ("chat", ["--system", "--max-tokens", "--temperature", "--top-p", "--seed", "--url"]),
     ],
 )
 def test_each_command_documents_its_flags(command, flags):
