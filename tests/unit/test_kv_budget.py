@@ -105,3 +105,29 @@ def test_a_finished_prefills_cache_is_freed_at_once(llama, monkeypatch):
     finally:
         gc.enable()
     assert len(created) == 3 and alive == []
+
+
+def test_a_request_alone_needs_every_choice_grown_to_the_most_and_its_prefill():
+    budget = KVBudget(10**9, token_bytes=8)
+    job = GenerationJob(list(range(100)), GenerationParams(20), n=3)
+    assert budget.alone(job, 1000) == (3 * (100 + 20 + 1) + 100) * 8
+    long = GenerationJob(list(range(100)), GenerationParams(2000))
+    assert budget.alone(long, 512) == (512 + 1 + 100) * 8  # the context bounds the growth
+
+
+def test_used_bytes_are_the_running_rows_tokens(llama):
+    """What the batch's rows fill: every row's columns times one token's keys and values over
+    every layer (measured by transformers' own cache), whatever the buffers reserve."""
+    loaded, _ = llama
+    token_bytes = measure_token_bytes(loaded.model, loaded.device)
+    scheduler = Scheduler("llama", loaded, 4, lambda job, seconds, ok: None, ModelStats("llama"))
+    for seed, length in enumerate((30, 70)):
+        params = GenerationParams(MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        scheduler.add(GenerationJob(prompt(seed)[:length], params))
+    while not scheduler.cache.size == 2:
+        scheduler.turn()
+    for _ in range(3):
+        cache = scheduler.cache
+        assert cache.used_bytes() == sum(cache.lengths) * token_bytes
+        assert sorted(cache.lengths)[0] >= 30 and cache.reserved_bytes > cache.used_bytes()
+        scheduler.turn()
