@@ -337,6 +337,11 @@ def test_responses_match_the_document(make_app, catalog):
     check("get", f"{API}/models?x=1", 400)
     assert check("get", "/metrics", 200).body_text.startswith("#")
     check("get", "/v1/models", 200)
+    check("get", f"{API}/status/history", 200)
+    check("get", f"{API}/status/history?x=1", 400)
+    check("get", "/console", 200)
+    check("get", "/console/console.js", 200)
+    check("get", "/console/nope.js", 404, "not_found")
 
     # Loading, loaded, conflicts.
     check("post", f"{API}/models/nope/load", 404)

@@ -100,6 +100,7 @@ def no_query() -> None:
 
 def init_app(app: Flask) -> None:
     from . import (
+        console,
         errors,
         generation,
         health,
@@ -112,7 +113,7 @@ def init_app(app: Flask) -> None:
     )
 
     errors.init_app(app)
-    for module in (health, prometheus):
+    for module in (health, prometheus, console):
         app.register_blueprint(module.bp)
     app.register_blueprint(tokenize.compat_bp)
     for module in (models, generation, status, tokenize):

@@ -13,6 +13,7 @@ from ..engine.manager import ModelManager
 from ..engine.worker import BatchLimits
 from ..telemetry import process_rss
 from . import accounting, auth, bodies, lifecycle, limits, token_budget
+from .history import ServerHistory
 from .state import AppState
 
 
@@ -51,6 +52,8 @@ def build_app(settings: Settings) -> Flask:
     # The other workers of the server read these counts and this worker's resident memory
     # from its report (/status).
     manager.report_extra = lambda: {"requests": state.requests.snapshot(), "rss": process_rss()}
+    state.history = ServerHistory(manager, state.gpu)
+    manager.tick_hooks.append(state.history.tick)
     # Hook order matters. before_request hooks run in the order registered: a draining
     # worker refuses first (lifecycle), then the rate limit (limits: before auth, so failed
     # logins spend the budget too), then the API key (auth). The request accounting wraps

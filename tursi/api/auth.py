@@ -2,8 +2,9 @@
 
 With keys configured, every route and every method needs one (/ready, /docs and OPTIONS
 included) except /health (liveness probes), /metrics, which checks for itself (open to
-loopback scrapers, see tursi.api.prometheus), and the CORS preflights of configured
-origins."""
+loopback scrapers, see tursi.api.prometheus), the console's page, script and style sheet
+(they hold no data: the page asks for a key and sends it with every API call, see
+tursi.api.console), and the CORS preflights of configured origins."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ OPEN_PATHS = ("/health", "/metrics")
 # Served at the root because vLLM's and llama.cpp's servers do (tursi.api.tokenize): API
 # routes all the same (key, rate limit, accounting).
 ROOT_API_PATHS = ("/tokenize", "/detokenize")
+# The console's files (tursi.api.console): no data in them, so no key to fetch them.
+CONSOLE_PATHS = ("/console", "/console/console.js", "/console/console.css")
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -123,6 +126,8 @@ def init_app(app: Flask, keys: list[str], cors_origins: list[str]) -> None:
         # OPTIONS needs a key like any method (its Allow header tells which routes exist),
         # but a CORS preflight from a configured origin: it gets headers, never data.
         if request.path in OPEN_PATHS or is_cors_preflight(cors_origins):
+            return
+        if request.method in ("GET", "HEAD") and request.path in CONSOLE_PATHS:
             return
         if not key_is_valid(bearer_token(), encoded):
             raise unauthorized()

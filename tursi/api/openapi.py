@@ -54,6 +54,7 @@ from .response_schemas import (
     GenerateResponseSchema,
     GenerateTextEventSchema,
     HealthSchema,
+    HistorySchema,
     LoadResponseSchema,
     ModelListSchema,
     ModelMetricsSchema,
@@ -264,6 +265,9 @@ OPERATIONS: dict[str, Doc] = {
         example={"model": "smollm2-135m-instruct", "prompt": "Once upon a time", "max_tokens": 20},
     ),
     "status.server_status": Doc("status", {200: ok("Server status", StatusSchema)}, {400: [QUERY]}),
+    "status.history": Doc(
+        "status", {200: ok("The server's last minutes, for charts", HistorySchema)}, {400: [QUERY]}
+    ),
     "openapi.spec": Doc(
         "docs", {200: ok("The OpenAPI document", {"type": "object"})}, {400: [QUERY]}
     ),
@@ -333,6 +337,17 @@ OPERATIONS: dict[str, Doc] = {
             "messages": [{"role": "user", "content": "Name three colours."}],
         },
     ),
+    "console.page": Doc(
+        "console",
+        {200: ok("The operator console, a page for browsers", {"type": "string"}, "text/html")},
+        security=[],
+    ),
+    "console.asset": Doc(
+        "console",
+        {200: ok("console.js or console.css", {"type": "string"}, "text/javascript")},
+        {404: ["not_found"]},
+        security=[],
+    ),
     "prometheus.metrics": Doc(
         "metrics",
         {200: ok("Prometheus text format", {"type": "string"}, "text/plain")},
@@ -344,6 +359,7 @@ TAGS = [
     {"name": "generation", "description": "Text generation, whole or streamed (SSE)"},
     {"name": "models", "description": "The model catalog: list, load, unload, metrics"},
     {"name": "status", "description": "Server status and resource usage"},
+    {"name": "console", "description": "The operator console's page and files (docs/console.md)"},
     {
         "name": "tokenize",
         "description": "A model's tokenizer: text or chat messages to token ids and back "

@@ -346,6 +346,39 @@ class StatusSchema(Schema):
     generations = fields.Nested(GenerationCountsSchema, required=True)
 
 
+class HistorySampleSchema(Schema):
+    """The whole server at one moment (tursi.api.history)."""
+
+    time = fields.Float(required=True, metadata={"description": "Unix time, seconds"})
+    requests_per_second = fields.Float(
+        required=True, allow_none=True, metadata={"description": "null in the first sample"}
+    )
+    tokens_per_second = fields.Float(
+        required=True,
+        allow_none=True,
+        metadata={"description": "tokens of the generations that ended in the interval"},
+    )
+    running = _count()
+    waiting = _count()
+    process_memory_bytes = _count(metadata={"description": "the workers' resident memory"})
+    memory_used_bytes = _count(metadata={"description": "the machine's memory in use"})
+    gpu_memory_used_bytes = fields.Integer(
+        required=True, allow_none=True, metadata={"description": "null without a GPU"}
+    )
+    gpu_utilization = fields.Float(
+        required=True, allow_none=True, metadata={"description": "0..1; null without a GPU"}
+    )
+
+
+class HistorySchema(Schema):
+    interval_seconds = fields.Float(required=True)
+    samples = fields.List(
+        fields.Nested(HistorySampleSchema),
+        required=True,
+        metadata={"description": "oldest first; the last five minutes at most"},
+    )
+
+
 class HealthSchema(Schema):
     status = _one_of(("ok",))
 

@@ -10,6 +10,7 @@ from flask import Flask, current_app
 from ..config import Settings
 from ..engine.manager import ModelManager
 from ..telemetry import GpuMonitor, RequestStats
+from .history import ServerHistory
 
 
 @dataclass
@@ -19,6 +20,7 @@ class AppState:
     requests: RequestStats = field(default_factory=RequestStats)
     gpu: GpuMonitor = field(default_factory=GpuMonitor)
     started: float = field(default_factory=time.monotonic)
+    history: ServerHistory | None = None  # set by build_app (tursi.api.history)
     draining: bool = False  # SIGTERM received: refuse new work (tursi.api.lifecycle)
 
     def attach(self, app: Flask) -> None:

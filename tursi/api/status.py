@@ -9,6 +9,7 @@ from flask import Blueprint, jsonify
 from ..formatting import format_bytes, format_percent, format_uptime
 from ..telemetry import system_memory
 from . import no_query
+from .history import INTERVAL
 from .state import current
 
 bp = Blueprint("status", __name__)
@@ -62,3 +63,13 @@ def server_status():
             },
         }
     )
+
+
+@bp.get("/status/history")
+def history():
+    """The whole server every few seconds over the last minutes (the console's charts):
+    request and token rates, generations running and waiting, memory, GPU."""
+    no_query()
+    app = current()
+    app.manager.start_housekeeping()  # sampling runs there; it starts with a first load too
+    return jsonify({"interval_seconds": INTERVAL, "samples": app.history.samples()})

@@ -10,8 +10,9 @@ prefix cache, TURSI_PREFIX_CACHE) does not fit evicts the least recently used id
 that are not pinned, or is refused before anything is allocated. A model with a keep_alive
 is unloaded once idle that long.
 
-A housekeeping thread (started with the first load) checks every
-HOUSEKEEPING_SECONDS that each engine is alive and unloads models idle past their keep_alive.
+A housekeeping thread (started with the first load, or by `start_housekeeping`) checks every
+HOUSEKEEPING_SECONDS that each engine is alive and unloads models idle past their keep_alive,
+then runs the API layer's `tick_hooks` (the console's history sampler).
 
 Several workers, one server: with a run folder (TURSI_RUN_DIR, tursi.engine.server_state)
 load, unload, eviction and keep_alive change the server's DESIRED state, and every worker's
@@ -117,6 +118,8 @@ class ModelManager:
         self._desired_seen: dict[str, Any] = {}  # the desired state at the last reconcile
         # Filled by the API layer (its request counters), carried in this worker's report.
         self.report_extra: Callable[[], dict[str, Any]] = dict
+        # Called by the housekeeping thread after each tick (native thread: no gevent).
+        self.tick_hooks: list[Callable[[], None]] = []
 
     # --- reading ------------------------------------------------------------------------
 
@@ -654,6 +657,10 @@ class ModelManager:
             return None
         return entry.keep_alive if entry.keep_alive is not None else self.keep_alive
 
+    def start_housekeeping(self) -> None:
+        """Start the housekeeping thread now, if no load has (idempotent)."""
+        self._start_housekeeper()
+
     def _start_housekeeper(self) -> None:
         with self._lock:
             if self._housekeeper_started:
@@ -668,6 +675,8 @@ class ModelManager:
                 self.check_engines()
                 self.reap_idle(time.monotonic())
                 self.reconcile()
+                for hook in self.tick_hooks:
+                    hook()
             except Exception:  # one bad tick (a full disk, a torn file) must not end the thread
                 log.exception("housekeeping failed")
 
