@@ -24,6 +24,8 @@ from tursi.engine.constraints import (
     MAX_SCHEMA_CHARS,
     Constraints,
     GrammarError,
+    _last_allowed,
+    _short,
 )
 from tursi.engine.jobs import Constraint, SamplingParams
 from tursi.engine.sampling import TokenChooser, choose_tokens, token_logprobs
@@ -238,3 +240,113 @@ def test_a_regex_row_follows_its_pattern_token_by_token(constraints, tokenizer):
             break
         out.append(token)
     assert re.fullmatch("[0-9]{3}-[a-z]{2,5}", tokenizer.decode(out))
+
+
+def allowed(matcher) -> set[int]:
+    """The token ids a matcher's next bitmask allows."""
+    mask = torch.zeros(matcher.words, dtype=torch.int32)
+    matcher.fill(mask)
+    bits = torch.tensor([(int(word) >> j) & 1 for word in mask.tolist() for j in range(32)])
+    return set(torch.nonzero(bits).flatten().tolist())
+
+
+# (constraint, the whole 400 message after "structured_outputs: ")
+EXACT = [
+    (Constraint("json_schema", "[1, 2]"), "the JSON schema must be an object (or true)"),
+    (Constraint("choice", ()), "the choice list is empty"),
+    (
+        Constraint("choice", ("a",) * (MAX_CHOICES + 1)),
+        f"the choice list has {MAX_CHOICES + 1} entries; the limit is {MAX_CHOICES}",
+    ),
+    (
+        Constraint("regex", "a" * (MAX_REGEX_CHARS + 1)),
+        f"the regex is {MAX_REGEX_CHARS + 1} characters long; the limit is {MAX_REGEX_CHARS}",
+    ),
+]
+
+
+@pytest.mark.parametrize(("constraint", "message"), EXACT)
+def test_the_400_says_exactly_what_is_wrong(constraints, constraint, message):
+    error = refusal(constraints, constraint)
+    assert error.message == f"structured_outputs: {message}"
+    assert "error" not in error.details  # no llguidance error behind these
+
+
+@pytest.mark.parametrize(
+    ("constraint", "lead"),
+    [
+        (schema({"type": "foo"}), "the JSON schema is not usable: "),
+        (Constraint("grammar", 'root ::= ( "yes" '), "the GBNF grammar cannot be read: "),
+    ],
+)
+def test_llguidances_reason_is_in_the_message_and_the_details(constraints, constraint, lead):
+    error = refusal(constraints, constraint)
+    reason = error.details["error"]
+    assert reason and "<non-verbose/>" not in reason
+    assert error.message == f"structured_outputs: {lead}{reason}"
+
+
+def test_inputs_at_each_size_limit_compile(constraints):
+    """The limits are inclusive: a schema, regex, choice list and choice exactly at theirs
+    compile (one character or entry more is the 400 above)."""
+    padded = "{" + " " * (MAX_SCHEMA_CHARS - 2) + "}"  # {}: any JSON, MAX_SCHEMA_CHARS long
+    assert len(padded) == MAX_SCHEMA_CHARS
+    for constraint in (
+        Constraint("json_schema", padded),
+        Constraint("regex", "a" * MAX_REGEX_CHARS),
+        Constraint("choice", tuple(f"c{i}" for i in range(MAX_CHOICES))),
+        Constraint("choice", ("a" * MAX_CHOICE_CHARS,)),
+    ):
+        assert constraints.matchers(constraint)
+
+
+def test_a_json_object_starts_with_its_brace_at_once(constraints, tokenizer):
+    """json_object: an object (not any JSON value), compact (no whitespace before it)."""
+    (matcher,) = constraints.matchers(Constraint("json_object", ""))
+    first = {tokenizer.decode([token]) for token in allowed(matcher)}
+    assert first and all(text.startswith("{") for text in first), sorted(first)
+
+
+def test_the_mask_covers_the_models_logits_and_the_grammar_ends_on_the_models_eos(tokenizer):
+    """A model whose logits are wider than its tokenizer (a padded table): the bitmask has a
+    bit for every logit. The grammar's end of sequence is the model's eos ids (here not the
+    tokenizer's own), so a complete choice allows exactly those."""
+    width = 480
+    constraints = Constraints(tokenizer, width, [7, 9])
+    (matcher,) = constraints.matchers(Constraint("choice", ("a",)))
+    assert matcher.words == -(-width // 32)
+    assert matcher.eos == frozenset({7, 9})
+    matcher.advance(tokenizer.encode("a", add_special_tokens=False)[0])
+    assert allowed(matcher) == {7, 9}
+
+
+def test_a_tokenizer_llguidance_cannot_read_is_a_400(tokenizer):
+    constraints = Constraints(object(), WIDTH, [tokenizer.eos_token_id])
+    with pytest.raises(InvalidRequest) as raised:
+        constraints.matchers(Constraint("regex", "a"))
+    error = raised.value
+    assert error.status == 400 and error.details == {"field": "structured_outputs"}
+    assert error.message.startswith(
+        "Structured output is not available for this model: its tokenizer cannot be read "
+        "for constrained decoding ("
+    )
+    assert error.message.endswith(")") and not error.message.endswith("(None)")  # the reason
+
+
+def test_llguidances_messages_are_trimmed():
+    assert _short(" <non-verbose/>boom ") == "boom"
+    long = "x" * 600
+    assert _short(long) == "x" * 497 + "..." and len(_short(long)) == 500
+    assert _short("y" * 500) == "y" * 500
+
+
+def test_the_highest_allowed_id_of_a_bitmask():
+    mask = torch.zeros(3, dtype=torch.int32)
+    mask[0] = 1
+    assert _last_allowed(mask) == 0
+    mask[1] = 0b101
+    assert _last_allowed(mask) == 32 + 2
+    mask[2] = -(2**31)  # bit 31 alone: the sign bit of an int32 word
+    assert _last_allowed(mask) == 2 * 32 + 31
+    mask[2] = -1  # every bit
+    assert _last_allowed(mask) == 2 * 32 + 31
