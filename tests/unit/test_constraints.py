@@ -28,7 +28,7 @@ from tursi.engine.constraints import (
     _short,
 )
 from tursi.engine.jobs import Constraint, SamplingParams
-from tursi.engine.sampling import TokenChooser, choose_tokens, token_logprobs
+from tursi.engine.sampling import TokenChooser, choose_tokens, mask_logits, token_logprobs
 from tursi.errors import InvalidRequest
 
 WIDTH = 416  # logits width: the tokenizer's 400 ids and 16 rows of padding
@@ -222,6 +222,10 @@ def test_a_row_whose_grammar_allows_nothing_more_is_left_to_fail_alone(constrain
         broken.remember(tokenizer("zzz")["input_ids"][0])
     fine = constrained(constraints, temperature=1.0, seed=2)
     logits = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(1))
+    masked = logits.clone()
+    mask_logits(masked, [broken, fine])
+    assert torch.equal(masked[0], logits[0])  # the broken row: untouched
+    assert (masked[1] <= -1e29).sum() > WIDTH // 2  # the other: most tokens refused
     tokens = choose_tokens(logits, [broken, fine])
     assert tokens[1] in choice_continuations(tokenizer, "", CHOICES)
     with pytest.raises(GrammarError):

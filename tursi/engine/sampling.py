@@ -199,7 +199,8 @@ def adjusted_logits(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> t
 
 def mask_logits(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> None:
     """Step 4, in place on float32 logits: each constrained row's tokens that its grammar
-    does not allow next (ids past the grammar's vocabulary included) get -1e30 added, which
+    does not allow next (ids past the tokenizer's included: the bitmask covers the logits'
+    whole width and never allows those) get -1e30 added, which
     leaves them at -1e30: never the argmax, probability exactly 0 after the softmax (-inf
     would do the same, but cannot be added: 0 * inf is NaN).
 
@@ -220,9 +221,8 @@ def mask_logits(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> None:
     # endian: x86, ARM), each byte's bits lowest first, list the tokens in order.
     refused = numpy.unpackbits((~bits).numpy().view(numpy.uint8), axis=-1, bitorder="little")
     width = logits.shape[-1]
+    # The bitmasks cover the logits: Constraints builds them for the model's logits width.
     refused = torch.from_numpy(refused[:, :width]).to(logits.device).float()
-    if refused.shape[-1] < width:  # no bit in the bitmask: never allowed
-        refused = torch.nn.functional.pad(refused, (0, width - refused.shape[-1]), value=1.0)
     if len(rows) == len(choosers):
         logits.add_(refused, alpha=-1e30)
     else:
