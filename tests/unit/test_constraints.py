@@ -354,3 +354,35 @@ def test_the_highest_allowed_id_of_a_bitmask():
     assert _last_allowed(mask) == 2 * 32 + 31
     mask[2] = -1  # every bit
     assert _last_allowed(mask) == 2 * 32 + 31
+
+
+@pytest.mark.parametrize(
+    ("constraint", "lead"),
+    [
+        (Constraint("regex", "[^\\x00-\\x{10FFFF}]"), "the regex matches no text"),
+        (Constraint("regex", "a{1000}{1000}"), "the regex is too complex: "),
+    ],
+)
+def test_what_only_compiling_finds_is_named_with_llguidances_reason(constraints, constraint, lead):
+    error = refusal(constraints, constraint)
+    reason = error.details.get("error")
+    if lead.endswith(": "):
+        assert reason and error.message == f"structured_outputs: {lead}{reason}"
+    else:
+        assert error.message == f"structured_outputs: {lead}"
+        assert reason is None or reason  # llguidance's reason when it gives one, never ""
+
+
+def test_a_grammar_whose_only_text_is_empty_allows_only_the_end(constraints, tokenizer):
+    """Accepting before any token (an empty regex): a usable grammar, not "matches no
+    text"; only end of sequence may follow."""
+    (matcher,) = constraints.matchers(Constraint("regex", ""))
+    assert allowed(matcher) == {tokenizer.eos_token_id}
+
+
+def test_a_refused_token_says_so(constraints, tokenizer):
+    (matcher,) = constraints.matchers(Constraint("choice", ("yes",)))
+    with pytest.raises(GrammarError) as raised:
+        matcher.advance(tokenizer.encode("zzz", add_special_tokens=False)[0])
+    assert str(raised.value) and "XX" not in str(raised.value)
+    assert str(raised.value) == (matcher.error or "token refused")
