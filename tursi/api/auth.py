@@ -26,8 +26,9 @@ OPEN_PATHS = ("/health", "/metrics")
 # Served at the root because vLLM's and llama.cpp's servers do (tursi.api.tokenize): API
 # routes all the same (key, rate limit, accounting).
 ROOT_API_PATHS = ("/tokenize", "/detokenize")
-# The console's files (tursi.api.console): no data in them, so no key to fetch them.
-CONSOLE_PATHS = ("/console", "/console/console.js", "/console/console.css")
+# The console's files (tursi.api.console): no data in them, so no key to fetch them (any
+# other name under it is a 404 either way).
+CONSOLE_PREFIX = "/console"
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -127,7 +128,7 @@ def init_app(app: Flask, keys: list[str], cors_origins: list[str]) -> None:
         # but a CORS preflight from a configured origin: it gets headers, never data.
         if request.path in OPEN_PATHS or is_cors_preflight(cors_origins):
             return
-        if request.method in ("GET", "HEAD") and request.path in CONSOLE_PATHS:
+        if request.method in ("GET", "HEAD") and _under(request.path, CONSOLE_PREFIX):
             return
         if not key_is_valid(bearer_token(), encoded):
             raise unauthorized()
