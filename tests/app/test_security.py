@@ -36,7 +36,8 @@ def every_route(app):
 
 def test_with_keys_only_health_is_open(make_app):
     """Every route answers 401 without a key but /health, OPTIONS included; /metrics also
-    answers loopback scrapers (docs/prometheus.md) and 401s anyone else."""
+    answers loopback scrapers (docs/prometheus.md) and 401s anyone else; the console's page
+    and files are read without one (no data in them: the page asks for the key)."""
     app = make_app(api_keys=[KEY])
     client = app.test_client()
     routes = sorted(set(every_route(app)))
@@ -46,6 +47,8 @@ def test_with_keys_only_health_is_open(make_app):
             response = client.open(url, method=method, headers=headers, environ_base=REMOTE)
             if url == "/health" or (url == "/metrics" and method == "OPTIONS"):
                 assert response.status_code == 200
+            elif url.startswith("/console") and method in ("GET", "HEAD"):
+                assert response.status_code in (200, 404), (method, url)  # 404: a made-up file
             else:
                 assert response.status_code == 401, (method, url, response.status_code)
             response.close()
