@@ -83,7 +83,8 @@ def report() -> tuple[str, bool]:
             1 for name, result in outcomes.items() if result == "survived" and name in known
         )
         unexplained += [n for n, r in outcomes.items() if r == "survived" and n not in listed]
-        stale += [n for n in listed if n in outcomes and outcomes[n] != "survived"]
+        # killed now (a mutant not run yet is neither)
+        stale += [n for n in listed if outcomes.get(n) in ("killed", "timeout")]
         row = Counter(
             mutants=len(outcomes),
             killed=count["killed"] + count["timeout"],

@@ -21,8 +21,9 @@ import torch
 from tests.helpers import transformers_greedy
 from tursi.engine.catalog import CatalogEntry
 from tursi.engine.jobs import Finished, GenerationJob, GenerationParams
+from tursi.engine.kvcache import PrefillCache
 from tursi.engine.loading import LoadOptions, load_model
-from tursi.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
+from tursi.engine.prefix_cache import BLOCK_TOKENS, Block, PrefixCache, place
 from tursi.engine.scheduler import Scheduler
 from tursi.telemetry import ModelStats
 
@@ -347,3 +348,21 @@ def test_a_quantized_load_is_cached_too(llama_path, tmp_path):
     ((ids, hit_tokens),) = run.run([tokens], max_tokens=12)
     assert hit_tokens == 2 * B
     assert worst_deficit(quantized.model, tokens, ids) <= QUANTIZED_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_placed_blocks_keep_the_models_dtype_and_their_columns(dtype):
+    """place() allocates the group's cache in the blocks' dtype (a bf16 model's KV stays
+    bf16) and right-aligns each row's chain; a row with a shorter chain is zero on the left."""
+    layers, heads, dim = 2, 3, 4
+    first = Block(1, (0, (1,)), torch.randn(layers, 2, heads, BLOCK_TOKENS, dim).to(dtype))
+    second = Block(2, (1, (2,)), torch.randn(layers, 2, heads, BLOCK_TOKENS, dim).to(dtype))
+    cache = PrefillCache(layers, 2, 2 * BLOCK_TOKENS)
+    place([[first, second], [second]], 2 * BLOCK_TOKENS, cache)
+    assert cache.buffer.dtype == dtype and cache.filled == 2 * BLOCK_TOKENS
+    rows = cache.buffer.shape
+    assert rows == (layers, 2, 2, heads, 2 * BLOCK_TOKENS, dim)
+    assert torch.equal(cache.buffer[:, :, 0, :, :BLOCK_TOKENS], first.kv)
+    assert torch.equal(cache.buffer[:, :, 0, :, BLOCK_TOKENS:], second.kv)
+    assert not cache.buffer[:, :, 1, :, :BLOCK_TOKENS].any()
+    assert torch.equal(cache.buffer[:, :, 1, :, BLOCK_TOKENS:], second.kv)
