@@ -60,6 +60,22 @@ class RequestStats:
             self._recent.popleft()
 
 
+class _GaugeShare:
+    """What one model adds to a Prometheus gauge shared by every model and app of the
+    process: `set` moves the gauge by the difference, so that it stays right when several
+    apps in one process serve a model of the same name. The caller holds its lock."""
+
+    __slots__ = ("gauge", "value")
+
+    def __init__(self, gauge: Any) -> None:
+        self.gauge, self.value = gauge, 0
+
+    def set(self, value: int) -> None:
+        if value != self.value:
+            self.gauge.inc(value - self.value)
+            self.value = value
+
+
 class ModelStats:
     """Per-model generation counters; written by the model's worker thread, read by requests.
 
@@ -79,11 +95,15 @@ class ModelStats:
         self.prefix_prompt_tokens = 0
         self.prefix_cached_tokens = 0
         self.prefix_evictions = 0
-        self._prometheus = ModelMetrics(model)
-        # What this model adds to the shared gauges, so that they move by differences and
-        # stay right when several apps in one process serve a model of the same name.
-        self._running = self._waiting = self._memory = self._prefix_bytes = 0
-        self._kv_budget = self._kv_reserved = self._kv_used = 0
+        self._prometheus = metrics = ModelMetrics(model)
+        # What this model adds to the shared gauges.
+        self._running = _GaugeShare(metrics.running)
+        self._waiting = _GaugeShare(metrics.waiting)
+        self._memory = _GaugeShare(metrics.memory)
+        self._prefix_bytes = _GaugeShare(metrics.prefix_bytes)
+        self._kv_budget = _GaugeShare(metrics.kv_budget)
+        self._kv_reserved = _GaugeShare(metrics.kv_reserved)
+        self._kv_used = _GaugeShare(metrics.kv_used)
 
     def record(self, tokens: int, seconds: float, ok: bool) -> None:
         """A request ended, after generating `tokens`."""
@@ -106,19 +126,14 @@ class ModelStats:
     def batch_sizes(self, running: int, waiting: int) -> None:
         """The scheduler's running batch and waiting queue, after each turn."""
         with self._lock:
-            if running != self._running:
-                self._prometheus.running.inc(running - self._running)
-                self._running = running
-            if waiting != self._waiting:
-                self._prometheus.waiting.inc(waiting - self._waiting)
-                self._waiting = waiting
+            self._running.set(running)
+            self._waiting.set(waiting)
 
     def loaded(self, memory_bytes: int, seconds: float) -> None:
         """The model finished loading."""
         self._prometheus.load_duration.observe(seconds)
         with self._lock:
-            self._prometheus.memory.inc(memory_bytes - self._memory)
-            self._memory = memory_bytes
+            self._memory.set(memory_bytes)
 
     def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
         """A job's prefill starts: of its `prompt_tokens`, `cached_tokens` (0: a miss) had
@@ -135,38 +150,36 @@ class ModelStats:
         blocks since the last report."""
         with self._lock:
             self.prefix_evictions += evictions
-            self._prometheus.prefix_bytes.inc(bytes_held - self._prefix_bytes)
-            self._prefix_bytes = bytes_held
+            self._prefix_bytes.set(bytes_held)
         self._prometheus.prefix_evictions.inc(evictions)
 
     def kv_budget(self, budget: int) -> None:
         """The model's KV budget (set when its worker starts)."""
         with self._lock:
-            self._prometheus.kv_budget.inc(budget - self._kv_budget)
-            self._kv_budget = budget
+            self._kv_budget.set(budget)
 
     def kv_cache(self, used: int, reserved: int) -> None:
         """The running batch's KV cache: bytes its rows fill, bytes allocated."""
         with self._lock:
-            if reserved != self._kv_reserved:
-                self._prometheus.kv_reserved.inc(reserved - self._kv_reserved)
-                self._kv_reserved = reserved
-            if used != self._kv_used:
-                self._prometheus.kv_used.inc(used - self._kv_used)
-                self._kv_used = used
+            self._kv_reserved.set(reserved)
+            self._kv_used.set(used)
 
     def unloaded(self) -> None:
         """The model was unloaded: its gauges go to 0 (its prefix cache goes with it). The
         manager calls this once the worker is told to stop (after which it moves no gauge),
         before the memory is released."""
-        self.batch_sizes(0, 0)
+        shares = (
+            self._running,
+            self._waiting,
+            self._memory,
+            self._prefix_bytes,
+            self._kv_budget,
+            self._kv_reserved,
+            self._kv_used,
+        )
         with self._lock:
-            self._prometheus.memory.dec(self._memory)
-            self._memory = 0
-            self._prometheus.prefix_bytes.dec(self._prefix_bytes)
-            self._prefix_bytes = 0
-        self.kv_budget(0)
-        self.kv_cache(0, 0)
+            for share in shares:
+                share.set(0)
 
     def totals(self) -> dict[str, Any]:
         """The raw counters, which add up over workers (tursi.engine.views)."""
@@ -178,11 +191,11 @@ class ModelStats:
                 "generation_seconds": self.generation_seconds,
                 "prefix_prompt_tokens": self.prefix_prompt_tokens,
                 "prefix_cached_tokens": self.prefix_cached_tokens,
-                "prefix_cache_bytes": self._prefix_bytes,
+                "prefix_cache_bytes": self._prefix_bytes.value,
                 "prefix_evictions": self.prefix_evictions,
-                "kv_cache_budget_bytes": self._kv_budget,
-                "kv_cache_reserved_bytes": self._kv_reserved,
-                "kv_cache_used_bytes": self._kv_used,
+                "kv_cache_budget_bytes": self._kv_budget.value,
+                "kv_cache_reserved_bytes": self._kv_reserved.value,
+                "kv_cache_used_bytes": self._kv_used.value,
             }
 
 
