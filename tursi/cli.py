@@ -140,10 +140,7 @@ def models(args: argparse.Namespace) -> int:
         return 0
     rows = [("NAME", "STATUS", "DETAILS")]
     rows += [(m["name"], m["status"], describe(m)) for m in body["models"]]
-    name_width = max(len(r[0]) for r in rows)
-    status_width = max(len(r[1]) for r in rows)
-    for name, status, details in rows:
-        print(f"{name:<{name_width}}  {status:<{status_width}}  {details}".rstrip())
+    print_table(rows)
     return 0
 
 
@@ -394,11 +391,16 @@ def ps(args: argparse.Namespace) -> int:
     if len(rows) == 1:
         print("no model is loaded (see `tursi models`)")
         return 0
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows of text cells (the header first) as left-aligned columns two spaces apart."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = (f"{cell:<{width}}" for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
-    return 0
 
 
 def _mib(count: int) -> str:
