@@ -36,8 +36,7 @@ class ServerHistory:
         now = time.monotonic() if now is None else now
         if self._last is not None and now - self._last[0] < INTERVAL:
             return
-        views = self.manager.views()
-        extras = self.manager.extras()
+        views, extras = self.manager.views_and_extras()
         requests = sum(extra["requests"]["total"] for extra in extras)
         tokens = sum(view.totals.get("tokens_generated", 0) for view in views)
         gpu = self.gpu.read()

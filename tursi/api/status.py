@@ -31,8 +31,7 @@ def server_status():
     active models are those loaded on every worker, generations those of all workers."""
     no_query()
     app = current()
-    models = app.manager.views()
-    extras = app.manager.extras()
+    models, extras = app.manager.views_and_extras()
     requests = [extra["requests"] for extra in extras]
     # this worker's reading is fresh; a worker that has not reported it yet counts as 0
     rss = sum(extra.get("rss", 0) for extra in extras)

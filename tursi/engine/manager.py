@@ -528,7 +528,15 @@ class ModelManager:
 
     def views(self) -> list[ModelView]:
         """Every catalog model as the whole server holds it."""
+        return self._views(self._live_reports())
+
+    def views_and_extras(self) -> tuple[list[ModelView], list[dict[str, Any]]]:
+        """`views()`, and the API layer's extra of every live worker of the server (this one
+        first), from one reading of the workers' reports."""
         reports = self._live_reports()
+        return self._views(reports), [report["extra"] for report in reports]
+
+    def _views(self, reports: list[dict[str, Any]]) -> list[ModelView]:
         if self.shared is None:
             return [entry_view(n, reports[0]["models"][n]) for n in self.catalog.names()]
         desired = self.shared.desired()
@@ -537,10 +545,6 @@ class ModelManager:
     def view(self, name: str) -> ModelView:
         self.catalog.get(name)  # raises ModelNotFound with the available names
         return next(v for v in self.views() if v.name == name)
-
-    def extras(self) -> list[dict[str, Any]]:
-        """The API layer's extra of every live worker of the server (this one first)."""
-        return [report["extra"] for report in self._live_reports()]
 
     def _load_in_background(self, name: str, options: LoadOptions, progress: LoadProgress) -> None:
         state = self._states[name]
