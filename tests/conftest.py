@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers import build_gpt2, build_llama, load_and_wait, with_chat_template, write_catalog
 from tursi import create_app
+from tursi.engine.worker import ModelWorker
 
 FOLDERS = ("unit", "app", "server")
 
@@ -102,6 +103,20 @@ def make_app(tiny_models_dir, tmp_path):
 
     for app in apps:
         app.extensions["tursi"].manager.shutdown()
+
+
+@pytest.fixture
+def submitted(monkeypatch):
+    """The jobs each request queued on the engine, one list per request."""
+    requests: list[list] = []
+    real = ModelWorker.submit_all
+
+    def recording(self, jobs):
+        requests.append(list(jobs))
+        return real(self, jobs)
+
+    monkeypatch.setattr(ModelWorker, "submit_all", recording)
+    return requests
 
 
 @pytest.fixture

@@ -49,6 +49,13 @@ def _count(value: str) -> int:
     return number
 
 
+def _draft_tokens(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 32:
+        raise ValueError("must be 1..32")
+    return number
+
+
 def _optional_limit(value: str) -> int | None:
     """A count; 0 turns the limit off."""
     return _count(value) or None
@@ -171,6 +178,8 @@ class Settings:
     max_memory: int | None = None
     prefix_cache: int | None = None  # bytes per model; 0: off; None: prefix_cache_bytes()
     kv_cache: int | None = None  # bytes per model; 0: no bound; None: kv_cache_bytes()
+    speculative: bool = True  # n-gram speculative decoding (docs/performance.md)
+    speculative_tokens: int = 8  # the most drafted tokens per row and step
     keep_alive: float | None = None
     run_dir: str | None = None  # the folder the workers of one server share (gunicorn sets it)
     cors_origins: list[str] = field(default_factory=list)
@@ -206,6 +215,8 @@ class Settings:
             "TURSI_MAX_MEMORY": ("max_memory", parse_bytes),
             "TURSI_PREFIX_CACHE": ("prefix_cache", _bytes_or_off),
             "TURSI_KV_CACHE": ("kv_cache", _bytes_or_off),
+            "TURSI_SPECULATIVE": ("speculative", _flag),
+            "TURSI_SPECULATIVE_TOKENS": ("speculative_tokens", _draft_tokens),
             "TURSI_KEEP_ALIVE": ("keep_alive", parse_duration),
             "TURSI_RUN_DIR": ("run_dir", str),
             "TURSI_CORS_ORIGINS": ("cors_origins", _split),

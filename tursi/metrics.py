@@ -145,6 +145,18 @@ PREFIX_BYTES = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )
+DRAFTED_TOKENS = Counter(
+    "tursi_speculative_drafted_tokens_total",
+    "Tokens of speculative drafts (n-gram lookup) verified by the model",
+    ["model"],
+    registry=REGISTRY,
+)
+ACCEPTED_TOKENS = Counter(
+    "tursi_speculative_accepted_tokens_total",
+    "Drafted tokens kept: each one a token generated without a forward pass of its own",
+    ["model"],
+    registry=REGISTRY,
+)
 KV_BUDGET = Gauge(
     "tursi_kv_cache_budget_bytes",
     "The most the running batch's KV cache may hold (TURSI_KV_CACHE; 0 when not loaded)",
@@ -190,6 +202,8 @@ class ModelMetrics:
         self.prefix_cached_tokens = PREFIX_CACHED_TOKENS.labels(model)
         self.prefix_evictions = PREFIX_EVICTIONS.labels(model)
         self.prefix_bytes = PREFIX_BYTES.labels(model)
+        self.drafted_tokens = DRAFTED_TOKENS.labels(model)
+        self.accepted_tokens = ACCEPTED_TOKENS.labels(model)
         self.kv_budget = KV_BUDGET.labels(model)
         self.kv_reserved = KV_RESERVED.labels(model)
         self.kv_used = KV_USED.labels(model)

@@ -95,6 +95,9 @@ class ModelStats:
         self.prefix_prompt_tokens = 0
         self.prefix_cached_tokens = 0
         self.prefix_evictions = 0
+        # Speculative decoding: drafted tokens verified, and those kept.
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         self._prometheus = metrics = ModelMetrics(model)
         # What this model adds to the shared gauges.
         self._running = _GaugeShare(metrics.running)
@@ -153,6 +156,14 @@ class ModelStats:
             self._prefix_bytes.set(bytes_held)
         self._prometheus.prefix_evictions.inc(evictions)
 
+    def speculated(self, drafted: int, accepted: int) -> None:
+        """A decode step verified `drafted` tokens of speculative drafts and kept `accepted`."""
+        with self._lock:
+            self.drafted_tokens += drafted
+            self.accepted_tokens += accepted
+        self._prometheus.drafted_tokens.inc(drafted)
+        self._prometheus.accepted_tokens.inc(accepted)
+
     def kv_budget(self, budget: int) -> None:
         """The model's KV budget (set when its worker starts)."""
         with self._lock:
@@ -193,6 +204,8 @@ class ModelStats:
                 "prefix_cached_tokens": self.prefix_cached_tokens,
                 "prefix_cache_bytes": self._prefix_bytes.value,
                 "prefix_evictions": self.prefix_evictions,
+                "drafted_tokens": self.drafted_tokens,
+                "accepted_tokens": self.accepted_tokens,
                 "kv_cache_budget_bytes": self._kv_budget.value,
                 "kv_cache_reserved_bytes": self._kv_reserved.value,
                 "kv_cache_used_bytes": self._kv_used.value,
@@ -201,10 +214,12 @@ class ModelStats:
 
 def summarize(totals: dict[str, Any]) -> dict[str, Any]:
     """ModelStats.totals (one worker's, or summed over workers) with the mean generation time,
-    the error rate and the prefix cache's hit rate (cached over looked-up prompt tokens)
-    that the JSON metrics show."""
+    the error rate, the prefix cache's hit rate (cached over looked-up prompt tokens) and
+    speculative decoding's acceptance rate (kept over drafted tokens) that the JSON metrics
+    show."""
     total = totals["requests_total"]
     looked_up = totals["prefix_prompt_tokens"]
+    drafted = totals["drafted_tokens"]
     return {
         "requests_total": total,
         "requests_failed": totals["requests_failed"],
@@ -216,6 +231,9 @@ def summarize(totals: dict[str, Any]) -> dict[str, Any]:
         "prefix_hit_rate": totals["prefix_cached_tokens"] / looked_up if looked_up else 0.0,
         "prefix_cache_bytes": totals["prefix_cache_bytes"],
         "prefix_evictions": totals["prefix_evictions"],
+        "drafted_tokens": drafted,
+        "accepted_tokens": totals["accepted_tokens"],
+        "acceptance_rate": totals["accepted_tokens"] / drafted if drafted else 0.0,
         "kv_cache_budget_bytes": totals["kv_cache_budget_bytes"],
         "kv_cache_reserved_bytes": totals["kv_cache_reserved_bytes"],
         "kv_cache_used_bytes": totals["kv_cache_used_bytes"],

@@ -13,7 +13,6 @@ import pytest
 from tests.helpers import API, CORPUS, load_and_wait, parse_metrics, parse_sse, sse_data, value
 from tests.openai_spec import validator
 from tursi.engine.prefix_cache import BLOCK_TOKENS
-from tursi.engine.worker import ModelWorker
 
 CHAT = [{"role": "user", "content": "lazy dog"}]
 # One request per route, greedy and short; completions with two prompts of two choices each.
@@ -29,20 +28,6 @@ def client(make_app, chat_catalog):
     client = make_app(models_file=str(chat_catalog)).test_client()
     assert load_and_wait(client, "tiny")["status"] == "loaded"
     return client
-
-
-@pytest.fixture
-def submitted(monkeypatch):
-    """The jobs each request queued on the engine, one list per request."""
-    requests: list[list] = []
-    real = ModelWorker.submit_all
-
-    def recording(self, jobs):
-        requests.append(list(jobs))
-        return real(self, jobs)
-
-    monkeypatch.setattr(ModelWorker, "submit_all", recording)
-    return requests
 
 
 def post(client, route, **extra):

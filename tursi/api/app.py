@@ -10,6 +10,7 @@ from ..config import Settings
 from ..engine import allocator
 from ..engine.catalog import Catalog
 from ..engine.manager import ModelManager
+from ..engine.speculation import SpeculationSettings
 from ..engine.worker import BatchLimits
 from ..telemetry import process_rss
 from . import accounting, auth, bodies, lifecycle, limits, token_budget
@@ -42,6 +43,7 @@ def build_app(settings: Settings) -> Flask:
             settings.max_prompt_tokens,
             settings.prefix_cache_bytes(),
             settings.kv_cache_bytes(),
+            SpeculationSettings(settings.speculative, settings.speculative_tokens),
         ),
         settings.max_memory,
         settings.keep_alive,

@@ -106,6 +106,11 @@ def model_metrics(name: str):
             "bytes": stats["prefix_cache_bytes"],
             "evictions": stats["prefix_evictions"],
         },
+        "speculative": {
+            "drafted_tokens": stats["drafted_tokens"],
+            "accepted_tokens": stats["accepted_tokens"],
+            "acceptance_rate": format_percent(stats["acceptance_rate"]),
+        },
         "kv_cache": {
             "budget_bytes": stats["kv_cache_budget_bytes"],
             "reserved_bytes": stats["kv_cache_reserved_bytes"],

@@ -194,6 +194,15 @@ class PrefixCacheMetricsSchema(Schema):
     evictions = _count(metadata={"description": "blocks evicted to make room"})
 
 
+class SpeculativeMetricsSchema(Schema):
+    """Speculative decoding since the server started (summed over workers): drafted tokens
+    the model verified, those kept, their ratio."""
+
+    drafted_tokens = _count()
+    accepted_tokens = _count()
+    acceptance_rate = _text(metadata={"example": "71.0%", "description": "accepted / drafted"})
+
+
 class KVCacheMetricsSchema(Schema):
     """The running batch's KV cache now (summed over workers): the most it may hold
     (TURSI_KV_CACHE, or what the model can use), what is allocated, what its rows fill."""
@@ -217,6 +226,7 @@ class ModelMetricsValuesSchema(Schema):
     generations_running = _count()
     generations_waiting = _count()
     prefix_cache = fields.Nested(PrefixCacheMetricsSchema, required=True)
+    speculative = fields.Nested(SpeculativeMetricsSchema, required=True)
     kv_cache = fields.Nested(KVCacheMetricsSchema, required=True)
     quantized = fields.Boolean(required=True, allow_none=True)
     bits = fields.Integer(required=True, allow_none=True, validate=validate.OneOf(QUANT_BITS))

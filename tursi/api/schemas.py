@@ -167,6 +167,9 @@ class SamplingSchema(StrictSchema):
     stop_token_ids = token_ids_field(0, MAX_STOP_TOKEN_IDS, load_default=list)
     seed = JsonInteger(validate=validate.Range(min=INT64[0], max=INT64[1]), load_default=None)
     ignore_eos = JsonBoolean(load_default=False)  # as vLLM: keep going past end of sequence
+    # Speculative decoding (n-gram drafts) when the server has it on; false opts this
+    # request out. The output is the same either way (docs/performance.md).
+    speculative = JsonBoolean(load_default=True)
     logprobs = logprobs_field(MAX_LOGPROBS)
     prompt_logprobs = logprobs_field(MAX_LOGPROBS)  # the prompt's tokens (entry 0: null)
     # Structured output (vLLM's name): a JSON schema, any JSON object, a regex, a choice

@@ -69,6 +69,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: each output token's logprob + top k
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo)
     constraint: Constraint | None = None  # structured output: JSON schema, regex, grammar...
+    speculative: bool = True  # false: no speculative drafts for this request (same output)
 
     def __post_init__(self) -> None:
         # Requests give lists and dicts; tuples keep the frozen object hashable.

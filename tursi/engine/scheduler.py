@@ -37,13 +37,14 @@ import torch
 from ..errors import GenerationFailed, RequestTimeout, TursiError
 from ..telemetry import ModelStats
 from .constraints import GrammarError
-from .decode import decode_logits
+from .decode import decode_logits, step_logits
 from .detokenize import IncrementalDecoder
 from .jobs import Failed, Finished, GenerationJob, PromptLogprobs, TextChunk, TokenLogprob
 from .kvcache import BatchCache, KVBudget, PrefillCache
 from .loading import LoadedModel, num_layers
 from .prefix_cache import BLOCK_TOKENS, Block, PrefixCache, place, read_rows
 from .sampling import TokenChooser, choose_tokens, score, token_logprobs
+from .speculation import DraftState, SpeculationSettings, step_width
 from .stopping import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Sequence:
     # (characters of text up to the token's end, its logprob entry), not yet sent: an entry
     # goes with the chunk that completes its token's text
     entries: collections.deque[tuple[int, TokenLogprob]] = field(default_factory=collections.deque)
+    draft: DraftState | None = None  # speculative decoding's state, from its first draft
 
 
 @dataclass(eq=False)
@@ -169,8 +171,10 @@ class Scheduler:
         stats: ModelStats | None = None,
         prefix_cache_bytes: int = 0,
         kv_budget: KVBudget | None = None,
+        speculation: SpeculationSettings | None = None,
     ):
         self.name = name
+        self.speculation = speculation or SpeculationSettings()
         self.stats = stats or ModelStats(name)
         self.loaded = loaded
         self.max_batch = max_batch
@@ -462,6 +466,10 @@ class Scheduler:
     # --- decode ---------------------------------------------------------------------------
 
     def _decode_step(self) -> None:
+        drafts = self._drafts()
+        if any(drafts):
+            self._verify_step(drafts)
+            return
         device = self.loaded.device
         for seq in self.rows:
             seq.fed.append(seq.next_token)
@@ -474,6 +482,78 @@ class Scheduler:
             seq = self.rows[row]
             if seq.job in self.live and self._accept(seq, tokens[row], logprobs[row]):
                 self._remove_row(row)
+        self._remove_rows(lambda seq: seq.job not in self.live)  # a sibling choice failed
+
+    # --- speculative decoding (tursi.engine.speculation) -----------------------------------
+
+    def _drafts(self) -> list[list[int]]:
+        """Each row's draft for this step ([] for none): within the step's width
+        (speculation.step_width), the row's max_tokens (a row never runs a token it could
+        not keep), the context and the KV budget's columns (every row of a step has its
+        width of columns)."""
+        width = step_width(self.speculation, len(self.rows))
+        if width == 1:
+            return [[] for _ in self.rows]
+        context = self.loaded.context_length
+        room = context + 1
+        if self.kv_budget is not None:
+            room = max(self.kv_budget.columns(seq.job, context) for seq in self.rows)
+        width = min(width, room - max(self.cache.lengths))
+        drafts = []
+        for seq in self.rows:
+            params = seq.job.params
+            limit = min(width - 1, params.max_tokens - seq.tokens - 1)
+            if limit <= 0 or not params.speculative:
+                drafts.append([])
+                continue
+            if seq.draft is None:
+                seq.draft = DraftState(seq.job.prompt_ids, params.max_tokens)
+            drafts.append(seq.draft.draft(seq.fed, seq.next_token, limit))
+        return drafts
+
+    def _verify_step(self, drafts: list[list[int]]) -> None:
+        """One forward pass over each row's next token and its draft (padded to the longest);
+        then, position after position, each row's sampler chooses its token as a step
+        without drafts would, and the row goes on to the next position while that token is
+        its draft's. A row keeps the drafted tokens so chosen plus the one chosen where it
+        parted from its draft; its cache keeps the columns of the tokens it kept (the rest
+        are overwritten by later steps, and masked until then)."""
+        rows = self.rows
+        width = 1 + max(len(draft) for draft in drafts)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for row, (seq, draft) in enumerate(zip(rows, drafts, strict=True)):
+            seq.fed.append(seq.next_token)
+            ids[row, : 1 + len(draft)] = torch.tensor([seq.next_token, *draft])
+        logits = step_logits(self.loaded.model, ids.to(self.loaded.device), self.cache)
+        kept = [0] * len(rows)  # drafted tokens each row keeps
+        ended: list[int] = []
+        verifying = list(range(len(rows)))
+        for column in range(width):
+            choosers = [rows[row].chooser for row in verifying]
+            here = logits[verifying, column]
+            tokens = choose_tokens(here, choosers)
+            entries = token_logprobs(here, tokens, choosers)
+            going_on = []
+            for row, token, entry in zip(verifying, tokens, entries, strict=True):
+                seq = rows[row]
+                if seq.job not in self.live:
+                    continue
+                if self._accept(seq, token, entry):
+                    ended.append(row)
+                elif column < len(drafts[row]) and token == drafts[row][column]:
+                    kept[row] += 1
+                    going_on.append(row)
+            verifying = going_on
+            if not verifying:
+                break
+        for seq, draft, count in zip(rows, drafts, kept, strict=True):
+            if draft:
+                seq.draft.verified(len(draft), count)
+                seq.fed.extend(draft[:count])
+        self.stats.speculated(sum(len(draft) for draft in drafts), sum(kept))
+        self.cache.advance([1 + count for count in kept])
+        for row in sorted(ended, reverse=True):
+            self._remove_row(row)
         self._remove_rows(lambda seq: seq.job not in self.live)  # a sibling choice failed
 
     def _accept(self, seq: Sequence, token: int, entry: TokenLogprob | None) -> bool:

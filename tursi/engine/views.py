@@ -22,6 +22,8 @@ COUNTERS = (
     "prefix_cached_tokens",
     "prefix_cache_bytes",
     "prefix_evictions",
+    "drafted_tokens",
+    "accepted_tokens",
     "kv_cache_budget_bytes",
     "kv_cache_reserved_bytes",
     "kv_cache_used_bytes",

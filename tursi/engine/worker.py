@@ -38,6 +38,7 @@ from .jobs import GenerationJob, GenerationParams, SamplingParams
 from .kvcache import KVBudget, measure_token_bytes
 from .loading import LoadedModel
 from .scheduler import Scheduler
+from .speculation import SpeculationSettings
 from .tokens import TokenTexts, logits_width, vocab_size
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ _STOP = object()
 class BatchLimits:
     """Admission and deadline settings of each model's scheduler (TURSI_MAX_BATCH,
     TURSI_MAX_QUEUE, TURSI_REQUEST_TIMEOUT, TURSI_STEP_TIMEOUT, TURSI_MAX_PROMPT_TOKENS,
-    TURSI_PREFIX_CACHE, TURSI_KV_CACHE)."""
+    TURSI_PREFIX_CACHE, TURSI_KV_CACHE, TURSI_SPECULATIVE, TURSI_SPECULATIVE_TOKENS)."""
 
     max_batch: int = 32
     max_queue: int = 128
@@ -60,6 +61,8 @@ class BatchLimits:
     max_prompt_tokens: int | None = None  # None: the model's context length is the bound
     prefix_cache_bytes: int = 0  # each model's prefix cache (TURSI_PREFIX_CACHE); 0: off
     kv_cache_bytes: int | None = None  # each model's batch KV (TURSI_KV_CACHE); None: no bound
+    # TURSI_SPECULATIVE, TURSI_SPECULATIVE_TOKENS (tursi.engine.speculation)
+    speculation: SpeculationSettings = SpeculationSettings()
 
 
 class ModelWorker:
@@ -90,6 +93,7 @@ class ModelWorker:
             stats,
             limits.prefix_cache_bytes,
             self.kv_budget,
+            limits.speculation,
         )
         self.vocab_size = vocab_size(loaded.tokenizer, loaded.model)
         self._token_texts = TokenTexts(loaded.tokenizer)

@@ -1,0 +1,84 @@
+"""Speculative decoding through both APIs (issue 21): the `speculative` field reaches every
+job of a request, and the model's metrics (JSON and Prometheus) count the drafted and kept
+tokens the engine verified. The catalog's tiny model repeats itself, so n-gram drafts of its
+output are made and kept; whether output is unchanged by them is checked against transformers
+in tests/unit/test_speculation.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import API, load_and_wait, parse_metrics, value
+
+CHAT = [{"role": "user", "content": "lazy dog"}]
+REQUESTS = {
+    f"{API}/generate": {"prompt": "Once upon a time", "max_tokens": 3},
+    "/v1/completions": {"prompt": ["Once upon", "a time"], "n": 2, "max_tokens": 3},
+    "/v1/chat/completions": {"messages": CHAT, "max_tokens": 3},
+}
+
+
+@pytest.fixture
+def client(make_app, chat_catalog):
+    client = make_app(models_file=str(chat_catalog)).test_client()
+    assert load_and_wait(client, "tiny")["status"] == "loaded"
+    return client
+
+
+@pytest.mark.parametrize("route", list(REQUESTS))
+@pytest.mark.parametrize("given, expected", [({}, True), ({"speculative": False}, False)])
+def test_speculative_reaches_every_job(client, submitted, route, given, expected):
+    body = {"model": "tiny", "temperature": 0, **REQUESTS[route], **given}
+    response = client.post(route, json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    (jobs,) = submitted
+    assert jobs and all(job.params.speculative is expected for job in jobs)
+
+
+@pytest.mark.parametrize("route", list(REQUESTS))
+@pytest.mark.parametrize("bad", ["false", 0, 1, None, []])
+def test_speculative_must_be_a_boolean(client, submitted, route, bad):
+    response = client.post(route, json={"model": "tiny", **REQUESTS[route], "speculative": bad})
+    assert response.status_code == 400, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "speculative" in error["details"]["fields"]
+    if route.startswith("/v1"):  # OpenAI's error object names the parameter
+        assert error["param"] == "speculative" and error["type"] == "invalid_request_error"
+    assert submitted == []  # refused before anything reached the engine
+
+
+def test_drafted_and_kept_tokens_are_counted_in_both_metrics_views(client):
+    def scrape():
+        return parse_metrics(client.get("/metrics").get_data(as_text=True))
+
+    def speculative():
+        response = client.get(f"{API}/models/tiny/metrics")
+        assert response.status_code == 200
+        return response.get_json()["metrics"]["speculative"]
+
+    assert speculative() == {"drafted_tokens": 0, "accepted_tokens": 0, "acceptance_rate": "0%"}
+    before = scrape()
+    body = {
+        "model": "tiny",
+        "prompt": "lazy dog lazy dog lazy",
+        "max_tokens": 40,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    with_drafts = client.post(f"{API}/generate", json=body).get_json()
+    shown = speculative()
+    assert 0 < shown["accepted_tokens"] <= shown["drafted_tokens"]
+    rate = 100 * shown["accepted_tokens"] / shown["drafted_tokens"]  # one decimal, as documented
+    assert float(shown["acceptance_rate"].removesuffix("%")) == pytest.approx(rate, abs=0.05)
+    after = scrape()
+
+    def delta(name):
+        return value(after, name, model="tiny") - value(before, name, model="tiny")
+
+    assert delta("tursi_speculative_drafted_tokens_total") == shown["drafted_tokens"]
+    assert delta("tursi_speculative_accepted_tokens_total") == shown["accepted_tokens"]
+    # Opted out: the same text, nothing drafted.
+    without = client.post(f"{API}/generate", json={**body, "speculative": False}).get_json()
+    assert without["text"] == with_drafts["text"]
+    assert speculative() == shown

@@ -1,0 +1,272 @@
+"""Speculative decoding (tursi.engine.speculation, Scheduler._verify_step) against outside
+references.
+
+- Greedy, float32, the embedded model: what the Scheduler generates with speculation on equals
+  transformers' greedy decoding of each prompt alone (the stock model read from the same
+  converted folder, a DynamicCache, one token per step), on a copy prompt (drafts accepted),
+  a free prompt (drafts mostly rejected), alone and in one batch with speculation off for
+  another request, and ended by a stop string or max_tokens inside an accepted draft.
+- Sampling: the tokens drawn with speculation follow the distribution drawn without it (a
+  chi-square test over many seeds, on a tiny model with repeated patterns so that drafts
+  are made, kept and rejected).
+- The drafter itself: the n-gram lookup and the cooldown.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.helpers import build_llama, transformers_greedy
+from tursi.engine.catalog import Catalog, CatalogEntry
+from tursi.engine.jobs import Finished, GenerationJob, GenerationParams, TextChunk
+from tursi.engine.loading import LoadOptions, load_model
+from tursi.engine.loading.weights import converted_dir, embedded_gguf
+from tursi.engine.scheduler import Scheduler
+from tursi.engine.speculation import MAX_COOLDOWN, DraftState, SpeculationSettings, propose
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PASSAGE = (
+    "The lighthouse stood on a narrow point of rock at the mouth of the harbour. Every "
+    "evening the keeper climbed the hundred and twelve steps, trimmed the wick, polished "
+    "the great lens and lit the lamp, and every morning he wrote in his log how the wind "
+    "had blown and which ships had passed in the night."
+)
+COPY = f"Repeat the following text word for word.\n\n{PASSAGE}"
+FREE = "Write a short story about a robot who learns to paint."
+
+
+# --- the drafter --------------------------------------------------------------------------
+
+
+def test_propose_takes_what_followed_the_latest_occurrence_of_the_longest_suffix():
+    tokens = numpy.array([5, 6, 7, 1, 9, 6, 7, 2, 3, 8, 6, 7])
+    # "6 7" occurs at 1 and 5: the latest one's continuation
+    assert propose(tokens, 3) == [2, 3, 8]
+    # a longer suffix wins over a later shorter one: "9 6 7" occurred once, at 4
+    assert propose(numpy.array([9, 6, 7, 4, 4, 6, 7, 0, 9, 6, 7]), 2) == [4, 4]
+    assert propose(tokens, 1) == [2]
+    assert propose(tokens, 0) == []
+
+
+def test_propose_needs_two_matching_tokens_and_stops_at_the_end():
+    assert propose(numpy.array([1, 2, 3, 4, 3]), 4) == []  # "3" alone is not enough
+    assert propose(numpy.array([1, 2, 3, 4]), 4) == []
+    # the match's continuation runs into the suffix itself: cut at the end
+    assert propose(numpy.array([7, 7, 7]), 5) == [7]
+
+
+def test_draft_state_copies_the_output_and_cools_down_after_rejected_drafts():
+    state = DraftState([1, 2, 3, 4], max_tokens=8)
+    assert state.draft([1], 2, 4) == [3, 4, 1, 2]  # prompt 1 2 3 4, output 1, next 2
+    waits = []
+    for _ in range(6):
+        state.verified(4, 0)
+        waits.append(state.wait)
+        while state.wait:
+            assert state.draft([1, 2], 3, 4) == []
+    assert waits == [1, 2, 4, 8, 16, MAX_COOLDOWN]
+    state.verified(3, 2)
+    assert (state.wait, state.drafted, state.accepted) == (0, 27, 2)
+    assert state.draft([1, 2, 3], 4, 2) == [1, 2]
+
+
+# --- the embedded model in float32 -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded(embedded_home):
+    """(the embedded model loaded as the server loads it in float32, the stock transformers
+    model read from the same converted folder)."""
+    entry = Catalog.load(None).get("smollm2-135m-instruct")
+    home = str(embedded_home)
+    loaded = load_model(entry, LoadOptions(dtype="float32").resolved(entry), home)
+    folder = converted_dir(entry, home, embedded_gguf(entry))
+    stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return loaded, stock
+
+
+def chat(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
+
+
+@pytest.fixture(scope="module")
+def references(embedded):
+    """{prompt name: (prompt ids, the stock model's 90 greedy ids)}."""
+    loaded, stock = embedded
+    found = {}
+    for name, text in (("copy", COPY), ("free", FREE)):
+        prompt = list(chat(loaded.tokenizer, text))
+        found[name] = (prompt, transformers_greedy(stock, prompt, 90))
+    return found
+
+
+def run(loaded, jobs, settings=None, max_batch=8) -> Scheduler:
+    """Every job through one Scheduler until all have ended."""
+    scheduler = Scheduler(
+        "test", loaded, max_batch, lambda job, seconds, ok: None, speculation=settings
+    )
+    for job in jobs:
+        scheduler.add(job)
+    while not scheduler.idle:
+        scheduler.turn()
+    return scheduler
+
+
+def outcome(job) -> tuple[str, Finished]:
+    pieces = []
+    while True:
+        event = job.events.get(timeout=1)
+        if isinstance(event, Finished):
+            return "".join(pieces), event
+        assert isinstance(event, TextChunk), event
+        pieces.append(event.text)
+
+
+def greedy(prompt, max_tokens, **params) -> GenerationJob:
+    return GenerationJob(
+        prompt, GenerationParams(max_tokens, temperature=0.0, ignore_eos=True, **params)
+    )
+
+
+def text_of(tokenizer, prompt, ids) -> str:
+    whole = tokenizer.decode(prompt + ids, skip_special_tokens=True)
+    return whole[len(tokenizer.decode(prompt, skip_special_tokens=True)) :]
+
+
+def test_greedy_copy_and_free_prompts_equal_transformers_with_drafts_kept(embedded, references):
+    loaded, _ = embedded
+    for name in ("copy", "free"):
+        prompt, expected = references[name]
+        job = greedy(prompt, len(expected))
+        scheduler = run(loaded, [job])
+        text, finished = outcome(job)
+        assert text == text_of(loaded.tokenizer, prompt, expected), name
+        assert finished.tokens_generated == len(expected)
+        stats = scheduler.stats
+        if name == "copy":  # most of the copy came from drafts
+            assert stats.accepted_tokens >= len(expected) // 2, vars(stats)
+            assert stats.accepted_tokens <= stats.drafted_tokens
+        else:  # the free text drafted rarely, and kept little of it
+            assert stats.drafted_tokens > 0, vars(stats)
+            assert stats.accepted_tokens < stats.drafted_tokens / 2, vars(stats)
+
+
+def test_a_batch_with_and_without_speculation_equals_each_prompt_alone(embedded, references):
+    loaded, _ = embedded
+    copy_prompt, copy_ids = references["copy"]
+    free_prompt, free_ids = references["free"]
+    jobs = [
+        greedy(copy_prompt, 90),
+        greedy(free_prompt, 90),
+        greedy(copy_prompt, 90, speculative=False),
+        greedy(free_prompt, 60),
+    ]
+    scheduler = run(loaded, jobs, SpeculationSettings(step_tokens=64))
+    wanted = [copy_ids, free_ids, copy_ids, free_ids[:60]]
+    prompts = [copy_prompt, free_prompt, copy_prompt, free_prompt]
+    for index, (job, prompt, ids) in enumerate(zip(jobs, prompts, wanted, strict=True)):
+        text, finished = outcome(job)
+        assert text == text_of(loaded.tokenizer, prompt, ids), index
+        assert (finished.tokens_generated, finished.finish_reason) == (len(ids), "length")
+    assert scheduler.stats.accepted_tokens > 40
+
+
+def test_a_stop_string_or_max_tokens_inside_an_accepted_draft_ends_the_choice_there(
+    embedded, references
+):
+    """The copy's drafts run past where the stop string and max_tokens end it: nothing after
+    is sent, the tokens counted are those before."""
+    loaded, _ = embedded
+    prompt, expected = references["copy"]
+    full = text_of(loaded.tokenizer, prompt, expected)
+    stop = "hundred and"  # in the middle of the passage
+    assert stop in full
+    stopped = greedy(prompt, 90, stop=[stop])
+    cut = greedy(prompt, 37)
+    scheduler = run(loaded, [stopped, cut])
+    text, finished = outcome(stopped)
+    assert (text, finished.finish_reason) == (full[: full.index(stop)], "stop")
+    assert finished.tokens_generated < len(expected)
+    text, finished = outcome(cut)
+    assert (text, finished.finish_reason) == (
+        text_of(loaded.tokenizer, prompt, expected[:37]),
+        "length",
+    )
+    assert finished.tokens_generated == 37
+    assert scheduler.stats.accepted_tokens > 10
+    assert not scheduler.rows and scheduler.cache.size == 0
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peaky(tmp_path_factory):
+    """A tiny Llama with large random weights (its distributions are peaked, so drafts of a
+    repeated pattern are sometimes kept) in float32."""
+    path = build_llama(tmp_path_factory.mktemp("peaky"), initializer_range=0.15, seed=3)
+    entry = CatalogEntry("peaky", "local", str(path), dtype="float32")
+    home = str(tmp_path_factory.mktemp("home"))
+    return load_model(entry, LoadOptions().resolved(entry), home)
+
+
+def sample_runs(loaded, prompt, seeds, speculative) -> tuple[list[tuple[int, ...]], Scheduler]:
+    jobs = [
+        GenerationJob(
+            prompt,
+            GenerationParams(
+                4, temperature=1.0, seed=seed, ignore_eos=True, speculative=speculative
+            ),
+        )
+        for seed in seeds
+    ]
+    settings = SpeculationSettings(tokens=3, step_tokens=64)
+    scheduler = run(loaded, jobs, settings, max_batch=16)
+    texts = []
+    for job in jobs:
+        text, finished = outcome(job)
+        assert finished.tokens_generated == 4
+        texts.append(text)
+    return texts, scheduler
+
+
+def test_sampled_tokens_follow_the_same_distribution_with_and_without_drafts(peaky):
+    tokenizer = peaky.tokenizer
+    prompt = tokenizer("the cat sat on the mat the cat sat on the mat the cat sat on")["input_ids"]
+    on, scheduler = sample_runs(peaky, prompt, range(600), True)
+    drafted, kept = scheduler.stats.drafted_tokens, scheduler.stats.accepted_tokens
+    assert 0 < kept < drafted  # drafts were made, some kept and some rejected
+    off, scheduler = sample_runs(peaky, prompt, range(600, 1200), False)
+    assert scheduler.stats.drafted_tokens == 0
+    # chi-square test of homogeneity over the outputs seen at least 10 times in all
+    counts_on, counts_off = collections.Counter(on), collections.Counter(off)
+    common = [text for text in counts_on | counts_off if counts_on[text] + counts_off[text] >= 10]
+    assert len(common) >= 4
+    rest_on = len(on) - sum(counts_on[text] for text in common)
+    rest_off = len(off) - sum(counts_off[text] for text in common)
+    table = [(counts_on[text], counts_off[text]) for text in common] + [(rest_on, rest_off)]
+    statistic = sum((a - b) ** 2 / (a + b) for a, b in table if a + b)  # equal sample sizes
+    dof = len(table) - 1
+    # the 0.999 quantile of chi-square(dof), Wilson-Hilferty: a false failure in 1,000 runs
+    bound = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
+    assert statistic < bound, (statistic, bound, table)
+
+
+def test_a_seeded_request_draws_the_same_tokens_with_and_without_drafts(peaky):
+    """Each kept token is one draw of the row's generator, as without speculation."""
+    prompt = peaky.tokenizer("the cat sat on the mat the cat sat on the mat the cat sat on")[
+        "input_ids"
+    ]
+    on, scheduler = sample_runs(peaky, prompt, range(40), True)
+    assert scheduler.stats.accepted_tokens > 0
+    off, _ = sample_runs(peaky, prompt, range(40), False)
+    assert on == off
