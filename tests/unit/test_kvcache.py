@@ -128,6 +128,74 @@ def test_a_step_writes_each_row_at_its_own_column():
     assert row_marks(cache, 1) == [103, 104, 150]
 
 
+def wide_step(cache, marks):
+    """A step of len(marks[0]) tokens per row (a verify pass): every layer writes key
+    marks[r][j] (value its negative) for row r's token j. Does not advance the cache."""
+    width = len(marks[0])
+    positions, mask = cache.prepare_step(torch.device("cpu"), width)
+    new = torch.tensor(marks, dtype=torch.float32)[:, None, :, None]
+    new = new.expand(len(marks), HEADS, width, DIM)
+    for layer in cache.layers:
+        keys, values = layer.update(new.clone(), -new.clone(), layer_idx=0)
+        assert keys.shape == values.shape == (len(marks), HEADS, cache.window, DIM)
+    return positions, mask
+
+
+def test_a_verify_step_writes_each_rows_tokens_at_its_own_columns():
+    """Width 3 over rows of 5 and 2 tokens: token j of row r at column lengths[r] + j, seeing
+    its row's columns up to its own; the rows then advance by the tokens they kept, and the
+    next step overwrites the columns of the tokens they did not."""
+    source = prefill_cache(rows=2, width=5)
+    cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
+    cache.add_row(source, 0, torch.arange(5))
+    cache.add_row(source, 1, torch.arange(3, 5))
+
+    positions, mask = wide_step(cache, [[50, 51, 52], [150, 151, 152]])
+    assert positions.tolist() == [[5, 6, 7], [2, 3, 4]]
+    assert cache.window == 8 and cache.get_seq_length() == 5  # as a left-padded DynamicCache
+    assert mask.shape == (2, 1, 3, 8)
+    assert mask[0, 0].tolist() == [[True] * (6 + j) + [False] * (2 - j) for j in range(3)]
+    assert mask[1, 0].tolist() == [[True] * (3 + j) + [False] * (5 - j) for j in range(3)]
+
+    cache.advance([2, 3])
+    assert cache.lengths == [7, 5]
+    assert row_marks(cache, 0) == [0, 1, 2, 3, 4, 50, 51]
+    assert row_marks(cache, 1, layer=1) == [1103, 1104, 150, 151, 152]
+    assert cache.layers[0].keys[0, 0, 7, 0] == 52  # not kept: masked, then overwritten
+
+    positions, mask = step(cache, [60, 160])
+    assert positions.tolist() == [[7], [5]]
+    assert mask[0, 0, 0].tolist() == [True] * 8
+    assert row_marks(cache, 0) == [0, 1, 2, 3, 4, 50, 51, 60]
+    assert row_marks(cache, 1) == [103, 104, 150, 151, 152, 160]
+
+
+def test_a_row_advances_by_no_more_than_the_step_wrote():
+    source = prefill_cache(rows=2, width=5)
+    cache = BatchCache(LAYERS, max_length=100, boolean_mask=True)
+    cache.add_row(source, 0, torch.arange(5))
+    cache.add_row(source, 1, torch.arange(3, 5))
+    wide_step(cache, [[1, 2], [3, 4]])
+    for counts in ([3, 0], [0, -1], [1]):
+        with pytest.raises(ValueError):
+            cache.advance(counts)
+    assert cache.lengths == [5, 2]
+    cache.advance([0, 2])
+    assert cache.lengths == [5, 4]
+
+
+def test_a_step_past_the_context_is_refused():
+    """The buffers stop at max_length + 1 columns: a step that would write past them raises
+    instead of writing into the next head's columns."""
+    source = prefill_cache(rows=1, width=8)
+    cache = BatchCache(LAYERS, max_length=10, boolean_mask=True)
+    cache.add_row(source, 0, torch.arange(8))
+    wide_step(cache, [[1, 2, 3]])  # columns 8..10: the last one there is
+    assert capacity(cache) == (1, 11)
+    with pytest.raises(ValueError):
+        wide_step(cache, [[1, 2, 3, 4]])
+
+
 @pytest.mark.parametrize("layers", [1, LAYERS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_additive_mask_for_eager_attention(dtype, layers):
@@ -142,6 +210,9 @@ def test_additive_mask_for_eager_attention(dtype, layers):
     assert mask[0, 0, 0].tolist() == [0.0] * 4
     assert mask[1, 0, 0, :2].tolist() == [0.0, 0.0]
     assert (mask[1, 0, 0, 2:] == torch.finfo(dtype).min).all()
+    _, mask = cache.prepare_step(torch.device("cpu"), 2)  # a verify pass: causal
+    assert mask[0, 0, 0].tolist() == [0.0] * 4 + [torch.finfo(dtype).min]
+    assert mask[0, 0, 1].tolist() == [0.0] * 5
 
 
 @pytest.mark.parametrize("boolean_mask", [True, False], ids=["sdpa", "eager"])
@@ -154,10 +225,11 @@ def test_a_step_is_prepared_on_the_model_device(boolean_mask):
     cache.add_row(source, 0, torch.arange(4))
     cache.add_row(source, 1, torch.arange(1, 4))
     meta = torch.device("meta")
-    positions, mask = cache.prepare_step(meta)
-    assert positions.device == mask.device == cache.step_slots.device == meta
-    assert positions.shape == (2, 1)
-    assert mask.shape == (2, 1, 1, 5)
+    for width in (1, 3):
+        positions, mask = cache.prepare_step(meta, width)
+        assert positions.device == mask.device == cache.step_slots.device == meta
+        assert positions.shape == (2, width)
+        assert mask.shape == (2, 1, width, 4 + width)
 
 
 def test_buffers_grow_by_doubling_and_are_reused_between_steps():

@@ -1,8 +1,11 @@
 """The running batch's KV cache: preallocated per-row buffers, written in place.
 
 Row r of every layer holds the keys and values of one running request in columns
-[0, lengths[r]). A decode step writes each row's new token at its own column, so rows of
-different lengths share one forward pass; a 4-D mask hides each row's unused columns.
+[0, lengths[r]). A decode step writes each row's new tokens (one, or `width` for a verify
+pass of speculative decoding) at its own next columns, so rows of different lengths share one
+forward pass; a 4-D mask hides each row's unused columns and, among the new tokens, the
+later ones. After a step each row advances by the tokens it keeps: columns written past that
+stay in the buffer, masked, until a later step overwrites them.
 Rows stay packed at the front: when one leaves, the last row moves into its place.
 
 Why not transformers' DynamicCache: it grows by `torch.cat` at every step and layer, which
@@ -12,6 +15,7 @@ copies the whole cache each token; at 16 rows on a 2-core CPU that was 42% of st
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +46,7 @@ class _SlotLayer(CacheLayerMixin):
         return self.owner.window, 0
 
     def get_seq_length(self) -> int:
-        return self.owner.window - 1
+        return self.owner.window - self.owner.width
 
     def get_max_length(self) -> int:
         return -1
@@ -158,8 +162,9 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class BatchCache(Cache):
     """KV cache for the rows of a running batch. Use: `add_row` after a prefill,
-    `prepare_step` before each one-token forward, `advance` after it, `remove_row` when a
-    request leaves. Buffers grow by doubling and are freed when the batch empties."""
+    `prepare_step` before each step's forward (one token per row, or `width`), `advance`
+    after it, `remove_row` when a request leaves. Buffers grow by doubling and are freed when
+    the batch empties."""
 
     def __init__(
         self,
@@ -175,9 +180,10 @@ class BatchCache(Cache):
         # what the rows need (the scheduler admits no more rows than fit; see _shape).
         self.limit_bytes = limit_bytes
         self.lengths: list[int] = []
-        self.window = 1
-        # Where this step's keys and values go: one index per (row, kv head) into a layer's
-        # buffer seen as [rows * heads * capacity, head_dim] (set by prepare_step).
+        # This step's columns: the longest row's and its new tokens', and the new tokens per row.
+        self.window, self.width = 1, 1
+        # Where this step's keys and values go: one index per (row, kv head, new token) into a
+        # layer's buffer seen as [rows * heads * capacity, head_dim] (set by prepare_step).
         self.step_slots: torch.Tensor | None = None
 
     @property
@@ -234,25 +240,34 @@ class BatchCache(Cache):
         for layer in self.layers:
             layer.keys = layer.values = None
 
-    def prepare_step(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids [n, 1] and a 4-D attention mask [n, 1, 1, window] for one step."""
-        self._reserve(self.size, max(self.lengths) + 1)
-        self.window = max(self.lengths) + 1
-        positions = torch.tensor(self.lengths, device=device)
+    def prepare_step(
+        self, device: torch.device, width: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids [n, width] and a 4-D attention mask [n, 1, width, window] for a step
+        of `width` new tokens per row: row r's token j goes at column lengths[r] + j and sees
+        the columns up to that one (its row's cache, then the new tokens up to itself). The
+        caller keeps max(lengths) + width within max_length + 1."""
+        self.window, self.width = max(self.lengths) + width, width
+        if self.window > self.max_length + 1:
+            raise ValueError(f"a step to column {self.window} passes the context")
+        self._reserve(self.size, self.window)
+        positions = torch.tensor(
+            [[length + j for j in range(width)] for length in self.lengths], device=device
+        )
         _, heads, capacity, _ = self.layers[0].keys.shape
         first_slots = torch.arange(self.size * heads, device=device).view(-1, heads) * capacity
-        self.step_slots = (first_slots + positions[:, None]).view(-1)
-        visible = torch.arange(self.window, device=device)[None, :] <= positions[:, None]
-        mask = visible[:, None, None, :]
+        self.step_slots = (first_slots[:, :, None] + positions[:, None, :]).view(-1)
+        visible = torch.arange(self.window, device=device)[None, None, :] <= positions[:, :, None]
+        mask = visible[:, None]
         if not self.boolean_mask:  # eager attention adds the mask to the scores
             mask = additive_mask(mask, self.layers[0].keys.dtype)
-        return positions[:, None], mask
+        return positions, mask
 
     def write(
         self, layer: _SlotLayer, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys and values [rows, heads, 1, head_dim] of one layer at each
-        row's own column; returns the layer's keys and values up to the step's window."""
+        """Store this step's keys and values [rows, heads, width, head_dim] of one layer at
+        each row's own columns; returns the layer's keys and values up to the step's window."""
         head_dim = keys.shape[-1]
         layer.keys.view(-1, head_dim).index_copy_(0, self.step_slots, keys.reshape(-1, head_dim))
         layer.values.view(-1, head_dim).index_copy_(
@@ -265,8 +280,15 @@ class BatchCache(Cache):
         n, window = self.size, self.window
         return layer.keys[:n, :, :window], layer.values[:n, :, :window]
 
-    def advance(self) -> None:
-        self.lengths = [length + 1 for length in self.lengths]
+    def advance(self, counts: Sequence[int] | None = None) -> None:
+        """Count the step's tokens into the rows: one each, or counts[r] of row r's first
+        (the tokens a verify pass accepted; the rest of its columns are overwritten later)."""
+        if counts is None:
+            self.lengths = [length + 1 for length in self.lengths]
+            return
+        if len(counts) != self.size or not all(0 <= c <= self.width for c in counts):
+            raise ValueError(f"counts {list(counts)} for {self.size} rows of {self.width} tokens")
+        self.lengths = [length + count for length, count in zip(self.lengths, counts, strict=True)]
 
     def _reserve(self, rows: int, length: int, source: Cache | None = None) -> None:
         """Make the buffers hold at least `rows` rows of `length` columns. New buffers take
