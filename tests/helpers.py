@@ -91,6 +91,19 @@ def build_llama(target: Path, seed: int = 0, norm_spread: float = 0.0, **overrid
     return target
 
 
+def prefilled(model, prompts: list[list[int]], boolean_mask: bool = True, max_length: int = 256):
+    """A BatchCache holding `prompts`, each prefilled alone by `model` (the engine's side)."""
+    from tursi.engine.kvcache import BatchCache
+
+    cache = BatchCache(model.config.num_hidden_layers, max_length, boolean_mask)
+    for prompt in prompts:
+        source = DynamicCache()
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([prompt]), past_key_values=source, use_cache=True)
+        cache.add_row(source, 0, torch.arange(len(prompt)))
+    return cache
+
+
 def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     """transformers' greedy decoding of one prompt alone: the model's forward with a
     DynamicCache, one token per step, going on through end-of-sequence (as ignore_eos). The

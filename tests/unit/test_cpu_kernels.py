@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import tursi.engine.decode as decode_module
-from tests.helpers import build_gpt2, build_llama
+from tests.helpers import build_gpt2, build_llama, prefilled
 from tursi.engine import native
 from tursi.engine.cpu_kernels import (
     FusedAttention,
@@ -114,17 +114,6 @@ def test_prefill_logits_match_transformers(llama_path, dtype):
         got = optimized(input_ids=ids, attention_mask=mask).logits.float()
     scale = want.abs().max()
     assert (got - want)[mask.bool()].abs().max() <= TOLERANCE[dtype] * scale
-
-
-def prefilled(model, prompts, boolean_mask=True):
-    """A BatchCache holding `prompts`, each prefilled alone by `model` (the engine's side)."""
-    cache = BatchCache(model.config.num_hidden_layers, 256, boolean_mask)
-    for prompt in prompts:
-        source = DynamicCache()
-        with torch.inference_mode():
-            model(input_ids=torch.tensor([prompt]), past_key_values=source, use_cache=True)
-        cache.add_row(source, 0, torch.arange(len(prompt)))
-    return cache
 
 
 def transformers_steps(stock, prompts, steps):

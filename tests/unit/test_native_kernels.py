@@ -75,32 +75,36 @@ def test_add_rms_norm_matches_torch_ops(kernels, dtype, rows):
     assert kernels.add_rms_norm(hidden, None, norm)[0] is hidden
 
 
-def cache_with_rows(lengths, dtype, heads=2, head_dim=8, capacity=32):
-    """A one-layer BatchCache whose rows have these lengths, ready for a step."""
+def cache_with_rows(lengths, dtype, heads=2, head_dim=8, capacity=32, width=1):
+    """A one-layer BatchCache whose rows have these lengths, ready for a step of `width`
+    tokens per row; and the step's positions [rows * width]."""
     cache = BatchCache(1, capacity - 1, boolean_mask=True)
     generator = torch.Generator().manual_seed(len(lengths))
     layer = cache.layers[0]
     shape = (len(lengths), heads, capacity, head_dim)
     layer.keys, layer.values = (torch.randn(shape, generator=generator).to(dtype) for _ in "kv")
     cache.lengths = list(lengths)
-    positions, _ = cache.prepare_step(torch.device("cpu"))
+    positions, _ = cache.prepare_step(torch.device("cpu"), width)
     return cache, positions.view(-1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rope_store_matches_torch_ops(kernels, dtype):
+@pytest.mark.parametrize("width", [1, 4])
+def test_rope_store_matches_torch_ops(kernels, dtype, width):
+    """One token per row, or four (a verify pass), each at its own position."""
     heads, kv_heads, head_dim = 6, 2, 8
-    torch_cache, positions = cache_with_rows([3, 9, 1], dtype, kv_heads, head_dim)
+    torch_cache, positions = cache_with_rows([3, 9, 1], dtype, kv_heads, head_dim, width=width)
     native_cache = copy.deepcopy(torch_cache)
     generator = torch.Generator().manual_seed(7)
-    qkv = torch.randn(3, 1, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
-    angles = positions[:, None, None] * torch.linspace(0.1, 1.0, head_dim)
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # [rows, 1, head_dim]
+    features = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(3, width, features, generator=generator).to(dtype)
+    angles = positions.view(3, width, 1) * torch.linspace(0.1, 1.0, head_dim)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # [rows, width, head_dim]
     want = TorchOps.rope_store(torch_cache, torch_cache.layers[0], qkv, cos, sin, heads, kv_heads)
     got = kernels.rope_store(
         native_cache, native_cache.layers[0], qkv, cos, sin, positions, heads, kv_heads
     )
-    assert got.shape == (3, heads, 1, head_dim)
+    assert got.shape == (3, heads, width, head_dim)
     # the same roundings in the same order: equal, not only close
     assert torch.equal(got, want)
     assert torch.equal(native_cache.layers[0].keys, torch_cache.layers[0].keys)
@@ -133,6 +137,10 @@ def test_rope_store_refuses_what_does_not_fit(kernels):
             torch.tensor([1, 2, 3]),
             2,
             2,
+        )
+    with pytest.raises(RuntimeError):  # positions for one token per row, qkv of two
+        kernels.rope_store(
+            cache, layer, torch.zeros(2, 2, width), *(torch.zeros(2, 2, 8),) * 2, positions, 2, 2
         )
     with pytest.raises(RuntimeError):  # another dtype
         kernels.rope_store(cache, layer, qkv.bfloat16(), cos, sin, positions, 2, 2)

@@ -1,9 +1,14 @@
-"""One decode step of the running batch: one new token per row, each row at its own position.
+"""One decode step of the running batch: new tokens for every row, each row at its own position.
 
-`decode_logits` runs the model's own forward with the BatchCache as its cache, which works for
-every architecture. For Llama models that `cpu_kernels.optimize_for_cpu` fused, with SDPA
-attention, it runs `_fused_llama_step` instead: the same computation as transformers' Llama
-code, written for one token per row, without the per-call plumbing (module hooks, argument
+`decode_logits` runs one token per row and advances the cache. `step_logits` runs `width`
+tokens per row (a verify pass of speculative decoding: the next token and the drafts after
+it, each seeing its row's cache and the row's tokens before it) and leaves advancing to the
+caller, which counts only the tokens it accepted (`BatchCache.advance`).
+
+Both run the model's own forward with the BatchCache as its cache, which works for every
+architecture. For Llama models that `cpu_kernels.optimize_for_cpu` fused, with SDPA
+attention, they run `_fused_llama_step` instead: the same computation as transformers' Llama
+code, written for a few tokens per row, without the per-call plumbing (module hooks, argument
 handling, mask building, output objects). Its decoder layers run
 - in C++ (`decode_layers` of tursi.engine.native) when the native kernels were built and the
   model fits them (`native_plan`): the same ops with no Python between them, the residual add
@@ -34,19 +39,25 @@ log = logging.getLogger(__name__)
 
 def decode_logits(model: Any, ids: torch.Tensor, cache: BatchCache) -> torch.Tensor:
     """Logits [rows, vocab] for `ids` [rows, 1], one token per row of `cache`; advances it."""
-    positions, mask = cache.prepare_step(ids.device)
-    if cache.boolean_mask and fused_llama(model) and model.config._attn_implementation == "sdpa":
-        logits = _fused_llama_step(model, ids, positions.view(-1), mask, cache)
-    else:
-        logits = model(
-            input_ids=ids,
-            position_ids=positions,
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-        ).logits[:, -1]
+    logits = step_logits(model, ids, cache)[:, 0]
     cache.advance()
     return logits
+
+
+def step_logits(model: Any, ids: torch.Tensor, cache: BatchCache) -> torch.Tensor:
+    """Logits [rows, width, vocab] for `ids` [rows, width]: row r's tokens at positions
+    lengths[r] onwards, their keys and values written into the cache's next columns. Does not
+    advance the cache: the caller advances each row by the tokens it keeps."""
+    positions, mask = cache.prepare_step(ids.device, ids.shape[1])
+    if cache.boolean_mask and fused_llama(model) and model.config._attn_implementation == "sdpa":
+        return _fused_llama_step(model, ids, positions, mask, cache)
+    return model(
+        input_ids=ids,
+        position_ids=positions,
+        attention_mask=mask,
+        past_key_values=cache,
+        use_cache=True,
+    ).logits
 
 
 class TorchOps:
@@ -73,11 +84,12 @@ class TorchOps:
         heads: int,
         kv_heads: int,
     ) -> torch.Tensor:
-        """q [rows, heads, 1, head_dim] of `qkv` [rows, 1, width], rotated; k (rotated) and
-        v go into the cache at each row's column, which the cache's prepare_step set
-        (cos, sin: [rows, 1, head_dim])."""
+        """q [rows, heads, width, head_dim] of `qkv` [rows, width, features], rotated; k
+        (rotated) and v go into the cache at each row's columns, which the cache's
+        prepare_step set (cos, sin: [rows, width, head_dim])."""
+        rows, width, _ = qkv.shape
         head_dim = cos.shape[-1]
-        qkv = qkv.view(qkv.shape[0], -1, 1, head_dim)
+        qkv = qkv.view(rows, width, -1, head_dim).transpose(1, 2)
         qk = _rotate(qkv[:, : heads + kv_heads], cos[:, None], sin[:, None])
         cache.write(layer, qk[:, heads:], qkv[:, heads + kv_heads :])
         return qk[:, :heads]
@@ -188,10 +200,11 @@ def _make_plan(model: Any) -> NativePlan | None:
 def _fused_llama_step(
     model: Any, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchCache
 ) -> torch.Tensor:
-    """LlamaForCausalLM's forward for one token per row, on fused layers (see module doc)."""
+    """LlamaForCausalLM's forward for a few tokens per row, on fused layers (see module
+    doc): logits [rows, width, vocab] of `ids` at `positions` [rows, width]."""
     inner = model.model
-    hidden = inner.embed_tokens(ids)  # [n, 1, hidden]
-    cos, sin = inner.rotary_emb(hidden, positions[:, None])  # [n, 1, head_dim]
+    hidden = inner.embed_tokens(ids)  # [n, width, hidden]
+    cos, sin = inner.rotary_emb(hidden, positions)  # [n, width, head_dim]
     # The additive form of the mask, once per step (SDPA would convert a boolean one per layer).
     bias = additive_mask(mask, hidden.dtype)
     plan = native_plan(model)
@@ -207,7 +220,7 @@ def _fused_llama_step(
             [layer.values for layer in cache.layers],
             cos,
             sin,
-            positions,
+            positions.view(-1),
             bias,
             cache.window,
             plan.heads,
@@ -216,7 +229,7 @@ def _fused_llama_step(
             plan.scaling,
             plan.eps,
         )
-    return model.lm_head(normed)[:, -1]
+    return model.lm_head(normed)
 
 
 def _torch_layers(
@@ -228,7 +241,7 @@ def _torch_layers(
     cache: BatchCache,
 ) -> torch.Tensor:
     """The decoder layers in torch ops; returns the final norm of the last hidden state."""
-    ops, layers, n = TorchOps, inner.layers, hidden.shape[0]
+    ops, layers, (n, width, _) = TorchOps, inner.layers, hidden.shape
     hidden, normed = ops.add_rms_norm(hidden, None, layers[0].input_layernorm)
     for index, (layer, slots) in enumerate(zip(layers, cache.layers, strict=False)):
         attention = layer.self_attn
@@ -245,7 +258,7 @@ def _torch_layers(
         )
         hidden, normed = ops.add_rms_norm(
             hidden,
-            attention.o_proj(out.transpose(1, 2).reshape(n, 1, -1)),
+            attention.o_proj(out.transpose(1, 2).reshape(n, width, -1)),
             layer.post_attention_layernorm,
         )
         following = layers[index + 1].input_layernorm if index + 1 < len(layers) else inner.norm

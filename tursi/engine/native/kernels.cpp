@@ -1,4 +1,5 @@
-// C++ for Tursi's one-token decode step (tursi/engine/decode.py).
+// C++ for Tursi's decode step (tursi/engine/decode.py): one token per row, or a few (a verify
+// pass of speculative decoding).
 //
 // decode_layers runs a fused Llama's decoder layers with no Python between the ops: the
 // packed matmuls (oneDNN), SDPA and SiLU are torch's own ops; two fused kernels do, in one
@@ -7,8 +8,9 @@
 // - add_rms_norm: the residual add, then LlamaRMSNorm (normalized in float32, rounded to the
 //   input dtype, then times the weight);
 // - rope_store: the rotary embedding of q and k (x * cos + rotate_half(x) * sin), with the
-//   new keys and values written into the KV cache at each row's own position.
-// The rows are few (one token per running request), so these two loops are single-threaded.
+//   new keys and values written into the KV cache at each token's own position.
+// The tokens are few (one or a few per running request), so these two loops are
+// single-threaded.
 // A quantized model's linears run quantized.cpp's integer kernels instead of oneDNN's.
 #include <torch/extension.h>
 
@@ -56,20 +58,23 @@ void add_rms_norm_rows(const T* hidden, const T* delta, T* sum, const T* weight,
   }
 }
 
+// Token t = r * width + i is row r's i-th new token, at column positions[t] of row r; q_out is
+// [rows, heads, width, head_dim].
 template <typename T>
 void rope_store_rows(const T* qkv, const T* cos, const T* sin, const int64_t* positions,
-                     T* q_out, T* keys, T* values, int64_t rows, int64_t heads, int64_t kv_heads,
-                     int64_t head_dim, int64_t capacity) {
+                     T* q_out, T* keys, T* values, int64_t rows, int64_t width, int64_t heads,
+                     int64_t kv_heads, int64_t head_dim, int64_t capacity) {
   const int64_t half = head_dim / 2;
-  const int64_t width = (heads + 2 * kv_heads) * head_dim;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = qkv + r * width;
-    const T* c = cos + r * head_dim;
-    const T* s = sin + r * head_dim;
-    const int64_t column = positions[r];
+  const int64_t features = (heads + 2 * kv_heads) * head_dim;
+  for (int64_t t = 0; t < rows * width; ++t) {
+    const int64_t r = t / width, i = t % width;
+    const T* row = qkv + t * features;
+    const T* c = cos + t * head_dim;
+    const T* s = sin + t * head_dim;
+    const int64_t column = positions[t];
     for (int64_t h = 0; h < heads + kv_heads; ++h) {  // q heads, then k heads: rotated
       const T* x = row + h * head_dim;
-      T* o = h < heads ? q_out + (r * heads + h) * head_dim
+      T* o = h < heads ? q_out + ((r * heads + h) * width + i) * head_dim
                        : keys + ((r * kv_heads + h - heads) * capacity + column) * head_dim;
       for (int64_t j = 0; j < head_dim; ++j) {
         const float turned = j < half ? -wide(x[j + half]) : wide(x[j - half]);
@@ -118,9 +123,10 @@ std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& hidden,
   return {sum, out};
 }
 
-// qkv [rows, (heads + 2 kv_heads) * head_dim] -> q [rows, heads, 1, head_dim], rotated; k
-// (rotated) and v written to keys/values [>= rows, kv_heads, capacity, head_dim] at column
-// positions[r] of row r. cos, sin: [rows, head_dim].
+// qkv [rows, width, (heads + 2 kv_heads) * head_dim] -> q [rows, heads, width, head_dim],
+// rotated; k (rotated) and v written to keys/values [>= rows, kv_heads, capacity, head_dim]:
+// row r's token i at column positions[r * width + i] of row r. cos, sin: [rows, width,
+// head_dim].
 torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos,
                          const torch::Tensor& sin, const torch::Tensor& positions,
                          const torch::Tensor& keys, const torch::Tensor& values, int64_t heads,
@@ -131,23 +137,26 @@ torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos,
                   positions.scalar_type() == torch::kLong && positions.dim() == 1,
               "positions must be a contiguous CPU int64 vector");
   TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes(), "keys, values: 4-D, same shape");
-  const int64_t rows = positions.size(0), head_dim = keys.size(3), capacity = keys.size(2);
+  TORCH_CHECK(qkv.dim() == 3, "qkv must be [rows, width, features]");
+  const int64_t rows = qkv.size(0), width = qkv.size(1), tokens = rows * width;
+  const int64_t head_dim = keys.size(3), capacity = keys.size(2);
   TORCH_CHECK(heads > 0 && keys.size(1) == kv_heads && rows <= keys.size(0) &&
                   head_dim % 2 == 0,
               "keys do not fit");
-  TORCH_CHECK(qkv.numel() == rows * (heads + 2 * kv_heads) * head_dim, "qkv does not fit");
-  TORCH_CHECK(cos.numel() == rows * head_dim && sin.numel() == rows * head_dim,
+  TORCH_CHECK(qkv.size(2) == (heads + 2 * kv_heads) * head_dim, "qkv does not fit");
+  TORCH_CHECK(positions.size(0) == tokens, "positions: one per row and token");
+  TORCH_CHECK(cos.numel() == tokens * head_dim && sin.numel() == tokens * head_dim,
               "cos, sin do not fit");
   const int64_t* column = positions.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(column[r] >= 0 && column[r] < capacity, "position outside the cache");
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(column[t] >= 0 && column[t] < capacity, "position outside the cache");
   }
-  torch::Tensor q = torch::empty({rows, heads, 1, head_dim}, qkv.options());
+  torch::Tensor q = torch::empty({rows, heads, width, head_dim}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_store", [&] {
     rope_store_rows<scalar_t>(qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
                               sin.data_ptr<scalar_t>(), column, q.data_ptr<scalar_t>(),
-                              keys.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), rows, heads,
-                              kv_heads, head_dim, capacity);
+                              keys.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), rows, width,
+                              heads, kv_heads, head_dim, capacity);
   });
   return q;
 }
@@ -182,14 +191,16 @@ at::Tensor project(const c10::OperatorHandle& op, const at::Tensor& x, const at:
 
 }  // namespace
 
-// The decoder layers of a fused Llama (tursi.engine.cpu_kernels) for one token per row: what
-// tursi.engine.decode's torch loop does, op for op, without Python between the ops. Per layer
+// The decoder layers of a fused Llama (tursi.engine.cpu_kernels) for `width` tokens per row
+// (hidden [rows, width, hidden]; positions [rows * width], cos and sin [rows, width, head_dim],
+// mask [rows, 1, width, window]): what tursi.engine.decode's torch loop does, op for op,
+// without Python between the ops. Per layer
 // i, weights[6i..6i+5] = input norm, packed qkv, packed o, post-attention norm, packed
 // gate_up, packed down, and biases[4i..4i+3] those of qkv, o, gate_up, down; weights' last
 // entry is the final norm. A quantized model's weights[] hold its packed integer weights and
 // quantized[4i..4i+3] the rest of each linear (scale, correction, groups, input scale);
 // a float model's quantized is empty. Returns the final norm of the last hidden state
-// [rows, 1, hidden].
+// [rows, width, hidden].
 at::Tensor decode_layers(const at::Tensor& hidden, const std::vector<at::Tensor>& weights,
                          const std::vector<c10::optional<at::Tensor>>& biases,
                          const std::vector<std::vector<at::Tensor>>& quantized,
@@ -211,8 +222,9 @@ at::Tensor decode_layers(const at::Tensor& hidden, const std::vector<at::Tensor>
   // Looked up once per process, not once per step.
   static const c10::OperatorHandle linear = c10::Dispatcher::singleton().findSchemaOrThrow(
       "mkldnn::_linear_pointwise", "");
-  const int64_t rows = positions.size(0);
-  TORCH_CHECK(rows > 0 && window > 0, "decode_layers: no rows");
+  TORCH_CHECK(hidden.dim() == 3, "decode_layers: hidden must be [rows, width, hidden]");
+  const int64_t rows = hidden.size(0), width = hidden.size(1);
+  TORCH_CHECK(rows > 0 && width > 0 && window > 0, "decode_layers: no rows");
   auto state = add_rms_norm(hidden, c10::nullopt, weights[0], eps);
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor* w = &weights[6 * i];
@@ -224,8 +236,8 @@ at::Tensor decode_layers(const at::Tensor& hidden, const std::vector<at::Tensor>
         q, keys[i].narrow(0, 0, rows).narrow(2, 0, window),
         values[i].narrow(0, 0, rows).narrow(2, 0, window), mask, 0.0, false, scaling,
         heads != kv_heads);
-    at::Tensor attended = project(linear, out.transpose(1, 2).reshape({rows, 1, -1}), w[2], b[1],
-                                  quantized, 4 * i + 1);
+    at::Tensor attended = project(linear, out.transpose(1, 2).reshape({rows, width, -1}), w[2],
+                                  b[1], quantized, 4 * i + 1);
     state = add_rms_norm(state[0], attended, w[3], eps);
     at::Tensor gate_up = project(linear, state[1], w[4], b[2], quantized, 4 * i + 2);
     at::Tensor act = at::silu(gate_up.narrow(-1, 0, intermediate))
@@ -238,11 +250,11 @@ at::Tensor decode_layers(const at::Tensor& hidden, const std::vector<at::Tensor>
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("VERSION") = 2;
+  m.attr("VERSION") = 3;
   m.def("add_rms_norm", &add_rms_norm, "residual add + LlamaRMSNorm");
   m.def("rope_store", &rope_store, "rotary embedding of q, k; k and v into the KV cache");
   // The GIL is released for the whole step: the server's other threads run meanwhile.
-  m.def("decode_layers", &decode_layers, "a fused Llama's decoder layers, one token per row",
+  m.def("decode_layers", &decode_layers, "a fused Llama's decoder layers, a few tokens per row",
         py::call_guard<py::gil_scoped_release>());
   m.def("quantized_linear", &quantized_linear, "x W^T + b with int8 or int4 weights",
         py::call_guard<py::gil_scoped_release>());
