@@ -93,9 +93,11 @@ def embedded(embedded_home):
 
 
 def chat(tokenizer, text: str) -> list[int]:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    """The ids of one user turn in the model's chat template, ready for the answer."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
     )
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def references(embedded):
     loaded, stock = embedded
     found = {}
     for name, text in (("copy", COPY), ("free", FREE)):
-        prompt = list(chat(loaded.tokenizer, text))
+        prompt = chat(loaded.tokenizer, text)
         found[name] = (prompt, transformers_greedy(stock, prompt, 90))
     return found
 
@@ -206,31 +208,42 @@ def test_a_stop_string_or_max_tokens_inside_an_accepted_draft_ends_the_choice_th
     assert not scheduler.rows and scheduler.cache.size == 0
 
 
-# --- sampling -------------------------------------------------------------------------------
+# --- sampling ---------------------------------------------------------------------------
+
+PATTERN = "lazy dog lazy dog lazy dog lazy"  # ends " dog", " lazy": one token each
 
 
 @pytest.fixture(scope="module")
-def peaky(tmp_path_factory):
-    """A tiny Llama with large random weights (its distributions are peaked, so drafts of a
-    repeated pattern are sometimes kept) in float32."""
-    path = build_llama(tmp_path_factory.mktemp("peaky"), initializer_range=0.15, seed=3)
-    entry = CatalogEntry("peaky", "local", str(path), dtype="float32")
+def tiny(tmp_path_factory):
+    """A tiny random Llama in float32."""
+    path = build_llama(tmp_path_factory.mktemp("tiny"), seed=3)
+    entry = CatalogEntry("tiny", "local", str(path), dtype="float32")
     home = str(tmp_path_factory.mktemp("home"))
     return load_model(entry, LoadOptions().resolved(entry), home)
 
 
-def sample_runs(loaded, prompt, seeds, speculative) -> tuple[list[tuple[int, ...]], Scheduler]:
+def sample_runs(loaded, seeds, speculative) -> tuple[list[tuple[int, ...]], Scheduler]:
+    """Four tokens sampled (temperature 1) after PATTERN for each seed, the
+    pattern's last two tokens given a logit bias of +20: the draws are between those two, as
+    the model's logits weigh them, so n-gram drafts of the pattern are sometimes kept and
+    sometimes not."""
+    prompt = loaded.tokenizer(PATTERN)["input_ids"]
+    bias = dict.fromkeys(prompt[-2:], 20.0)
     jobs = [
         GenerationJob(
             prompt,
             GenerationParams(
-                4, temperature=1.0, seed=seed, ignore_eos=True, speculative=speculative
+                4,
+                temperature=1.0,
+                seed=seed,
+                ignore_eos=True,
+                logit_bias=bias,
+                speculative=speculative,
             ),
         )
         for seed in seeds
     ]
-    settings = SpeculationSettings(tokens=3, step_tokens=64)
-    scheduler = run(loaded, jobs, settings, max_batch=16)
+    scheduler = run(loaded, jobs, SpeculationSettings(tokens=3, step_tokens=64), max_batch=16)
     texts = []
     for job in jobs:
         text, finished = outcome(job)
@@ -239,34 +252,32 @@ def sample_runs(loaded, prompt, seeds, speculative) -> tuple[list[tuple[int, ...
     return texts, scheduler
 
 
-def test_sampled_tokens_follow_the_same_distribution_with_and_without_drafts(peaky):
-    tokenizer = peaky.tokenizer
-    prompt = tokenizer("the cat sat on the mat the cat sat on the mat the cat sat on")["input_ids"]
-    on, scheduler = sample_runs(peaky, prompt, range(600), True)
+def test_sampled_tokens_follow_the_same_distribution_with_and_without_drafts(tiny):
+    on, scheduler = sample_runs(tiny, range(800), True)
     drafted, kept = scheduler.stats.drafted_tokens, scheduler.stats.accepted_tokens
-    assert 0 < kept < drafted  # drafts were made, some kept and some rejected
-    off, scheduler = sample_runs(peaky, prompt, range(600, 1200), False)
+    assert 0.1 * drafted < kept < 0.9 * drafted  # drafts were made, kept and rejected
+    off, scheduler = sample_runs(tiny, range(800, 1600), False)
     assert scheduler.stats.drafted_tokens == 0
-    # chi-square test of homogeneity over the outputs seen at least 10 times in all
+    # chi-square test of homogeneity over the outputs seen at least 10 times in all, the
+    # rest pooled
     counts_on, counts_off = collections.Counter(on), collections.Counter(off)
     common = [text for text in counts_on | counts_off if counts_on[text] + counts_off[text] >= 10]
-    assert len(common) >= 4
-    rest_on = len(on) - sum(counts_on[text] for text in common)
-    rest_off = len(off) - sum(counts_off[text] for text in common)
-    table = [(counts_on[text], counts_off[text]) for text in common] + [(rest_on, rest_off)]
+    assert len(common) >= 6
+    rest = (
+        len(on) - sum(counts_on[text] for text in common),
+        len(off) - sum(counts_off[text] for text in common),
+    )
+    table = [(counts_on[text], counts_off[text]) for text in common] + [rest]
     statistic = sum((a - b) ** 2 / (a + b) for a, b in table if a + b)  # equal sample sizes
     dof = len(table) - 1
-    # the 0.999 quantile of chi-square(dof), Wilson-Hilferty: a false failure in 1,000 runs
+    # the 0.999 quantile of chi-square(dof) (Wilson-Hilferty): a false failure in 1,000 runs
     bound = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
     assert statistic < bound, (statistic, bound, table)
 
 
-def test_a_seeded_request_draws_the_same_tokens_with_and_without_drafts(peaky):
+def test_a_seeded_request_draws_the_same_tokens_with_and_without_drafts(tiny):
     """Each kept token is one draw of the row's generator, as without speculation."""
-    prompt = peaky.tokenizer("the cat sat on the mat the cat sat on the mat the cat sat on")[
-        "input_ids"
-    ]
-    on, scheduler = sample_runs(peaky, prompt, range(40), True)
+    on, scheduler = sample_runs(tiny, range(40), True)
     assert scheduler.stats.accepted_tokens > 0
-    off, _ = sample_runs(peaky, prompt, range(40), False)
+    off, _ = sample_runs(tiny, range(40), False)
     assert on == off
