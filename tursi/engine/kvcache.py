@@ -251,13 +251,14 @@ class BatchCache(Cache):
         if self.window > self.max_length + 1:
             raise ValueError(f"a step to column {self.window} passes the context")
         self._reserve(self.size, self.window)
-        positions = torch.tensor(
-            [[length + j for j in range(width)] for length in self.lengths], device=device
-        )
+        # As few small ops as the one-token step had: it runs once per token.
+        positions = torch.tensor(self.lengths, device=device)[:, None]
+        if width > 1:
+            positions = positions + torch.arange(width, device=device)
         _, heads, capacity, _ = self.layers[0].keys.shape
-        first_slots = torch.arange(self.size * heads, device=device).view(-1, heads) * capacity
-        self.step_slots = (first_slots[:, :, None] + positions[:, None, :]).view(-1)
-        visible = torch.arange(self.window, device=device)[None, None, :] <= positions[:, :, None]
+        first_slots = torch.arange(self.size * heads, device=device).view(-1, heads, 1) * capacity
+        self.step_slots = (first_slots + positions[:, None]).view(-1)
+        visible = torch.arange(self.window, device=device) <= positions[:, :, None]
         mask = visible[:, None]
         if not self.boolean_mask:  # eager attention adds the mask to the scores
             mask = additive_mask(mask, self.layers[0].keys.dtype)
