@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import API, load_and_wait, parse_metrics, value
+from tursi.engine.speculation import Speculator
 
 CHAT = [{"role": "user", "content": "lazy dog"}]
 REQUESTS = {
@@ -26,7 +27,9 @@ def client(make_app, chat_catalog):
 
 
 @pytest.mark.parametrize("route", list(REQUESTS))
-@pytest.mark.parametrize("given, expected", [({}, True), ({"speculative": False}, False)])
+@pytest.mark.parametrize(
+    "given, expected", [({}, True), ({"speculative": None}, True), ({"speculative": False}, False)]
+)
 def test_speculative_reaches_every_job(client, submitted, route, given, expected):
     body = {"model": "tiny", "temperature": 0, **REQUESTS[route], **given}
     response = client.post(route, json=body)
@@ -36,7 +39,7 @@ def test_speculative_reaches_every_job(client, submitted, route, given, expected
 
 
 @pytest.mark.parametrize("route", list(REQUESTS))
-@pytest.mark.parametrize("bad", ["false", 0, 1, None, []])
+@pytest.mark.parametrize("bad", ["false", 0, 1, [], {}])
 def test_speculative_must_be_a_boolean(client, submitted, route, bad):
     response = client.post(route, json={"model": "tiny", **REQUESTS[route], "speculative": bad})
     assert response.status_code == 400, response.get_data(as_text=True)
@@ -48,7 +51,10 @@ def test_speculative_must_be_a_boolean(client, submitted, route, bad):
     assert submitted == []  # refused before anything reached the engine
 
 
-def test_drafted_and_kept_tokens_are_counted_in_both_metrics_views(client):
+def test_drafted_and_kept_tokens_are_counted_in_both_metrics_views(client, monkeypatch):
+    # Every proposed draft verified, whatever the measured step costs would choose.
+    monkeypatch.setattr(Speculator, "choose", lambda self, proposals: [d for _, d in proposals])
+
     def scrape():
         return parse_metrics(client.get("/metrics").get_data(as_text=True))
 

@@ -28,7 +28,14 @@ from tursi.engine.jobs import Finished, GenerationJob, GenerationParams, TextChu
 from tursi.engine.loading import LoadOptions, load_model
 from tursi.engine.loading.weights import converted_dir, embedded_gguf
 from tursi.engine.scheduler import Scheduler
-from tursi.engine.speculation import MAX_COOLDOWN, DraftState, SpeculationSettings, propose
+from tursi.engine.speculation import (
+    REFRESH,
+    DraftState,
+    SpeculationSettings,
+    Speculator,
+    expected_tokens,
+    propose,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,19 +69,53 @@ def test_propose_needs_two_matching_tokens_and_stops_at_the_end():
     assert propose(numpy.array([7, 7, 7]), 5) == [7]
 
 
-def test_draft_state_copies_the_output_and_cools_down_after_rejected_drafts():
+def test_draft_state_copies_the_output_and_counts_what_was_kept():
     state = DraftState([1, 2, 3, 4], max_tokens=8)
     assert state.draft([1], 2, 4) == [3, 4, 1, 2]  # prompt 1 2 3 4, output 1, next 2
-    waits = []
-    for _ in range(6):
-        state.verified(4, 0)
-        waits.append(state.wait)
-        while state.wait:
-            assert state.draft([1, 2], 3, 4) == []
-    assert waits == [1, 2, 4, 8, 16, MAX_COOLDOWN]
-    state.verified(3, 2)
-    assert (state.wait, state.drafted, state.accepted) == (0, 27, 2)
-    assert state.draft([1, 2, 3], 4, 2) == [1, 2]
+    assert state.keep_rate == 0.5  # nothing verified yet
+    state.verified(4, 4)  # all kept
+    state.verified(4, 1)  # one kept, then a miss
+    assert (state.drafted, state.accepted, state.misses) == (8, 5, 1)
+    assert state.keep_rate == 6 / 8
+    assert state.draft([1, 2, 3], 4, 2) == [1, 2]  # output now 1 2 3, next 4
+
+
+def test_expected_tokens_counts_the_chosen_token_and_each_kept_prefix():
+    assert expected_tokens(0.5, 0) == 1
+    assert expected_tokens(0.5, 3) == 1 + 0.5 + 0.25 + 0.125
+    assert expected_tokens(1.0, 8) == 9
+
+
+def test_the_speculator_drafts_only_when_the_measured_cost_pays_off():
+    speculator = Speculator(SpeculationSettings())
+    copying, free = (0.95, [7] * 8), (0.2, [5, 6])
+    assert speculator.choose([copying]) == [[]]  # no plain step measured yet
+    speculator.measured(1, 1, 0.030)
+    assert speculator.choose([copying]) == [[7] * 8]  # FIRST_EXTRA: worth all 8
+    assert speculator.choose([(0.0, [])]) == [[]]  # nothing proposed
+    speculator.measured(1, 9, 0.030 * (1 + 8 * 0.25))  # each verify column: 0.25 of a step
+    assert speculator.extra[1] == pytest.approx(0.25)
+    assert speculator.choose([free]) == [[]]  # 1.2 tokens for 1.25 the time: no
+    assert speculator.choose([copying]) == [[7] * 8]
+    assert speculator.choose([(0.5, [7] * 8)]) == [[7]]  # 1.5 for 1.25; 1.75 for 1.5...
+    # Two rows: costs are per row count (FIRST_EXTRA again), and the width is the step's:
+    # at 5, (4.52 + 1.24) tokens for 2.2 the time beats the copying row's full draft.
+    assert speculator.choose([copying, free]) == [[], []]  # no plain 2-row step measured
+    speculator.measured(2, 1, 0.035)
+    assert speculator.choose([copying, free]) == [[7] * 4, [5, 6]]
+
+
+def test_the_speculator_keeps_measuring_plain_steps():
+    speculator = Speculator(SpeculationSettings())
+    speculator.measured(2, 1, 0.05)
+    rows = [(1.0, [1, 2, 3]), (1.0, [4])]
+    for _ in range(REFRESH):
+        assert speculator.choose(rows) == [[1, 2, 3], [4]]
+        speculator.measured(2, 4, 0.06)
+    assert speculator.choose(rows) == [[], []]  # a plain step is due
+    speculator.measured(2, 1, 0.04)
+    assert speculator.plain[2] == pytest.approx(0.75 * 0.05 + 0.25 * 0.04)
+    assert speculator.choose(rows) == [[1, 2, 3], [4]]
 
 
 # --- the embedded model in float32 -----------------------------------------------------------
@@ -112,10 +153,12 @@ def references(embedded):
 
 
 def run(loaded, jobs, settings=None, max_batch=8) -> Scheduler:
-    """Every job through one Scheduler until all have ended."""
+    """Every job through one Scheduler until all have ended, verifying every draft the rows
+    propose (whatever the measured costs would choose: the output must not depend on it)."""
     scheduler = Scheduler(
         "test", loaded, max_batch, lambda job, seconds, ok: None, speculation=settings
     )
+    scheduler.speculator.choose = lambda proposals: [draft for _, draft in proposals]
     for job in jobs:
         scheduler.add(job)
     while not scheduler.idle:
@@ -172,7 +215,7 @@ def test_a_batch_with_and_without_speculation_equals_each_prompt_alone(embedded,
         greedy(copy_prompt, 90, speculative=False),
         greedy(free_prompt, 60),
     ]
-    scheduler = run(loaded, jobs, SpeculationSettings(step_tokens=64))
+    scheduler = run(loaded, jobs, None)
     wanted = [copy_ids, free_ids, copy_ids, free_ids[:60]]
     prompts = [copy_prompt, free_prompt, copy_prompt, free_prompt]
     for index, (job, prompt, ids) in enumerate(zip(jobs, prompts, wanted, strict=True)):
@@ -243,7 +286,7 @@ def sample_runs(loaded, seeds, speculative) -> tuple[list[tuple[int, ...]], Sche
         )
         for seed in seeds
     ]
-    scheduler = run(loaded, jobs, SpeculationSettings(tokens=3, step_tokens=64), max_batch=16)
+    scheduler = run(loaded, jobs, SpeculationSettings(tokens=3), max_batch=16)
     texts = []
     for job in jobs:
         text, finished = outcome(job)

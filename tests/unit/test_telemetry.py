@@ -51,6 +51,9 @@ def test_model_stats_summary():
         "prefix_hit_rate": 0.0,
         "prefix_cache_bytes": 0,
         "prefix_evictions": 0,
+        "drafted_tokens": 0,
+        "accepted_tokens": 0,
+        "acceptance_rate": 0.0,
         "kv_cache_budget_bytes": 0,
         "kv_cache_reserved_bytes": 0,
         "kv_cache_used_bytes": 0,
@@ -68,6 +71,24 @@ def test_model_stats_summary():
 
 def scrape():
     return parse_metrics(exposition()[0].decode())
+
+
+def test_speculative_figures_add_up_in_totals_summary_and_prometheus():
+    stats = ModelStats("speculative-totals")
+    before = scrape()
+    stats.speculated(8, 8)
+    stats.speculated(6, 0)
+    stats.speculated(2, 1)
+    totals = stats.totals()
+    assert (totals["drafted_tokens"], totals["accepted_tokens"]) == (16, 9)
+    assert summarize(totals)["acceptance_rate"] == 9 / 16
+    after = scrape()
+    for name, expected in (("drafted", 16), ("accepted", 9)):
+        metric = f"tursi_speculative_{name}_tokens_total"
+        moved = value(after, metric, model="speculative-totals") - value(
+            before, metric, model="speculative-totals"
+        )
+        assert moved == expected
 
 
 def test_prefix_cache_figures_add_up_in_totals_and_summary():

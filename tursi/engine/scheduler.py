@@ -44,7 +44,7 @@ from .kvcache import BatchCache, KVBudget, PrefillCache
 from .loading import LoadedModel, num_layers
 from .prefix_cache import BLOCK_TOKENS, Block, PrefixCache, place, read_rows
 from .sampling import TokenChooser, choose_tokens, score, token_logprobs
-from .speculation import DraftState, SpeculationSettings, step_width
+from .speculation import DraftState, SpeculationSettings, Speculator
 from .stopping import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ class Scheduler:
     ):
         self.name = name
         self.speculation = speculation or SpeculationSettings()
+        self.speculator = Speculator(self.speculation)
         self.stats = stats or ModelStats(name)
         self.loaded = loaded
         self.max_batch = max_batch
@@ -466,10 +467,17 @@ class Scheduler:
     # --- decode ---------------------------------------------------------------------------
 
     def _decode_step(self) -> None:
+        started, rows = time.perf_counter(), len(self.rows)
         drafts = self._drafts()
-        if any(drafts):
+        width = 1 + max(len(draft) for draft in drafts)
+        if width > 1:
             self._verify_step(drafts)
-            return
+        else:
+            self._plain_step()
+        self.speculator.measured(rows, width, time.perf_counter() - started)
+
+    def _plain_step(self) -> None:
+        """One token per row."""
         device = self.loaded.device
         for seq in self.rows:
             seq.fed.append(seq.next_token)
@@ -487,29 +495,28 @@ class Scheduler:
     # --- speculative decoding (tursi.engine.speculation) -----------------------------------
 
     def _drafts(self) -> list[list[int]]:
-        """Each row's draft for this step ([] for none): within the step's width
-        (speculation.step_width), the row's max_tokens (a row never runs a token it could
-        not keep), the context and the KV budget's columns (every row of a step has its
-        width of columns)."""
-        width = step_width(self.speculation, len(self.rows))
-        if width == 1:
+        """Each row's draft for this step ([] for none), as the speculator chooses from the
+        rows' proposals: at most TURSI_SPECULATIVE_TOKENS each, within the row's max_tokens
+        (a row never runs a token it could not keep), the context and the KV budget's
+        columns (every row of a step takes the step's width of columns)."""
+        if not self.speculation.enabled:
             return [[] for _ in self.rows]
         context = self.loaded.context_length
         room = context + 1
         if self.kv_budget is not None:
             room = max(self.kv_budget.columns(seq.job, context) for seq in self.rows)
-        width = min(width, room - max(self.cache.lengths))
-        drafts = []
+        most = min(self.speculation.tokens, room - max(self.cache.lengths) - 1)
+        proposals = []
         for seq in self.rows:
             params = seq.job.params
-            limit = min(width - 1, params.max_tokens - seq.tokens - 1)
+            limit = min(most, params.max_tokens - seq.tokens - 1)
             if limit <= 0 or not params.speculative:
-                drafts.append([])
+                proposals.append((0.0, []))
                 continue
             if seq.draft is None:
                 seq.draft = DraftState(seq.job.prompt_ids, params.max_tokens)
-            drafts.append(seq.draft.draft(seq.fed, seq.next_token, limit))
-        return drafts
+            proposals.append((seq.draft.keep_rate, seq.draft.draft(seq.fed, seq.next_token, limit)))
+        return self.speculator.choose(proposals)
 
     def _verify_step(self, drafts: list[list[int]]) -> None:
         """One forward pass over each row's next token and its draft (padded to the longest);

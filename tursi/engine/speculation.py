@@ -3,11 +3,12 @@
 A decode step normally gives each running row one token. With speculation, a row whose last
 few tokens already occurred earlier in its prompt or output (copying a passage, editing a
 document, rewriting code, filling a template) gets the tokens that followed that earlier
-occurrence as a draft (n-gram or "prompt lookup" drafting: no draft model). The scheduler
-runs the row's next token and its draft in one forward pass (tursi.engine.decode.step_logits)
-and keeps the draft's tokens for as long as each is the token the row's sampler chooses at
-that position, plus the sampler's token where they part: several tokens for one pass that
-costs about what a one-token pass does while a step is bound by reading the weights.
+occurrence as a draft (n-gram or "prompt lookup" drafting: no draft model; `propose`). The
+scheduler runs the row's next token and its draft in one forward pass
+(tursi.engine.decode.step_logits) and keeps the draft's tokens for as long as each is the
+token the row's sampler chooses at that position, plus the sampler's token where they part:
+several tokens for one pass, which costs little more than a one-token pass while a step is
+bound by reading the weights.
 
 Exactness: the scheduler chooses every kept token exactly as a step without speculation
 would (the same logits processing, grammar, penalties and random generator, position after
@@ -16,17 +17,15 @@ a draft is a point mass, for which the speculative-sampling rule (keep draft tok
 probability p(d), else draw from p without d, renormalized) is the same as drawing from p
 and keeping d when the draw is d. A seeded request even draws the same tokens.
 
-Policy (docs/performance.md "Speculative decoding", measured there):
-- a row drafts only when a match of at least MIN_NGRAM tokens exists (the longest of up to
-  MAX_NGRAM, the latest occurrence); at most `SpeculationSettings.tokens` drafts, fewer
-  when its max_tokens or the context ends sooner;
-- a row whose draft was wholly rejected waits before drafting again, twice as long after
-  each such miss (up to MAX_COOLDOWN steps): free text rarely repeats, and each rejected
-  draft token costs a step a token of compute;
-- a step verifies drafts only while its rows times its width (1 + the longest draft) stay
-  within `SpeculationSettings.step_tokens`: past a few rows a step is bound by compute, not
-  by reading the weights, and verifying rejected guesses then slows every row.
-The drafter is one class with `propose`, so that a draft model could later stand beside it.
+Policy (`Speculator`; docs/performance.md "Speculative decoding"): a verify pass of width w
+(each row's next token and up to w - 1 drafted ones) costs more than a plain step, by how
+much depends on the machine, the load (bf16 on a CPU without bf16 dot products: width 8 ~2.7x
+a plain step at one row; 8-bit: ~1.4x) and the rows (at 16 rows every width is compute).
+So the scheduler measures it: it times its steps, plain ones per row count and verify ones
+per extra column, and each row's drafts are kept at a rate it counts. A step verifies drafts
+only when the tokens it expects to keep per unit of measured time beat a plain step's, at
+the width where they are best; else it is a plain step. Every REFRESH-th step with drafts
+at a row count is plain, so that the plain time stays measured.
 """
 
 from __future__ import annotations
@@ -38,22 +37,23 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 MIN_NGRAM = 2  # a draft needs the row's last 2 tokens (at least) to occur earlier
 MAX_NGRAM = 4  # the longest suffix looked up
-MAX_COOLDOWN = 16  # steps a row waits at most after a rejected draft
+FIRST_EXTRA = 0.3  # a verify column's cost (of a plain step's) before any is measured
+SMOOTHING = 0.25  # weight of the newest measurement in the running averages
+REFRESH = 32  # steps with drafts between two plain ones at the same row count
 
 
 @dataclass(frozen=True)
 class SpeculationSettings:
-    """TURSI_SPECULATIVE (on by default) and TURSI_SPECULATIVE_TOKENS (drafts per row and
-    step); step_tokens: the most tokens (rows x width) a step with drafts may run."""
+    """TURSI_SPECULATIVE (on by default) and TURSI_SPECULATIVE_TOKENS (the most drafted
+    tokens per row and step)."""
 
     enabled: bool = True
     tokens: int = 8
-    step_tokens: int = 16
 
 
 class DraftState:
-    """One row's drafting: its tokens so far (prompt and output, looked up by `propose`),
-    what it drafted and kept, and its cooldown."""
+    """One row's drafting: its tokens so far (prompt and output, looked up by `propose`)
+    and how often its drafted tokens were kept."""
 
     def __init__(self, prompt: list[int], max_tokens: int):
         # The prompt, the output run through the model, then the row's next token.
@@ -63,15 +63,17 @@ class DraftState:
         self.copied = 0  # output tokens copied into `tokens` so far
         self.drafted = 0
         self.accepted = 0
-        self.wait = 0  # steps left before the row drafts again
-        self.cooldown = 1  # the wait after the next wholly rejected draft
+        self.misses = 0  # verified drafts that were cut short (their first rejected token)
+
+    @property
+    def keep_rate(self) -> float:
+        """The chance that the next drafted token is kept, given the ones before it were:
+        kept tokens over kept and rejected ones, starting from 1/2 (Laplace's rule)."""
+        return (self.accepted + 1) / (self.accepted + self.misses + 2)
 
     def draft(self, output: list[int], next_token: int, limit: int) -> list[int]:
         """At most `limit` tokens to follow `next_token`, after the row's `output` (its
-        generated tokens run through the model, which only grows); [] while it cools down."""
-        if self.wait:
-            self.wait -= 1
-            return []
+        generated tokens run through the model, which only grows)."""
         end = self.prompt + len(output)
         self.tokens[self.prompt + self.copied : end] = output[self.copied :]
         self.copied = len(output)
@@ -79,23 +81,10 @@ class DraftState:
         return propose(self.tokens[: end + 1], limit)
 
     def verified(self, drafted: int, accepted: int) -> None:
-        """A draft of `drafted` tokens was verified and `accepted` of them kept: a wholly
-        rejected one starts (or doubles) the row's cooldown, any kept token ends it."""
+        """A draft of `drafted` tokens was verified and its first `accepted` kept."""
         self.drafted += drafted
         self.accepted += accepted
-        if accepted:
-            self.cooldown = 1
-        else:
-            self.wait = self.cooldown
-            self.cooldown = min(2 * self.cooldown, MAX_COOLDOWN)
-
-
-def step_width(settings: SpeculationSettings, rows: int) -> int:
-    """The widest step (1 + drafts per row) that `rows` rows may run: 1 (no drafts) when
-    speculation is off or the step would pass settings.step_tokens with a single draft."""
-    if not settings.enabled:
-        return 1
-    return max(1, min(settings.tokens + 1, settings.step_tokens // rows))
+        self.misses += accepted < drafted
 
 
 def propose(tokens: numpy.ndarray, limit: int) -> list[int]:
@@ -112,3 +101,57 @@ def propose(tokens: numpy.ndarray, limit: int) -> list[int]:
             start = int(hits[-1]) + n
             return tokens[start : start + limit].tolist()
     return []
+
+
+def expected_tokens(keep_rate: float, drafted: int) -> float:
+    """Tokens a row gets from a verify pass with `drafted` drafted tokens: the chosen one,
+    plus each drafted one kept with every one before it (1 + p + p^2 + ... + p^drafted)."""
+    return sum(keep_rate**i for i in range(drafted + 1))
+
+
+class Speculator:
+    """One scheduler's speculation policy (module docstring): what its steps cost, measured,
+    and each step's choice of drafts. Only the scheduler's thread calls it."""
+
+    def __init__(self, settings: SpeculationSettings):
+        self.settings = settings
+        self.plain: dict[int, float] = {}  # rows -> a plain step's seconds
+        self.extra: dict[int, float] = {}  # rows -> a verify column's cost, of a plain step
+        self.since_plain: dict[int, int] = {}  # rows -> steps with drafts since a plain one
+
+    def choose(self, proposals: list[tuple[float, list[int]]]) -> list[list[int]]:
+        """The drafts this step verifies, from each row's (keep rate, proposed draft): each
+        cut to the width where the expected kept tokens per unit of step time are best, or
+        none when a plain step's one token per row is better."""
+        rows = len(proposals)
+        none: list[list[int]] = [[] for _ in proposals]
+        longest = max(len(draft) for _, draft in proposals)
+        if not longest or rows not in self.plain or self.since_plain.get(rows, 0) >= REFRESH:
+            return none
+        extra = self.extra.get(rows, FIRST_EXTRA)
+        best, best_rate = 1, float(rows)  # a plain step: one token per row, cost 1
+        for width in range(2, longest + 2):
+            tokens = sum(
+                expected_tokens(rate, min(width - 1, len(draft))) for rate, draft in proposals
+            )
+            rate = tokens / (1 + extra * (width - 1))
+            if rate > best_rate:
+                best, best_rate = width, rate
+        return [draft[: best - 1] for _, draft in proposals]
+
+    def measured(self, rows: int, width: int, seconds: float) -> None:
+        """A step of `rows` rows and `width` tokens per row took `seconds`."""
+        plain = self.plain.get(rows)
+        if width == 1:
+            self.plain[rows] = seconds if plain is None else _average(plain, seconds)
+            self.since_plain[rows] = 0
+            return
+        self.since_plain[rows] = self.since_plain.get(rows, 0) + 1
+        if plain is not None:
+            sample = max(0.0, (seconds / plain - 1) / (width - 1))
+            known = self.extra.get(rows)
+            self.extra[rows] = sample if known is None else _average(known, sample)
+
+
+def _average(old: float, new: float) -> float:
+    return (1 - SMOOTHING) * old + SMOOTHING * new
