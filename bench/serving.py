@@ -879,6 +879,10 @@ def main() -> None:
         if "speculative" in saved:
             print_speculative(saved["speculative"])
             return
+        if "memory" in saved:  # --load's; JSON wrote its stream counts as strings
+            runs = {name: {int(c): v for c, v in by.items()} for name, by in saved["runs"].items()}
+            print_loads({"runs": runs, "memory": saved["memory"]})
+            return
         print_table(saved["baselines"], saved["rows"])
         if saved.get("penalized"):
             print_penalized(saved["penalized"])
