@@ -28,6 +28,20 @@
    ratio to the bf16 load of the same invocation, with every run (issue 17's targets: one
    stream 8-bit >= 1.7x, 4-bit >= 2.2x; 16 streams every quantized load >= 0.95x).
 
+6. With --speculative, instead of all the above: one server, the embedded model loaded in
+   bf16, two workloads at 1 and 16 streams (--clients): copy (bench/speculative_prompts.json:
+   repeat or lightly edit a passage of 340-560 tokens, rename a variable in Python code; each
+   a chat turn rendered with the model's chat template, ending where the model ends its
+   answer, at most --copy-max-tokens) and free (PROMPTS, exactly --max-tokens, ignore_eos).
+   A run streams max(streams, copy prompts) requests, the prompts cycled, each thread its
+   share one after another (one stream: every copy prompt in turn). Every run is made twice,
+   with "speculative": false and true in each request, which goes first alternating by round,
+   --runs rounds; a warm-up has put each prompt in the prefix cache, so both prefill alike.
+   Printed: median tok/s off and on and their ratio (issue 21's targets: copy at one stream
+   >= 3x, free >= 0.95x at 1 and 16 streams), the "on" runs' drafted and accepted tokens
+   (from the model's metrics, where the server counts them), whether each request's on and
+   off texts were the same (greedy: they should be), and every run.
+
 Every figure is the median over --runs runs. Printed: aggregate tok/s (all tokens / wall time
 of the run), time to first token p50/p95, inter-token latency p50/p95 (gaps between SSE text
 events), GET /status latency p99, and the ratios the engine is judged by. Not a test: the
@@ -353,9 +367,11 @@ class CompileProbe:
         return result, times
 
 
-def stream_one(url: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
+def stream_one(
+    url: str, prompt: str, max_tokens: int, extra: dict | None = None, keep_text: bool = False
+) -> dict:
     """One streamed greedy generation; `extra`: more request fields (PENALIZED, the
-    constrained run's)."""
+    constrained run's, the speculative runs'); `keep_text`: also return the text."""
     body = {
         "model": MODEL,
         "prompt": prompt,
@@ -371,6 +387,7 @@ def stream_one(url: str, prompt: str, max_tokens: int, extra: dict | None = None
     tokens = 0
     scored = 0  # output tokens that came with their logprob and top alternatives
     top = (extra or {}).get("logprobs")
+    pieces: list[str] = []
     with requests.post(f"{url}/generate", json=body, stream=True, timeout=600) as response:
         response.raise_for_status()
         event = None
@@ -379,9 +396,14 @@ def stream_one(url: str, prompt: str, max_tokens: int, extra: dict | None = None
                 event = line[7:]
             elif line.startswith("data: ") and event == "text":
                 arrivals.append(time.perf_counter())
-                if top:  # parsed only when asked for: the plain run's client does not pay
-                    entries = json.loads(line[6:])["logprobs"]
-                    scored += sum(len(entry["top_logprobs"]) == top for entry in entries)
+                # parsed only when asked for: the plain run's client does not pay
+                if top or keep_text:
+                    frame = json.loads(line[6:])
+                    pieces.append(frame["text"])
+                    if top:
+                        scored += sum(
+                            len(entry["top_logprobs"]) == top for entry in frame["logprobs"]
+                        )
             elif line.startswith("data: ") and event == "done":
                 tokens = json.loads(line[6:])["tokens_generated"]
             elif line.startswith("data: ") and event == "error":
@@ -392,6 +414,7 @@ def stream_one(url: str, prompt: str, max_tokens: int, extra: dict | None = None
         "arrivals": arrivals,
         "tokens": tokens,
         "scored": scored,
+        "text": "".join(pieces),
     }
 
 
@@ -642,10 +665,183 @@ def print_loads(result: dict) -> None:
         )
 
 
+# --speculative: the copy/edit and free workloads, each request with speculation off and on
+SPECULATIVE_PROMPTS = Path(__file__).with_name("speculative_prompts.json")
+SPECULATIVE_STREAMS = "1,16"
+# The engine's counters in GET /models/{name}/metrics (absent before issue 21's engine)
+DRAFTED, ACCEPTED = "speculative_drafted_tokens", "speculative_accepted_tokens"
+
+
+def speculative_workloads(args: argparse.Namespace) -> dict:
+    """name -> (prompt names, prompts, request fields). copy: bench/speculative_prompts.json,
+    each a user turn (instruction and passage) rendered with the model's chat template, as
+    /v1/chat/completions renders it, stopping where the model ends its answer (at most
+    --copy-max-tokens); free: PROMPTS, exactly --max-tokens tokens each (ignore_eos)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path(args.home), local_files_only=True)
+    items = json.loads(SPECULATIVE_PROMPTS.read_text())
+    chats = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"{item['instruction']}\n\n{item['text']}"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for item in items
+    ]
+    return {
+        "copy": (
+            [item["name"] for item in items],
+            chats,
+            {"max_tokens": args.copy_max_tokens, "ignore_eos": False},
+        ),
+        "free": ([f"free {i + 1}" for i in range(len(PROMPTS))], PROMPTS, {}),
+    }
+
+
+def speculative_counts(url: str) -> tuple[int, int] | None:
+    """The model's drafted and accepted token counters, None where the server has none."""
+    response = requests.get(f"{url}/models/{MODEL}/metrics", timeout=30)
+    metrics = response.json()["metrics"]
+    if DRAFTED not in metrics:
+        return None
+    return metrics[DRAFTED], metrics[ACCEPTED]
+
+
+def speculative_run(url: str, prompts: list[str], streams: int, fields: dict) -> dict:
+    """`prompts` over `streams` threads (thread i streams prompts i, i + streams, ... one
+    after another): aggregate tok/s, every request's text in prompt order, and the drafted
+    and accepted tokens the model's counters moved by (None without counters)."""
+
+    def client(index: int) -> list[dict]:
+        return [
+            stream_one(url, prompt, fields["max_tokens"], fields, keep_text=True)
+            for prompt in prompts[index::streams]
+        ]
+
+    before = speculative_counts(url)
+    shares, wall = concurrently(streams, client)
+    after = speculative_counts(url)
+    texts = [""] * len(prompts)
+    for index, share in enumerate(shares):
+        for turn, result in enumerate(share):
+            texts[index + turn * streams] = result["text"]
+    tokens = sum(result["tokens"] for share in shares for result in share)
+    counted = before is not None and after is not None
+    return {
+        "tok_s": tokens / wall,
+        "texts": texts,
+        "drafted": after[0] - before[0] if counted else None,
+        "accepted": after[1] - before[1] if counted else None,
+    }
+
+
+def compare_speculative(args: argparse.Namespace) -> list[dict]:
+    """For each workload and stream count, --runs rounds of the same requests with
+    speculation off and on (which goes first alternates by round): every run's tok/s, the
+    "on" runs' drafted and accepted tokens, the requests whose texts differed."""
+    workloads = speculative_workloads(args)
+    distinct = len(workloads["copy"][1])  # a run's requests: the copy prompts, or one a stream
+    counts = [int(c) for c in (args.clients or SPECULATIVE_STREAMS).split(",")]
+    rows = [
+        {
+            "workload": name,
+            "streams": streams,
+            "off": [],  # tok/s of every run
+            "on": [],
+            "requests": 0,  # over all rounds
+            "differ": [],  # the prompt of every request whose on and off texts differed
+            "drafted": None,  # over the "on" runs, None without counters
+            "accepted": None,
+            "off_drafted": None,  # over the "off" runs: 0 unless the opt-out failed
+        }
+        for name in workloads
+        for streams in counts
+    ]
+    server = Server(args.home, preload="")
+    try:
+        server.load(LOADS["bf16"])
+        for _names, prompts, fields in workloads.values():  # warm-up; fills the prefix cache
+            speculative_run(server.url, prompts, 1, {**fields, "max_tokens": 8})
+        for round_ in range(args.runs):
+            for row in rows:
+                names, prompts, fields = workloads[row["workload"]]
+                count = max(row["streams"], distinct)
+                batch = [prompts[i % len(prompts)] for i in range(count)]
+                texts = {}
+                for arm in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                    fields_arm = {"max_tokens": args.max_tokens, **fields}
+                    fields_arm["speculative"] = arm == "on"
+                    run = speculative_run(server.url, batch, row["streams"], fields_arm)
+                    row[arm].append(run["tok_s"])
+                    texts[arm] = run["texts"]
+                    if run["drafted"] is not None:
+                        key = "drafted" if arm == "on" else "off_drafted"
+                        row[key] = (row[key] or 0) + run["drafted"]
+                        if arm == "on":
+                            row["accepted"] = (row["accepted"] or 0) + run["accepted"]
+                row["requests"] += count
+                row["differ"] += [
+                    names[i % len(prompts)]
+                    for i, (off, on) in enumerate(zip(texts["off"], texts["on"], strict=True))
+                    if off != on
+                ]
+                print(
+                    f"  round {round_ + 1}, {row['workload']} x{row['streams']}: off "
+                    f"{row['off'][-1]:.1f}, on {row['on'][-1]:.1f} tok/s",
+                    flush=True,
+                )
+    finally:
+        server.stop()
+    return rows
+
+
+def print_speculative(rows: list[dict]) -> None:
+    print(
+        "| workload | streams | tok/s off | tok/s on | on / off | acceptance (accepted / drafted) "
+        "| texts on = off | every run, off / on |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    ratios = {}
+    for row in rows:
+        off, on = statistics.median(row["off"]), statistics.median(row["on"])
+        ratios[row["workload"], row["streams"]] = on / off
+        acceptance = "-"
+        if row["drafted"] is not None:
+            rate = row["accepted"] / row["drafted"] if row["drafted"] else 0.0
+            acceptance = f"{rate:.0%} ({row['accepted']} / {row['drafted']})"
+        same = row["requests"] - len(row["differ"])
+        every = ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(row["off"], row["on"], strict=True))
+        print(
+            f"| {row['workload']} | {row['streams']} | {off:.1f} | {on:.1f} | {on / off:.2f}x | "
+            f"{acceptance} | {same} of {row['requests']} | {every} |"
+        )
+    for row in rows:
+        if row["differ"]:
+            print(
+                f"{row['workload']} x{row['streams']}: on and off texts differ for "
+                + ", ".join(sorted(set(row["differ"])))
+            )
+        if row["off_drafted"]:
+            print(f"{row['workload']} x{row['streams']}: {row['off_drafted']} drafted while off")
+    targets = [(("copy", 1), 3.0)] + [(("free", s), 0.95) for s in (1, 16)]
+    print(
+        "issue 21's targets (on / off): "
+        + "; ".join(
+            f"{name} x{streams} >= {target}x: "
+            + (f"{ratios[name, streams]:.2f}x" if (name, streams) in ratios else "not run")
+            for (name, streams), target in targets
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--clients", default="1,4,16,32")
+    parser.add_argument(
+        "--clients",
+        help=f"stream counts (default 1,4,16,32; {SPECULATIVE_STREAMS} with --speculative)",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--home", default=DEFAULT_HOME)
     parser.add_argument(
@@ -664,11 +860,29 @@ def main() -> None:
         "--load",
         help=f"compare these loads at 1 and 16 streams instead (comma list of {', '.join(LOADS)})",
     )
+    parser.add_argument(
+        "--speculative",
+        action="store_true",
+        help="compare speculative decoding off and on, copy/edit and free prompts, instead",
+    )
+    parser.add_argument(
+        "--copy-max-tokens",
+        type=int,
+        default=640,
+        help="--speculative's copy/edit requests end at end of sequence or this many tokens",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--table-from", help="only print the table of a --json file")
     args = parser.parse_args()
     if args.table_from:
         saved = json.loads(Path(args.table_from).read_text())
+        if "speculative" in saved:
+            print_speculative(saved["speculative"])
+            return
+        if "memory" in saved:  # --load's; JSON wrote its stream counts as strings
+            runs = {name: {int(c): v for c, v in by.items()} for name, by in saved["runs"].items()}
+            print_loads({"runs": runs, "memory": saved["memory"]})
+            return
         print_table(saved["baselines"], saved["rows"])
         if saved.get("penalized"):
             print_penalized(saved["penalized"])
@@ -687,7 +901,20 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(loads, indent=2))
         return
-    counts = [int(c) for c in args.clients.split(",")]
+    if args.speculative:
+        rows = compare_speculative(args)
+        print()
+        print_speculative(rows)
+        if args.json:
+            saved = {
+                "speculative": rows,
+                "max_tokens": args.max_tokens,
+                "copy_max_tokens": args.copy_max_tokens,
+                "runs": args.runs,
+            }
+            Path(args.json).write_text(json.dumps(saved, indent=2))
+        return
+    counts = [int(c) for c in (args.clients or "1,4,16,32").split(",")]
 
     base = baselines(args.home, args.max_tokens, args.runs)
     gc.collect()  # the baseline model is gone before the server starts
