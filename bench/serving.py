@@ -28,11 +28,13 @@
    ratio to the bf16 load of the same invocation, with every run (issue 17's targets: one
    stream 8-bit >= 1.7x, 4-bit >= 2.2x; 16 streams every quantized load >= 0.95x).
 
-6. With --speculative, instead of all the above: one server, the embedded model loaded in
-   bf16, two workloads at 1 and 16 streams (--clients): copy (bench/speculative_prompts.json:
-   repeat or lightly edit a passage of 340-560 tokens, rename a variable in Python code; each
-   a chat turn rendered with the model's chat template, ending where the model ends its
-   answer, at most --copy-max-tokens) and free (PROMPTS, exactly --max-tokens, ignore_eos).
+6. With --speculative, instead of all the above: one server, the embedded model loaded as
+   the server loads it by default (dtype auto: float32 on a CPU without AVX-512 BF16;
+   --speculative-load picks another), two workloads at 1 and 16 streams (--clients): copy
+   (bench/speculative_prompts.json: repeat or lightly edit a passage of 340-560 tokens,
+   rename a variable in Python code; each a chat turn rendered with the model's chat
+   template, ending where the model ends its answer, at most --copy-max-tokens) and free
+   (PROMPTS, exactly --max-tokens, ignore_eos).
    A run streams max(streams, copy prompts) requests, the prompts cycled, each thread its
    share one after another (one stream: every copy prompt in turn). Every run is made twice,
    with "speculative": false and true in each request, which goes first alternating by round,
@@ -668,8 +670,6 @@ def print_loads(result: dict) -> None:
 # --speculative: the copy/edit and free workloads, each request with speculation off and on
 SPECULATIVE_PROMPTS = Path(__file__).with_name("speculative_prompts.json")
 SPECULATIVE_STREAMS = "1,16"
-# The engine's counters in GET /models/{name}/metrics (absent before issue 21's engine)
-DRAFTED, ACCEPTED = "speculative_drafted_tokens", "speculative_accepted_tokens"
 
 
 def speculative_workloads(args: argparse.Namespace) -> dict:
@@ -699,13 +699,11 @@ def speculative_workloads(args: argparse.Namespace) -> dict:
     }
 
 
-def speculative_counts(url: str) -> tuple[int, int] | None:
-    """The model's drafted and accepted token counters, None where the server has none."""
+def speculative_counts(url: str) -> tuple[int, int]:
+    """The model's drafted and accepted token counters (GET /models/{name}/metrics)."""
     response = requests.get(f"{url}/models/{MODEL}/metrics", timeout=30)
-    metrics = response.json()["metrics"]
-    if DRAFTED not in metrics:
-        return None
-    return metrics[DRAFTED], metrics[ACCEPTED]
+    counters = response.json()["metrics"]["speculative"]
+    return counters["drafted_tokens"], counters["accepted_tokens"]
 
 
 def speculative_run(url: str, prompts: list[str], streams: int, fields: dict) -> dict:
@@ -727,12 +725,11 @@ def speculative_run(url: str, prompts: list[str], streams: int, fields: dict) ->
         for turn, result in enumerate(share):
             texts[index + turn * streams] = result["text"]
     tokens = sum(result["tokens"] for share in shares for result in share)
-    counted = before is not None and after is not None
     return {
         "tok_s": tokens / wall,
         "texts": texts,
-        "drafted": after[0] - before[0] if counted else None,
-        "accepted": after[1] - before[1] if counted else None,
+        "drafted": after[0] - before[0],
+        "accepted": after[1] - before[1],
     }
 
 
@@ -760,7 +757,10 @@ def compare_speculative(args: argparse.Namespace) -> list[dict]:
     ]
     server = Server(args.home, preload="")
     try:
-        server.load(LOADS["bf16"])
+        server.load(LOADS.get(args.speculative_load, {}))
+        models = requests.get(f"{server.url}/models", timeout=30).json()["models"]
+        (dtype,) = [model["dtype"] for model in models if model["name"] == MODEL]
+        print(f"  loaded ({args.speculative_load}): {dtype}", flush=True)
         for _names, prompts, fields in workloads.values():  # warm-up; fills the prefix cache
             speculative_run(server.url, prompts, 1, {**fields, "max_tokens": 8})
         for round_ in range(args.runs):
@@ -864,6 +864,12 @@ def main() -> None:
         "--speculative",
         action="store_true",
         help="compare speculative decoding off and on, copy/edit and free prompts, instead",
+    )
+    parser.add_argument(
+        "--speculative-load",
+        default="default",
+        choices=["default", *LOADS],
+        help="the load of --speculative (default: the server's own choice, dtype auto)",
     )
     parser.add_argument(
         "--copy-max-tokens",

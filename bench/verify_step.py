@@ -36,7 +36,11 @@ from tursi.engine.kvcache import BatchCache  # noqa: E402
 from tursi.engine.loading import LoadOptions, load_model  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-LOADS = {"bf16": LoadOptions(dtype="bfloat16"), "8-bit": LoadOptions(True, 8, "dynamic")}
+LOADS = {
+    "fp32": LoadOptions(dtype="float32"),
+    "bf16": LoadOptions(dtype="bfloat16"),
+    "8-bit": LoadOptions(True, 8, "dynamic"),
+}
 # rows: widths
 SHAPES = {1: [1, 2, 4, 8, 12, 16], 4: [1, 2, 4], 16: [1, 2, 4]}
 TEXT = (ROOT / "tursi" / "data" / "heldout.txt").read_text()
