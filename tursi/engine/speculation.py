@@ -26,6 +26,10 @@ per extra column, and each row's drafts are kept at a rate it counts. A step ver
 only when the tokens it expects to keep per unit of measured time beat a plain step's, at
 the width where they are best; else it is a plain step. Every REFRESH-th step with drafts
 at a row count is plain, so that the plain time stays measured.
+
+A draft model (a smaller catalog model) would be another source of proposals: the speculator
+takes each row's (keep rate, drafted tokens) whatever made them, and the verify pass and
+the acceptance rule are the same.
 """
 
 from __future__ import annotations
