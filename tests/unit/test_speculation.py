@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import collections
 import math
+import random
 
-import numpy
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -31,10 +31,10 @@ from tursi.engine.scheduler import Scheduler
 from tursi.engine.speculation import (
     REFRESH,
     DraftState,
+    NgramIndex,
     SpeculationSettings,
     Speculator,
     expected_tokens,
-    propose,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,30 +53,54 @@ FREE = "Write a short story about a robot who learns to paint."
 
 
 def test_propose_takes_what_followed_the_latest_occurrence_of_the_longest_suffix():
-    tokens = numpy.array([5, 6, 7, 1, 9, 6, 7, 2, 3, 8, 6, 7])
+    tokens = NgramIndex([5, 6, 7, 1, 9, 6, 7, 2, 3, 8, 6, 7])
     # "6 7" occurs at 1 and 5: the latest one's continuation
-    assert propose(tokens, 3) == [2, 3, 8]
+    assert tokens.propose(3) == [2, 3, 8]
     # a longer suffix wins over a later shorter one: "9 6 7" occurred once, at 4
-    assert propose(numpy.array([9, 6, 7, 4, 4, 6, 7, 0, 9, 6, 7]), 2) == [4, 4]
-    assert propose(tokens, 1) == [2]
-    assert propose(tokens, 0) == []
+    assert NgramIndex([9, 6, 7, 4, 4, 6, 7, 0, 9, 6, 7]).propose(2) == [4, 4]
+    assert tokens.propose(1) == [2]
+    assert tokens.propose(0) == []
 
 
 def test_propose_needs_two_matching_tokens_and_stops_at_the_end():
-    assert propose(numpy.array([1, 2, 3, 4, 3]), 4) == []  # "3" alone is not enough
-    assert propose(numpy.array([1, 2, 3, 4]), 4) == []
+    assert NgramIndex([1, 2, 3, 4, 3]).propose(4) == []  # "3" alone is not enough
+    assert NgramIndex([1, 2, 3, 4]).propose(4) == []
     # the match's continuation runs into the suffix itself: cut at the end
-    assert propose(numpy.array([7, 7, 7]), 5) == [7]
+    assert NgramIndex([7, 7, 7]).propose(5) == [7]
+
+
+def scanned(tokens: list[int], limit: int) -> list[int]:
+    """The drafter's rule by a plain scan: what followed the latest earlier occurrence of the
+    longest suffix of 4, 3 or 2 tokens."""
+    for n in (4, 3, 2):
+        if len(tokens) <= n:
+            continue
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tokens[-n:]:
+                return tokens[start + n : start + n + limit]
+    return []
+
+
+def test_the_index_proposes_what_a_scan_finds_as_the_sequence_grows():
+    generator = random.Random(7)
+    for _ in range(50):
+        tokens = [generator.randrange(4) for _ in range(generator.randrange(1, 60))]
+        index = NgramIndex(tokens[:5])
+        for end in range(5, len(tokens) + 1):
+            index.extend(tokens[len(index.tokens) : end])
+            limit = generator.randrange(1, 6)
+            assert index.propose(limit) == scanned(tokens[:end], limit), (tokens[:end], limit)
 
 
 def test_draft_state_copies_the_output_and_counts_what_was_kept():
-    state = DraftState([1, 2, 3, 4], max_tokens=8)
+    state = DraftState([1, 2, 3, 4])
     assert state.draft([1], 2, 4) == [3, 4, 1, 2]  # prompt 1 2 3 4, output 1, next 2
-    assert state.keep_rate == 0.5  # nothing verified yet
+    assert state.keep_rate(0.5) == 0.5  # nothing verified yet: the prior
     state.verified(4, 4)  # all kept
     state.verified(4, 1)  # one kept, then a miss
     assert (state.drafted, state.accepted, state.misses) == (8, 5, 1)
-    assert state.keep_rate == 6 / 8
+    assert state.keep_rate(0.5) == 6 / 8  # (5 kept + 2 x 0.5) / (5 + 1 missed + 2)
+    assert state.keep_rate(0.9) == pytest.approx(6.8 / 8)
     assert state.draft([1, 2, 3], 4, 2) == [1, 2]  # output now 1 2 3, next 4
 
 
@@ -103,6 +127,15 @@ def test_the_speculator_drafts_only_when_the_measured_cost_pays_off():
     assert speculator.choose([copying, free]) == [[], []]  # no plain 2-row step measured
     speculator.measured(2, 1, 0.035)
     assert speculator.choose([copying, free]) == [[7] * 4, [5, 6]]
+
+
+def test_the_speculators_keep_rate_is_every_rows_so_far():
+    speculator = Speculator(SpeculationSettings())
+    assert speculator.keep_rate == 0.5
+    speculator.verified(8, 8)
+    speculator.verified(3, 0)
+    speculator.verified(2, 2)
+    assert speculator.keep_rate == (10 + 1) / (10 + 1 + 2)
 
 
 def test_the_speculator_keeps_measuring_plain_steps():

@@ -514,8 +514,9 @@ class Scheduler:
                 proposals.append((0.0, []))
                 continue
             if seq.draft is None:
-                seq.draft = DraftState(seq.job.prompt_ids, params.max_tokens)
-            proposals.append((seq.draft.keep_rate, seq.draft.draft(seq.fed, seq.next_token, limit)))
+                seq.draft = DraftState(seq.job.prompt_ids)
+            draft = seq.draft.draft(seq.fed, seq.next_token, limit)
+            proposals.append((seq.draft.keep_rate(self.speculator.keep_rate), draft))
         return self.speculator.choose(proposals)
 
     def _verify_step(self, drafts: list[list[int]]) -> None:
@@ -556,6 +557,7 @@ class Scheduler:
         for seq, draft, count in zip(rows, drafts, kept, strict=True):
             if draft:
                 seq.draft.verified(len(draft), count)
+                self.speculator.verified(len(draft), count)
                 seq.fed.extend(draft[:count])
         self.stats.speculated(sum(len(draft) for draft in drafts), sum(kept))
         self.cache.advance([1 + count for count in kept])

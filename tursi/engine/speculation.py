@@ -22,9 +22,10 @@ Policy (`Speculator`; docs/performance.md "Speculative decoding"): a verify pass
 much depends on the machine, the load (bf16 on a CPU without bf16 dot products: width 8 ~2.7x
 a plain step at one row; 8-bit: ~1.4x) and the rows (at 16 rows every width is compute).
 So the scheduler measures it: it times its steps, plain ones per row count and verify ones
-per extra column, and each row's drafts are kept at a rate it counts. A step verifies drafts
-only when the tokens it expects to keep per unit of measured time beat a plain step's, at
-the width where they are best; else it is a plain step. Every REFRESH-th step with drafts
+per extra column, and each row's drafted tokens are kept at a rate it counts (a new row
+starts from the model's rate so far). A step verifies drafts only when the tokens it expects
+to keep per unit of measured time beat a plain step's by MARGIN, at the width where they
+are best; else it is a plain step. Every REFRESH-th step with drafts
 at a row count is plain, so that the plain time stays measured.
 
 A draft model (a smaller catalog model) would be another source of proposals: the speculator
@@ -36,14 +37,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy
-from numpy.lib.stride_tricks import sliding_window_view
-
 MIN_NGRAM = 2  # a draft needs the row's last 2 tokens (at least) to occur earlier
 MAX_NGRAM = 4  # the longest suffix looked up
 FIRST_EXTRA = 0.3  # a verify column's cost (of a plain step's) before any is measured
 SMOOTHING = 0.25  # weight of the newest measurement in the running averages
 REFRESH = 32  # steps with drafts between two plain ones at the same row count
+MARGIN = 1.05  # a verify step must promise this much more than a plain one
+PRIOR_WEIGHT = 2  # a row's keep rate starts as this many drafted tokens at the model's rate
 
 
 @dataclass(frozen=True)
@@ -55,56 +55,72 @@ class SpeculationSettings:
     tokens: int = 8
 
 
-class DraftState:
-    """One row's drafting: its tokens so far (prompt and output, looked up by `propose`)
-    and how often its drafted tokens were kept."""
+class NgramIndex:
+    """A sequence of tokens that only grows, and where each of its n-grams (MIN_NGRAM to
+    MAX_NGRAM tokens) last occurred with a token after it: `propose` is a few dictionary
+    lookups, not a scan of the sequence (a scan cost ~60 us a row per step, a few percent
+    of a 16-row step)."""
 
-    def __init__(self, prompt: list[int], max_tokens: int):
-        # The prompt, the output run through the model, then the row's next token.
-        self.tokens = numpy.zeros(len(prompt) + max_tokens + 1, dtype=numpy.int64)
-        self.tokens[: len(prompt)] = prompt
+    def __init__(self, tokens: list[int] = ()):
+        self.tokens: list[int] = []
+        # n -> {n tokens: the latest start i with tokens[i:i + n] equal, and i + n < len}
+        self.latest: dict[int, dict[tuple[int, ...], int]] = {
+            n: {} for n in range(MIN_NGRAM, MAX_NGRAM + 1)
+        }
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            self.tokens.append(token)
+            end = len(self.tokens) - 1  # the n-grams ending before `token` now have a follower
+            for n, latest in self.latest.items():
+                if end >= n:
+                    latest[tuple(self.tokens[end - n : end])] = end - n
+
+    def propose(self, limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the latest earlier occurrence of the longest
+        suffix of the sequence (MAX_NGRAM down to MIN_NGRAM tokens); [] when none occurs."""
+        if limit <= 0:
+            return []
+        length = len(self.tokens)
+        for n in range(min(MAX_NGRAM, length - 1), MIN_NGRAM - 1, -1):
+            start = self.latest[n].get(tuple(self.tokens[length - n :]))
+            if start is not None:
+                return self.tokens[start + n : start + n + limit]
+        return []
+
+
+class DraftState:
+    """One row's drafting: its tokens so far (prompt and output, in an NgramIndex) and how
+    often its drafted tokens were kept."""
+
+    def __init__(self, prompt: list[int]):
+        self.index = NgramIndex(prompt)
         self.prompt = len(prompt)
-        self.copied = 0  # output tokens copied into `tokens` so far
         self.drafted = 0
         self.accepted = 0
         self.misses = 0  # verified drafts that were cut short (their first rejected token)
 
-    @property
-    def keep_rate(self) -> float:
+    def keep_rate(self, prior: float) -> float:
         """The chance that the next drafted token is kept, given the ones before it were:
-        kept tokens over kept and rejected ones, starting from 1/2 (Laplace's rule)."""
-        return (self.accepted + 1) / (self.accepted + self.misses + 2)
+        kept tokens over kept and rejected ones, starting from `prior` (the model's rate,
+        Speculator.keep_rate) as PRIOR_WEIGHT tokens' worth."""
+        kept = self.accepted + PRIOR_WEIGHT * prior
+        return kept / (self.accepted + self.misses + PRIOR_WEIGHT)
 
     def draft(self, output: list[int], next_token: int, limit: int) -> list[int]:
         """At most `limit` tokens to follow `next_token`, after the row's `output` (its
-        generated tokens run through the model, which only grows)."""
-        end = self.prompt + len(output)
-        self.tokens[self.prompt + self.copied : end] = output[self.copied :]
-        self.copied = len(output)
-        self.tokens[end] = next_token
-        return propose(self.tokens[: end + 1], limit)
+        generated tokens run through the model, which only grows, and becomes output +
+        [next_token] and more by the next call)."""
+        placed = len(self.index.tokens) - self.prompt  # the last call's output + next token
+        self.index.extend([*output[placed:], next_token])
+        return self.index.propose(limit)
 
     def verified(self, drafted: int, accepted: int) -> None:
         """A draft of `drafted` tokens was verified and its first `accepted` kept."""
         self.drafted += drafted
         self.accepted += accepted
         self.misses += accepted < drafted
-
-
-def propose(tokens: numpy.ndarray, limit: int) -> list[int]:
-    """Up to `limit` tokens that followed the latest earlier occurrence of the longest suffix
-    of `tokens` (MAX_NGRAM down to MIN_NGRAM tokens); [] when none occurs."""
-    length = len(tokens)
-    if limit <= 0:
-        return []
-    for n in range(min(MAX_NGRAM, length - 1), MIN_NGRAM - 1, -1):
-        # windows[i] = tokens[i : i + n] for i + n < length: each has a token after it.
-        windows = sliding_window_view(tokens[: length - 1], n)
-        hits = numpy.flatnonzero((windows == tokens[length - n :]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start : start + limit].tolist()
-    return []
 
 
 def expected_tokens(keep_rate: float, drafted: int) -> float:
@@ -122,18 +138,32 @@ class Speculator:
         self.plain: dict[int, float] = {}  # rows -> a plain step's seconds
         self.extra: dict[int, float] = {}  # rows -> a verify column's cost, of a plain step
         self.since_plain: dict[int, int] = {}  # rows -> steps with drafts since a plain one
+        self.accepted = 0  # over every row, as DraftState counts them
+        self.misses = 0
+
+    @property
+    def keep_rate(self) -> float:
+        """The model's rate of kept drafted tokens (DraftState.keep_rate) over every row so
+        far, starting from 1/2 (Laplace's rule): a new row's prior."""
+        return (self.accepted + 1) / (self.accepted + self.misses + 2)
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """A row's draft of `drafted` tokens was verified and its first `accepted` kept."""
+        self.accepted += accepted
+        self.misses += accepted < drafted
 
     def choose(self, proposals: list[tuple[float, list[int]]]) -> list[list[int]]:
         """The drafts this step verifies, from each row's (keep rate, proposed draft): each
         cut to the width where the expected kept tokens per unit of step time are best, or
-        none when a plain step's one token per row is better."""
+        none unless that beats a plain step's one token per row by MARGIN (the estimates
+        are noisy, and proposing costs a little too)."""
         rows = len(proposals)
         none: list[list[int]] = [[] for _ in proposals]
         longest = max(len(draft) for _, draft in proposals)
         if not longest or rows not in self.plain or self.since_plain.get(rows, 0) >= REFRESH:
             return none
         extra = self.extra.get(rows, FIRST_EXTRA)
-        best, best_rate = 1, float(rows)  # a plain step: one token per row, cost 1
+        best, best_rate = 1, rows * MARGIN  # a plain step: one token per row, cost 1
         for width in range(2, longest + 2):
             tokens = sum(
                 expected_tokens(rate, min(width - 1, len(draft))) for rate, draft in proposals
