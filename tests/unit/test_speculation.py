@@ -15,6 +15,7 @@ references.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import random
 
@@ -24,7 +25,8 @@ from transformers import AutoModelForCausalLM
 
 from tests.helpers import build_llama, transformers_greedy
 from tursi.engine.catalog import Catalog, CatalogEntry
-from tursi.engine.jobs import Finished, GenerationJob, GenerationParams, TextChunk
+from tursi.engine.constraints import Constraints
+from tursi.engine.jobs import Constraint, Finished, GenerationJob, GenerationParams, TextChunk
 from tursi.engine.loading import LoadOptions, load_model
 from tursi.engine.loading.weights import converted_dir, embedded_gguf
 from tursi.engine.scheduler import Scheduler
@@ -36,6 +38,7 @@ from tursi.engine.speculation import (
     Speculator,
     expected_tokens,
 )
+from tursi.engine.tokens import logits_width
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -122,11 +125,16 @@ def test_the_speculator_drafts_only_when_the_measured_cost_pays_off():
     assert speculator.choose([free]) == [[]]  # 1.2 tokens for 1.25 the time: no
     assert speculator.choose([copying]) == [[7] * 8]
     assert speculator.choose([(0.5, [7] * 8)]) == [[7]]  # 1.5 for 1.25; 1.75 for 1.5...
-    # Two rows: costs are per row count (FIRST_EXTRA again), and the width is the step's:
-    # at 5, (4.52 + 1.24) tokens for 2.2 the time beats the copying row's full draft.
+    # Two rows: costs are per row count (unmeasured: the nearest row count's, 0.25), and the
+    # width is the step's: at 7, (6.02 + 1.24) tokens for 2.5 the time (2.91 a unit) beat
+    # the copying row's full draft ((7.40 + 1.24) / 3 = 2.88).
     assert speculator.choose([copying, free]) == [[], []]  # no plain 2-row step measured
     speculator.measured(2, 1, 0.035)
-    assert speculator.choose([copying, free]) == [[7] * 4, [5, 6]]
+    assert speculator.choose([copying, free]) == [[7] * 6, [5, 6]]
+    speculator.measured(2, 7, 0.035 * (1 + 6 * 0.5))  # measured: half a step a column
+    assert speculator.extra == {1: pytest.approx(0.25), 2: pytest.approx(0.5)}
+    # now at best 2.1 tokens a unit (width 2): not 10% more than 2
+    assert speculator.choose([copying, free]) == [[], []]
 
 
 def test_the_speculators_keep_rate_is_every_rows_so_far():
@@ -357,3 +365,82 @@ def test_a_seeded_request_draws_the_same_tokens_with_and_without_drafts(tiny):
     assert scheduler.stats.accepted_tokens > 0
     off, _ = sample_runs(tiny, range(40), False)
     assert on == off
+
+
+# --- the other request features ---------------------------------------------------------------
+
+
+def shape(event) -> tuple:
+    """An event without its float figures: (text or finish, index, token ids listed)."""
+    if isinstance(event, Finished):
+        return (event.finish_reason, event.index, event.tokens_generated)
+    ids = [(e.token_id, [token for token, _ in e.top]) for e in event.logprobs]
+    return (event.text, event.index, ids)
+
+
+def numbers(events) -> list[float]:
+    """Every logprob in `events`, in order (cumulative ones included)."""
+    found = []
+    for event in events:
+        if isinstance(event, Finished):
+            found.append(event.cumulative_logprob or 0.0)
+        else:
+            for entry in event.logprobs:
+                found += [entry.logprob, *(value for _, value in entry.top)]
+    return found
+
+
+def events_of(job) -> list:
+    """Every event of a finished job (until each of its choices has finished), their time
+    fields zeroed."""
+    found, running = [], job.n
+    while running:
+        event = job.events.get(timeout=1)
+        if isinstance(event, Finished):
+            event = dataclasses.replace(event, generation_seconds=0.0)
+            running -= 1
+        found.append(event)
+    return found
+
+
+def test_logprobs_penalties_grammar_and_n_see_the_same_tokens_with_drafts(tiny):
+    """Every feature a kept token passes through (logprobs with their top tokens, the three
+    penalties, a grammar, several choices of one prompt, sampling with a seed, stop strings)
+    gives the same events with every draft verified as with speculation off, on prompts the
+    tiny model repeats (so drafts are made and kept)."""
+    constraints = Constraints(tiny.tokenizer, logits_width(tiny.model), [0])
+    prompt = tiny.tokenizer(PATTERN)["input_ids"]
+    regex = Constraint("regex", "( lazy| dog){3,40}")
+    cases = [
+        {"logprobs": 3},
+        {"frequency_penalty": 0.4, "presence_penalty": 0.2, "repetition_penalty": 1.1},
+        {"temperature": 0.8, "seed": 11, "logprobs": 1},
+        {"constraint": regex},
+        {"stop": ["dog dog"]},
+    ]
+
+    def jobs(speculative: bool) -> list[GenerationJob]:
+        made = []
+        for params in cases:
+            n = 2 if "seed" in params else 1
+            matchers = (
+                constraints.matchers(params["constraint"], n) if "constraint" in params else None
+            )
+            settings = {"temperature": 0.0, **params, "speculative": speculative}
+            made.append(
+                GenerationJob(prompt, GenerationParams(30, **settings), n=n, matchers=matchers)
+            )
+        return made
+
+    with_drafts = jobs(True)
+    scheduler = run(tiny, with_drafts)
+    assert scheduler.stats.accepted_tokens > 0
+    without = jobs(False)
+    run(tiny, without)
+    for index, (a, b) in enumerate(zip(with_drafts, without, strict=True)):
+        # per choice: two choices' events interleave otherwise when one keeps drafts
+        got, expected = (sorted(events_of(job), key=lambda e: e.index) for job in (a, b))
+        # the same events, tokens and texts; logprobs equal to float32 precision (a verify
+        # pass runs its matmuls on another shape than a one-token step)
+        assert [shape(event) for event in got] == [shape(e) for e in expected], cases[index]
+        assert numbers(got) == pytest.approx(numbers(expected), rel=1e-5, abs=1e-5)
