@@ -112,7 +112,8 @@ def test_a_stream_is_timed_when_it_ends_not_when_it_starts(tiny_client, monkeypa
     monkeypatch.setattr(Scheduler, "_decode_step", slow_step)
     labels = {"method": "POST", "route": "/api/v1/generate", "status": "200"}
     before = scrape(tiny_client)
-    status, _ = stream(tiny_client, max_tokens=5)  # 4 decode steps: at least 0.2 s
+    # 4 decode steps (no speculative drafts, which could make it fewer): at least 0.2 s
+    status, _ = stream(tiny_client, max_tokens=5, speculative=False)
     after = scrape(tiny_client)
     assert status == 200
     assert (

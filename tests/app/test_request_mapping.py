@@ -35,6 +35,7 @@ VALUES = {
     "logprobs": 2,
     "prompt_logprobs": 1,
     "constraint": {"regex": "[a-y ]+"},
+    "speculative": False,  # not the default
 }
 REQUEST_KEYS = {"constraint": "structured_outputs"}
 LOADED = {"logit_bias": {5: -100.0, 7: 2.5}, "constraint": Constraint("regex", "[a-y ]+")}

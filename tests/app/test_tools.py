@@ -347,7 +347,14 @@ def test_a_streamed_answer_rebuilds_the_whole_one(client, model, tool_choice):
     assert content == whole["message"]["content"]
     assert without_ids(calls) == without_ids(whole["message"].get("tool_calls", []))
     assert finish == whole["finish_reason"]
-    assert logprobs == whole["logprobs"]["content"]
+    # The same tokens; their logprobs to float32 precision: whether a step verified
+    # speculative drafts (a wider forward, other matmul shapes) depends on measured times.
+    assert [entry["token"] for entry in logprobs] == [
+        entry["token"] for entry in whole["logprobs"]["content"]
+    ]
+    assert [entry["logprob"] for entry in logprobs] == pytest.approx(
+        [entry["logprob"] for entry in whole["logprobs"]["content"]], abs=1e-5
+    )
 
 
 def test_a_schema_the_engine_cannot_use_is_a_400_naming_tools(client):

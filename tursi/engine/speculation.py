@@ -193,7 +193,7 @@ class Speculator:
             self.since_plain[rows] = 0
             return
         self.since_plain[rows] = self.since_plain.get(rows, 0) + 1
-        if plain is not None:
+        if plain:  # (a clock that did not move measures nothing)
             sample = max(0.0, (seconds / plain - 1) / (width - 1))
             known = self.extra.get(rows)
             self.extra[rows] = sample if known is None else _average(known, sample)
