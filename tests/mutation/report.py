@@ -63,10 +63,12 @@ def outcome(code: int | None) -> str:
     return "not run" if code is None else f"other ({code})"
 
 
-def results(module: str) -> dict[str, str]:
+def results(module: str) -> dict[str, str] | None:
+    """{mutant: outcome} of `module`, None when mutmut has no results for it yet (a module
+    added to setup.cfg since the last run)."""
     meta = ROOT / "mutants" / (module + ".meta")
     if not meta.exists():
-        sys.exit(f"no results for {module}: run `make mutation` first")
+        return None
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     return {name: outcome(code) for name, code in codes.items()}
 
@@ -74,10 +76,13 @@ def results(module: str) -> dict[str, str]:
 def report() -> tuple[str, bool]:
     listed, gpu_only = equivalents()
     known = {name: reason for name, reason in listed.items() if name not in gpu_only}
-    rows, unexplained, stale = [], [], []
+    rows, unexplained, stale, missing = [], [], [], []
     totals = Counter()
     for module in mutated_modules():
         outcomes = results(module)
+        if outcomes is None:
+            missing.append(module)
+            continue
         count = Counter(outcomes.values())
         equivalent = sum(
             1 for name, result in outcomes.items() if result == "survived" and name in known
@@ -113,6 +118,9 @@ def report() -> tuple[str, bool]:
         lines.append(
             f"Incomplete: {totals['other']} mutants not run yet (`make mutation` resumes)."
         )
+    if missing:
+        names = ", ".join(f"`{module}`" for module in missing)
+        lines.append(f"Not mutated yet (added since the last run): {names}.")
     if gpu_only:
         lines.append(f"Survivors only a GPU could kill (counted as survivors): {len(gpu_only)}.")
     if unexplained:
@@ -121,7 +129,7 @@ def report() -> tuple[str, bool]:
     if stale:
         lines += ["", "Listed as equivalent but no longer surviving (remove from the list):", ""]
         lines += [f"- `{name}`" for name in sorted(stale)]
-    return "\n".join(lines), rate >= TARGET and not totals["other"]
+    return "\n".join(lines), rate >= TARGET and not totals["other"] and not missing
 
 
 def main() -> None:
