@@ -106,6 +106,14 @@ def make_app(tiny_models_dir, tmp_path):
 
 
 @pytest.fixture
+def chat_client(make_app, chat_catalog):
+    """A test client of an app on the tiny chat catalog, its model "tiny" loaded."""
+    client = make_app(models_file=str(chat_catalog)).test_client()
+    assert load_and_wait(client, "tiny")["status"] == "loaded"
+    return client
+
+
+@pytest.fixture
 def submitted(monkeypatch):
     """The jobs each request queued on the engine, one list per request."""
     requests: list[list] = []

@@ -499,6 +499,16 @@ def load_and_wait(client, name, body=None, timeout=60, headers=None):
 
 
 API = "/api/v1"
+# One short greedy request per generation route (the tiny chat catalog's model "tiny");
+# completions with two prompts of two choices each.
+ROUTE_REQUESTS = {
+    f"{API}/generate": {"prompt": "Once upon a time", "max_tokens": 3},
+    "/v1/completions": {"prompt": ["Once upon", "a time"], "n": 2, "max_tokens": 3},
+    "/v1/chat/completions": {
+        "messages": [{"role": "user", "content": "lazy dog"}],
+        "max_tokens": 3,
+    },
+}
 
 
 SIZE = re.compile(r"^\d+(\.\d)?(B|KB|MB|GB|TB)$")

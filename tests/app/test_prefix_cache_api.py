@@ -10,24 +10,25 @@ import json
 
 import pytest
 
-from tests.helpers import API, CORPUS, load_and_wait, parse_metrics, parse_sse, sse_data, value
+from tests.helpers import (
+    API,
+    CORPUS,
+    ROUTE_REQUESTS,
+    load_and_wait,
+    parse_metrics,
+    parse_sse,
+    sse_data,
+    value,
+)
 from tests.openai_spec import validator
 from tursi.engine.prefix_cache import BLOCK_TOKENS
 
-CHAT = [{"role": "user", "content": "lazy dog"}]
-# One request per route, greedy and short; completions with two prompts of two choices each.
-REQUESTS = {
-    f"{API}/generate": {"prompt": "Once upon a time", "max_tokens": 3},
-    "/v1/completions": {"prompt": ["Once upon", "a time"], "n": 2, "max_tokens": 3},
-    "/v1/chat/completions": {"messages": CHAT, "max_tokens": 3},
-}
+REQUESTS = ROUTE_REQUESTS
 
 
 @pytest.fixture
-def client(make_app, chat_catalog):
-    client = make_app(models_file=str(chat_catalog)).test_client()
-    assert load_and_wait(client, "tiny")["status"] == "loaded"
-    return client
+def client(chat_client):
+    return chat_client
 
 
 def post(client, route, **extra):
@@ -52,20 +53,6 @@ def test_cache_prompt_reaches_every_job(client, submitted, route, given, expecte
     (jobs,) = submitted
     assert len(jobs) == (2 if route == "/v1/completions" else 1)
     assert [job.cache_prompt for job in jobs] == [expected] * len(jobs)
-
-
-@pytest.mark.parametrize("route", list(REQUESTS))
-@pytest.mark.parametrize("bad", ["false", 0, 1, [], {}])
-def test_cache_prompt_must_be_a_boolean(client, submitted, route, bad):
-    response = client.post(route, json={"model": "tiny", **REQUESTS[route], "cache_prompt": bad})
-    assert response.status_code == 400, response.get_data(as_text=True)
-    error = response.get_json()["error"]
-    assert error["code"] == "invalid_request"
-    assert "cache_prompt" in error["details"]["fields"]
-    assert "cache_prompt" in error["message"]
-    if route.startswith("/v1"):  # OpenAI's error object names the parameter
-        assert error["param"] == "cache_prompt" and error["type"] == "invalid_request_error"
-    assert submitted == []  # refused before anything reached the engine
 
 
 def cached_within(count, prompt_tokens):

@@ -8,7 +8,7 @@ from dataclasses import fields
 import pytest
 
 import tursi.engine.scheduler as scheduler_module
-from tests.helpers import API, load_and_wait, with_chat_template, write_catalog
+from tests.helpers import API, ROUTE_REQUESTS, load_and_wait, with_chat_template, write_catalog
 from tursi.api.jobs import sampling_params
 from tursi.api.openai_schemas import ChatCompletionRequestSchema, CompletionRequestSchema
 from tursi.api.schemas import GenerateRequestSchema, SamplingSchema
@@ -176,3 +176,23 @@ def test_request_values_reach_the_token_chooser(chatty_client, chooser_params, p
     response.close()
     # ignore_eos: three tokens, three choices, each by a chooser built from the same params.
     assert chooser_params == [GenerationParams.of(expected, 3)] * 3
+
+
+@pytest.mark.parametrize("field", ["cache_prompt", "speculative"])
+@pytest.mark.parametrize("route", list(ROUTE_REQUESTS))
+@pytest.mark.parametrize("bad", ["false", 0, 1, [], {}])
+def test_the_boolean_extensions_refuse_anything_but_a_boolean(
+    chat_client, submitted, field, route, bad
+):
+    """cache_prompt (the prefix cache) and speculative (speculative decoding): a 400 naming
+    the field, before anything reaches the engine."""
+    body = {"model": "tiny", **ROUTE_REQUESTS[route], field: bad}
+    response = chat_client.post(route, json=body)
+    assert response.status_code == 400, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == "invalid_request"
+    assert field in error["details"]["fields"]
+    assert field in error["message"]
+    if route.startswith("/v1"):  # OpenAI's error object names the parameter
+        assert error["param"] == field and error["type"] == "invalid_request_error"
+    assert submitted == []  # refused before anything reached the engine

@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import API, load_and_wait, parse_metrics, value
+from tests.helpers import API, ROUTE_REQUESTS, parse_metrics, value
 from tursi.engine.speculation import Speculator
 
-CHAT = [{"role": "user", "content": "lazy dog"}]
-REQUESTS = {
-    f"{API}/generate": {"prompt": "Once upon a time", "max_tokens": 3},
-    "/v1/completions": {"prompt": ["Once upon", "a time"], "n": 2, "max_tokens": 3},
-    "/v1/chat/completions": {"messages": CHAT, "max_tokens": 3},
-}
+REQUESTS = ROUTE_REQUESTS
 
 
 @pytest.fixture
-def client(make_app, chat_catalog):
-    client = make_app(models_file=str(chat_catalog)).test_client()
-    assert load_and_wait(client, "tiny")["status"] == "loaded"
-    return client
+def client(chat_client):
+    return chat_client
 
 
 @pytest.mark.parametrize("route", list(REQUESTS))
@@ -36,19 +29,6 @@ def test_speculative_reaches_every_job(client, submitted, route, given, expected
     assert response.status_code == 200, response.get_data(as_text=True)
     (jobs,) = submitted
     assert jobs and all(job.params.speculative is expected for job in jobs)
-
-
-@pytest.mark.parametrize("route", list(REQUESTS))
-@pytest.mark.parametrize("bad", ["false", 0, 1, [], {}])
-def test_speculative_must_be_a_boolean(client, submitted, route, bad):
-    response = client.post(route, json={"model": "tiny", **REQUESTS[route], "speculative": bad})
-    assert response.status_code == 400, response.get_data(as_text=True)
-    error = response.get_json()["error"]
-    assert error["code"] == "invalid_request"
-    assert "speculative" in error["details"]["fields"]
-    if route.startswith("/v1"):  # OpenAI's error object names the parameter
-        assert error["param"] == "speculative" and error["type"] == "invalid_request_error"
-    assert submitted == []  # refused before anything reached the engine
 
 
 def test_drafted_and_kept_tokens_are_counted_in_both_metrics_views(client, monkeypatch):
