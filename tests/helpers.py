@@ -117,6 +117,13 @@ def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     return out
 
 
+def decoded(tokenizer, prompt: list[int], ids: list[int]) -> str:
+    """The text of `ids` after `prompt`, decoded by the tokenizer in one go (what a
+    generation of `ids` must have streamed)."""
+    whole = tokenizer.decode(prompt + ids, skip_special_tokens=True)
+    return whole[len(tokenizer.decode(prompt, skip_special_tokens=True)) :]
+
+
 def choice_continuations(tokenizer, done: str, choices: tuple[str, ...]) -> set[int]:
     """The token ids whose text, after the output `done`, still begins (or is) one of
     `choices`: what a choice constraint must allow next, read from the tokenizer's own

@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM
 
 import tursi.engine.decode as decode_module
 import tursi.engine.scheduler as scheduler_module
-from tests.helpers import CORPUS, build_gpt2, build_llama, transformers_greedy
+from tests.helpers import CORPUS, build_gpt2, build_llama, decoded, transformers_greedy
 from tursi.engine import native
 from tursi.engine.catalog import CatalogEntry
 from tursi.engine.cpu_kernels import fused_llama
@@ -251,12 +251,6 @@ def events(job):
             return "".join(pieces), event.finish_reason
         assert isinstance(event, TextChunk), event
         pieces.append(event.text)
-
-
-def decoded(tokenizer, prompt, ids):
-    """The text of `ids` after `prompt`, decoded by the tokenizer in one go."""
-    whole = tokenizer.decode(prompt + ids, skip_special_tokens=True)
-    return whole[len(tokenizer.decode(prompt, skip_special_tokens=True)) :]
 
 
 def run_scenario(engine: Engine, scenario: str, monkeypatch) -> list[list[int]]:

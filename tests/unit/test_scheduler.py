@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tursi.engine.scheduler as scheduler_module
-from tests.helpers import CORPUS, build_llama, transformers_greedy
+from tests.helpers import CORPUS, build_llama, decoded, transformers_greedy
 from tursi.engine.catalog import CatalogEntry
 from tursi.engine.constraints import Constraints, GrammarError, grammar_text
 from tursi.engine.cpu_kernels import fused_llama
@@ -196,13 +196,6 @@ def transformers_generate(stock: Any, prompt: list[int], max_tokens: int, **kwar
     return out[0, len(prompt) :].tolist()
 
 
-def decoded(loaded: LoadedModel, prompt: list[int], ids: list[int]) -> str:
-    """The text of `ids` after `prompt`, decoded by the tokenizer in one go."""
-    tokenizer = loaded.tokenizer
-    whole = tokenizer.decode(prompt + ids, skip_special_tokens=True)
-    return whole[len(tokenizer.decode(prompt, skip_special_tokens=True)) :]
-
-
 def drain(job: GenerationJob) -> list:
     """Every event the job has received so far."""
     events = []
@@ -262,7 +255,7 @@ def test_max_tokens_ends_each_request_with_length_and_the_reference_text(
     run(scheduler, *jobs)
     for prompt, job in zip(prompts, jobs, strict=True):
         text, end = finished(job)
-        expected = decoded(loaded, prompt, transformers_greedy(stock, prompt, max_tokens))
+        expected = decoded(loaded.tokenizer, prompt, transformers_greedy(stock, prompt, max_tokens))
         assert (text, end.tokens_generated, end.finish_reason) == (expected, max_tokens, "length")
         assert on_done.of(job) == [(0.0, True)]  # the fake clock stood still
     assert_idle(scheduler)
@@ -280,10 +273,10 @@ def test_end_of_sequence_ends_with_stop_counting_the_token_but_not_its_text(
     job, other = greedy(prompts[0], NEW_TOKENS), greedy(others[0], 4)
     run(scheduler, job, other)
     text, end = finished(job)
-    expected = decoded(loaded, prompts[0], reference[: k - 1])
+    expected = decoded(loaded.tokenizer, prompts[0], reference[: k - 1])
     assert (text, end.tokens_generated, end.finish_reason) == (expected, k, "stop")
     text, end = finished(other)
-    expected = decoded(loaded, others[0], transformers_greedy(stock, others[0], 4))
+    expected = decoded(loaded.tokenizer, others[0], transformers_greedy(stock, others[0], 4))
     assert (text, end.tokens_generated, end.finish_reason) == (expected, 4, "length")
     assert on_done.of(job) == on_done.of(other) == [(0.0, True)]
     assert_idle(scheduler)
@@ -298,7 +291,7 @@ def test_ignore_eos_generates_past_end_of_sequence_up_to_max_tokens(
     job = greedy(prompts[0], NEW_TOKENS, ignore_eos=True)
     run(scheduler, job)
     text, end = finished(job)
-    expected = decoded(loaded, prompts[0], reference)
+    expected = decoded(loaded.tokenizer, prompts[0], reference)
     assert (text, end.tokens_generated, end.finish_reason) == (expected, NEW_TOKENS, "length")
 
 
@@ -316,7 +309,7 @@ def boundary_stop(loaded, reference: list[int], start: int) -> str:
 def stop_outcome(loaded, prompt: list[int], reference: list[int], stop: str) -> tuple[str, int]:
     """(text before the first occurrence of `stop`, tokens up to the one completing it)."""
     for n in range(1, len(reference) + 1):
-        text = decoded(loaded, prompt, reference[:n])
+        text = decoded(loaded.tokenizer, prompt, reference[:n])
         if stop in text:
             return text[: text.index(stop)], n
     raise AssertionError(f"{stop!r} is not in the reference text")
@@ -352,10 +345,10 @@ def test_text_held_back_as_a_possible_stop_start_is_released_when_generation_end
     else:  # the (n + 1)-th token is the end of sequence
         n = first_new_token(reference, 5)
         monkeypatch.setattr(loaded, "eos_ids", frozenset({reference[n]}))
-    text = decoded(loaded, prompts[1], reference[:n])
+    text = decoded(loaded.tokenizer, prompts[1], reference[:n])
     assert text[-1].isprintable() and text[-1] != "\ufffd"
     stop = text[-1] + "\x00\x01"
-    assert stop not in decoded(loaded, prompts[1], reference)
+    assert stop not in decoded(loaded.tokenizer, prompts[1], reference)
     scheduler, _ = make_scheduler(loaded)
     job = greedy(prompts[1], NEW_TOKENS, stop=[stop])
     run(scheduler, job)
@@ -372,9 +365,9 @@ def test_a_stop_string_in_the_text_released_at_the_end_still_ends_with_stop(load
     n = next(
         n
         for n in range(1, NEW_TOKENS)
-        if decoded(loaded, prompts[0], reference[:n])[-1:] == "\ufffd"
+        if decoded(loaded.tokenizer, prompts[0], reference[:n])[-1:] == "\ufffd"
     )
-    text = decoded(loaded, prompts[0], reference[:n])
+    text = decoded(loaded.tokenizer, prompts[0], reference[:n])
     scheduler, _ = make_scheduler(loaded)
     job = greedy(prompts[0], n, stop=["\ufffd"])
     run(scheduler, job)
@@ -490,7 +483,9 @@ def test_a_request_whose_text_fails_to_decode_fails_alone(
     assert record.getMessage() == "detokenizing failed on test" and record.exc_info
     assert on_done.of(broken) == [(0.0, False)]
     text, end = finished(other)
-    expected = decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], NEW_TOKENS))
+    expected = decoded(
+        loaded.tokenizer, prompts[1], transformers_greedy(stock, prompts[1], NEW_TOKENS)
+    )
     assert (text, end.finish_reason) == (expected, "length")
     assert on_done.of(other) == [(0.0, True)]
     assert_idle(scheduler)
@@ -516,7 +511,9 @@ def test_a_choice_that_fails_takes_its_sibling_choices_out_of_the_batch(loaded, 
     assert isinstance(error, GenerationFailed) and on_done.of(broken) == [(0.0, False)]
     run(scheduler)
     text, end = finished(other)
-    expected = decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], NEW_TOKENS))
+    expected = decoded(
+        loaded.tokenizer, prompts[1], transformers_greedy(stock, prompts[1], NEW_TOKENS)
+    )
     assert (text, end.finish_reason) == (expected, "length")
     assert_idle(scheduler)
 
@@ -537,7 +534,7 @@ def test_a_job_cancelled_while_waiting_ends_ok_with_no_events(loaded, stock, pro
     assert drain(cancelled) == [] and cancelled.tokens_generated == 0
     assert on_done.of(cancelled) == [(0.0, True)]  # a client that went away is no failure
     text, _ = finished(running)
-    assert text == decoded(loaded, prompts[0], transformers_greedy(stock, prompts[0], 4))
+    assert text == decoded(loaded.tokenizer, prompts[0], transformers_greedy(stock, prompts[0], 4))
     assert_idle(scheduler)
 
 
@@ -561,13 +558,16 @@ def test_a_job_cancelled_while_running_stops_at_once_and_the_others_go_on(
     assert on_done.of(cancelled) == [(3.0, True)]
     index = jobs.index(cancelled)
     reference = transformers_greedy(stock, prompts[index], NEW_TOKENS)
-    expected = whole_characters(decoded(loaded, prompts[index], reference[:tokens]))
+    expected = whole_characters(decoded(loaded.tokenizer, prompts[index], reference[:tokens]))
     assert streamed(drain(cancelled)) == expected
     for prompt, job in zip(prompts, jobs, strict=True):
         if job is not cancelled:
             text, end = finished(job)
             reference = transformers_greedy(stock, prompt, NEW_TOKENS)
-            assert (text, end.finish_reason) == (decoded(loaded, prompt, reference), "length")
+            assert (text, end.finish_reason) == (
+                decoded(loaded.tokenizer, prompt, reference),
+                "length",
+            )
     assert_idle(scheduler)
 
 
@@ -593,7 +593,10 @@ def test_jobs_cancelled_together_all_leave_the_batch_at_the_next_turn(loaded, st
         else:
             text, end = finished(job)
             reference = transformers_greedy(stock, prompt, NEW_TOKENS)
-            assert (text, end.finish_reason) == (decoded(loaded, prompt, reference), "length")
+            assert (text, end.finish_reason) == (
+                decoded(loaded.tokenizer, prompt, reference),
+                "length",
+            )
     assert_idle(scheduler)
 
 
@@ -610,7 +613,7 @@ def test_a_job_cancelled_during_its_groups_prefill_leaves_the_others_to_start(
     assert drain(cancelled) == [] and on_done.of(cancelled) == [(0.0, True)]
     for prompt, job in zip(prompts[1:3], others, strict=True):
         text, end = finished(job)
-        expected = decoded(loaded, prompt, transformers_greedy(stock, prompt, 4))
+        expected = decoded(loaded.tokenizer, prompt, transformers_greedy(stock, prompt, 4))
         assert (text, end.finish_reason) == (expected, "length")
     assert_idle(scheduler)
 
@@ -649,7 +652,7 @@ def test_a_deadline_passed_while_waiting_fails_the_job_with_request_timeout(
     assert on_done.of(late) == [(0.0, False)]
     for prompt, job, seconds in [(prompts[0], running, 5.0), (prompts[2], in_time, 0.0)]:
         text, end = finished(job)
-        assert text == decoded(loaded, prompt, transformers_greedy(stock, prompt, 4))
+        assert text == decoded(loaded.tokenizer, prompt, transformers_greedy(stock, prompt, 4))
         assert on_done.of(job) == [(seconds, True)]
     assert_idle(scheduler)
 
@@ -671,11 +674,11 @@ def test_a_deadline_passed_while_running_fails_the_job_and_the_others_go_on(
     run(scheduler)
     reference = transformers_greedy(stock, prompts[row], NEW_TOKENS)
     text = assert_timed_out(late, 10.0, tokens)
-    assert text == whole_characters(decoded(loaded, prompts[row], reference[:tokens]))
+    assert text == whole_characters(decoded(loaded.tokenizer, prompts[row], reference[:tokens]))
     assert on_done.of(late) == [(10.0, False)]
     other, prompt = jobs[1 - row], prompts[1 - row]
     text, _ = finished(other)
-    assert text == decoded(loaded, prompt, transformers_greedy(stock, prompt, NEW_TOKENS))
+    assert text == decoded(loaded.tokenizer, prompt, transformers_greedy(stock, prompt, NEW_TOKENS))
     assert on_done.of(other) == [(10.0, True)]
     assert_idle(scheduler)
 
@@ -720,7 +723,7 @@ def test_a_job_ended_during_its_chunked_prefill_leaves_before_its_next_chunk(
     for job in (decoding, queued):
         text, _ = finished(job)
         reference = transformers_greedy(stock, job.prompt_ids, NEW_TOKENS)
-        assert text == decoded(loaded, job.prompt_ids, reference)
+        assert text == decoded(loaded.tokenizer, job.prompt_ids, reference)
     assert_idle(scheduler)
 
 
@@ -750,7 +753,7 @@ def test_a_job_that_ends_in_a_group_prefill_spanning_turns_leaves_and_the_rest_g
     assert drain(jobs[0]) == [] and jobs[0].tokens_generated == 0
     text, _ = finished(jobs[1])
     reference = transformers_greedy(stock, prompts[2], NEW_TOKENS)
-    assert text == decoded(loaded, prompts[2], reference)
+    assert text == decoded(loaded.tokenizer, prompts[2], reference)
     assert on_done.of(jobs[0]) == [(0.0, True)]
     assert_idle(scheduler)
 
@@ -763,7 +766,7 @@ def test_a_job_without_deadline_never_times_out(loaded, stock, prompts, clock):
     clock.advance(1e9)
     run(scheduler)
     text, end = finished(job)
-    assert text == decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], 4))
+    assert text == decoded(loaded.tokenizer, prompts[1], transformers_greedy(stock, prompts[1], 4))
     assert on_done.of(job) == [(1e9, True)]
 
 
@@ -815,7 +818,7 @@ def test_after_fail_all_the_scheduler_serves_new_jobs(loaded, stock, prompts, cl
     run(scheduler, *jobs)
     for prompt, job in zip(prompts[:2], jobs, strict=True):
         text, _ = finished(job)
-        assert text == decoded(loaded, prompt, transformers_greedy(stock, prompt, 6))
+        assert text == decoded(loaded.tokenizer, prompt, transformers_greedy(stock, prompt, 6))
 
 
 # --- admission and prefill groups ---------------------------------------------------------
@@ -848,7 +851,7 @@ def test_waiting_prompts_share_a_prefill_while_their_padded_size_fits_prefill_to
     for job in jobs:
         text, _ = finished(job)
         expected = transformers_greedy(stock, job.prompt_ids, 4)
-        assert text == decoded(loaded, job.prompt_ids, expected)
+        assert text == decoded(loaded.tokenizer, job.prompt_ids, expected)
 
 
 def test_a_long_prefill_runs_one_chunk_per_turn_between_decode_steps(
@@ -870,7 +873,7 @@ def test_a_long_prefill_runs_one_chunk_per_turn_between_decode_steps(
     for job in (decoding, long):
         text, _ = finished(job)
         reference = transformers_greedy(stock, job.prompt_ids, NEW_TOKENS)
-        assert text == decoded(loaded, job.prompt_ids, reference)
+        assert text == decoded(loaded.tokenizer, job.prompt_ids, reference)
 
 
 def test_a_prefill_takes_only_as_many_prompts_as_the_batch_has_room_for(loaded, stock, prompts):
@@ -888,7 +891,10 @@ def test_a_prefill_takes_only_as_many_prompts_as_the_batch_has_room_for(loaded, 
     for prompt, job in zip(prompts, jobs, strict=True):
         text, end = finished(job)
         reference = transformers_greedy(stock, prompt, job.params.max_tokens)
-        assert (text, end.tokens_generated) == (decoded(loaded, prompt, reference), len(reference))
+        assert (text, end.tokens_generated) == (
+            decoded(loaded.tokenizer, prompt, reference),
+            len(reference),
+        )
         assert len(on_done.of(job)) == 1
     assert_idle(scheduler)
 
@@ -905,7 +911,7 @@ def test_the_decode_steps_of_a_fused_llama_with_sdpa_take_the_direct_path(
     assert forwards.caches == [PrefillCache]  # the two prompts' prefill, then no forward
     for prompt, job in zip(prompts[:2], jobs, strict=True):
         text, _ = finished(job)
-        assert text == decoded(loaded, prompt, transformers_greedy(stock, prompt, 6))
+        assert text == decoded(loaded.tokenizer, prompt, transformers_greedy(stock, prompt, 6))
 
 
 # --- sampling ---------------------------------------------------------------------------
@@ -932,7 +938,10 @@ def test_seeded_sampling_and_repetition_penalty_in_a_batch_match_transformers_al
         sample = params["temperature"] > 0
         reference = transformers_generate(stock, prompt, NEW_TOKENS, do_sample=sample, **params)
         text, end = finished(job)
-        assert (text, end.tokens_generated) == (decoded(loaded, prompt, reference), NEW_TOKENS)
+        assert (text, end.tokens_generated) == (
+            decoded(loaded.tokenizer, prompt, reference),
+            NEW_TOKENS,
+        )
 
 
 # --- n choices from one prefill -------------------------------------------------------------
@@ -967,7 +976,9 @@ def test_n_greedy_choices_share_one_prefill_row_and_equal_transformers(
     other = greedy(prompts[1], 5)
     run(scheduler, job, other)
     assert prefill_chunks == [(2, 16)]  # the two prompts, once each: one group, one chunk
-    expected = decoded(loaded, prompts[0], transformers_greedy(stock, prompts[0], NEW_TOKENS))
+    expected = decoded(
+        loaded.tokenizer, prompts[0], transformers_greedy(stock, prompts[0], NEW_TOKENS)
+    )
     choices = choices_of(job)
     assert sorted(choices) == [3, 4, 5, 6]
     for index, (text, end) in choices.items():
@@ -976,7 +987,7 @@ def test_n_greedy_choices_share_one_prefill_row_and_equal_transformers(
     assert job.tokens_generated == 4 * NEW_TOKENS
     assert on_done.of(job) == [(0.0, True)]  # once, for all its choices
     text, end = finished(other)
-    assert text == decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], 5))
+    assert text == decoded(loaded.tokenizer, prompts[1], transformers_greedy(stock, prompts[1], 5))
     assert_idle(scheduler)
 
 
@@ -1001,9 +1012,9 @@ def test_n_sampled_choices_draw_with_seed_plus_i_each_as_transformers_does(
         reference = transformers_generate(
             stock, prompts[2], NEW_TOKENS, do_sample=True, temperature=1.2, seed=wrapped
         )
-        assert text == decoded(loaded, prompts[2], reference), i
+        assert text == decoded(loaded.tokenizer, prompts[2], reference), i
     text, _ = finished(plain)
-    assert text == decoded(loaded, prompts[3], transformers_greedy(stock, prompts[3], 6))
+    assert text == decoded(loaded.tokenizer, prompts[3], transformers_greedy(stock, prompts[3], 6))
 
 
 def test_a_job_waits_until_the_batch_has_a_row_for_each_of_its_choices(loaded, stock, prompts):
@@ -1018,7 +1029,7 @@ def test_a_job_waits_until_the_batch_has_a_row_for_each_of_its_choices(loaded, s
         assert wide.tokens_generated == 0  # 3 rows free, 4 needed
         scheduler.turn()
     run(scheduler)
-    expected = decoded(loaded, prompts[0], transformers_greedy(stock, prompts[0], 3))
+    expected = decoded(loaded.tokenizer, prompts[0], transformers_greedy(stock, prompts[0], 3))
     assert {text for text, _ in choices_of(wide).values()} == {expected}
     assert len(on_done.of(wide)) == 1
     assert_idle(scheduler)
@@ -1038,7 +1049,7 @@ def test_a_prefill_group_takes_jobs_while_their_choices_fit_the_free_rows(loaded
         scheduler.turn()
         assert len(scheduler.rows) <= 4
     for prompt, job in zip(prompts[:3], jobs, strict=True):
-        expected = decoded(loaded, prompt, transformers_greedy(stock, prompt, 3))
+        expected = decoded(loaded.tokenizer, prompt, transformers_greedy(stock, prompt, 3))
         assert [text for text, _ in choices_of(job).values()] == [expected] * job.n
     assert_idle(scheduler)
 
@@ -1091,7 +1102,7 @@ def test_a_stop_token_id_ends_the_choice_with_stop_without_its_text_but_with_its
     run(scheduler, job)
     text, entries, end = with_entries(drain(job))[0]
     assert (text, end.tokens_generated, end.finish_reason) == (
-        decoded(loaded, prompts[0], reference[:k]),
+        decoded(loaded.tokenizer, prompts[0], reference[:k]),
         k + 1,
         "stop",
     )
@@ -1114,7 +1125,7 @@ def test_max_tokens_0_scores_the_prompt_and_ends_each_choice_at_once(loaded, sto
     ]
     assert job.tokens_generated == 0 and on_done.of(job) == [(0.0, True)]
     text, _ = finished(other)
-    assert text == decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], 3))
+    assert text == decoded(loaded.tokenizer, prompts[1], transformers_greedy(stock, prompts[1], 3))
     assert_idle(scheduler)
 
 
@@ -1203,7 +1214,7 @@ def test_logprobs_equal_transformers_forward_for_ten_prompts_in_one_batch(
         if top is None:
             assert end.cumulative_logprob is None
             ids = [int(t) for t in transformers_greedy(stock, prompt, NEW_TOKENS)]
-        assert text == decoded(loaded, prompt, ids)
+        assert text == decoded(loaded.tokenizer, prompt, ids)
         reference = forward_logprobs(stock, prompt + ids)
         for t, entry in enumerate(entries):
             assert_entry(entry, ids[t], reference[len(prompt) + t - 1], top)
@@ -1232,7 +1243,9 @@ def test_logprob_entries_of_tokens_cut_by_a_stop_string_are_not_sent(loaded, sto
     before, n = stop_outcome(loaded, prompt, reference, stop)
     # the tokens whose whole text lies before the stop string
     whole = [
-        k for k in range(1, n + 1) if len(decoded(loaded, prompt, reference[:k])) <= len(before)
+        k
+        for k in range(1, n + 1)
+        if len(decoded(loaded.tokenizer, prompt, reference[:k])) <= len(before)
     ]
     scheduler, _ = make_scheduler(loaded)
     job = greedy(prompt, NEW_TOKENS, stop=[stop], logprobs=1)
@@ -1328,7 +1341,7 @@ def test_each_choice_gets_its_own_logprobs(loaded, stock, prompts):
     for text, entries, end in choices.values():
         ids = [entry.token_id for entry in entries]
         assert len(ids) == end.tokens_generated == 6
-        assert text == decoded(loaded, prompts[2], ids)
+        assert text == decoded(loaded.tokenizer, prompts[2], ids)
         reference = forward_logprobs(stock, prompts[2] + ids)
         for t, entry in enumerate(entries):
             assert_entry(entry, ids[t], reference[len(prompts[2]) + t - 1], 2)
@@ -1348,7 +1361,7 @@ def test_a_tokenizer_without_a_pad_token_still_prefills_prompts_of_different_len
     for job in jobs:
         text, _ = finished(job)
         expected = transformers_greedy(stock, job.prompt_ids, 4)
-        assert text == decoded(loaded, job.prompt_ids, expected)
+        assert text == decoded(loaded.tokenizer, job.prompt_ids, expected)
 
 
 # --- structured output ----------------------------------------------------------------------
@@ -1530,7 +1543,7 @@ def test_constrained_rows_in_a_batch_equal_transformers_with_the_grammar_alone(
             stock, loaded.tokenizer, prompt, constraint, STRUCTURED_TOKENS, **dict(kw)
         )
         text, end = finished(job)
-        assert text == decoded(loaded, prompt, reference), (constraint, kw)
+        assert text == decoded(loaded.tokenizer, prompt, reference), (constraint, kw)
         assert (end.tokens_generated, end.finish_reason) == (len(reference), "stop")
 
 
@@ -1602,7 +1615,7 @@ def test_unconstrained_greedy_rows_are_the_same_alone_and_beside_eight_constrain
         scheduler, _ = make_scheduler(loaded)
         job = greedy(prompt, tokens)
         run(scheduler, job)
-        assert finished(job)[0] == decoded(loaded, prompt, reference)
+        assert finished(job)[0] == decoded(loaded.tokenizer, prompt, reference)
     kinds = [
         json_constraint(SCHEMAS[0]),
         json_constraint(SCHEMAS[2]),
@@ -1620,7 +1633,7 @@ def test_unconstrained_greedy_rows_are_the_same_alone_and_beside_eight_constrain
     run(scheduler, beside[0], plain[0], *beside[1:5], plain[1], *beside[5:])
     for prompt, reference, job in zip(plain_prompts, references, plain, strict=True):
         text, end = finished(job)
-        assert (text, end.finish_reason) == (decoded(loaded, prompt, reference), "length")
+        assert (text, end.finish_reason) == (decoded(loaded.tokenizer, prompt, reference), "length")
     for job in beside:
         assert finished(job)[1].tokens_generated <= tokens
 
@@ -1643,6 +1656,8 @@ def test_a_choice_whose_grammar_fails_fails_alone(loaded, stock, grammars, promp
     assert error.details == {"field": "structured_outputs"}
     assert on_done.of(broken) == [(0.0, False)]
     text, end = finished(other)
-    expected = decoded(loaded, prompts[1], transformers_greedy(stock, prompts[1], NEW_TOKENS))
+    expected = decoded(
+        loaded.tokenizer, prompts[1], transformers_greedy(stock, prompts[1], NEW_TOKENS)
+    )
     assert (text, end.finish_reason) == (expected, "length")
     assert_idle(scheduler)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import build_llama, transformers_greedy
+from tests.helpers import build_llama, decoded, transformers_greedy
 from tursi.engine.catalog import Catalog, CatalogEntry
 from tursi.engine.constraints import Constraints
 from tursi.engine.jobs import Constraint, Finished, GenerationJob, GenerationParams, TextChunk
@@ -223,11 +223,6 @@ def greedy(prompt, max_tokens, **params) -> GenerationJob:
     )
 
 
-def text_of(tokenizer, prompt, ids) -> str:
-    whole = tokenizer.decode(prompt + ids, skip_special_tokens=True)
-    return whole[len(tokenizer.decode(prompt, skip_special_tokens=True)) :]
-
-
 def test_greedy_copy_and_free_prompts_equal_transformers_with_drafts_kept(embedded, references):
     loaded, _ = embedded
     for name in ("copy", "free"):
@@ -235,7 +230,7 @@ def test_greedy_copy_and_free_prompts_equal_transformers_with_drafts_kept(embedd
         job = greedy(prompt, len(expected))
         scheduler = run(loaded, [job])
         text, finished = outcome(job)
-        assert text == text_of(loaded.tokenizer, prompt, expected), name
+        assert text == decoded(loaded.tokenizer, prompt, expected), name
         assert finished.tokens_generated == len(expected)
         stats = scheduler.stats
         if name == "copy":  # most of the copy came from drafts
@@ -261,7 +256,7 @@ def test_a_batch_with_and_without_speculation_equals_each_prompt_alone(embedded,
     prompts = [copy_prompt, free_prompt, copy_prompt, free_prompt]
     for index, (job, prompt, ids) in enumerate(zip(jobs, prompts, wanted, strict=True)):
         text, finished = outcome(job)
-        assert text == text_of(loaded.tokenizer, prompt, ids), index
+        assert text == decoded(loaded.tokenizer, prompt, ids), index
         assert (finished.tokens_generated, finished.finish_reason) == (len(ids), "length")
     assert scheduler.stats.accepted_tokens > 40
 
@@ -273,7 +268,7 @@ def test_a_stop_string_or_max_tokens_inside_an_accepted_draft_ends_the_choice_th
     is sent, the tokens counted are those before."""
     loaded, _ = embedded
     prompt, expected = references["copy"]
-    full = text_of(loaded.tokenizer, prompt, expected)
+    full = decoded(loaded.tokenizer, prompt, expected)
     stop = "hundred and"  # in the middle of the passage
     assert stop in full
     stopped = greedy(prompt, 90, stop=[stop])
@@ -284,7 +279,7 @@ def test_a_stop_string_or_max_tokens_inside_an_accepted_draft_ends_the_choice_th
     assert finished.tokens_generated < len(expected)
     text, finished = outcome(cut)
     assert (text, finished.finish_reason) == (
-        text_of(loaded.tokenizer, prompt, expected[:37]),
+        decoded(loaded.tokenizer, prompt, expected[:37]),
         "length",
     )
     assert finished.tokens_generated == 37
