@@ -164,10 +164,12 @@ class Speculator:
         if not longest or rows not in self.plain or self.since_plain.get(rows, 0) >= REFRESH:
             return none
         extra = self._extra(rows)
+        drafting = [(rate, len(draft)) for rate, draft in proposals if draft]
+        plain = rows - len(drafting)  # rows without a draft: one token at any width
         best, best_rate = 1, rows * MARGIN  # a plain step: one token per row, cost 1
         for width in range(2, longest + 2):
-            tokens = sum(
-                expected_tokens(rate, min(width - 1, len(draft))) for rate, draft in proposals
+            tokens = plain + sum(
+                expected_tokens(rate, min(width - 1, length)) for rate, length in drafting
             )
             rate = tokens / (1 + extra * (width - 1))
             if rate > best_rate:
