@@ -78,6 +78,8 @@ UNUSABLE = [
     (Constraint("regex", "(a"), "unclosed group"),
     (Constraint("regex", "[^\\x00-\\x{10FFFF}]"), "matches no text"),
     (Constraint("regex", "a{1000}{1000}"), "too complex"),
+    # Inside llguidance's default limits (they compile it, in 0.6 s here): Tursi's refuse it.
+    (Constraint("regex", "a{400}{400}"), "too complex"),
     (Constraint("regex", "((a{100}){100}){100}"), "too complex"),
     (Constraint("regex", "a" * (MAX_REGEX_CHARS + 1)), "the limit is 8192"),
     (Constraint("choice", ()), "the choice list is empty"),
@@ -277,16 +279,32 @@ def test_the_400_says_exactly_what_is_wrong(constraints, constraint, message):
 
 
 @pytest.mark.parametrize(
-    ("constraint", "lead"),
+    ("constraint", "lead", "why"),
     [
-        (schema({"type": "foo"}), "the JSON schema is not usable: "),
-        (Constraint("grammar", 'root ::= ( "yes" '), "the GBNF grammar cannot be read: "),
+        (schema({"type": "foo"}), "the JSON schema is not usable: ", "foo"),
+        # JSON that llguidance cannot take as a schema (a lone surrogate, an integer past
+        # 64 bits): refused before any matcher is built.
+        (
+            Constraint("json_schema", '{"const": "\\ud800"}'),
+            "the JSON schema is not usable: ",
+            "ud800",
+        ),
+        (
+            Constraint("json_schema", '{"enum": [1' + "0" * 30 + "]}"),
+            "the JSON schema is not usable: ",
+            "0" * 30,
+        ),
+        (
+            Constraint("grammar", 'root ::= ( "yes" '),
+            "the GBNF grammar cannot be read: ",
+            "Expected ')'",
+        ),
     ],
 )
-def test_llguidances_reason_is_in_the_message_and_the_details(constraints, constraint, lead):
+def test_llguidances_reason_is_in_the_message_and_the_details(constraints, constraint, lead, why):
     error = refusal(constraints, constraint)
     reason = error.details["error"]
-    assert reason and "<non-verbose/>" not in reason
+    assert why in reason and "<non-verbose/>" not in reason
     assert error.message == f"structured_outputs: {lead}{reason}"
 
 
@@ -305,17 +323,35 @@ def test_inputs_at_each_size_limit_compile(constraints):
 
 
 def test_a_json_object_starts_with_its_brace_at_once(constraints, tokenizer):
-    """json_object: an object (not any JSON value), compact (no whitespace before it)."""
+    """json_object: an object (not any JSON value), compact (no whitespace before it, nor
+    inside it)."""
     (matcher,) = constraints.matchers(Constraint("json_object", ""))
     first = {tokenizer.decode([token]) for token in allowed(matcher)}
     assert first and all(text.startswith("{") for text in first), sorted(first)
+    matcher.advance(tokenizer.encode("{", add_special_tokens=False)[0])
+    after = {tokenizer.decode([token]) for token in allowed(matcher)}
+    assert "}" in after and not any(text[:1].isspace() for text in after), sorted(after)
+
+
+def test_a_gbnf_grammar_is_read_as_the_same_language(constraints, tokenizer):
+    """llama.cpp's GBNF, converted to Lark: its texts are the grammar's (here two words)."""
+    (matcher,) = constraints.matchers(Constraint("grammar", 'root ::= "yes" | "no"'))
+    assert allowed(matcher) == choice_continuations(tokenizer, "", ("yes", "no"))
+
+
+def test_a_choice_of_non_ascii_text_matches_that_text(constraints, tokenizer):
+    for text in ("café", "😀"):
+        (matcher,) = constraints.matchers(Constraint("choice", (text,)))
+        for token in tokenizer.encode(text, add_special_tokens=False):
+            matcher.advance(token)
+        assert matcher.complete, text
 
 
 def test_the_mask_covers_the_models_logits_and_the_grammar_ends_on_the_models_eos(tokenizer):
     """A model whose logits are wider than its tokenizer (a padded table): the bitmask has a
     bit for every logit. The grammar's end of sequence is the model's eos ids (here not the
     tokenizer's own), so a complete choice allows exactly those."""
-    width = 480
+    width = 1600  # 50 words of 32 bits
     constraints = Constraints(tokenizer, width, [7, 9])
     (matcher,) = constraints.matchers(Constraint("choice", ("a",)))
     assert matcher.words == -(-width // 32)
@@ -365,12 +401,12 @@ def test_the_highest_allowed_id_of_a_bitmask():
 )
 def test_what_only_compiling_finds_is_named_with_llguidances_reason(constraints, constraint, lead):
     error = refusal(constraints, constraint)
-    reason = error.details.get("error")
+    reason = error.details["error"]  # llguidance's reason: both give one
+    assert reason
     if lead.endswith(": "):
-        assert reason and error.message == f"structured_outputs: {lead}{reason}"
+        assert error.message == f"structured_outputs: {lead}{reason}"
     else:
         assert error.message == f"structured_outputs: {lead}"
-        assert reason is None or reason  # llguidance's reason when it gives one, never ""
 
 
 def test_a_grammar_whose_only_text_is_empty_allows_only_the_end(constraints, tokenizer):

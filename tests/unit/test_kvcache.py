@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from tursi.engine.kvcache import BatchCache
+from tursi.engine.kvcache import BatchCache, PrefillCache
 
 LAYERS, HEADS, DIM = 2, 2, 4
 
@@ -302,3 +302,39 @@ def test_size_questions_get_the_answers_of_transformers_own_cache():
     cache.prepare_step(torch.device("cpu"))
     assert sizes(cache) == sizes(padded) == (5, (6, 0), -1)
     assert cache.is_initialized is padded.is_initialized is True
+
+
+def test_a_prefill_cache_answers_size_questions_as_transformers_own_cache():
+    """The same questions of a prefill group's cache, chunk by chunk: the answers of a
+    DynamicCache holding the columns written so far."""
+
+    def sizes(cache):
+        return cache.get_seq_length(), cache.get_mask_sizes(1, 0), cache.get_max_length()
+
+    cache = PrefillCache(LAYERS, rows=2, width=8)
+    reference = DynamicCache(config=LlamaConfig(num_hidden_layers=LAYERS))
+    assert sizes(cache) == sizes(reference) == (0, (1, 0), -1)
+    for columns in (3, 2):
+        chunk = torch.randn(2, HEADS, columns, DIM)
+        for index, layer in enumerate(cache.layers):
+            keys, values = layer.update(chunk, -chunk)
+            assert torch.equal(keys, reference.update(chunk, -chunk, index)[0])
+            assert torch.equal(values, reference.layers[index].values)
+        cache.advance(columns)
+        assert sizes(cache) == sizes(reference)
+    assert cache.is_initialized is reference.is_initialized is True
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_used_bytes_count_the_keys_and_values_of_the_rows_columns(layers):
+    """What the rows' tokens take: per token and layer, one key and one value of HEADS x DIM
+    numbers; the columns reserved past the rows' lengths are not counted."""
+    cache = BatchCache(layers, max_length=100, boolean_mask=True)
+    assert cache.used_bytes() == 0 == cache.reserved_bytes  # no buffers yet
+    source = prefill_cache(rows=2, width=6, layers=layers)
+    cache.add_row(source, 0, torch.arange(6))
+    per_token = 2 * layers * HEADS * DIM * 4  # float32
+    assert cache.used_bytes() == 6 * per_token < cache.reserved_bytes
+    cache.add_row(source, 1, torch.arange(2, 6))
+    step(cache, [7, 8])
+    assert cache.used_bytes() == (7 + 5) * per_token
