@@ -322,9 +322,10 @@ def test_inputs_at_each_size_limit_compile(constraints):
         assert constraints.matchers(constraint)
 
 
-def test_a_json_object_starts_with_its_brace_at_once(constraints, tokenizer):
+def test_a_json_object_starts_with_its_brace_at_once(tokenizer):
     """json_object: an object (not any JSON value), compact (no whitespace before it, nor
-    inside it)."""
+    inside it). Compiled here, not taken from the module's cache."""
+    constraints = Constraints(tokenizer, WIDTH, [tokenizer.eos_token_id])
     (matcher,) = constraints.matchers(Constraint("json_object", ""))
     first = {tokenizer.decode([token]) for token in allowed(matcher)}
     assert first and all(text.startswith("{") for text in first), sorted(first)

@@ -29,6 +29,7 @@ from tursi.engine.constraints import Constraints
 from tursi.engine.jobs import Constraint, Finished, GenerationJob, GenerationParams, TextChunk
 from tursi.engine.loading import LoadOptions, load_model
 from tursi.engine.loading.weights import converted_dir, embedded_gguf
+from tursi.engine.prefix_cache import BLOCK_TOKENS
 from tursi.engine.scheduler import Scheduler
 from tursi.engine.speculation import (
     REFRESH,
@@ -439,3 +440,56 @@ def test_logprobs_penalties_grammar_and_n_see_the_same_tokens_with_drafts(tiny):
         # pass runs its matmuls on another shape than a one-token step)
         assert [shape(event) for event in got] == [shape(e) for e in expected], cases[index]
         assert numbers(got) == pytest.approx(numbers(expected), rel=1e-5, abs=1e-5)
+
+
+# --- the context and the prefix cache -------------------------------------------------------
+
+
+def test_a_row_at_the_end_of_the_context_bounds_the_others_drafts(tmp_path, monkeypatch):
+    """Every row of a verify step writes the step's width of columns, padding included: a
+    row four columns before the end of the context lets the other row draft no further than
+    the last column. Each row drafts as much as it may (a token the model rarely chooses:
+    drafts are rejected, their width is the point). The output still equals transformers'
+    greedy decoding of each prompt alone."""
+    monkeypatch.setattr(DraftState, "draft", lambda self, fed, token, limit: [5] * limit)
+    path = build_llama(tmp_path / "model", seed=3, max_position_embeddings=64)
+    entry = CatalogEntry("short", "local", str(path), dtype="float32")
+    loaded = load_model(entry, LoadOptions().resolved(entry), str(tmp_path / "home"))
+    assert loaded.context_length == 64
+    stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pattern = loaded.tokenizer(PATTERN)["input_ids"]
+    near_the_end = (pattern * 10)[:60]
+    repeating = pattern * 3
+    jobs = [greedy(near_the_end, 4), greedy(repeating, 30)]
+    scheduler = run(loaded, jobs, SpeculationSettings(tokens=8))
+    for job in jobs:
+        text, _ = outcome(job)
+        expected = transformers_greedy(stock, job.prompt_ids, job.params.max_tokens)
+        assert text == decoded(loaded.tokenizer, job.prompt_ids, expected)
+    assert scheduler.stats.drafted_tokens > 0
+
+
+def test_tokens_run_in_verify_steps_are_cached_with_the_prompt(tiny):
+    """A conversation's next turn hits the previous answer in the prefix cache: the tokens
+    run in verify steps (each row's next token and the drafts it kept) are stored too."""
+    scheduler = Scheduler(
+        "test", tiny, 8, lambda job, seconds, ok: None, prefix_cache_bytes=64 * 1024**2
+    )
+    scheduler.speculator.choose = lambda proposals: [draft for _, draft in proposals]
+    prompt = tiny.tokenizer(PATTERN)["input_ids"] * 4
+    first = greedy(prompt, 40)
+    scheduler.add(first)
+    while not scheduler.idle:
+        for live in scheduler.live.values():
+            choice = live.choices[0]
+        scheduler.turn()
+    assert scheduler.stats.accepted_tokens > 0
+    answer = choice.decoder.ids[len(prompt) :]
+    assert len(answer) == 40
+    following = greedy(prompt + answer + [5, 6, 7], 1)
+    scheduler.add(following)
+    while not scheduler.idle:
+        scheduler.turn()
+    _, finished = outcome(following)
+    run_through = len(prompt) + len(answer) - 1  # the last token was chosen, never run
+    assert finished.cached_tokens == run_through // BLOCK_TOKENS * BLOCK_TOKENS
