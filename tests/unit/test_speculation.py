@@ -136,6 +136,8 @@ def test_the_speculator_drafts_only_when_the_measured_cost_pays_off():
     assert speculator.extra == {1: pytest.approx(0.25), 2: pytest.approx(0.5)}
     # now at best 2.1 tokens a unit (width 2): not 10% more than 2
     assert speculator.choose([copying, free]) == [[], []]
+    speculator.measured(2, 7, 0.035 * (1 + 6 * 1.5))  # a slower step: a running average
+    assert speculator.extra[2] == pytest.approx(0.75 * 0.5 + 0.25 * 1.5)
 
 
 def test_the_speculators_keep_rate_is_every_rows_so_far():
