@@ -10,12 +10,16 @@ mutmut writes each outcome as it comes). A fresh run from nothing: delete both.
 Restored results forget "no tests" (mutmut's 33) and "skipped" (5): those verdicts belong to
 the test map mutmut records at the start of a run, and tests written since may reach the
 mutant now (it is checked again, at the cost of a lookup when still nothing reaches it).
-Run from the repository root: `python -m tests.mutation.results restore|save`.
+`sample FRACTION SEED` prints a seeded random sample of the mutants not run yet, FRACTION of
+each module's (at least 3), for `mutmut run $(...)` when a whole run does not fit the time
+at hand: its kill rate estimates the rest's.
+Run from the repository root: `python -m tests.mutation.results restore|save|sample`.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import sys
 from pathlib import Path
@@ -46,5 +50,15 @@ def save() -> None:
         print(f"saved {target.relative_to(ROOT)}")
 
 
+def sample(fraction: str, seed: str) -> None:
+    rng = random.Random(int(seed))
+    for meta in sorted(MUTANTS.glob("tursi/**/*.meta")):
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        pool = sorted(name for name, code in codes.items() if code is None)
+        if pool:
+            count = min(len(pool), max(3, round(len(pool) * float(fraction))))
+            print("\n".join(rng.sample(pool, count)))
+
+
 if __name__ == "__main__":
-    {"restore": restore, "save": save}[sys.argv[1]]()
+    {"restore": restore, "save": save, "sample": sample}[sys.argv[1]](*sys.argv[2:])
