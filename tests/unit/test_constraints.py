@@ -322,7 +322,7 @@ def test_inputs_at_each_size_limit_compile(constraints):
         assert constraints.matchers(constraint)
 
 
-def test_a_json_object_starts_with_its_brace_at_once(tokenizer):
+def test_a_json_object_is_compact_from_its_first_brace(tokenizer):
     """json_object: an object (not any JSON value), compact (no whitespace before it, nor
     inside it). Compiled here, not taken from the module's cache."""
     constraints = Constraints(tokenizer, WIDTH, [tokenizer.eos_token_id])

@@ -41,6 +41,7 @@ from tursi.engine.jobs import (
 from tursi.engine.kvcache import PrefillCache
 from tursi.engine.loading import LoadedModel, LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
+from tursi.engine.speculation import DraftState, Speculator
 from tursi.engine.tokens import logits_width
 from tursi.errors import GenerationFailed, RequestTimeout
 from tursi.metrics import REGISTRY
@@ -491,7 +492,15 @@ def test_a_request_whose_text_fails_to_decode_fails_alone(
     assert_idle(scheduler)
 
 
-def test_a_choice_that_fails_takes_its_sibling_choices_out_of_the_batch(loaded, stock, prompts):
+@pytest.mark.parametrize("step", ["plain", "verify"])
+def test_a_choice_that_fails_takes_its_sibling_choices_out_of_the_batch(
+    loaded, stock, prompts, monkeypatch, step
+):
+    if step == "verify":  # every row drafts all it may, and every draft is verified
+        monkeypatch.setattr(DraftState, "draft", lambda self, fed, token, limit: [5] * limit)
+        monkeypatch.setattr(Speculator, "choose", lambda self, proposals: [d for _, d in proposals])
+    else:
+        monkeypatch.setattr(Speculator, "choose", lambda self, proposals: [[] for _ in proposals])
     scheduler, on_done = make_scheduler(loaded)
     broken = GenerationJob(prompts[0], GenerationParams(NEW_TOKENS, temperature=0.0), n=2)
     other = greedy(prompts[1], NEW_TOKENS)
