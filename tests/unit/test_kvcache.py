@@ -338,3 +338,20 @@ def test_used_bytes_count_the_keys_and_values_of_the_rows_columns(layers):
     cache.add_row(source, 1, torch.arange(2, 6))
     step(cache, [7, 8])
     assert cache.used_bytes() == (7 + 5) * per_token
+
+
+@pytest.mark.parametrize(("longest", "columns"), [(255, 256), (256, 512)])
+def test_reserved_rows_have_room_for_their_next_token_and_no_more(longest, columns):
+    """A prefill group of prompts up to `longest` tokens: the buffers take its rows with one
+    column more (the first decode step's token), in whole 256-column steps, and that step
+    then writes without regrowing them."""
+    source = prefill_cache(rows=2, width=longest)
+    cache = BatchCache(LAYERS, max_length=1000, boolean_mask=True)
+    cache.reserve_rows(2, longest, source)
+    assert capacity(cache) == (2, columns)
+    buffer = cache.layers[0].keys
+    cache.add_row(source, 0, torch.arange(longest))
+    cache.add_row(source, 1, torch.arange(longest - 3))
+    step(cache, [1, 2])
+    assert cache.layers[0].keys is buffer
+    assert cache.lengths == [longest + 1, longest - 2]
