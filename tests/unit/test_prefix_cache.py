@@ -366,3 +366,13 @@ def test_placed_blocks_keep_the_models_dtype_and_their_columns(dtype):
     assert torch.equal(cache.buffer[:, :, 0, :, BLOCK_TOKENS:], second.kv)
     assert not cache.buffer[:, :, 1, :, :BLOCK_TOKENS].any()
     assert torch.equal(cache.buffer[:, :, 1, :, BLOCK_TOKENS:], second.kv)
+
+
+def test_a_prompt_one_token_past_whole_blocks_hits_every_block(engine):
+    """Every prompt token but the last may come from the cache (the last one's logits
+    choose the first token): a prompt of two blocks and one token hits both blocks."""
+    loaded, stock = engine
+    run = Run(loaded)
+    tokens = prompt(40, 2 * B + 1)
+    run.run([tokens])
+    check(stock, [tokens], run.run([tokens]), [2 * B])
