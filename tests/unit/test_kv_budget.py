@@ -39,12 +39,15 @@ def test_token_bytes_are_the_models_keys_and_values_per_token(llama):
     assert measure_token_bytes(loaded.model, loaded.device) == expected
 
 
-def test_a_budget_for_three_rows_runs_eight_requests_three_at_a_time(engine):
+@pytest.mark.parametrize(("short", "rows"), [(0, 3), (1, 2)])
+def test_a_budget_runs_as_many_rows_as_fit_beside_one_prefill(engine, short, rows):
+    """Eight requests under a budget for three rows grown to the most beside one prompt's
+    prefill (not a fourth), or one token short of that (then the third row's prefill does
+    not fit: two at a time)."""
     loaded, stock = engine
     token_bytes = measure_token_bytes(loaded.model, loaded.device)
     columns = PROMPT + MAX_TOKENS + 1
-    # three rows grown to the most, beside one prompt's prefill; not a fourth
-    budget = KVBudget((3 * columns + PROMPT) * token_bytes, token_bytes)
+    budget = KVBudget((3 * columns + PROMPT - short) * token_bytes, token_bytes)
     scheduler = Scheduler(
         "llama", loaded, 16, lambda job, seconds, ok: None, ModelStats("llama"), 0, budget
     )
@@ -62,7 +65,7 @@ def test_a_budget_for_three_rows_runs_eight_requests_three_at_a_time(engine):
             sequences[live.job] = live.choices[0]
         most_rows = max(most_rows, len(scheduler.rows))
         most_bytes = max(most_bytes, scheduler.cache.reserved_bytes)
-    assert most_rows == 3  # the budget, not max_batch (16), held the rest back
+    assert most_rows == rows  # the budget, not max_batch (16), held the rest back
     assert most_bytes <= budget.bytes
     for job, tokens in zip(jobs, prompts, strict=True):
         ids = sequences[job].decoder.ids[PROMPT:]
