@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.helpers import transformers_greedy
+from tursi.engine import scheduler as scheduler_module
 from tursi.engine.catalog import CatalogEntry
 from tursi.engine.jobs import Finished, GenerationJob, GenerationParams
 from tursi.engine.kvcache import PrefillCache
@@ -376,3 +377,26 @@ def test_a_prompt_one_token_past_whole_blocks_hits_every_block(engine):
     tokens = prompt(40, 2 * B + 1)
     run.run([tokens])
     check(stock, [tokens], run.run([tokens]), [2 * B])
+
+
+def test_cached_tokens_do_not_count_against_a_groups_prefill_width(engine, monkeypatch):
+    """A group's chunks cover what its prompts still prefill: four prompts of three cached
+    blocks and 8 new tokens each fit one group under a 40-token prefill budget (4 x 8),
+    which any one of them whole (104 tokens) would exceed alone."""
+    loaded, stock = engine
+    run = Run(loaded)
+    base = prompt(8, 3 * B + 1)
+    run.run([base])
+    groups: list[int] = []
+    made = scheduler_module._Prefill
+
+    def counted(jobs, *args):
+        groups.append(len(jobs))
+        return made(jobs, *args)
+
+    monkeypatch.setattr(scheduler_module, "PREFILL_TOKENS", 40)
+    monkeypatch.setattr(scheduler_module, "_Prefill", counted)
+    prompts = [base[: 3 * B] + prompt(50 + i, 8) for i in range(4)]
+    results = run.run(prompts)
+    assert groups == [4]
+    check(stock, prompts, results, [3 * B] * 4)
