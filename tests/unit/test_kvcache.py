@@ -304,9 +304,11 @@ def test_size_questions_get_the_answers_of_transformers_own_cache():
     assert cache.is_initialized is padded.is_initialized is True
 
 
-def test_a_prefill_cache_answers_size_questions_as_transformers_own_cache():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prefill_cache_answers_size_questions_as_transformers_own_cache(dtype):
     """The same questions of a prefill group's cache, chunk by chunk: the answers of a
-    DynamicCache holding the columns written so far."""
+    DynamicCache holding the columns written so far (and the same keys and values, in the
+    model's dtype)."""
 
     def sizes(cache):
         return cache.get_seq_length(), cache.get_mask_sizes(1, 0), cache.get_max_length()
@@ -315,9 +317,10 @@ def test_a_prefill_cache_answers_size_questions_as_transformers_own_cache():
     reference = DynamicCache(config=LlamaConfig(num_hidden_layers=LAYERS))
     assert sizes(cache) == sizes(reference) == (0, (1, 0), -1)
     for columns in (3, 2):
-        chunk = torch.randn(2, HEADS, columns, DIM)
+        chunk = torch.randn(2, HEADS, columns, DIM).to(dtype)
         for index, layer in enumerate(cache.layers):
             keys, values = layer.update(chunk, -chunk)
+            assert keys.dtype == values.dtype == dtype
             assert torch.equal(keys, reference.update(chunk, -chunk, index)[0])
             assert torch.equal(values, reference.layers[index].values)
         cache.advance(columns)
