@@ -117,6 +117,19 @@ def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     return out
 
 
+def verify_every_draft(monkeypatch, drafting: int | None = None) -> None:
+    """Speculation without its cost policy: every draft the rows propose is verified,
+    whatever the measured step times would choose (the output must not depend on that
+    choice, and a test must not depend on this machine's speed). With `drafting`, every row
+    drafts that token as far as it may (a token the random models rarely choose: the drafts
+    are rejected, their width is the point)."""
+    from tursi.engine.speculation import DraftState, Speculator
+
+    monkeypatch.setattr(Speculator, "choose", lambda self, proposals: [d for _, d in proposals])
+    if drafting is not None:
+        monkeypatch.setattr(DraftState, "draft", lambda self, fed, token, limit: [drafting] * limit)
+
+
 def decoded(tokenizer, prompt: list[int], ids: list[int]) -> str:
     """The text of `ids` after `prompt`, decoded by the tokenizer in one go (what a
     generation of `ids` must have streamed)."""

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import API, ROUTE_REQUESTS, parse_metrics, value
-from tursi.engine.speculation import Speculator
+from tests.helpers import API, ROUTE_REQUESTS, parse_metrics, value, verify_every_draft
 
 REQUESTS = ROUTE_REQUESTS
 
@@ -32,8 +31,7 @@ def test_speculative_reaches_every_job(client, submitted, route, given, expected
 
 
 def test_drafted_and_kept_tokens_are_counted_in_both_metrics_views(client, monkeypatch):
-    # Every proposed draft verified, whatever the measured step costs would choose.
-    monkeypatch.setattr(Speculator, "choose", lambda self, proposals: [d for _, d in proposals])
+    verify_every_draft(monkeypatch)
 
     def scrape():
         return parse_metrics(client.get("/metrics").get_data(as_text=True))

@@ -25,7 +25,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tursi.engine.scheduler as scheduler_module
-from tests.helpers import CORPUS, build_llama, decoded, transformers_greedy
+from tests.helpers import (
+    CORPUS,
+    build_llama,
+    decoded,
+    transformers_greedy,
+    verify_every_draft,
+)
 from tursi.engine.catalog import CatalogEntry
 from tursi.engine.constraints import Constraints, GrammarError, grammar_text
 from tursi.engine.cpu_kernels import fused_llama
@@ -41,7 +47,7 @@ from tursi.engine.jobs import (
 from tursi.engine.kvcache import PrefillCache
 from tursi.engine.loading import LoadedModel, LoadOptions, load_model
 from tursi.engine.scheduler import Scheduler
-from tursi.engine.speculation import DraftState, Speculator
+from tursi.engine.speculation import Speculator
 from tursi.engine.tokens import logits_width
 from tursi.errors import GenerationFailed, RequestTimeout
 from tursi.metrics import REGISTRY
@@ -497,8 +503,7 @@ def test_a_choice_that_fails_takes_its_sibling_choices_out_of_the_batch(
     loaded, stock, prompts, monkeypatch, step
 ):
     if step == "verify":  # every row drafts all it may, and every draft is verified
-        monkeypatch.setattr(DraftState, "draft", lambda self, fed, token, limit: [5] * limit)
-        monkeypatch.setattr(Speculator, "choose", lambda self, proposals: [d for _, d in proposals])
+        verify_every_draft(monkeypatch, drafting=5)
     else:
         monkeypatch.setattr(Speculator, "choose", lambda self, proposals: [[] for _ in proposals])
     scheduler, on_done = make_scheduler(loaded)
@@ -514,6 +519,7 @@ def test_a_choice_that_fails_takes_its_sibling_choices_out_of_the_batch(
 
     scheduler.live[broken].choices[0].decoder.push = push
     scheduler.turn()
+    assert (scheduler.stats.drafted_tokens > 0) == (step == "verify")  # the step that failed
     # both choices' rows left in the step that failed one of them, the other job's stayed
     assert [seq.job for seq in scheduler.rows] == [other]
     _, error = failed(broken)

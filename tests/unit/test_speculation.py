@@ -23,7 +23,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import build_llama, decoded, transformers_greedy
+from tests.helpers import build_llama, decoded, transformers_greedy, verify_every_draft
 from tursi.engine.catalog import Catalog, CatalogEntry
 from tursi.engine.constraints import Constraints
 from tursi.engine.jobs import Constraint, Finished, GenerationJob, GenerationParams, TextChunk
@@ -196,17 +196,19 @@ def references(embedded):
     return found
 
 
-def run(loaded, jobs, settings=None, max_batch=8) -> Scheduler:
+def run(loaded, jobs, settings=None, max_batch=8, drafting=None) -> Scheduler:
     """Every job through one Scheduler until all have ended, verifying every draft the rows
-    propose (whatever the measured costs would choose: the output must not depend on it)."""
+    propose (whatever the measured costs would choose: the output must not depend on it);
+    with `drafting`, every row drafts that token as far as it may."""
     scheduler = Scheduler(
         "test", loaded, max_batch, lambda job, seconds, ok: None, speculation=settings
     )
-    scheduler.speculator.choose = lambda proposals: [draft for _, draft in proposals]
-    for job in jobs:
-        scheduler.add(job)
-    while not scheduler.idle:
-        scheduler.turn()
+    with pytest.MonkeyPatch.context() as patch:
+        verify_every_draft(patch, drafting)
+        for job in jobs:
+            scheduler.add(job)
+        while not scheduler.idle:
+            scheduler.turn()
     return scheduler
 
 
@@ -447,13 +449,12 @@ def test_logprobs_penalties_grammar_and_n_see_the_same_tokens_with_drafts(tiny):
 # --- the context and the prefix cache -------------------------------------------------------
 
 
-def test_a_row_at_the_end_of_the_context_bounds_the_others_drafts(tmp_path, monkeypatch):
+def test_a_row_at_the_end_of_the_context_bounds_the_others_drafts(tmp_path):
     """Every row of a verify step writes the step's width of columns, padding included: a
     row four columns before the end of the context lets the other row draft no further than
     the last column. Each row drafts as much as it may (a token the model rarely chooses:
     drafts are rejected, their width is the point). The output still equals transformers'
     greedy decoding of each prompt alone."""
-    monkeypatch.setattr(DraftState, "draft", lambda self, fed, token, limit: [5] * limit)
     path = build_llama(tmp_path / "model", seed=3, max_position_embeddings=64)
     entry = CatalogEntry("short", "local", str(path), dtype="float32")
     loaded = load_model(entry, LoadOptions().resolved(entry), str(tmp_path / "home"))
@@ -463,7 +464,7 @@ def test_a_row_at_the_end_of_the_context_bounds_the_others_drafts(tmp_path, monk
     near_the_end = (pattern * 10)[:60]
     repeating = pattern * 3
     jobs = [greedy(near_the_end, 4), greedy(repeating, 30)]
-    scheduler = run(loaded, jobs, SpeculationSettings(tokens=8))
+    scheduler = run(loaded, jobs, SpeculationSettings(tokens=8), drafting=5)
     for job in jobs:
         text, _ = outcome(job)
         expected = transformers_greedy(stock, job.prompt_ids, job.params.max_tokens)
@@ -471,13 +472,13 @@ def test_a_row_at_the_end_of_the_context_bounds_the_others_drafts(tmp_path, monk
     assert scheduler.stats.drafted_tokens > 0
 
 
-def test_tokens_run_in_verify_steps_are_cached_with_the_prompt(tiny):
+def test_tokens_run_in_verify_steps_are_cached_with_the_prompt(tiny, monkeypatch):
     """A conversation's next turn hits the previous answer in the prefix cache: the tokens
     run in verify steps (each row's next token and the drafts it kept) are stored too."""
     scheduler = Scheduler(
         "test", tiny, 8, lambda job, seconds, ok: None, prefix_cache_bytes=64 * 1024**2
     )
-    scheduler.speculator.choose = lambda proposals: [draft for _, draft in proposals]
+    verify_every_draft(monkeypatch)
     prompt = tiny.tokenizer(PATTERN)["input_ids"] * 4
     first = greedy(prompt, 40)
     scheduler.add(first)
