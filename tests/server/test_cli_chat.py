@@ -8,6 +8,7 @@ history it should have sent."""
 from __future__ import annotations
 
 import re
+import signal
 
 import pexpect
 import pytest
@@ -111,7 +112,14 @@ def answer(chat: pexpect.spawn, line: str) -> str:
 def test_chat_keeps_the_history_resets_it_and_ctrl_c_stops_an_answer(server, gate):
     args = ["chat", "tiny", "--temperature", "0", "--max-tokens", str(MAX_TOKENS)]
     chat = pexpect.spawn(
-        tursi_command()[0], args, env=cli_env(server), encoding="utf-8", timeout=60
+        tursi_command()[0],
+        args,
+        env=cli_env(server),
+        encoding="utf-8",
+        timeout=60,
+        # Ctrl-C raises KeyboardInterrupt, as in a user's terminal, also where this test runs
+        # as a background job (its shell ignores SIGINT, and Python keeps that at startup)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         chat.expect_exact(">>> ")

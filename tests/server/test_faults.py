@@ -12,6 +12,7 @@ import time
 
 import pytest
 import requests
+from gevent.hub import Hub
 
 from tests.helpers import (
     GATED_APP,
@@ -141,7 +142,10 @@ def test_a_hundred_stream_clients_vanishing_leave_nothing_running(server, gate):
     )
     assert answer.status_code == 200 and answer.json()["tokens_generated"] == 8
     assert tokens_generated(server) == count + 8  # no vanished client's generation ended since
-    assert worker.num_threads() <= threads_before  # no thread left behind per client
+    # No thread left behind per client (50 or more here). gevent's hub thread pool, where
+    # requests parse and tokenize off the hub, may have grown meanwhile: it starts a thread
+    # when a call comes while its threads are busy (a loaded machine), up to its size.
+    assert worker.num_threads() <= threads_before + Hub.threadpool_size
 
 
 def test_vanished_non_stream_clients_stop_their_generations(server, held):
