@@ -536,6 +536,62 @@ def test_a_choice_that_fails_takes_its_sibling_choices_out_of_the_batch(
 # --- cancel and deadline --------------------------------------------------------------------
 
 
+def test_a_choice_whose_grammar_fails_in_a_verify_step_keeps_none_of_its_draft(
+    loaded, stock, prompts, monkeypatch
+):
+    """A row whose grammar fails on the very token its draft predicted ends there: the
+    step counts none of its draft as kept, and the job fails with structured output's
+    error."""
+    reference = transformers_greedy(stock, prompts[0], NEW_TOKENS)
+    scheduler, on_done = make_scheduler(loaded)
+    job = greedy(prompts[0], NEW_TOKENS)
+    scheduler.add(job)
+    scheduler.turn()  # the prefill and the first token (and a decode step)
+    (seq,) = scheduler.rows
+    assert seq.next_token == reference[seq.tokens - 1]
+    # every draft begins with the token the model chooses next
+    verify_every_draft(monkeypatch, drafting=reference[seq.tokens])
+
+    def remember(token: int) -> None:
+        raise GrammarError("a work limit")
+
+    seq.chooser.remember = remember
+    scheduler.turn()
+    _, error = failed(job)
+    assert error.message == "Structured output failed: a work limit"
+    assert on_done.of(job) == [(0.0, False)]
+    assert scheduler.stats.drafted_tokens > 0
+    assert scheduler.stats.accepted_tokens == 0
+    assert_idle(scheduler)
+
+
+def test_the_speculator_learns_each_decode_steps_rows_width_and_time(
+    loaded, prompts, clock, monkeypatch
+):
+    """What the speculator's cost model is told of each decode step: its rows, its width
+    and its time on the scheduler's clock (here each step takes 0.25 s)."""
+    logits = scheduler_module.decode_logits
+
+    def slow(*args: Any) -> torch.Tensor:
+        clock.advance(0.25)
+        return logits(*args)
+
+    monkeypatch.setattr(scheduler_module, "decode_logits", slow)
+    scheduler, _ = make_scheduler(loaded)
+    told: list[tuple[int, int, float]] = []
+    measured = scheduler.speculator.measured
+
+    def spy(rows: int, width: int, seconds: float) -> None:
+        told.append((rows, width, seconds))
+        measured(rows, width, seconds)
+
+    scheduler.speculator.measured = spy
+    run(scheduler, *(greedy(prompt, 4, speculative=False) for prompt in prompts[:2]))
+    # one prefill of both prompts (their first tokens), then three steps of both rows
+    assert told == [(2, 1, 0.25)] * 3
+    assert scheduler.speculator.plain == {2: 0.25}
+
+
 def test_a_job_cancelled_while_waiting_ends_ok_with_no_events(loaded, stock, prompts):
     scheduler, on_done = make_scheduler(loaded, max_batch=1)
     running, cancelled = greedy(prompts[0], 4), greedy(prompts[1], 4)
