@@ -1,6 +1,8 @@
 """BatchCache: rows added, grown, removed and compacted, checked against transformers'
 DynamicCache. No model, no app."""
 
+import re
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
@@ -176,8 +178,8 @@ def test_a_row_advances_by_no_more_than_the_step_wrote():
     cache.add_row(source, 0, torch.arange(5))
     cache.add_row(source, 1, torch.arange(3, 5))
     wide_step(cache, [[1, 2], [3, 4]])
-    for counts in ([3, 0], [0, -1], [1]):
-        with pytest.raises(ValueError):
+    for counts in ([3, 0], [0, -1], [1]):  # the message names what a scheduler bug sent
+        with pytest.raises(ValueError, match=re.escape(f"counts {counts} for 2 rows of 2 tokens")):
             cache.advance(counts)
     assert cache.lengths == [5, 2]
     cache.advance([0, 2])
